@@ -1,0 +1,1 @@
+"""pf2lora: personalized federated fine-tuning of language models with LoRA."""

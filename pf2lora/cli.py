@@ -1,0 +1,113 @@
+"""Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR]``, ``pf2lora methods``,
+``pf2lora config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from pf2lora.errors import UserError
+
+
+def _machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (torch CPU threads: {_threads()})"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from pf2lora.methods import registry
+
+    width = max(len(n) for n in registry())
+    for name, cls in sorted(registry().items()):
+        print(f"{name:<{width}}  {cls.description}")
+    return 0
+
+
+def cmd_config_keys(_: argparse.Namespace) -> int:
+    from pf2lora import config
+
+    for key, default, help_text in config.describe():
+        print(f"{key} = {default}\n    {help_text}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pf2lora import config, report
+    from pf2lora.engines.local import LocalEngine
+    from pf2lora.tasks import build_task
+
+    cfg = config.load(args.config, args.set or [])
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report.prepare_run_dir(out, overwrite=args.overwrite)
+    report.atomic_write(out / "config.toml", config.dumps(cfg))
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    task = build_task(cfg)
+    engine = LocalEngine(cfg, task, progress=not args.quiet)
+    metrics_path = out / "metrics.jsonl"
+    lines: list[str] = []
+
+    def on_round(record: dict) -> None:
+        lines.append(json.dumps(record))
+        report.atomic_write(metrics_path, "\n".join(lines) + "\n")
+
+    results = [engine.run(name, on_round=on_round) for name in cfg.methods]
+    extra = {
+        "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "engine": "local",
+        "rank_threshold": cfg.eval.rank_threshold, "machine": _machine(),
+    }
+    summary = report.summarize(task, results, extra)
+    report.write_json(out / "summary.json", summary)
+    figures = report.plot_figures(out, task, summary, results)
+    command = "pf2lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report.write_report(out, task, summary, figures, command)
+    print()
+    print(report.results_table(summary))
+    print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pf2lora", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the methods of a config on the in-process engine")
+    run.add_argument("config", help="TOML config file (see configs/)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=2 (repeatable)")
+    run.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    run.add_argument("--overwrite", action="store_true", help="allow replacing an existing run in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("methods", help="list the available methods").set_defaults(func=cmd_methods)
+    sub.add_parser("config-keys", help="list every config key with its default and help").set_defaults(func=cmd_config_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"pf2lora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pf2lora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Typed run configuration: dataclasses loaded from TOML, overridable with ``--set key=value``.
+
+Every field has a default and a help text (``metadata["help"]``). Loading rejects unknown keys,
+wrong types and out-of-range values with one line that names the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from pf2lora.errors import UserError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TaskConfig:
+    kind: Literal["synthetic", "tiny-text"] = _f("synthetic", "which task: synthetic rank recovery or tiny random-BERT text classification")
+    num_clients: int = _f(8, "number of clients", min=1)
+    dim: int = _f(32, "synthetic: input and output dimension d", min=1)
+    shared_rank: int = _f(4, "synthetic: rank r_c of the component all clients share", min=0)
+    private_ranks: list[int] = _f([0, 0, 0, 1, 1, 1, 2, 2], "synthetic: rank s_k of each client's own component (cycled over clients)")
+    train_samples: int = _f(2000, "training samples per client", min=1)
+    test_samples: int = _f(1000, "test samples per client", min=1)
+    noise: float = _f(0.1, "synthetic: std of the Gaussian target noise", min=0.0)
+    singular_min: float = _f(0.5, "synthetic: smallest singular value of a true component", min=0.0)
+    singular_max: float = _f(1.5, "synthetic: largest singular value of a true component", min=0.0)
+    num_labels: int = _f(2, "tiny-text: number of classes", min=2)
+    seq_len: int = _f(16, "tiny-text: tokens per example", min=2)
+    data_seed: int = _f(1234, "seed of the data generator (kept apart from the training seed)")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(8, "rank r of the common (shared) adapter", min=1)
+    alpha: float = _f(8.0, "alpha of the common adapter; its scale is alpha / rank", gt=0.0)
+    private_rank: int = _f(2, "rank r~ of each client's private adapter", min=1)
+    private_alpha: float = _f(2.0, "alpha~ of the private adapter; its scale is alpha~ / r~", gt=0.0)
+    target_modules: list[str] = _f([], "module names to adapt; empty = the architecture's default")
+    head: Literal["shared", "private"] = _f("shared", "whether a trained task head is averaged (shared) or kept per client")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-2, "AdamW learning rate of the shared (upper-level) parameters, same for every method", gt=0.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", min=0.0)
+    beta2: float = _f(0.999, "AdamW beta2", min=0.0)
+    lower_lr: float = _f(5e-2, "SGD learning rate eta_y of private (lower-level) adapters", gt=0.0)
+
+
+@dataclass
+class PF2LoRAConfig:
+    estimator: Literal["finite-difference", "exact", "first-order"] = _f("finite-difference", "hypergradient estimator for the mixed Hessian-vector product")
+    fd_eps: float = _f(1e-3, "finite-difference step e0; the perturbation is e0 / ||v||", gt=0.0)
+    fd_one_sided: bool = _f(False, "one-sided difference reusing the lower step's gradient (one backward cheaper)")
+
+
+@dataclass
+class HETLoRAConfig:
+    rank_min: int = _f(0, "smallest client rank; 0 = rank - private_rank", min=0)
+    rank_max: int = _f(0, "largest client rank (the server's); 0 = rank + private_rank", min=0)
+    gamma: float = _f(0.99, "pruning factor: a prune keeps floor(gamma * r_k) ranks", gt=0.0, max=1.0)
+    reg: float = _f(1e-3, "rank regulariser weight lambda on ||B_tail|| * ||A_tail||", min=0.0)
+    prune_tol: float = _f(0.05, "prune only when the tail's share of ||B A||_F is below this (see docs)", min=0.0)
+
+
+@dataclass
+class PerFedAvgConfig:
+    inner_lr: float = _f(5e-2, "SGD step a of the inner (adaptation) step, also used once before evaluation", gt=0.0)
+
+
+@dataclass
+class EvalConfig:
+    rank_threshold: float = _f(0.1, "effective rank counts singular values above this fraction of the largest", gt=0.0, max=1.0)
+    every: int = _f(0, "evaluate every N rounds (0 = only at the end)", min=0)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "name of the experiment, used in reports")
+    seed: int = _f(0, "training seed: client sampling, initialisation, mini-batches")
+    methods: list[str] = _f(["pf2lora"], "methods to run, in order (see `pf2lora methods`)")
+    rounds: int = _f(50, "communication rounds", min=1)
+    local_steps: int = _f(10, "local steps per client per round", min=1)
+    client_fraction: float = _f(1.0, "fraction of clients sampled each round", gt=0.0, max=1.0)
+    batch_size: int = _f(32, "mini-batch size", min=1)
+    num_threads: int = _f(0, "torch CPU threads (0 = torch's default); tiny models run fastest on 1", min=0)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pf2lora: PF2LoRAConfig = field(default_factory=PF2LoRAConfig)
+    hetlora: HETLoRAConfig = field(default_factory=HETLoRAConfig)
+    perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)):
+            return
+        if "min" in meta and v < meta["min"]:
+            raise UserError(f"{where}: must be >= {meta['min']}, got {v!r}")
+        if "gt" in meta and v <= meta["gt"]:
+            raise UserError(f"{where}: must be > {meta['gt']}, got {v!r}")
+        if "max" in meta and v > meta["max"]:
+            raise UserError(f"{where}: must be <= {meta['max']}, got {v!r}")
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = prefix + unknown[0]
+        raise UserError(f"{source}: unknown config key {name!r} (known here: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        where = f"{source}: key {prefix + name!r}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: expected a table [{prefix + name}], got {value!r}")
+            kwargs[name] = _build(tp, value, source, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, where)
+            _check_range(kwargs[name], fields[name].metadata, where)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as `--set pf2lora.estimator=exact`
+    return key.split("."), value
+
+
+def _validate(cfg: RunConfig, source: str) -> None:
+    from pf2lora.methods import registry  # late: methods import config
+
+    if not cfg.methods:
+        raise UserError(f"{source}: key 'methods' must name at least one method")
+    for m in cfg.methods:
+        if m not in registry():
+            raise UserError(f"{source}: unknown method {m!r} (known: {', '.join(sorted(registry()))})")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise UserError(f"{source}: key 'methods' lists a method twice: {cfg.methods}")
+    if any(r < 0 for r in cfg.task.private_ranks) or not cfg.task.private_ranks:
+        raise UserError(f"{source}: key 'task.private_ranks' must be a non-empty list of ranks >= 0")
+    if cfg.task.singular_min > cfg.task.singular_max:
+        raise UserError(f"{source}: task.singular_min must not exceed task.singular_max")
+    lo, hi = resolved_hetlora_ranks(cfg)
+    if lo < 1 or hi < lo:
+        raise UserError(f"{source}: hetlora ranks must satisfy 1 <= rank_min <= rank_max, got [{lo}, {hi}]")
+    if cfg.task.kind == "synthetic" and cfg.task.shared_rank + max(cfg.task.private_ranks) > cfg.task.dim:
+        raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
+
+
+def resolved_hetlora_ranks(cfg: RunConfig) -> tuple[int, int]:
+    lo = cfg.hetlora.rank_min or max(1, cfg.lora.rank - cfg.lora.private_rank)
+    hi = cfg.hetlora.rank_max or cfg.lora.rank + cfg.lora.private_rank
+    return lo, hi
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    cfg = _build(RunConfig, data, source)
+    _validate(cfg, source)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load ``path`` (or the defaults when None), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not valid TOML ({e})") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {k!r} is not a table")
+            node = nxt
+        node[keys[-1]] = value
+    return from_dict(data, source if not overrides else f"{source} (with --set)")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dumps(cfg: RunConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for `pf2lora config-help` and the docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows
+

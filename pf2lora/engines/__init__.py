@@ -1,0 +1,1 @@
+"""Engines run methods: `local` is the in-process runner (the default)."""

@@ -1,0 +1,154 @@
+"""A LoRA layer with named adapters of any rank, and its injection into transformers models.
+
+The layer holds no trained values of its own: each adapter is registered as an empty (rank 0)
+parameter, and the values a client trains are passed in at call time with
+``torch.func.functional_call``. One frozen base model thus serves every simulated client, and an
+adapter's rank is simply the shape of the tensors passed in (heterogeneous ranks need no special
+case). The scale of adapter ``name`` is ``alpha[name] / rank``, the convention peft uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pf2lora import state as st
+
+COMMON = "common"
+PRIVATE = "private"
+ADAPTERS = (COMMON, PRIVATE)
+
+# Attention projections adapted by default, as in the LoRA and PF2LoRA papers.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+}
+
+
+class LoRALinear(nn.Module):
+    """``base(u) + sum_a (alpha_a / r_a) * B_a A_a u`` over named adapters ``a``.
+
+    ``fan_in_fan_out`` marks GPT-2's ``Conv1D`` whose weight is stored (d_in, d_out).
+    """
+
+    def __init__(self, base: nn.Module, alphas: Mapping[str, float], fan_in_fan_out: bool = False):
+        super().__init__()
+        self.base = base
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base.weight
+        self.in_features, self.out_features = (
+            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        )
+        self.alpha = dict(alphas)
+        empty = dict(dtype=weight.dtype, device=weight.device)
+        self.lora_A = nn.ParameterDict(
+            {a: nn.Parameter(torch.zeros(0, self.in_features, **empty), requires_grad=False) for a in alphas}
+        )
+        self.lora_B = nn.ParameterDict(
+            {a: nn.Parameter(torch.zeros(self.out_features, 0, **empty), requires_grad=False) for a in alphas}
+        )
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        out = self.base(u)
+        for name, A in self.lora_A.items():
+            rank = A.shape[0]
+            if rank == 0:
+                continue
+            out = out + (u @ A.T) @ self.lora_B[name].T * (self.alpha[name] / rank)
+        return out
+
+    def delta_weight(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of scaled ``B @ A`` over the given adapters, shaped (d_out, d_in)."""
+        delta = torch.zeros(self.out_features, self.in_features, dtype=self.base.weight.dtype)
+        for name in A:
+            rank = A[name].shape[0]
+            if rank:
+                delta = delta + (self.alpha[name] / rank) * (B[name] @ A[name])
+        return delta
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One adapted module: its path in the model and its input/output sizes."""
+
+    path: str
+    in_features: int
+    out_features: int
+
+
+def default_targets(model_type: str) -> tuple[str, ...]:
+    try:
+        return DEFAULT_TARGETS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"no default LoRA target modules for model type {model_type!r}; "
+            f"set lora.target_modules (known defaults: {sorted(DEFAULT_TARGETS)})"
+        ) from None
+
+
+def inject(
+    model: nn.Module, target_names: Iterable[str], alphas: Mapping[str, float]
+) -> list[LoRATarget]:
+    """Wrap every linear module whose last name component is in ``target_names``.
+
+    Freezes the whole model first: only tensors passed in at call time are trained.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = set(target_names)
+    found: list[LoRATarget] = []
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in names or isinstance(module, LoRALinear):
+            continue
+        conv1d = type(module).__name__ == "Conv1D"
+        if not (isinstance(module, nn.Linear) or conv1d):
+            continue
+        wrapped = LoRALinear(module, alphas, fan_in_fan_out=conv1d)
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        setattr(parent, leaf, wrapped)
+        found.append(LoRATarget(path, wrapped.in_features, wrapped.out_features))
+    if not found:
+        raise ValueError(f"no linear module named any of {sorted(names)} in {type(model).__name__}")
+    return found
+
+
+def adapter_keys(target: LoRATarget, adapter: str, role: str) -> tuple[str, str]:
+    """State keys of adapter ``adapter``'s A and B on ``target``, held with ``role``."""
+    return (
+        st.key(role, f"{target.path}.lora_A.{adapter}"),
+        st.key(role, f"{target.path}.lora_B.{adapter}"),
+    )
+
+
+def init_adapter(
+    targets: Iterable[LoRATarget], adapter: str, role: str, rank: int, generator: torch.Generator
+) -> st.Tensors:
+    """Standard LoRA init: A ~ Kaiming-uniform (a = sqrt 5, as nn.Linear and peft), B = 0."""
+    out: st.Tensors = {}
+    for t in targets:
+        k_a, k_b = adapter_keys(t, adapter, role)
+        bound = 1.0 / t.in_features**0.5  # kaiming_uniform_(a=sqrt(5)) on a (rank, d_in) matrix
+        out[k_a] = (torch.rand(rank, t.in_features, generator=generator) * 2 - 1) * bound
+        out[k_b] = torch.zeros(t.out_features, rank)
+    return out
+
+
+def delta_weights(model: nn.Module, targets: Iterable[LoRATarget], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per target, the dense update ``sum_a scale_a B_a A_a`` that ``params`` (model paths) apply."""
+    deltas: dict[str, torch.Tensor] = {}
+    for t in targets:
+        layer = model.get_submodule(t.path)
+        assert isinstance(layer, LoRALinear)
+        A = {a: params[f"{t.path}.lora_A.{a}"] for a in layer.alpha if f"{t.path}.lora_A.{a}" in params}
+        B = {a: params[f"{t.path}.lora_B.{a}"] for a in A}
+        deltas[t.path] = layer.delta_weight(A, B).detach()
+    return deltas

@@ -1,0 +1,178 @@
+"""The engine-agnostic algorithm API and the method registry.
+
+A method is three functions over named tensors, called by any engine (the in-process runner, the
+Flower apps):
+
+* ``client_update(ctx, received, client_state) -> (ClientUpdate, new_client_state)``
+* ``aggregate(server_state, updates) -> new_server_state``
+* ``personalized(ctx, received, client_state) -> parameters to evaluate client k with``
+
+Methods never import an engine, engines never know a method by name. Methods must not mutate
+``received``, the server state or a client state in place: they return new ones.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from pf2lora import lora
+from pf2lora import state as st
+from pf2lora.config import RunConfig
+from pf2lora.tasks.base import Batch, ClientData, Task, sample_batch
+
+ClientState = dict[str, torch.Tensor]
+"""A client's persistent state: ``private:`` parameters and optimizer entries (``opt/...``)."""
+
+
+@dataclass
+class ClientContext:
+    """What a client update may use: its data, the task's loss, and its own random stream."""
+
+    client: ClientData
+    task: Task
+    generator: torch.Generator
+    round: int
+    local_steps: int
+    batch_size: int
+
+    def batch(self) -> Batch:
+        return sample_batch(self.client.train, self.batch_size, self.generator)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back. ``shared`` only ever comes from :func:`pf2lora.state.outgoing`."""
+
+    client_id: str
+    shared: st.Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.shared.values())
+
+
+class Method(ABC):
+    """Base class: plain FedAvg of the shared state, personalised state kept by the client."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    pools_data: ClassVar[bool] = False
+    """True for a centralised reference: the engine trains one client on everyone's data."""
+
+    def __init__(self, cfg: RunConfig, task: Task):
+        self.cfg = cfg
+        self.task = task
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def init_server(self, generator: torch.Generator) -> st.Tensors:
+        """The server's initial shared state (``shared:`` keys only; empty for no communication)."""
+
+    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
+        """A client's initial private state (``private:`` keys and optimizer entries)."""
+        return {}
+
+    def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
+        """What the server sends client ``client_id`` (a copy is made by the engine)."""
+        return dict(server)
+
+    # -- the algorithm -------------------------------------------------------------------------
+
+    @abstractmethod
+    def client_update(
+        self, ctx: ClientContext, received: st.Tensors, client_state: ClientState
+    ) -> tuple[ClientUpdate, ClientState]: ...
+
+    def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
+        """FedAvg weighted by the clients' numbers of training examples."""
+        if not updates:
+            return dict(server)
+        return weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates])
+
+    def personalized(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> st.Tensors:
+        """The role-keyed parameters client k is evaluated with (its personalised model)."""
+        return {**received, **st.select(params_of(client_state), st.PRIVATE)}
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+
+    def head(self, role: str, generator: torch.Generator) -> st.Tensors:
+        return self.task.init_head(role, generator)
+
+    def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.loss(st.model_params(*states), batch)
+
+
+def params_of(client_state: Mapping[str, torch.Tensor]) -> st.Tensors:
+    """The role-keyed parameters in a client state (leaving optimizer entries out)."""
+    return {k: v for k, v in client_state.items() if k.startswith((st.SHARED + ":", st.PRIVATE + ":"))}
+
+
+def opt_state(client_state: Mapping[str, torch.Tensor], prefix: str) -> st.Tensors:
+    p = f"opt/{prefix}/"
+    return {k[len(p) :]: v for k, v in client_state.items() if k.startswith(p)}
+
+
+def with_opt_state(prefix: str, opt: Mapping[str, torch.Tensor]) -> st.Tensors:
+    return {f"opt/{prefix}/{k}": v for k, v in opt.items()}
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> st.Tensors:
+    """Key-wise weighted mean; every state must have the same keys and shapes."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights sum to zero")
+    keys = set(states[0])
+    for s in states[1:]:
+        if set(s) != keys:
+            raise ValueError("clients sent different key sets")
+    return {k: sum((w / total) * s[k] for s, w in zip(states, weights, strict=True)) for k in states[0]}
+
+
+def grads(
+    loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False
+) -> st.Tensors:
+    """Gradient of ``loss`` with respect to each tensor of ``wrt`` (zeros where unused)."""
+    keys = list(wrt)
+    gs = torch.autograd.grad(
+        loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph
+    )
+    return {k: (g if g is not None else torch.zeros_like(wrt[k])) for k, g in zip(keys, gs, strict=True)}
+
+
+def leaves(state: Mapping[str, torch.Tensor]) -> st.Tensors:
+    """Fresh leaf copies that require grad, so differentiating never touches the originals."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in state.items()}
+
+
+def adapter(
+    task: Task, name: str, role: str, rank: int, generator: torch.Generator
+) -> st.Tensors:
+    return lora.init_adapter(task.targets, name, role, rank, generator)
+
+
+# -- registry ----------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)
+
+
+Factory = Callable[[RunConfig, Task], Method]

@@ -1,0 +1,174 @@
+"""HETLoRA (arXiv 2401.06432): heterogeneous client ranks set by resources, not data.
+
+The server keeps a rank-r_max adapter; client k trains the first r_k ranks with the rank
+regulariser ``lambda * ||B[:, t:]|| * ||A[t:, :]||`` (t = floor(gamma r_k)) and self-prunes to t;
+the server zero-pads every upload to r_max and averages with weights ``||Delta W_k||_F``.
+
+Scale consistency (a classic bug): a client of rank r_k applies ``alpha / r_k``, the server's
+adapter is held at ``alpha / r_max``. B is converted between the two on the way in and out, so a
+client's update Delta W_k means the same thing on both sides.
+
+Pruning choice (stated, configurable): HETLoRA prunes the tail once the regulariser has driven its
+norm down; with gamma = 0.99 and ranks below 100 each prune removes a whole rank, and pruning every
+round whenever the tail norm decreased collapses small ranks to 1. We prune only when the tail norm
+decreased since the client's previous round *and* the tail carries less than ``prune_tol`` of the
+adapter's Frobenius norm, i.e. when the regulariser has actually emptied it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from pf2lora import lora
+from pf2lora import state as st
+from pf2lora.config import resolved_hetlora_ranks
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, with_opt_state
+from pf2lora.optim import adamw
+
+_RANK = "meta/rank"
+_TAIL = "meta/tail_norm"
+
+
+def _ab_keys(target: lora.LoRATarget) -> tuple[str, str]:
+    return lora.adapter_keys(target, lora.COMMON, st.SHARED)
+
+
+@register
+class HETLoRA(Method):
+    name = "hetlora"
+    description = "heterogeneous client ranks, rank regulariser + self-pruning, zero-padded norm-weighted FedAvg"
+
+    def __init__(self, cfg, task):  # noqa: ANN001
+        super().__init__(cfg, task)
+        self.rank_min, self.rank_max = resolved_hetlora_ranks(cfg)
+        self.alpha = cfg.lora.alpha
+
+    def assigned_rank(self, client_id: str) -> int:
+        """The rank a client's resources allow: drawn once per client from the seed, not the data."""
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}/hetlora-rank/{client_id}".encode()))
+        return int(torch.randint(self.rank_min, self.rank_max + 1, (1,), generator=g))
+
+    # -- scale conversion: client rank r at alpha/r  <->  server rank r_max at alpha/r_max ------
+
+    def _is_b(self, key: str) -> bool:
+        return ".lora_B." in key
+
+    def to_client(self, server: Mapping[str, torch.Tensor], rank: int) -> st.Tensors:
+        out: st.Tensors = {}
+        for k, v in server.items():
+            if k.startswith("meta/"):
+                continue
+            if self._is_b(k):
+                out[k] = v[:, :rank] * (rank / self.rank_max)
+            elif ".lora_A." in k:
+                out[k] = v[:rank]
+            else:
+                out[k] = v
+        return out
+
+    def to_server(self, upload: Mapping[str, torch.Tensor]) -> st.Tensors:
+        out: st.Tensors = {}
+        for k, v in upload.items():
+            if self._is_b(k):
+                rank = v.shape[1]
+                padded = torch.zeros(v.shape[0], self.rank_max, dtype=v.dtype)
+                padded[:, :rank] = v * (self.rank_max / rank)
+                out[k] = padded
+            elif ".lora_A." in k:
+                padded = torch.zeros(self.rank_max, v.shape[1], dtype=v.dtype)
+                padded[: v.shape[0]] = v
+                out[k] = padded
+            else:
+                out[k] = v
+        return out
+
+    def delta_norm(self, adapter: Mapping[str, torch.Tensor]) -> float:
+        total = 0.0
+        for t in self.task.targets:
+            k_a, k_b = _ab_keys(t)
+            A, B = adapter[k_a], adapter[k_b]
+            if A.shape[0]:
+                total += float(((self.alpha / A.shape[0]) * (B @ A)).square().sum())
+        return total**0.5
+
+    # -- the method ------------------------------------------------------------------------------
+
+    def init_server(self, generator: torch.Generator) -> st.Tensors:
+        return {
+            **lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.rank_max, generator),
+            **(self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}),
+        }
+
+    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
+        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        return {**head, _RANK: torch.tensor(self.assigned_rank(client_id))}
+
+    def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
+        rank = server.get(f"{_RANK}/{client_id}")
+        return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
+
+    def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
+        """(sum of ||B_tail|| ||A_tail|| over modules, share of the tail in ||Delta W||_F)."""
+        reg = torch.zeros(())
+        tail_sq = full_sq = 0.0
+        for t in self.task.targets:
+            k_a, k_b = _ab_keys(t)
+            A, B = adapter[k_a], adapter[k_b]
+            reg = reg + B[:, cut:].norm() * A[cut:].norm()
+            tail_sq += float((B[:, cut:] @ A[cut:]).detach().square().sum())
+            full_sq += float((B @ A).detach().square().sum())
+        return reg, (tail_sq / full_sq) ** 0.5 if full_sq > 0 else 1.0
+
+    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
+        o, h = self.cfg.optim, self.cfg.hetlora
+        rank = next(v.shape[0] for k, v in received.items() if ".lora_A." in k)
+        cut = max(1, int(h.gamma * rank))
+        w = {**received, **params_of(client_state)}
+        opt = opt_state(client_state, "all")
+        losses = []
+        for _ in range(ctx.local_steps):
+            wl = leaves(w)
+            loss = self.loss(ctx.batch(), wl)
+            reg, _ = self._tail(wl, cut) if cut < rank else (torch.zeros(()), 0.0)
+            g = grads(loss + h.reg * reg, wl)
+            w, opt = adamw(w, g, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
+            losses.append(float(loss.detach()))
+        new_state: ClientState = {_RANK: torch.tensor(rank)}
+        if cut < rank:
+            tail, share = self._tail(w, cut)
+            previous = client_state.get(_TAIL)
+            if previous is not None and float(tail) < float(previous) and share < h.prune_tol:
+                w = self._prune(w, rank, cut)
+                rank = cut
+                new_state[_RANK] = torch.tensor(rank)
+            else:
+                new_state[_TAIL] = tail.detach()
+        shared = st.select(w, st.SHARED)
+        update = ClientUpdate(ctx.client.client_id, st.outgoing(shared), ctx.client.num_train, {"train_loss": sum(losses) / len(losses), "rank": float(rank)})
+        return update, {**st.select(w, st.PRIVATE), **new_state, **with_opt_state("all", opt)}
+
+    def _prune(self, w: st.Tensors, rank: int, cut: int) -> st.Tensors:
+        """Keep the first ``cut`` ranks; rescale B so the kept part's Delta W is unchanged."""
+        out = dict(w)
+        for t in self.task.targets:
+            k_a, k_b = _ab_keys(t)
+            out[k_a] = w[k_a][:cut].clone()
+            out[k_b] = w[k_b][:, :cut] * (cut / rank)
+        return out
+
+    def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
+        if not updates:
+            return dict(server)
+        weights = [self.delta_norm(u.shared) for u in updates]
+        if sum(weights) <= 0:
+            weights = [float(u.num_examples) for u in updates]
+        total = sum(weights)
+        padded = [self.to_server(u.shared) for u in updates]
+        new = {k: sum((wt / total) * p[k] for p, wt in zip(padded, weights, strict=True)) for k in padded[0]}
+        ranks = {k: v for k, v in server.items() if k.startswith(f"{_RANK}/")}
+        for u in updates:
+            ranks[f"{_RANK}/{u.client_id}"] = torch.tensor(next(v.shape[0] for k, v in u.shared.items() if ".lora_A." in k))
+        return {**new, **ranks}

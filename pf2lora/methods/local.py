@@ -1,0 +1,33 @@
+"""Local-only LoRA: each client trains its own rank r + r~ adapter and never communicates.
+
+The adapter is a plain LoRA with the common adapter's alpha (scale alpha / (r + r~)), held privately."""
+
+from __future__ import annotations
+
+import torch
+
+from pf2lora import lora
+from pf2lora import state as st
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
+from pf2lora.methods.homlora import adamw_steps
+
+
+@register
+class LocalOnly(Method):
+    name = "local"
+    description = "each client trains its own rank r + r~ LoRA; no communication"
+
+    def init_server(self, generator: torch.Generator) -> st.Tensors:
+        return {}
+
+    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
+        rank = self.cfg.lora.rank + self.cfg.lora.private_rank
+        return {
+            **lora.init_adapter(self.task.targets, lora.COMMON, st.PRIVATE, rank, generator),
+            **self.head(st.PRIVATE, generator),
+        }
+
+    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
+        trained, opt, loss = adamw_steps(self, ctx, params_of(client_state), received, opt_state(client_state, "private"))
+        update = ClientUpdate(ctx.client.client_id, st.outgoing({}), ctx.client.num_train, {"train_loss": loss})
+        return update, {**trained, **with_opt_state("private", opt)}

@@ -1,0 +1,27 @@
+"""Tasks: a frozen model with LoRA layers plus per-client data. ``build_task`` picks one by kind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pf2lora.config import RunConfig
+from pf2lora.tasks.base import ClientData, Task
+
+_BUILDERS: dict[str, Callable[[RunConfig], Task]] = {}
+
+
+def register_task(kind: str) -> Callable[[Callable[[RunConfig], Task]], Callable[[RunConfig], Task]]:
+    def deco(builder: Callable[[RunConfig], Task]) -> Callable[[RunConfig], Task]:
+        _BUILDERS[kind] = builder
+        return builder
+
+    return deco
+
+
+def build_task(cfg: RunConfig) -> Task:
+    from pf2lora.tasks import synthetic, tiny_text  # noqa: F401  (registration)
+
+    return _BUILDERS[cfg.task.kind](cfg)
+
+
+__all__ = ["ClientData", "Task", "build_task", "register_task"]

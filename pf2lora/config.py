@@ -82,6 +82,34 @@ class PerFedAvgConfig:
 
 
 @dataclass
+class PFedLoRAConfig:
+    private_steps: int = _f(0, "steps of the private phase each round (shared adapter frozen); 0 = local_steps // 2", min=0)
+
+
+@dataclass
+class FDLoRAConfig:
+    server_lr: float = _f(1.0, "server outer SGD learning rate on the pseudo-gradient", gt=0.0)
+    server_momentum: float = _f(0.5, "server outer SGD momentum", min=0.0)
+    nesterov: bool = _f(True, "Nesterov momentum for the server outer optimizer")
+    personal_every: int = _f(5, "refresh the personal adapter by local training every N rounds", min=1)
+    fusion_holdout: float = _f(0.05, "fraction of each client's training data held out to fit the fusion weights", gt=0.0, max=0.5)
+    fusion_bound: float = _f(1.5, "fusion weights are searched in [-bound, bound]", gt=0.0)
+    fusion_l1: float = _f(0.05, "L1 penalty on the fusion weights", min=0.0)
+    fusion_evals: int = _f(60, "loss evaluations of the gradient-free fusion search", min=1)
+
+
+@dataclass
+class FedLoRAOptConfig:
+    local_stage_steps: int = _f(0, "steps of the local stage (B magnitude) each round; 0 = local_steps // 2", min=0)
+
+
+@dataclass
+class FlexLoRAConfig:
+    rank_min: int = _f(0, "smallest client rank; 0 = rank - private_rank", min=0)
+    rank_max: int = _f(0, "largest client rank; 0 = rank + private_rank", min=0)
+
+
+@dataclass
 class EvalConfig:
     rank_threshold: float = _f(0.1, "effective rank counts singular values above this fraction of the largest", gt=0.0, max=1.0)
     every: int = _f(0, "evaluate every N rounds (0 = only at the end)", min=0)
@@ -103,6 +131,10 @@ class RunConfig:
     pf2lora: PF2LoRAConfig = field(default_factory=PF2LoRAConfig)
     hetlora: HETLoRAConfig = field(default_factory=HETLoRAConfig)
     perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
+    pfedlora: PFedLoRAConfig = field(default_factory=PFedLoRAConfig)
+    fdlora: FDLoRAConfig = field(default_factory=FDLoRAConfig)
+    fedlora_opt: FedLoRAOptConfig = field(default_factory=FedLoRAOptConfig)
+    flexlora: FlexLoRAConfig = field(default_factory=FlexLoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -209,17 +241,23 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: key 'task.private_ranks' must be a non-empty list of ranks >= 0")
     if cfg.task.singular_min > cfg.task.singular_max:
         raise UserError(f"{source}: task.singular_min must not exceed task.singular_max")
-    lo, hi = resolved_hetlora_ranks(cfg)
-    if lo < 1 or hi < lo:
-        raise UserError(f"{source}: hetlora ranks must satisfy 1 <= rank_min <= rank_max, got [{lo}, {hi}]")
+    for section in ("hetlora", "flexlora"):
+        lo, hi = resolved_rank_range(cfg, getattr(cfg, section))
+        if lo < 1 or hi < lo:
+            raise UserError(f"{source}: {section} ranks must satisfy 1 <= rank_min <= rank_max, got [{lo}, {hi}]")
     if cfg.task.kind == "synthetic" and cfg.task.shared_rank + max(cfg.task.private_ranks) > cfg.task.dim:
         raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
 
 
-def resolved_hetlora_ranks(cfg: RunConfig) -> tuple[int, int]:
-    lo = cfg.hetlora.rank_min or max(1, cfg.lora.rank - cfg.lora.private_rank)
-    hi = cfg.hetlora.rank_max or cfg.lora.rank + cfg.lora.private_rank
+def resolved_rank_range(cfg: RunConfig, section: HETLoRAConfig | FlexLoRAConfig) -> tuple[int, int]:
+    """Heterogeneous client ranks default to PF2LoRA's range [r - r~, r + r~] (spec, HETLoRA)."""
+    lo = section.rank_min or max(1, cfg.lora.rank - cfg.lora.private_rank)
+    hi = section.rank_max or cfg.lora.rank + cfg.lora.private_rank
     return lo, hi
+
+
+def resolved_hetlora_ranks(cfg: RunConfig) -> tuple[int, int]:
+    return resolved_rank_range(cfg, cfg.hetlora)
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:

@@ -127,7 +127,7 @@ def results_table(summary: dict[str, Any], columns: list[str] | None = None) -> 
     head = ["method", *[f"mean {c}" for c in columns], "upload B/client/round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        row = [name, *[_fmt(m["mean"].get(c)) for c in columns], _fmt(float(m["upload_bytes_per_client_per_round"]))]
+        row = [name, *[_fmt(m["mean"].get(c)) for c in columns], _fmt(int(m["upload_bytes_per_client_per_round"]))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -222,6 +222,7 @@ def plot_figures(out: Path, task: Task, summary: dict[str, Any], results: list[M
                 ax.axhline(threshold, color="grey", ls=":", lw=0.8)
             ax.set_yscale("log")
             ax.set_ylim(1e-4, 1.5)
+            ax.set_xticks(range(1, shown + 1))
             ax.set_title(f"{cid} (true rank {true_rank})", fontsize=9)
             ax.set_xlabel("index", fontsize=8)
         for j in range(len(client_ids), rows * cols):

@@ -8,6 +8,7 @@ mini-batches whatever the method or the order clients run in.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -81,7 +82,10 @@ class LocalEngine:
             c.client_id: method.init_client(c.client_id, generator(cfg.seed, "init", c.client_id)) for c in trainers
         }
         result = MethodResult(method_name, {})
-        bar = tqdm(range(1, cfg.rounds + 1), desc=f"{method_name:>12}", disable=not self.progress, leave=True, dynamic_ncols=True)
+        bar = tqdm(
+            range(1, cfg.rounds + 1), desc=f"{method_name:>12}", disable=not self.progress, leave=True,
+            dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0,
+        )
         for round_ in bar:
             ids = list(by_id) if method.pools_data else sample_clients(cfg, list(by_id), round_)
             updates: list[ClientUpdate] = []
@@ -130,6 +134,7 @@ class LocalEngine:
                     metrics[f"global_{name}"] = value
             common = {k: v for k, v in st.model_params(personal).items() if k.endswith(f".{lora.COMMON}") and st.key(st.SHARED, k) in personal}
             metrics.update(task.diagnostics(client, st.model_params(personal), common))
+            metrics.update(method.describe_client(server, state))
             metrics["num_train"] = client.num_train
             out[client.client_id] = metrics
         return out

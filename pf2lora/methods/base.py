@@ -13,6 +13,7 @@ Methods never import an engine, engines never know a method by name. Methods mus
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,10 @@ class Method(ABC):
         """The role-keyed parameters client k is evaluated with (its personalised model)."""
         return {**received, **st.select(params_of(client_state), st.PRIVATE)}
 
+    def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
+        """Method-specific per-client figures for the summary (e.g. HETLoRA's client rank)."""
+        return {}
+
     # -- helpers for subclasses ----------------------------------------------------------------
 
     def head(self, role: str, generator: torch.Generator) -> st.Tensors:
@@ -108,6 +113,12 @@ class Method(ABC):
 
     def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.task.loss(st.model_params(*states), batch)
+
+
+def resource_rank(seed: int, client_id: str, lo: int, hi: int) -> int:
+    """A client's rank as set by its resources: drawn once per client from the seed, not the data."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/resource-rank/{client_id}".encode()))
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
 
 def params_of(client_state: Mapping[str, torch.Tensor]) -> st.Tensors:

@@ -17,7 +17,6 @@ adapter's Frobenius norm, i.e. when the regulariser has actually emptied it.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.config import resolved_hetlora_ranks
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, with_opt_state
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, resource_rank, with_opt_state
 from pf2lora.optim import adamw
 
 _RANK = "meta/rank"
@@ -48,8 +47,7 @@ class HETLoRA(Method):
 
     def assigned_rank(self, client_id: str) -> int:
         """The rank a client's resources allow: drawn once per client from the seed, not the data."""
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}/hetlora-rank/{client_id}".encode()))
-        return int(torch.randint(self.rank_min, self.rank_max + 1, (1,), generator=g))
+        return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
 
     # -- scale conversion: client rank r at alpha/r  <->  server rank r_max at alpha/r_max ------
 
@@ -109,6 +107,9 @@ class HETLoRA(Method):
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
         rank = server.get(f"{_RANK}/{client_id}")
         return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
+
+    def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
+        return {"client_rank": int(client_state[_RANK])}
 
     def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
         """(sum of ||B_tail|| ||A_tail|| over modules, share of the tail in ||Delta W||_F)."""

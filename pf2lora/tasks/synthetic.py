@@ -100,6 +100,7 @@ class SyntheticRankTask(Task):
         return {
             "effective_rank": rank,
             "true_rank": client.info["true_rank"],
+            "rank_matched": float(rank == client.info["true_rank"]),
             "common_rel_error": (
                 float((common_delta - self.shared_delta).norm() / self.shared_delta.norm()) if has_common else None
             ),

@@ -67,7 +67,8 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of scaled ``B @ A`` over the given adapters, shaped (d_out, d_in)."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=self.base.weight.dtype)
+        w = self.base.weight
+        delta = torch.zeros(self.out_features, self.in_features, dtype=w.dtype, device=w.device)
         for name in A:
             rank = A[name].shape[0]
             if rank:

@@ -68,7 +68,17 @@ class Task(ABC):
     higher_is_better: bool = False
 
     def forward(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Model output with ``params`` (model paths) in place of the registered adapters."""
+        """Model output with ``params`` (model paths) in place of the registered adapters.
+
+        A key that names no model parameter is an error: silently ignoring it would leave a
+        misspelt tensor untrained.
+        """
+        known = self.__dict__.get("_param_names")
+        if known is None:
+            known = self.__dict__["_param_names"] = frozenset(n for n, _ in self.model.named_parameters())
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise KeyError(f"not parameters of the model: {sorted(unknown)[:3]}")
         return functional_call(self.model, dict(params), args=(), kwargs=self.model_inputs(batch), strict=False)
 
     @abstractmethod

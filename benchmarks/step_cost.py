@@ -1,0 +1,198 @@
+"""Wall time of one local step of PF2LoRA (per hypergradient estimator) relative to HOMLoRA.
+
+One local step = ``method.client_update`` with ``local_steps=1`` (for PF2LoRA: the lower SGD step,
+the upper gradient on a second mini-batch, the mixed Hessian-vector product, the AdamW step). Every
+variant runs on the same model and the same mini-batch (both of PF2LoRA's mini-batches are that
+batch), from the same starting state, so only the algorithm differs. The model is a BERT-like
+encoder built from a config (no download): the ``tiny-text`` task's model at hidden 128, 2 layers,
+2 heads, intermediate 512, sequence length 64, batch 16, LoRA on query/value with r = 8, r~ = 2
+(one step of HOMLoRA takes tens of milliseconds on a laptop CPU). Attention is "eager" for every
+variant (the exact estimator needs it).
+
+Repetitions are interleaved (round-robin over the variants) after a warm-up, so load on the machine
+hits all variants alike; the median is reported. Also reported: the trained parameter counts (the
+adapters alone, and with the classifier head) and the bytes one client uploads per round.
+
+    python benchmarks/step_cost.py [--reps 20] [--warmup 3] [--threads N] [--out benchmarks/results/step_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pf2lora import state as st
+from pf2lora.config import load
+from pf2lora.methods import registry
+from pf2lora.methods.base import ClientContext
+from pf2lora.tasks.base import Batch
+from pf2lora.tasks.tiny_text import TinyTextTask
+
+MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "intermediate_size": 512}
+SEQ_LEN, BATCH = 64, 16
+
+# name -> (method, config overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "homlora": ("homlora", []),
+    "pf2lora[finite-difference]": ("pf2lora", ["pf2lora.estimator=finite-difference"]),
+    "pf2lora[finite-difference, one-sided]": ("pf2lora", ["pf2lora.estimator=finite-difference", "pf2lora.fd_one_sided=true"]),
+    "pf2lora[exact]": ("pf2lora", ["pf2lora.estimator=exact"]),
+    "pf2lora[first-order]": ("pf2lora", ["pf2lora.estimator=first-order"]),
+    "pf2lora-fo": ("pf2lora-fo", []),
+}
+
+
+@dataclass
+class FixedBatchContext(ClientContext):
+    """A client context whose every mini-batch is the same one."""
+
+    fixed: Batch = field(default_factory=dict)
+
+    def batch(self) -> Batch:
+        return self.fixed
+
+
+def _numel(tensors: dict[str, torch.Tensor], lora_only: bool | None = None) -> int:
+    return sum(
+        v.numel() for k, v in tensors.items()
+        if lora_only is None or ((".lora_" in k) == lora_only)
+    )
+
+
+def _nonzero(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Give zero-initialised B matrices small random values, as after some training (so no
+    estimator takes a zero-vector shortcut)."""
+    return {
+        k: (0.01 * torch.randn(v.shape, generator=g) if ".lora_B." in k else v) if k.startswith(("shared:", "private:")) else v
+        for k, v in state.items()
+    }
+
+
+def _exe() -> str:
+    """The interpreter as typed from the repository root, where possible."""
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per variant (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed repetitions per variant first")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--out", default="benchmarks/results/step_cost.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = ['task.kind="tiny-text"', "task.num_clients=1", f"task.train_samples={BATCH}", "task.test_samples=1",
+            f"task.seq_len={SEQ_LEN}", f"batch_size={BATCH}", "local_steps=1"]
+    cfg0 = load(None, base)
+    task = TinyTextTask(cfg0, **MODEL)
+    client = task.clients[0]
+    batch = dict(client.train)
+
+    runs = {}
+    params = {}
+    for name, (method_name, overrides) in VARIANTS.items():
+        cfg = load(None, [*base, f'methods=["{method_name}"]', *overrides])
+        method = registry()[method_name](cfg, task)
+        g = torch.Generator().manual_seed(0)
+        server = _nonzero(method.init_server(g), g)
+        client_state = _nonzero(method.init_client(client.client_id, g), g)
+        ctx = FixedBatchContext(client=client, task=task, generator=torch.Generator().manual_seed(0), round=1,
+                                local_steps=1, batch_size=BATCH, fixed=batch)
+        runs[name] = (method, ctx, server, client_state)
+        update, _ = method.client_update(ctx, st.clone(server), client_state)
+        params[name] = {
+            "adapter_params": _numel(server, True) + _numel(client_state, True),
+            "head_params": _numel({k: v for k, v in {**server, **client_state}.items() if k.startswith(("shared:", "private:"))}, False),
+            "shared_adapter_params": _numel(server, True),
+            "private_adapter_params": _numel({k: v for k, v in client_state.items() if k.startswith("private:")}, True),
+            "upload_bytes_per_round": update.num_bytes,
+        }
+        params[name]["total_trained_params"] = params[name]["adapter_params"] + params[name]["head_params"]
+
+    def once(name: str) -> float:
+        method, ctx, server, client_state = runs[name]
+        received = st.clone(server)
+        start = time.perf_counter()
+        method.client_update(ctx, received, client_state)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for name in VARIANTS:
+            once(name)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for rep in range(args.reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order
+            times[name].append(once(name))
+
+    median = {n: statistics.median(t) for n, t in times.items()}
+    hom = median["homlora"]
+    hp = params["homlora"]
+    pp = params["pf2lora[finite-difference]"]
+    cfg = cfg0
+    result = {
+        "benchmark": "wall time of one local step (client_update, local_steps=1), same model and batch",
+        "command": " ".join(shlex.quote(a) for a in [_exe(), *sys.argv]),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "setup": {
+            "model": f"BertForSequenceClassification from BertConfig (random, frozen), {MODEL}, eager attention",
+            "base_model_params": sum(p.numel() for n, p in task.model.named_parameters() if ".lora_" not in n),
+            "seq_len": SEQ_LEN,
+            "batch_size": BATCH,
+            "lora_targets": [t.path for t in task.targets],
+            "rank": cfg.lora.rank,
+            "private_rank": cfg.lora.private_rank,
+            "head": f"{cfg.lora.head} classifier ({task.model.classifier.out_features} labels)",
+            "warmup": args.warmup,
+            "reps": args.reps,
+        },
+        "median_ms": {n: round(1e3 * m, 3) for n, m in median.items()},
+        "iqr_ms": {
+            n: round(1e3 * (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]), 3) if len(t) > 1 else 0.0
+            for n, t in times.items()
+        },
+        "time_relative_to_homlora": {n: round(m / hom, 3) for n, m in median.items()},
+        "params": params,
+        "param_ratios": {
+            "adapters_pf2lora_over_homlora": pp["adapter_params"] / hp["adapter_params"],
+            "adapters_expected_(r+r~)/r": (cfg.lora.rank + cfg.lora.private_rank) / cfg.lora.rank,
+            "adapters_extra_pf2lora_over_homlora": (pp["adapter_params"] - hp["adapter_params"]) / hp["adapter_params"],
+            "adapters_expected_extra_r~/r": cfg.lora.private_rank / cfg.lora.rank,
+            "total_with_head_pf2lora_over_homlora": pp["total_trained_params"] / hp["total_trained_params"],
+            "upload_pf2lora_over_homlora": pp["upload_bytes_per_round"] / hp["upload_bytes_per_round"],
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    width = max(map(len, median))
+    for n in VARIANTS:
+        print(f"{n:<{width}}  {1e3 * median[n]:8.2f} ms  x{median[n] / hom:5.2f}")
+    print(f"adapters: pf2lora/homlora = {result['param_ratios']['adapters_pf2lora_over_homlora']:.3f}; wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = "pf2lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report.write_report(out, task, summary, figures, command)
     print()
-    print(report.results_table(summary))
+    print(report.task_table(task, summary))
     print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
     return 0
 

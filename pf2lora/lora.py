@@ -149,7 +149,11 @@ def delta_weights(model: nn.Module, targets: Iterable[LoRATarget], params: Mappi
     for t in targets:
         layer = model.get_submodule(t.path)
         assert isinstance(layer, LoRALinear)
-        A = {a: params[f"{t.path}.lora_A.{a}"] for a in layer.alpha if f"{t.path}.lora_A.{a}" in params}
+        A = {
+            a: params[f"{t.path}.lora_A.{a}"]
+            for a in layer.alpha
+            if f"{t.path}.lora_A.{a}" in params and f"{t.path}.lora_B.{a}" in params
+        }
         B = {a: params[f"{t.path}.lora_B.{a}"] for a in A}
         deltas[t.path] = layer.delta_weight(A, B).detach()
     return deltas

@@ -114,22 +114,32 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def results_table(summary: dict[str, Any], columns: list[str] | None = None) -> str:
-    """Markdown table: one row per method, mean (and min) of each per-client metric."""
+def results_table(summary: dict[str, Any], columns: tuple[str, ...] = (), primary: str | None = None, higher_is_better: bool = False) -> str:
+    """Markdown table: one row per method, the mean over clients of each metric, and the worst
+    client's ``primary`` metric beside it."""
     methods = summary["methods"]
-    if columns is None:
+    if not columns:
         seen: list[str] = []
         for m in methods.values():
-            for k in m["mean"]:
-                if k not in seen:
-                    seen.append(k)
-        columns = seen
-    head = ["method", *[f"mean {c}" for c in columns], "upload B/client/round"]
+            seen += [k for k in m["mean"] if k not in seen]
+        columns = tuple(seen)
+    worst_key = "min" if higher_is_better else "max"
+    head = ["method", *[f"mean {c}" for c in columns]]
+    if primary:
+        head.append(f"worst client {primary}")
+    head.append("upload B/client/round")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        row = [name, *[_fmt(m["mean"].get(c)) for c in columns], _fmt(int(m["upload_bytes_per_client_per_round"]))]
+        row = [name, *[_fmt(m["mean"].get(c)) for c in columns]]
+        if primary:
+            row.append(_fmt(m["stats"].get(primary, {}).get(worst_key)))
+        row.append(_fmt(int(m["upload_bytes_per_client_per_round"])))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def task_table(task: Task, summary: dict[str, Any]) -> str:
+    return results_table(summary, task.table_columns, task.primary_metric, task.higher_is_better)
 
 
 def per_client_table(summary: dict[str, Any], metric: str, extra_columns: tuple[str, ...] = ()) -> str:
@@ -154,7 +164,7 @@ def write_report(out: Path, task: Task, summary: dict[str, Any], figures: list[s
         "",
         "## Results (mean over clients)",
         "",
-        results_table(summary),
+        task_table(task, summary),
         "",
         f"## Per client: {metric}",
         "",

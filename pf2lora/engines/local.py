@@ -128,22 +128,27 @@ class LocalEngine:
             with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
                 personal = method.personalized(ctx, received, state)
             metrics: dict[str, Any] = dict(task.evaluate(st.model_params(personal), client.test))
-            global_params = st.select(received, st.SHARED)
-            if global_params and any(".lora_" in k for k in global_params):
-                for name, value in task.evaluate(_without_private_head(global_params, personal), client.test).items():
+            global_params = method.global_params(received, state)
+            if global_params is not None:
+                for name, value in task.evaluate(st.model_params(global_params), client.test).items():
                     metrics[f"global_{name}"] = value
-            common = {k: v for k, v in st.model_params(personal).items() if k.endswith(f".{lora.COMMON}") and st.key(st.SHARED, k) in personal}
-            metrics.update(task.diagnostics(client, st.model_params(personal), common))
+            metrics.update(task.diagnostics(client, st.model_params(personal), common_adapter(personal)))
             metrics.update(method.describe_client(server, state))
             metrics["num_train"] = client.num_train
             out[client.client_id] = metrics
         return out
 
 
-def _without_private_head(shared: st.Tensors, personal: st.Tensors) -> dict[str, torch.Tensor]:
-    """Global model = shared state; a private head (if any) is still needed to produce outputs."""
-    heads = {k: v for k, v in st.select(personal, st.PRIVATE).items() if ".lora_" not in k}
-    return st.model_params(shared, heads)
+def common_adapter(personal: st.Tensors) -> dict[str, torch.Tensor]:
+    """The common adapter's tensors (model paths) when the method shares it, for diagnostics.
+
+    A method whose adapter A is private (local-only) has no common part.
+    """
+    suffix = f".{lora.COMMON}"
+    shared_a = any(st.role_of(k) == st.SHARED and ".lora_A." in k and k.endswith(suffix) for k in personal)
+    if not shared_a:
+        return {}
+    return {st.path_of(k): v for k, v in personal.items() if ".lora_" in k and k.endswith(suffix)}
 
 
 def mean_of(clients: dict[str, dict[str, Any]], metric: str) -> float:

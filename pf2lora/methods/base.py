@@ -102,6 +102,16 @@ class Method(ABC):
         """The role-keyed parameters client k is evaluated with (its personalised model)."""
         return {**received, **st.select(params_of(client_state), st.PRIVATE)}
 
+    def global_params(self, received: st.Tensors, client_state: ClientState) -> st.Tensors | None:
+        """The global model as evaluated on client k: the shared state alone (None if nothing is
+        shared). A private head, if any, is kept: without it the model has no output layer."""
+        shared = st.select(received, st.SHARED)
+        a_keys = [k for k in shared if ".lora_A." in k]
+        if not a_keys or any(k.replace(".lora_A.", ".lora_B.") not in shared for k in a_keys):
+            return None  # no complete shared adapter (e.g. FedSA-LoRA keeps B private)
+        heads = {k: v for k, v in st.select(params_of(client_state), st.PRIVATE).items() if ".lora_" not in k}
+        return {**shared, **heads}
+
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         """Method-specific per-client figures for the summary (e.g. HETLoRA's client rank)."""
         return {}

@@ -66,6 +66,8 @@ class Task(ABC):
     clients: list[ClientData]
     primary_metric: str = "loss"
     higher_is_better: bool = False
+    table_columns: tuple[str, ...] = ()
+    """Per-client metrics the results table shows (empty: all of them)."""
 
     def forward(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Model output with ``params`` (model paths) in place of the registered adapters.

@@ -39,6 +39,7 @@ def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int, list[flo
 class SyntheticRankTask(Task):
     primary_metric = "test_mse"
     higher_is_better = False
+    table_columns = ("test_mse", "rank_matched", "effective_rank", "common_rel_error", "private_norm", "global_test_mse")
 
     def __init__(self, cfg: RunConfig):
         tc = cfg.task

@@ -1,0 +1,60 @@
+"""FFA-LoRA (arXiv 2403.12313): freeze A, train and average only B.
+
+Why: with A fixed and identical on every client, averaging the B's is exactly averaging the
+clients' updates ``B_k A`` (FedAvg of separately averaged A and B is not), and only half of the
+adapter travels up. A is drawn once by the server (standard LoRA init, Kaiming-uniform) and is part
+of the server state; it is broadcast with B but never trained, never uploaded and never changed by
+aggregation. B starts at zero.
+
+Shared: B of the common adapter (rank ``lora.rank``) and the head if ``lora.head = "shared"``
+(trained and averaged); A (frozen, server-held). Private: the head if ``lora.head = "private"``,
+AdamW moments. Upload per round: ``4 r d_out`` bytes per adapted layer (B only, + head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from pf2lora import lora
+from pf2lora import state as st
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, weighted_mean, with_opt_state
+from pf2lora.methods.homlora import adamw_steps
+
+
+@register
+class FFALoRA(Method):
+    name = "ffa-lora"
+    description = "A frozen at a common random init; only B (and a shared head) trained and averaged"
+
+    def frozen_keys(self) -> set[str]:
+        """The server-held, never-trained A of every adapted layer."""
+        return {lora.adapter_keys(t, lora.COMMON, st.SHARED)[0] for t in self.task.targets}
+
+    def init_server(self, generator: torch.Generator) -> st.Tensors:
+        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
+        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+
+    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
+        return self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+
+    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
+        frozen_keys = self.frozen_keys()
+        frozen = {k: v for k, v in received.items() if k in frozen_keys}
+        trained = {**{k: v for k, v in received.items() if k not in frozen_keys}, **params_of(client_state)}
+        trained, opt, loss = adamw_steps(self, ctx, trained, frozen, opt_state(client_state, "all"))
+        upload = st.outgoing(st.select(trained, st.SHARED))  # B (+ shared head), never A
+        update = ClientUpdate(ctx.client.client_id, upload, ctx.client.num_train, {"train_loss": loss})
+        return update, {**st.select(trained, st.PRIVATE), **with_opt_state("all", opt)}
+
+    def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
+        """FedAvg (by ``num_examples``) of the uploaded B's; the server's A is kept as it is."""
+        if not updates:
+            return dict(server)
+        frozen_keys = self.frozen_keys()
+        for u in updates:
+            if frozen_keys & set(u.shared):
+                raise ValueError(f"ffa-lora: client {u.client_id} uploaded the frozen A")
+        averaged = weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates])
+        return {**{k: v for k, v in server.items() if k in frozen_keys}, **averaged}

@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     lines: list[str] = []
 
     def on_round(record: dict) -> None:
-        lines.append(json.dumps(record))
+        lines.append(json.dumps(report.finite_or_none(record), allow_nan=False))
         report.atomic_write(metrics_path, "\n".join(lines) + "\n")
 
     results = [engine.run(name, on_round=on_round) for name in cfg.methods]

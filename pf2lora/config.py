@@ -7,6 +7,7 @@ wrong types and out-of-range values with one line that names the file and key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,8 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None
     for v in values:
         if not isinstance(v, (int, float)):
             return
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{where}: must be a finite number, got {v!r}")
         if "min" in meta and v < meta["min"]:
             raise UserError(f"{where}: must be >= {meta['min']}, got {v!r}")
         if "gt" in meta and v <= meta["gt"]:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from pf2lora.methods.base import grads, leaves
+from pf2lora.autodiff import grads, leaves
 from pf2lora.state import Tensors
 from pf2lora.tasks.base import Batch
 

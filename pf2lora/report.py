@@ -187,8 +187,19 @@ def write_report(out: Path, task: Task, summary: dict[str, Any], figures: list[s
     return text
 
 
+def finite_or_none(data: Any) -> Any:
+    """Replace NaN and infinities (a diverged client) by None, so every output is valid JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    atomic_write(path, json.dumps(finite_or_none(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def plot_figures(out: Path, task: Task, summary: dict[str, Any], results: list[MethodResult]) -> list[str]:

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from pf2lora import lora
+from pf2lora.autodiff import grads, leaves  # noqa: F401  (re-exported for methods)
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.tasks.base import Batch, ClientData, Task, sample_batch
@@ -155,22 +156,6 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         if set(s) != keys:
             raise ValueError("clients sent different key sets")
     return {k: sum((w / total) * s[k] for s, w in zip(states, weights, strict=True)) for k in states[0]}
-
-
-def grads(
-    loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False
-) -> st.Tensors:
-    """Gradient of ``loss`` with respect to each tensor of ``wrt`` (zeros where unused)."""
-    keys = list(wrt)
-    gs = torch.autograd.grad(
-        loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph
-    )
-    return {k: (g if g is not None else torch.zeros_like(wrt[k])) for k, g in zip(keys, gs, strict=True)}
-
-
-def leaves(state: Mapping[str, torch.Tensor]) -> st.Tensors:
-    """Fresh leaf copies that require grad, so differentiating never touches the originals."""
-    return {k: v.detach().clone().requires_grad_(True) for k, v in state.items()}
 
 
 def adapter(

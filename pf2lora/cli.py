@@ -44,14 +44,26 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pf2lora import config, report
-    from pf2lora.engines.local import LocalEngine
+    from dataclasses import asdict
+
+    from pf2lora import checkpoint, config, report
+    from pf2lora.engines.local import LocalEngine, MethodResult, RoundFailure, RunState
     from pf2lora.tasks import build_task
 
-    cfg = config.load(args.config, args.set or [])
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report.prepare_run_dir(out, overwrite=args.overwrite)
-    report.atomic_write(out / "config.toml", config.dumps(cfg))
+    if args.resume:
+        if args.config or args.set:
+            raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set")
+        out = Path(args.resume)
+        saved = checkpoint.load(out)
+        cfg = config.load(out / "config.toml")
+    else:
+        if not args.config:
+            raise UserError("run: give a CONFIG file, or --resume DIR")
+        cfg = config.load(args.config, args.set or [])
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        report.prepare_run_dir(out, overwrite=args.overwrite)
+        report.atomic_write(out / "config.toml", config.dumps(cfg))
+        saved = {"completed": [], "current": None, "metrics_lines": []}
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -59,14 +71,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.num_threads)
     task = build_task(cfg)
     engine = LocalEngine(cfg, task, progress=not args.quiet)
-    metrics_path = out / "metrics.jsonl"
-    lines: list[str] = []
+    lines: list[str] = list(saved["metrics_lines"])
+    completed: list[dict] = list(saved["completed"])
+    current: dict | None = saved["current"]
 
     def on_round(record: dict) -> None:
         lines.append(json.dumps(report.finite_or_none(record), allow_nan=False))
-        report.atomic_write(metrics_path, "\n".join(lines) + "\n")
+        report.atomic_write(out / "metrics.jsonl", "\n".join(lines) + "\n")
 
-    results = [engine.run(name, on_round=on_round) for name in cfg.methods]
+    def on_state(state: RunState) -> None:
+        if cfg.checkpoint:
+            checkpoint.save(out, {"completed": completed, "current": asdict(state), "metrics_lines": lines})
+
+    done = {r["method"] for r in completed}
+    running = ""
+    try:
+        for name in cfg.methods:
+            if name in done:
+                continue
+            running = name
+            resume = RunState(**current) if current is not None and current["method"] == name else None
+            result = engine.run(name, on_round=on_round, resume=resume, on_state=on_state)
+            completed.append(asdict(result))
+            current = None
+            if cfg.checkpoint:
+                checkpoint.save(out, {"completed": completed, "current": None, "metrics_lines": lines})
+    except KeyboardInterrupt:
+        print(f"\npf2lora: interrupted during {running}; the last completed round is checkpointed in {out}.\n"
+              f"Resume with: pf2lora run --resume {shlex.quote(str(out))}", file=sys.stderr)
+        return 130
+    except RoundFailure as e:
+        kept = f"; the last good round is checkpointed in {out}" if (out / checkpoint.FILENAME).exists() else ""
+        raise UserError(f"{e}{kept}") from None
+    results = [MethodResult(**r) for r in completed]
     extra = {
         "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "engine": "local",
         "rank_threshold": cfg.eval.rank_threshold, "machine": _machine(),
@@ -86,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pf2lora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the methods of a config on the in-process engine")
-    run.add_argument("config", help="TOML config file (see configs/)")
+    run.add_argument("config", nargs="?", help="TOML config file (see configs/)")
+    run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=2 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="allow replacing an existing run in --out")
@@ -107,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pf2lora: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # e.g. a full disk while writing a report: one line, not a traceback
+        print(f"pf2lora: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class TaskConfig:
     singular_max: float = _f(1.5, "synthetic: largest singular value of a true component", min=0.0)
     num_labels: int = _f(2, "tiny-text: number of classes", min=2)
     seq_len: int = _f(16, "tiny-text: tokens per example", min=2)
-    data_seed: int = _f(1234, "seed of the data generator (kept apart from the training seed)")
+    data_seed: int = _f(1234, "seed of the data generator (kept apart from the training seed)", min=0, max=2**63 - 1)
 
 
 @dataclass
@@ -111,6 +112,29 @@ class FlexLoRAConfig:
 
 
 @dataclass
+class ServerConfig:
+    aggregator: Literal["mean", "median", "trimmed-mean"] = _f("mean", "how the server combines client uploads: weighted mean, coordinate-wise median or trimmed mean")
+    trim_fraction: float = _f(0.1, "trimmed-mean: fraction of the largest and of the smallest values dropped per coordinate", min=0.0, max=0.49)
+    clip_norm: float = _f(0.0, "clip each client's change (upload minus what it received) to this L2 norm before aggregating; 0 = off", min=0.0)
+    min_clients: int = _f(1, "a round with fewer successful client updates fails the run loudly", min=1)
+    dp_noise_multiplier: float = _f(0.0, "client-level DP: Gaussian noise std = multiplier * dp_clip_norm / clients; 0 = off", min=0.0)
+    dp_clip_norm: float = _f(1.0, "client-level DP: each client's change is clipped to this L2 norm", gt=0.0)
+    dp_delta: float = _f(1e-5, "client-level DP: the delta of the reported (epsilon, delta)", gt=0.0, max=1.0)
+
+
+@dataclass
+class FaultsConfig:
+    dropout_prob: float = _f(0.0, "injected: probability that a sampled client drops out of a round", min=0.0, max=1.0)
+    crash_prob: float = _f(0.0, "injected: probability that a sampled client raises during its update", min=0.0, max=1.0)
+    straggler_prob: float = _f(0.0, "injected: probability that a client is slowed by straggler_delay_s", min=0.0, max=1.0)
+    straggler_delay_s: float = _f(0.0, "injected: simulated extra seconds of a straggler (added to its measured time, not slept)", min=0.0)
+    deadline_s: float = _f(0.0, "round deadline per client in seconds; a slower update is left out of the round (0 = none)", min=0.0)
+    poison_clients: list[str] = _f([], "injected attack: these clients' uploads are replaced (see poison)")
+    poison: Literal["nan", "scale"] = _f("nan", "injected attack: NaN uploads, or the honest change multiplied by poison_scale")
+    poison_scale: float = _f(1e6, "injected attack: factor for poison = 'scale'")
+
+
+@dataclass
 class EvalConfig:
     rank_threshold: float = _f(0.1, "effective rank counts singular values above this fraction of the largest", gt=0.0, max=1.0)
     every: int = _f(0, "evaluate every N rounds (0 = only at the end)", min=0)
@@ -119,13 +143,14 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str = _f("run", "name of the experiment, used in reports")
-    seed: int = _f(0, "training seed: client sampling, initialisation, mini-batches")
+    seed: int = _f(0, "training seed: client sampling, initialisation, mini-batches", min=0, max=2**63 - 1)
     methods: list[str] = _f(["pf2lora"], "methods to run, in order (see `pf2lora methods`)")
     rounds: int = _f(50, "communication rounds", min=1)
     local_steps: int = _f(10, "local steps per client per round", min=1)
     client_fraction: float = _f(1.0, "fraction of clients sampled each round", gt=0.0, max=1.0)
     batch_size: int = _f(32, "mini-batch size", min=1)
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); tiny models run fastest on 1", min=0)
+    checkpoint: bool = _f(True, "write an atomic checkpoint after every round (resume with `pf2lora run --resume DIR`)")
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -136,6 +161,8 @@ class RunConfig:
     fdlora: FDLoRAConfig = field(default_factory=FDLoRAConfig)
     fedlora_opt: FedLoRAOptConfig = field(default_factory=FedLoRAOptConfig)
     flexlora: FlexLoRAConfig = field(default_factory=FlexLoRAConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -174,7 +201,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad from None
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -223,10 +253,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    word = raw.strip()
+    if re.fullmatch(r"[A-Za-z_][\w.-]*", word) and word not in ("true", "false"):
+        return key.split("."), word  # a bare word such as `--set pf2lora.estimator=exact` (or `nan`)
+    if "\n" in raw or "\r" in raw:
+        raise UserError(f"--set {key}: the value must be on one line")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as `--set pf2lora.estimator=exact`
+        parsed = tomllib.loads(f"v = {raw}")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return key.split("."), raw
+    if set(parsed) != {"v"}:
+        raise UserError(f"--set {key}: expected one value, got {raw!r}")
+    value = parsed["v"]
     return key.split("."), value
 
 
@@ -280,6 +318,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
             raise UserError(f"{p}: config file not found")
         try:
             data = tomllib.loads(p.read_text())
+        except RecursionError:
+            raise UserError(f"{p}: not valid TOML (nested too deeply)") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: not valid TOML ({e})") from None
     for item in overrides:

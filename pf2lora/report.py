@@ -18,7 +18,7 @@ from pf2lora.engines.local import MethodResult
 from pf2lora.errors import UserError
 from pf2lora.tasks.base import Task
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "report.md", "config.toml")
+RUN_FILES = ("summary.json", "metrics.jsonl", "report.md", "config.toml", "checkpoint.pt")
 
 
 def prepare_run_dir(path: Path, overwrite: bool) -> None:
@@ -96,6 +96,11 @@ def summarize(task: Task, results: list[MethodResult], extra: dict[str, Any]) ->
             "download_bytes_per_client_per_round": last.get("download_bytes_per_client", 0.0),
             "wall_time_s": r.wall_time_s,
         }
+        entry["participation"] = [x.get("participants") for x in r.rounds]
+        entry["faults"] = r.faults
+        entry["rejected_clients"] = sorted({f["client"] for f in r.faults if f["fault"] == "rejected"})
+        if r.privacy is not None:
+            entry["privacy"] = r.privacy
         if spectra:
             entry["spectra"] = spectra
         methods[r.method] = entry

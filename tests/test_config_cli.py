@@ -109,12 +109,22 @@ def test_output_path_that_is_a_file(capsys, tmp_path):
     assert f.read_text() == "keep"
 
 
-def test_diverging_run_still_finishes(capsys, tmp_path):
+def test_diverging_run_fails_loudly_in_one_line(capsys, tmp_path):
+    """Every client diverges (NaN loss): each update is rejected, and a round without a single
+    good update stops the run with one line (not a traceback, not a silent NaN summary)."""
     out = tmp_path / "run"
     rc = main(["run", CFG, *TINY_RUN, "--set", 'methods=["pf2lora"]', "--set", "local_steps=3", "--set", "optim.lower_lr=1e20", "--out", str(out)])
-    capsys.readouterr()
-    assert rc == 0
-    json.loads((out / "summary.json").read_text())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "min_clients" in err[0] and "rejected" in err[0]
+    assert not (out / "summary.json").exists()
+
+
+def test_diverging_client_among_good_ones_still_finishes(tmp_path):
+    """A diverged client's non-finite metrics become null in summary.json (valid JSON)."""
+    from pf2lora.report import finite_or_none
+
+    assert finite_or_none({"a": [float("nan"), 1.0, float("inf")]}) == {"a": [None, 1.0, None]}
 
 
 def test_cli_subprocess_error_is_one_line():

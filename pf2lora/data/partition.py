@@ -22,6 +22,12 @@ Partition = dict[str, list[int]]
 """Client id -> sorted example indices (clients in a fixed order)."""
 
 
+def _rng(seed: int) -> np.random.Generator:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"partition seed must be an integer >= 0, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
 def client_names(num_clients: int) -> list[str]:
     width = len(str(max(num_clients - 1, 0)))
     return [f"client_{i:0{width}d}" for i in range(num_clients)]
@@ -64,7 +70,7 @@ def check_partition(partition: Mapping[str, Sequence[int]], n: int | None = None
 def iid(n: int, num_clients: int, seed: int = 0) -> Partition:
     """A uniform random split of ``range(n)`` into ``num_clients`` near-equal shares."""
     _check_clients(n, num_clients, "iid partition")
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = _rng(seed).permutation(n)
     return _finish(dict(zip(client_names(num_clients), np.array_split(perm, num_clients))), "iid partition")
 
 
@@ -95,7 +101,7 @@ def dirichlet(
         raise UserError(f"{what}: min_size must be >= 1")
     if min_size * num_clients > n:
         raise UserError(f"{what}: {num_clients} clients x {min_size} examples exceeds the {n} examples")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     classes = np.unique(y)
     cap = n / num_clients
     best = 0
@@ -134,7 +140,7 @@ def s_similarity(labels: Sequence[int], num_clients: int, s: float, seed: int = 
     _check_clients(n, num_clients, what)
     if not 0.0 <= s <= 1.0:
         raise UserError(f"{what}: s must be in [0, 1]")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     perm = rng.permutation(n)
     n_iid = int(round(s * n))
     iid_part, rest = perm[:n_iid], perm[n_iid:]
@@ -178,7 +184,7 @@ def natural(
     order = {v: idx for v, idx in order.items() if len(idx) >= min_size}
     if not order:
         raise UserError(f"natural partition: no group has {min_size} examples")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     parts: dict[str, np.ndarray | list[int]] = {}
     for v, idx in order.items():
         k = clients_per_group.get(v, 1) if isinstance(clients_per_group, Mapping) else clients_per_group
@@ -234,7 +240,7 @@ def train_test_split_per_client(
     at least 1. A client that would end with an empty train or test share raises, naming it."""
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     train: Partition = {}
     test: Partition = {}
     for name, idx in partition.items():
@@ -253,7 +259,7 @@ def subsample(partition: Mapping[str, Sequence[int]], max_per_client: int, seed:
     """At most ``max_per_client`` examples per client, drawn at random (smaller clients kept whole)."""
     if max_per_client < 1:
         raise UserError(f"max examples per client must be >= 1, got {max_per_client}")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     out: Partition = {}
     for name, idx in partition.items():
         arr = np.asarray(idx, dtype=np.int64)

@@ -8,6 +8,7 @@ mini-batches whatever the method or the order clients run in.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import zlib
@@ -45,13 +46,43 @@ class MethodResult:
     clients: dict[str, dict[str, Any]]
     rounds: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
+
+
+@dataclass
+class RunState:
+    """A method in progress after ``round`` completed rounds: what a checkpoint must hold."""
+
+    method: str
+    round: int
+    server: st.Tensors
+    clients: dict[str, ClientState]
+    rounds: list[dict[str, Any]]
+    faults: list[dict[str, Any]]
+    elapsed_s: float
+    accountant: dict[str, Any] | None = None
+
+
+class RoundFailure(RuntimeError):
+    """Fewer clients than ``server.min_clients`` succeeded in a round: the run stops loudly."""
+
+
+class InjectedCrash(RuntimeError):
+    """A client crash injected by ``faults.crash_prob`` (for testing fault handling)."""
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
+StateCallback = Callable[[RunState], None]
 
 
 class LocalEngine:
-    """Runs one method over the task's clients, round by round, in this process."""
+    """Runs one method over the task's clients, round by round, in this process.
+
+    Per round each sampled client may drop out, crash, miss the deadline or send an invalid update
+    (injected by ``cfg.faults`` or real); such a client is recorded and left out of the aggregate,
+    and its state stays as it was after its last good round.
+    """
 
     def __init__(self, cfg: RunConfig, task: Task, progress: bool = True):
         self.cfg = cfg
@@ -64,57 +95,166 @@ class LocalEngine:
             round=round_, local_steps=steps, batch_size=self.cfg.batch_size,
         )
 
-    def run(self, method_name: str, on_round: RoundCallback | None = None) -> MethodResult:
+    def _trainers(self, method: Method) -> tuple[list[ClientData], int]:
         cfg, task = self.cfg, self.task
-        method: Method = registry()[method_name](cfg, task)
-        start = time.perf_counter()
         if method.pools_data:
             # One client holding everyone's training data, taking the federation's total steps.
             pooled = ClientData("pooled", concat([c.train for c in task.clients]), concat([c.test for c in task.clients]))
-            trainers = [pooled]
-            steps = cfg.local_steps * len(sample_clients(cfg, [c.client_id for c in task.clients], 1))
-        else:
-            trainers = list(task.clients)
-            steps = cfg.local_steps
+            return [pooled], cfg.local_steps * len(sample_clients(cfg, [c.client_id for c in task.clients], 1))
+        return list(task.clients), cfg.local_steps
+
+    def run(
+        self, method_name: str, on_round: RoundCallback | None = None, resume: RunState | None = None,
+        on_state: StateCallback | None = None,
+    ) -> MethodResult:
+        """Run ``method_name`` to the end (from ``resume`` if given); ``on_state`` gets the state
+        after every round (for checkpoints), ``on_round`` the round's metrics record."""
+        cfg, task = self.cfg, self.task
+        method: Method = registry()[method_name](cfg, task)
+        trainers, steps = self._trainers(method)
         by_id = {c.client_id: c for c in trainers}
-        server = method.init_server(generator(cfg.seed, "init", "server"))
-        states: dict[str, ClientState] = {
-            c.client_id: method.init_client(c.client_id, generator(cfg.seed, "init", c.client_id)) for c in trainers
-        }
-        result = MethodResult(method_name, {})
+        accountant = self._accountant()
+        if resume is None:
+            server = method.init_server(generator(cfg.seed, "init", "server"))
+            states: dict[str, ClientState] = {
+                c.client_id: method.init_client(c.client_id, generator(cfg.seed, "init", c.client_id)) for c in trainers
+            }
+            run_state = RunState(method_name, 0, server, states, [], [], 0.0)
+        else:
+            if resume.method != method_name:
+                raise ValueError(f"resume state is for {resume.method!r}, not {method_name!r}")
+            run_state = resume
+            if accountant is not None and resume.accountant is not None:
+                accountant.load_state_dict(resume.accountant)
+        start = time.perf_counter() - run_state.elapsed_s
         bar = tqdm(
-            range(1, cfg.rounds + 1), desc=f"{method_name:>12}", disable=not self.progress, leave=True,
-            dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0,
+            range(run_state.round + 1, cfg.rounds + 1), desc=f"{method_name:>12}", disable=not self.progress,
+            leave=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0,
+            initial=run_state.round, total=cfg.rounds,
         )
         for round_ in bar:
-            ids = list(by_id) if method.pools_data else sample_clients(cfg, list(by_id), round_)
-            updates: list[ClientUpdate] = []
-            download = 0
-            for cid in ids:
-                received = st.clone(method.broadcast(server, cid))  # the client never holds the server's tensors
-                download += sum(t.numel() * t.element_size() for t in received.values())
-                update, states[cid] = method.client_update(self._context(by_id[cid], round_, "train", steps), received, states[cid])
-                updates.append(update)
-            server = method.aggregate(server, updates)
-            record: dict[str, Any] = {
-                "method": method_name,
-                "round": round_,
-                "participants": len(updates),
-                "train_loss": sum(u.metrics.get("train_loss", 0.0) for u in updates) / len(updates),
-                "upload_bytes_per_client": sum(u.num_bytes for u in updates) / len(updates),
-                "download_bytes_per_client": download / len(updates),
-            }
+            record = self._round(method, run_state, by_id, steps, round_)
+            if accountant is not None:
+                accountant.step()
+                record["dp_epsilon"] = accountant.epsilon()
+                run_state.accountant = accountant.state_dict()
             if cfg.eval.every and round_ % cfg.eval.every == 0 and round_ < cfg.rounds:
-                clients = self.evaluate(method, server, states, round_)
+                clients = self.evaluate(method, run_state.server, run_state.clients, round_)
                 record["eval"] = mean_of(clients, task.primary_metric)
-            result.rounds.append(record)
+            run_state.rounds.append(record)
+            run_state.round = round_
+            run_state.elapsed_s = time.perf_counter() - start
             shown = record.get("eval", record["train_loss"])
             bar.set_postfix({task.primary_metric if "eval" in record else "train_loss": f"{shown:.4g}"})
             if on_round:
                 on_round(record)
-        result.clients = self.evaluate(method, server, states, cfg.rounds)
+            if on_state:
+                on_state(run_state)
+        result = MethodResult(method_name, {}, run_state.rounds, faults=run_state.faults)
+        result.clients = self.evaluate(method, run_state.server, run_state.clients, cfg.rounds)
+        if accountant is not None:
+            result.privacy = {
+                "epsilon": accountant.epsilon(), "delta": cfg.server.dp_delta,
+                "noise_multiplier": cfg.server.dp_noise_multiplier, "clip_norm": cfg.server.dp_clip_norm,
+                "sample_rate": self._sample_rate(), "rounds": cfg.rounds,
+                "epsilon_per_round": [r.get("dp_epsilon") for r in run_state.rounds],
+            }
         result.wall_time_s = time.perf_counter() - start
         return result
+
+    def _sample_rate(self) -> float:
+        n = len(self.task.clients)
+        return len(sample_clients(self.cfg, [c.client_id for c in self.task.clients], 1)) / n
+
+    def _accountant(self) -> Any:
+        sc = self.cfg.server
+        if sc.dp_noise_multiplier <= 0:
+            return None
+        from pf2lora.privacy import PrivacyAccountant
+
+        return PrivacyAccountant(sc.dp_noise_multiplier, self._sample_rate(), sc.dp_delta)
+
+    def _fault(self, cid: str, round_: int) -> tuple[str | None, float]:
+        """Injected fault of client ``cid`` in ``round_``: (None | "dropout" | "crash", extra delay)."""
+        f = self.cfg.faults
+        if not (f.dropout_prob or f.crash_prob or f.straggler_prob):
+            return None, 0.0
+        u = torch.rand(3, generator=generator(self.cfg.seed, "fault", cid, round_)).tolist()
+        kind = "dropout" if u[0] < f.dropout_prob else "crash" if u[1] < f.crash_prob else None
+        return kind, f.straggler_delay_s if u[2] < f.straggler_prob else 0.0
+
+    def _poison(self, update: ClientUpdate, received: st.Tensors) -> ClientUpdate:
+        f = self.cfg.faults
+        if f.poison == "nan":
+            shared = {k: torch.full_like(v, float("nan")) for k, v in update.shared.items()}
+        else:
+            shared = {k: received[k] + f.poison_scale * (v - received[k]) if k in received and received[k].shape == v.shape else f.poison_scale * v
+                      for k, v in update.shared.items()}
+        return ClientUpdate(update.client_id, shared, update.num_examples, update.metrics)
+
+    def _round(self, method: Method, rs: RunState, by_id: dict[str, ClientData], steps: int, round_: int) -> dict[str, Any]:
+        from pf2lora.robust import validate_update
+
+        cfg = self.cfg
+        ids = list(by_id) if method.pools_data else sample_clients(cfg, list(by_id), round_)
+        updates: list[ClientUpdate] = []
+        download = 0
+        outcome: dict[str, list[str]] = {"dropped": [], "crashed": [], "late": [], "rejected": []}
+        for cid in ids:
+            kind, delay = self._fault(cid, round_)
+            if kind == "dropout":
+                outcome["dropped"].append(cid)
+                rs.faults.append({"round": round_, "client": cid, "fault": "dropped"})
+                continue
+            received = st.clone(method.broadcast(rs.server, cid))  # the client never holds the server's tensors
+            download += sum(t.numel() * t.element_size() for t in received.values())
+            t0 = time.perf_counter()
+            try:
+                if kind == "crash":
+                    raise InjectedCrash("injected crash")
+                update, new_state = method.client_update(self._context(by_id[cid], round_, "train", steps), received, rs.clients[cid])
+            except Exception as e:  # a failing client is recorded, never takes the federation down
+                outcome["crashed"].append(cid)
+                rs.faults.append({"round": round_, "client": cid, "fault": "crashed", "reason": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            took = time.perf_counter() - t0 + delay
+            if cfg.faults.deadline_s and took > cfg.faults.deadline_s:
+                outcome["late"].append(cid)
+                rs.faults.append({"round": round_, "client": cid, "fault": "late", "reason": f"{took:.3f} s > deadline {cfg.faults.deadline_s:g} s"})
+                rs.clients[cid] = new_state  # it did train; only the server ignores its late upload
+                continue
+            if cid in cfg.faults.poison_clients:
+                update = self._poison(update, received)
+            reason = validate_update(update.shared, method.upload_spec(received))
+            loss = update.metrics.get("train_loss", 0.0)
+            if reason is None and not math.isfinite(loss):
+                reason = f"diverged: non-finite training loss {loss}"
+            if reason is not None:
+                outcome["rejected"].append(cid)
+                rs.faults.append({"round": round_, "client": cid, "fault": "rejected", "reason": reason})
+                continue  # its state stays at the last good round
+            rs.clients[cid] = new_state
+            updates.append(update)
+        if len(updates) < cfg.server.min_clients:
+            detail = ", ".join(f"{k}: {v}" for k, v in outcome.items() if v)
+            raise RoundFailure(
+                f"{method.name} round {round_}: {len(updates)} successful client update(s), fewer than "
+                f"server.min_clients = {cfg.server.min_clients}" + (f" ({detail})" if detail else "")
+            )
+        method.begin_round(round_)
+        if updates:
+            rs.server = method.aggregate(rs.server, updates)
+        n = max(1, len(updates))
+        return {
+            "method": method.name,
+            "round": round_,
+            "sampled": len(ids),
+            "participants": len(updates),
+            **{k: v for k, v in outcome.items() if v},
+            "train_loss": sum(u.metrics.get("train_loss", 0.0) for u in updates) / n if updates else float("nan"),
+            "upload_bytes_per_client": sum(u.num_bytes for u in updates) / n,
+            "download_bytes_per_client": download / max(1, len(ids) - len(outcome["dropped"])),
+        }
 
     @torch.no_grad()
     def evaluate(self, method: Method, server: st.Tensors, states: dict[str, ClientState], round_: int) -> dict[str, dict[str, Any]]:

@@ -97,7 +97,46 @@ class Method(ABC):
         """FedAvg weighted by the clients' numbers of training examples."""
         if not updates:
             return dict(server)
-        return weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates])
+        combined = self.combine([u.shared for u in updates], [float(u.num_examples) for u in updates], server)
+        return {**server, **combined}
+
+    # -- server-side combination: the one place robust aggregation, clipping and DP apply -------
+
+    def begin_round(self, round_: int) -> None:
+        """Called by the engine before ``aggregate``: seeds this round's DP noise."""
+        self._round = round_
+        self._combine_calls = 0
+
+    def combine(
+        self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        reference: Mapping[str, torch.Tensor] | None = None,
+    ) -> st.Tensors:
+        """Combine same-keyed client states into one (what every method's aggregate builds on).
+
+        ``reference`` holds the server's previous values of those keys: clipping and client-level
+        DP act on each client's change from it. Per ``cfg.server``: client-level DP (clip, uniform
+        mean, Gaussian noise), else optional norm clipping then the mean, median or trimmed mean.
+        """
+        from pf2lora import privacy, robust
+
+        sc = self.cfg.server
+        ref = None
+        if reference is not None:
+            ref = {k: reference[k] if k in reference and reference[k].shape == v.shape else torch.zeros_like(v) for k, v in states[0].items()}
+        if sc.dp_noise_multiplier > 0:
+            calls = getattr(self, "_combine_calls", 0)
+            self._combine_calls = calls + 1
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.seed}/dp-noise/{getattr(self, '_round', 0)}/{calls}".encode()))
+            zeros = {k: torch.zeros_like(v) for k, v in states[0].items()}
+            return privacy.dp_aggregate(ref if ref is not None else zeros, list(states), sc.dp_clip_norm, sc.dp_noise_multiplier, g)
+        if sc.clip_norm > 0 and ref is not None:
+            states = [robust.clip_update(s, ref, sc.clip_norm)[0] for s in states]
+        return robust.AGGREGATORS[sc.aggregator](list(states), list(weights), sc.trim_fraction)
+
+    def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
+        """Keys and shapes a valid upload has (None: any size on that dim). Default: the shared
+        entries the client received, unchanged in shape."""
+        return {k: tuple(v.shape) for k, v in received.items() if k.startswith(st.SHARED + ":")}
 
     def personalized(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> st.Tensors:
         """The role-keyed parameters client k is evaluated with (its personalised model)."""

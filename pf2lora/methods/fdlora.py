@@ -85,7 +85,6 @@ from pf2lora.methods.base import (
     opt_state,
     params_of,
     register,
-    weighted_mean,
     with_opt_state,
 )
 from pf2lora.optim import adamw
@@ -334,7 +333,7 @@ class FDLoRA(Method):
         if not updates:
             return dict(server)
         f = self.cfg.fdlora
-        mean = weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates])
+        mean = self.combine([u.shared for u in updates], [float(u.num_examples) for u in updates], server)
         new: st.Tensors = {k: v for k, v in server.items() if k.startswith("meta/")}
         mu = f.server_momentum
         for k, avg in mean.items():

@@ -59,7 +59,7 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import (
-    ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, weighted_mean,
+    ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register,
     with_opt_state,
 )
 from pf2lora.optim import adamw
@@ -190,7 +190,7 @@ class FedLoRAOptimizer(Method):
     def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
         if not updates:
             return dict(server)
-        return self.normalise(weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates]))
+        return self.normalise(self.combine([u.shared for u in updates], [float(u.num_examples) for u in updates], server))
 
     def personalized(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> st.Tensors:
         return self.compose(received, params_of(client_state))

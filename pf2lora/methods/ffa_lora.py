@@ -19,7 +19,7 @@ import torch
 
 from pf2lora import lora
 from pf2lora import state as st
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, weighted_mean, with_opt_state
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
 from pf2lora.methods.homlora import adamw_steps
 
 
@@ -48,6 +48,10 @@ class FFALoRA(Method):
         update = ClientUpdate(ctx.client.client_id, upload, ctx.client.num_train, {"train_loss": loss})
         return update, {**st.select(trained, st.PRIVATE), **with_opt_state("all", opt)}
 
+    def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
+        """Only B (and a shared head) travels back: A is frozen and never uploaded."""
+        return {k: v for k, v in super().upload_spec(received).items() if k not in self.frozen_keys()}
+
     def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
         """FedAvg (by ``num_examples``) of the uploaded B's; the server's A is kept as it is."""
         if not updates:
@@ -56,5 +60,5 @@ class FFALoRA(Method):
         for u in updates:
             if frozen_keys & set(u.shared):
                 raise ValueError(f"ffa-lora: client {u.client_id} uploaded the frozen A")
-        averaged = weighted_mean([u.shared for u in updates], [float(u.num_examples) for u in updates])
+        averaged = self.combine([u.shared for u in updates], [float(u.num_examples) for u in updates], server)
         return {**{k: v for k, v in server.items() if k in frozen_keys}, **averaged}

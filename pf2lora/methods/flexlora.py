@@ -57,7 +57,7 @@ from pf2lora import state as st
 from pf2lora.config import resolved_rank_range
 from pf2lora.methods.base import (
     ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, resource_rank,
-    weighted_mean, with_opt_state,
+    with_opt_state,
 )
 from pf2lora.optim import adamw
 
@@ -169,14 +169,12 @@ class FlexLoRA(Method):
         if not updates:
             return dict(server)
         weights = [float(u.num_examples) for u in updates]
-        total = sum(weights)
-        if total <= 0:
-            raise ValueError("aggregation weights sum to zero")
-        out: st.Tensors = {}
-        for t in self.task.targets:
-            out[delta_key(t)] = sum((w / total) * self.client_delta(u.shared, t) for u, w in zip(updates, weights, strict=True))
-        heads = [{k: v for k, v in u.shared.items() if not _is_adapter(k)} for u in updates]
-        if heads[0]:
-            out.update(weighted_mean(heads, weights))
+        # Each client's dense update (and shared head), combined by the configured aggregator.
+        dense = [
+            {**{delta_key(t): self.client_delta(u.shared, t) for t in self.task.targets},
+             **{k: v for k, v in u.shared.items() if not _is_adapter(k)}}
+            for u in updates
+        ]
+        out: st.Tensors = self.combine(dense, weights, server)
         out.update({k: v for k, v in server.items() if k.startswith(_INIT)})
         return out

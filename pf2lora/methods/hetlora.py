@@ -108,6 +108,18 @@ class HETLoRA(Method):
         rank = server.get(f"{_RANK}/{client_id}")
         return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
 
+    def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
+        """A client may have pruned its rank: the rank dimension of A and B may be any size."""
+        spec: dict[str, tuple[int | None, ...]] = {}
+        for k, v in received.items():
+            if ".lora_A." in k:
+                spec[k] = (None, v.shape[1])
+            elif ".lora_B." in k:
+                spec[k] = (v.shape[0], None)
+            elif k.startswith(st.SHARED + ":"):
+                spec[k] = tuple(v.shape)
+        return spec
+
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         return {"client_rank": int(client_state[_RANK])}
 
@@ -166,9 +178,8 @@ class HETLoRA(Method):
         weights = [self.delta_norm(u.shared) for u in updates]
         if sum(weights) <= 0:
             weights = [float(u.num_examples) for u in updates]
-        total = sum(weights)
         padded = [self.to_server(u.shared) for u in updates]
-        new = {k: sum((wt / total) * p[k] for p, wt in zip(padded, weights, strict=True)) for k in padded[0]}
+        new = self.combine(padded, weights, server)
         ranks = {k: v for k, v in server.items() if k.startswith(f"{_RANK}/")}
         for u in updates:
             ranks[f"{_RANK}/{u.client_id}"] = torch.tensor(next(v.shape[0] for k, v in u.shared.items() if ".lora_A." in k))

@@ -1,0 +1,54 @@
+"""Atomic checkpoints of a run: everything needed to continue it after a kill.
+
+A checkpoint holds the resolved config, the results of finished methods, the metrics lines so
+far, and the method in progress: its last completed round, the server state, every client's
+state (private adapters, optimizer moments) and the fault and privacy records. Random streams
+need no saving: each is derived from (seed, purpose, client, round). The file is written to a
+temporary name, fsynced and renamed, so a kill or a full disk never leaves a half-written
+checkpoint in place of the last good one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pf2lora.errors import UserError
+
+FILENAME = "checkpoint.pt"
+VERSION = 1
+
+
+def save(run_dir: Path, payload: dict[str, Any]) -> None:
+    path = run_dir / FILENAME
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{FILENAME}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the last good checkpoint {path} is intact" if path.exists() else "no checkpoint was written yet"
+        raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / FILENAME
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint to resume from")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say so in one line
+        raise UserError(f"{path}: not a readable pf2lora checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("version") != VERSION:
+        raise UserError(f"{path}: not a pf2lora checkpoint of version {VERSION}")
+    return payload

@@ -87,13 +87,14 @@ def summarize(task: Task, results: list[MethodResult], extra: dict[str, Any]) ->
         clients = {cid: {k: v for k, v in m.items() if not isinstance(v, list)} for cid, m in r.clients.items()}
         spectra = {cid: m["spectrum"] for cid, m in r.clients.items() if isinstance(m.get("spectrum"), list)}
         stats = client_stats(clients)
-        last = r.rounds[-1] if r.rounds else {}
+        n_rounds = max(1, len(r.rounds))
         entry: dict[str, Any] = {
             "clients": clients,
             "mean": {m: s["mean"] for m, s in stats.items()},
             "stats": stats,
-            "upload_bytes_per_client_per_round": last.get("upload_bytes_per_client", 0.0),
-            "download_bytes_per_client_per_round": last.get("download_bytes_per_client", 0.0),
+            # Means over rounds: heterogeneous-rank methods send different sizes per client.
+            "upload_bytes_per_client_per_round": sum(x.get("upload_bytes_per_client", 0.0) for x in r.rounds) / n_rounds,
+            "download_bytes_per_client_per_round": sum(x.get("download_bytes_per_client", 0.0) for x in r.rounds) / n_rounds,
             "wall_time_s": r.wall_time_s,
         }
         entry["participation"] = [x.get("participants") for x in r.rounds]

@@ -275,3 +275,20 @@ def test_resume_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["run", "--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint" in err[0]
+
+
+def test_client_level_dp_reports_epsilon_per_round(tmp_path):
+    out = tmp_path / "dp"
+    plain = tmp_path / "plain"
+    common = ["--set", 'methods=["homlora","pf2lora"]', "--set", "rounds=6"]
+    assert _run([*common, "--set", "server.dp_noise_multiplier=1.0", "--set", "server.dp_clip_norm=0.5", "--out", str(out)]) == 0
+    assert _run([*common, "--out", str(plain)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    p = json.loads((plain / "summary.json").read_text())
+    for name in ("homlora", "pf2lora"):
+        priv = s["methods"][name]["privacy"]
+        eps = priv["epsilon_per_round"]
+        assert len(eps) == 6 and all(b > a > 0 for a, b in zip(eps, eps[1:]))
+        assert priv["epsilon"] == eps[-1] and priv["delta"] == 1e-5 and priv["sample_rate"] == 1.0
+        assert "privacy" not in p["methods"][name]
+        assert s["methods"][name]["mean"]["test_mse"] != p["methods"][name]["mean"]["test_mse"]  # noise was added

@@ -161,6 +161,17 @@ class Method(ABC):
     def head(self, role: str, generator: torch.Generator) -> st.Tensors:
         return self.task.init_head(role, generator)
 
+    def shared_adapter_and_head(self, generator: torch.Generator, rank: int | None = None) -> st.Tensors:
+        """The common adapter (rank ``lora.rank`` unless given), plus the head when it is shared."""
+        adapter = lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, rank or self.cfg.lora.rank, generator)
+        return {**adapter, **self.shared_head(generator)}
+
+    def shared_head(self, generator: torch.Generator) -> st.Tensors:
+        return self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
+
+    def private_head(self, generator: torch.Generator) -> st.Tensors:
+        return self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+
     def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.task.loss(st.model_params(*states), batch)
 

@@ -209,11 +209,10 @@ class FDLoRA(Method):
     # -- state ---------------------------------------------------------------------------------
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
-        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+        return self.shared_adapter_and_head(generator)
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        head = self.private_head(generator)
         personal = lora.init_adapter(self.task.targets, lora.PRIVATE, st.PRIVATE, self.cfg.lora.rank, generator)
         return {**personal, **head}
 

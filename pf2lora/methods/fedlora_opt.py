@@ -103,12 +103,12 @@ class FedLoRAOptimizer(Method):
             out[part_key(t, A_MAGNITUDE)] = A.norm(dim=1)
             out[part_key(t, A_DIRECTION)] = unit_rows(A)
             out[part_key(t, B_DIRECTION)] = unit_cols(torch.randn(t.out_features, r, generator=generator))
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
+        head = self.shared_head(generator)
         return {**out, **head}
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
         b_m = {part_key(t, B_MAGNITUDE): torch.zeros(self.cfg.lora.rank) for t in self.task.targets}
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        head = self.private_head(generator)
         return {**b_m, **head}
 
     def normalise(self, params: Mapping[str, torch.Tensor]) -> st.Tensors:

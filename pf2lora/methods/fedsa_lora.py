@@ -28,12 +28,12 @@ class FedSALoRA(Method):
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         adapter = lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator)
         a_keys = {lora.adapter_keys(t, lora.COMMON, st.SHARED)[0] for t in self.task.targets}
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
+        head = self.shared_head(generator)
         return {**{k: v for k, v in adapter.items() if k in a_keys}, **head}
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
         b = {lora.adapter_keys(t, lora.COMMON, st.PRIVATE)[1]: torch.zeros(t.out_features, self.cfg.lora.rank) for t in self.task.targets}
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        head = self.private_head(generator)
         return {**b, **head}
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:

@@ -33,11 +33,10 @@ class FFALoRA(Method):
         return {lora.adapter_keys(t, lora.COMMON, st.SHARED)[0] for t in self.task.targets}
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
-        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+        return self.shared_adapter_and_head(generator)
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        return self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        return self.private_head(generator)
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         frozen_keys = self.frozen_keys()

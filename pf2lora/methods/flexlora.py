@@ -96,11 +96,11 @@ class FlexLoRA(Method):
         for t in self.task.targets:
             out[delta_key(t)] = torch.zeros(t.out_features, t.in_features)
             out[_INIT + t.path] = init[lora.adapter_keys(t, lora.COMMON, st.SHARED)[0]]
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
+        head = self.shared_head(generator)
         return {**out, **head}
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        head = self.private_head(generator)
         return {**head, _RANK: torch.tensor(self.assigned_rank(client_id))}
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:

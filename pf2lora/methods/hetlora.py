@@ -97,11 +97,11 @@ class HETLoRA(Method):
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         return {
             **lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.rank_max, generator),
-            **(self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}),
+            **(self.shared_head(generator)),
         }
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        head = self.private_head(generator)
         return {**head, _RANK: torch.tensor(self.assigned_rank(client_id))}
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, with_opt_state
 from pf2lora.optim import adamw
@@ -28,11 +27,10 @@ class HOMLoRA(Method):
     description = "FedAvg of one homogeneous rank-r LoRA adapter (no personalisation)"
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
-        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+        return self.shared_adapter_and_head(generator)
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        return self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
+        return self.private_head(generator)
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         private = params_of(client_state)

@@ -18,12 +18,13 @@ class PF2LoRA(Method):
     description = "two-level LoRA: common adapter (FedAvg, AdamW on the hypergradient) + private adapter (SGD), bilevel"
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
-        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+        return self.shared_adapter_and_head(generator)
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
-        return {**lora.init_adapter(self.task.targets, lora.PRIVATE, st.PRIVATE, self.cfg.lora.private_rank, generator), **head}
+        return {
+            **lora.init_adapter(self.task.targets, lora.PRIVATE, st.PRIVATE, self.cfg.lora.private_rank, generator),
+            **self.private_head(generator),
+        }
 
     def _loss(self, x, y, batch):  # noqa: ANN001 - LossFn
         return self.loss(batch, x, y)

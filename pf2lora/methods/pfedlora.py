@@ -32,12 +32,13 @@ class PFedLoRA(Method):
     description = "private LoRA (+ head) and a small shared LoRA trained alternately; only the shared one averaged"
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        head = self.head(st.SHARED, generator) if self.cfg.lora.head == "shared" else {}
-        return {**lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator), **head}
+        return self.shared_adapter_and_head(generator)
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
-        return {**lora.init_adapter(self.task.targets, lora.PRIVATE, st.PRIVATE, self.cfg.lora.private_rank, generator), **head}
+        return {
+            **lora.init_adapter(self.task.targets, lora.PRIVATE, st.PRIVATE, self.cfg.lora.private_rank, generator),
+            **self.private_head(generator),
+        }
 
     def phase_steps(self, local_steps: int) -> tuple[int, int]:
         """(private-phase steps, shared-phase steps) of one round, summing to ``local_steps``."""

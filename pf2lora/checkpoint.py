@@ -4,7 +4,7 @@ A checkpoint holds the resolved config, the results of finished methods, the met
 far, and the method in progress: its last completed round, the server state, every client's
 state (private adapters, optimizer moments) and the fault and privacy records. Random streams
 need no saving: each is derived from (seed, purpose, client, round). The file is written to a
-temporary name, fsynced and renamed, so a kill or a full disk never leaves a half-written
+temporary name and renamed, so a kill or a full disk never leaves a half-written
 checkpoint in place of the last good one.
 """
 
@@ -29,8 +29,8 @@ def save(run_dir: Path, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
+            # No fsync: the rename is atomic against a killed process (SIGKILL, Ctrl-C), which is
+            # what checkpoints are for; an fsync per round would dominate small runs.
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -44,12 +44,21 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from pf2lora import checkpoint, config, report
-    from pf2lora.engines.local import LocalEngine, MethodResult, RoundFailure, RunState
+    from pf2lora.engines import ENGINES
+    from pf2lora.engines.local import LocalEngine
     from pf2lora.tasks import build_task
 
+    if args.engine not in ENGINES:
+        raise UserError(f"unknown engine {args.engine!r} (known: {', '.join(ENGINES)})")
+    if args.superlink and args.engine != "flower-deploy":
+        raise UserError("--superlink needs --engine flower-deploy")
+    if args.root_certificates and not args.superlink:
+        raise UserError("--root-certificates needs --superlink HOST:PORT (a SuperLink that uses TLS)")
+    if args.root_certificates and not Path(args.root_certificates).is_file():
+        raise UserError(f"{args.root_certificates}: CA certificate file not found")
+    if args.resume and args.engine != "local":
+        raise UserError("--resume works with --engine local only (Flower clients keep their state on their nodes)")
     if args.resume:
         if args.config or args.set:
             raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set")
@@ -72,12 +81,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = build_task(cfg)
     engine = LocalEngine(cfg, task, progress=not args.quiet)
     lines: list[str] = list(saved["metrics_lines"])
-    completed: list[dict] = list(saved["completed"])
-    current: dict | None = saved["current"]
+
+    # metrics.jsonl is appended line by line (rewriting it every round is quadratic); a resumed run
+    # first rewrites it from the checkpoint, so a line of a lost round never survives.
+    report.atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
     def on_round(record: dict) -> None:
         lines.append(json.dumps(report.finite_or_none(record), allow_nan=False))
-        report.atomic_write(out / "metrics.jsonl", "\n".join(lines) + "\n")
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(lines[-1] + "\n")
+
+    if args.engine != "local":
+        results = _run_flower(args, cfg, task, out, on_round)
+    else:
+        results = _run_local(cfg, engine, out, saved, lines, on_round)
+        if results is None:
+            return 130
+    extra = {
+        "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "engine": args.engine,
+        "rank_threshold": cfg.eval.rank_threshold, "machine": _machine(),
+    }
+    summary = report.summarize(task, results, extra)
+    report.write_json(out / "summary.json", summary)
+    figures = report.plot_figures(out, task, summary, results)
+    if hasattr(task, "write_figures"):  # e.g. the label distribution of real-data tasks
+        figures += task.write_figures(out)
+    command = "pf2lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report.write_report(out, task, summary, figures, command)
+    print()
+    print(report.task_table(task, summary))
+    print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
+    return 0
+
+
+def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> list:  # noqa: ANN001
+    """The same methods on Flower: simulated (Ray) or deployed (SuperLink + SuperNodes)."""
+    from pf2lora.engines.local import RoundFailure
+
+    try:
+        from pf2lora.engines import flower
+    except ImportError as e:
+        raise UserError(f"--engine {args.engine} needs Flower: pip install 'pf2lora[flower]' ({e})") from None
+    try:
+        if args.engine == "flower-sim":
+            return flower.run_flower_sim(cfg, task, on_round=on_round, progress=not args.quiet)
+        return flower.run_flower_deploy(
+            cfg, args.superlink, on_round=on_round, workdir=out / "flower", root_certificates=args.root_certificates,
+        )
+    except (flower.FlowerEngineError, RoundFailure) as e:
+        raise UserError(str(e)) from None
+
+
+def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) -> list | None:  # noqa: ANN001
+    """The in-process engine with per-round checkpoints; None when interrupted (Ctrl-C)."""
+    from dataclasses import asdict
+
+    from pf2lora import checkpoint
+    from pf2lora.engines.local import MethodResult, RoundFailure, RunState
+
+    completed: list[dict] = list(saved["completed"])
+    current: dict | None = saved["current"]
 
     def on_state(state: RunState) -> None:
         if cfg.checkpoint:
@@ -99,24 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\npf2lora: interrupted during {running}; the last completed round is checkpointed in {out}.\n"
               f"Resume with: pf2lora run --resume {shlex.quote(str(out))}", file=sys.stderr)
-        return 130
+        return None
     except RoundFailure as e:
         kept = f"; the last good round is checkpointed in {out}" if (out / checkpoint.FILENAME).exists() else ""
         raise UserError(f"{e}{kept}") from None
-    results = [MethodResult(**r) for r in completed]
-    extra = {
-        "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "engine": "local",
-        "rank_threshold": cfg.eval.rank_threshold, "machine": _machine(),
-    }
-    summary = report.summarize(task, results, extra)
-    report.write_json(out / "summary.json", summary)
-    figures = report.plot_figures(out, task, summary, results)
-    command = "pf2lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report.write_report(out, task, summary, figures, command)
-    print()
-    print(report.task_table(task, summary))
-    print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
-    return 0
+    return [MethodResult(**r) for r in completed]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the methods of a config on the in-process engine")
     run.add_argument("config", nargs="?", help="TOML config file (see configs/)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
+    run.add_argument("--engine", default="local", metavar="ENGINE",
+                     help="local (default, in-process), flower-sim (Flower simulation on Ray) or flower-deploy (SuperLink + SuperNodes)")
+    run.add_argument("--superlink", metavar="HOST:PORT",
+                     help="flower-deploy: submit to this running SuperLink (one SuperNode per client running); default: start a loopback federation here")
+    run.add_argument("--root-certificates", metavar="CA.pem",
+                     help="flower-deploy with --superlink: the CA certificate of a SuperLink that uses TLS (default: insecure)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=2 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="allow replacing an existing run in --out")

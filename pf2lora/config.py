@@ -28,7 +28,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TaskConfig:
-    kind: Literal["synthetic", "tiny-text"] = _f("synthetic", "which task: synthetic rank recovery or tiny random-BERT text classification")
+    kind: Literal["synthetic", "tiny-text", "text-classification", "generation"] = _f(
+        "synthetic",
+        "which task: synthetic rank recovery, tiny random-BERT text classification, a pretrained encoder on real "
+        "text classification, or a pretrained causal LM on real text generation",
+    )
     num_clients: int = _f(8, "number of clients", min=1)
     dim: int = _f(32, "synthetic: input and output dimension d", min=1)
     shared_rank: int = _f(4, "synthetic: rank r_c of the component all clients share", min=0)
@@ -41,6 +45,34 @@ class TaskConfig:
     num_labels: int = _f(2, "tiny-text: number of classes", min=2)
     seq_len: int = _f(16, "tiny-text: tokens per example", min=2)
     data_seed: int = _f(1234, "seed of the data generator (kept apart from the training seed)", min=0, max=2**63 - 1)
+    # -- real language tasks (text-classification, generation) ------------------------------------
+    model: str = _f("", "text tasks: model name (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, SmolLM2-135M), a local "
+                    "Hugging Face model directory or a hub name; empty = all-MiniLM-L6-v2 (classification), SmolLM2-135M (generation)")
+    dataset: str = _f("", "text tasks: data set; classification: vader, rotten-tomatoes, wordnet-topics, glue-<task> "
+                      "(sst2, cola, mnli, qnli, qqp, rte, mrpc), csv, tsv, jsonl; generation: wordnet-definitions, "
+                      "shakespeare, e2e, webnlg, csv, tsv, jsonl; empty = vader / wordnet-definitions")
+    data_path: str = _f("", "text tasks: the data file or folder (required for glue-*, e2e, webnlg, csv, tsv, jsonl; "
+                        "else overrides the fetched copy in the cache)")
+    text_column: str = _f("text", "csv/tsv/jsonl: column of the input text")
+    text_pair_column: str = _f("", "csv/tsv/jsonl: column of the second text of a sentence pair (empty = none)")
+    label_column: str = _f("label", "csv/tsv/jsonl classification: column of the label (class index, or a name from label_names)")
+    target_column: str = _f("target", "csv/tsv/jsonl generation: column of the target text")
+    group_column: str = _f("", "csv/tsv/jsonl: column of natural client ids for partition = 'natural' (e2e: the slot, e.g. eatType)")
+    label_names: list[str] = _f([], "csv/tsv/jsonl classification: class names in index order (empty = integer labels)")
+    partition: Literal["natural", "dirichlet", "s-similarity", "iid"] = _f(
+        "natural", "text tasks: how examples are dealt to clients: by natural group (domain, topic, role), Dirichlet "
+        "label skew, SCAFFOLD's s-similarity, or i.i.d.")
+    groups: list[str] = _f([], "natural partition: the groups to keep, in order (empty = the num_clients / clients_per_group largest)")
+    clients_per_group: int = _f(1, "natural partition: clients each group is split into at random", min=1)
+    dirichlet_alpha: float = _f(0.5, "dirichlet partition: concentration (small = few labels per client)", gt=0.0)
+    min_client_size: int = _f(20, "dirichlet partition: redraw until every client holds at least this many examples", min=2)
+    similarity: float = _f(0.5, "s-similarity partition: fraction s dealt i.i.d. (1 = iid, 0 = sorted by label)", min=0.0, max=1.0)
+    test_fraction: float = _f(0.2, "text tasks: fraction of each client's examples held out as its test split", gt=0.0, max=0.9)
+    train_samples_min: int = _f(0, "text tasks: when > 0, client training caps are spread evenly over "
+                                "[train_samples_min, train_samples] in a random order (size heterogeneity)", min=0)
+    max_length: int = _f(64, "text tasks: tokens per example; longer texts are truncated (counted, one warning)", min=8)
+    eval_generate: int = _f(32, "generation: test examples per client decoded greedily for BLEU / ROUGE-L (0 = none)", min=0)
+    max_new_tokens: int = _f(24, "generation: most tokens a greedy decode adds", min=1)
 
 
 @dataclass
@@ -141,6 +173,14 @@ class EvalConfig:
 
 
 @dataclass
+class FlowerConfig:
+    client_cpus: float = _f(1.0, "flower-sim: CPU cores Ray reserves per simulated client (how many clients train at once)", gt=0.0)
+    round_timeout_s: float = _f(0.0, "flower: seconds the server waits for a round's replies; a client that has not replied is recorded as crashed (0 = wait for all)", min=0.0)
+    node_wait_s: float = _f(120.0, "flower: seconds the server waits for every client's SuperNode to connect", gt=0.0)
+    state_dir: str = _f("", "flower: folder where client nodes keep their private state between rounds (one file per client); empty = a temporary folder per run")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "name of the experiment, used in reports")
     seed: int = _f(0, "training seed: client sampling, initialisation, mini-batches", min=0, max=2**63 - 1)
@@ -164,6 +204,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +329,58 @@ def _validate(cfg: RunConfig, source: str) -> None:
             raise UserError(f"{source}: {section} ranks must satisfy 1 <= rank_min <= rank_max, got [{lo}, {hi}]")
     if cfg.task.kind == "synthetic" and cfg.task.shared_rank + max(cfg.task.private_ranks) > cfg.task.dim:
         raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
+    if cfg.task.kind in TEXT_DATASETS:
+        _validate_text(cfg.task, source)
+
+
+TEXT_DATASETS: dict[str, tuple[str, ...]] = {
+    "text-classification": (
+        "vader", "rotten-tomatoes", "wordnet-topics", *(f"glue-{t}" for t in ("sst2", "cola", "mnli", "qnli", "qqp", "rte", "mrpc")),
+        "csv", "tsv", "jsonl",
+    ),
+    "generation": ("wordnet-definitions", "shakespeare", "e2e", "webnlg", "csv", "tsv", "jsonl"),
+}
+"""Data sets of each real-language task kind (``task.dataset``; the first is the default)."""
+NEEDS_PATH = ("glue-", "csv", "tsv", "jsonl", "e2e", "webnlg")
+"""Data sets with no fetched copy: ``task.data_path`` is required."""
+
+
+def text_dataset(tc: TaskConfig) -> str:
+    """``task.dataset`` normalised (lower case, ``_`` -> ``-``), or the kind's default."""
+    name = tc.dataset.strip().lower().replace("_", "-") or TEXT_DATASETS[tc.kind][0]
+    return {"glue-sst-2": "glue-sst2", "ndjson": "jsonl"}.get(name, name)
+
+
+def _validate_text(tc: TaskConfig, source: str) -> None:
+    name = text_dataset(tc)
+    choices = TEXT_DATASETS[tc.kind]
+    if name not in choices:
+        raise UserError(f"{source}: key 'task.dataset': {tc.dataset!r} is not a {tc.kind} data set (choose from {', '.join(choices)})")
+    if name.startswith(NEEDS_PATH) and not tc.data_path.strip():
+        raise UserError(f"{source}: task.dataset = {name!r} needs task.data_path (the data {'folder' if name.startswith('glue-') else 'file'})")
+    if tc.kind == "generation" and tc.partition in ("dirichlet", "s-similarity"):
+        raise UserError(f"{source}: task.partition = {tc.partition!r} needs class labels; generation supports natural and iid")
+    if tc.train_samples_min > tc.train_samples:
+        raise UserError(f"{source}: task.train_samples_min ({tc.train_samples_min}) exceeds task.train_samples ({tc.train_samples})")
+    if len(set(tc.groups)) != len(tc.groups):
+        raise UserError(f"{source}: key 'task.groups' lists a group twice: {tc.groups}")
+    if tc.partition == "natural" and tc.groups and tc.num_clients != len(tc.groups) * tc.clients_per_group:
+        raise UserError(
+            f"{source}: natural partition: task.num_clients ({tc.num_clients}) must equal len(task.groups) "
+            f"({len(tc.groups)}) x task.clients_per_group ({tc.clients_per_group})"
+        )
+    if tc.partition == "natural" and not tc.groups and tc.num_clients % tc.clients_per_group:
+        raise UserError(
+            f"{source}: natural partition: task.num_clients ({tc.num_clients}) must be a multiple of "
+            f"task.clients_per_group ({tc.clients_per_group}), or name the groups in task.groups"
+        )
+    if name in ("csv", "tsv", "jsonl"):
+        if not tc.text_column.strip():
+            raise UserError(f"{source}: task.text_column must name a column")
+        if tc.kind == "text-classification" and not tc.label_column.strip():
+            raise UserError(f"{source}: task.label_column must name a column")
+        if tc.kind == "generation" and not tc.target_column.strip():
+            raise UserError(f"{source}: task.target_column must name a column")
 
 
 def resolved_rank_range(cfg: RunConfig, section: HETLoRAConfig | FlexLoRAConfig) -> tuple[int, int]:

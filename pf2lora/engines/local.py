@@ -145,7 +145,7 @@ class LocalEngine:
             run_state.round = round_
             run_state.elapsed_s = time.perf_counter() - start
             shown = record.get("eval", record["train_loss"])
-            bar.set_postfix({task.primary_metric if "eval" in record else "train_loss": f"{shown:.4g}"})
+            bar.set_postfix({task.primary_metric if "eval" in record else "train_loss": f"{shown:.4g}"}, refresh=False)
             if on_round:
                 on_round(record)
             if on_state:

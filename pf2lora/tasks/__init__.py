@@ -19,8 +19,13 @@ def register_task(kind: str) -> Callable[[Callable[[RunConfig], Task]], Callable
     return deco
 
 
-# Task kind -> module that registers it, imported on demand (tiny-text pulls in transformers).
-_MODULES = {"synthetic": "pf2lora.tasks.synthetic", "tiny-text": "pf2lora.tasks.tiny_text"}
+# Task kind -> module that registers it, imported on demand (the text tasks pull in transformers).
+_MODULES = {
+    "synthetic": "pf2lora.tasks.synthetic",
+    "tiny-text": "pf2lora.tasks.tiny_text",
+    "text-classification": "pf2lora.tasks.text_classification",
+    "generation": "pf2lora.tasks.generation",
+}
 
 
 def build_task(cfg: RunConfig) -> Task:

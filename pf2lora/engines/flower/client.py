@@ -1,0 +1,86 @@
+"""The ClientApp factory. Light to import (no torch): a deployed SuperNode starts a fresh process
+for every message, and the ``query`` that maps nodes to clients needs none of the heavy parts.
+
+Config reaches the app through :func:`make_client_app` (Flower's run_config is read-only): a
+:class:`RunConfig`, or a function loading one (the generated Flower App reads its bundled file only
+when a train / evaluate message needs it). What a node does with train / evaluate messages is in
+:mod:`.runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pf2lora.config import RunConfig
+from pf2lora.engines.flower import env
+
+env.apply()
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger("pf2lora.flower")
+
+ERROR_CLIENT = 1
+"""Error code of a client-side failure (the reason carries the exception)."""
+
+
+def partition_of(context: Context) -> int:
+    value = context.node_config.get("partition-id")
+    if value is None:
+        raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=K num-partitions=N'")
+    return int(value)
+
+
+def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | Path | None = None) -> ClientApp:
+    """A ClientApp for ``cfg``. The state folder is the node's ``state-dir`` node config if set,
+    else ``state_dir``, else ``cfg.flower.state_dir``. The app holds no task (it is pickled to
+    Ray workers): each process builds the task from ``cfg`` once."""
+    app = ClientApp()
+    runtimes: dict[str, Any] = {}
+    default_dir = str(state_dir or "")
+    loaded: list[RunConfig] = [cfg] if isinstance(cfg, RunConfig) else []
+
+    def config() -> RunConfig:
+        if not loaded:
+            loaded.append(cfg())  # type: ignore[operator]
+        return loaded[0]
+
+    def runtime(context: Context) -> Any:
+        from pf2lora.engines.flower.runtime import ClientRuntime, cached_task
+
+        c = config()
+        folder = str(context.node_config.get("state-dir", "") or default_dir or c.flower.state_dir)
+        if not folder:
+            raise ValueError("no folder for client state: set flower.state_dir or the node config 'state-dir'")
+        if folder not in runtimes:
+            runtimes[folder] = ClientRuntime(c, cached_task(c), folder)
+        return runtimes[folder]
+
+    def handle(kind: str, msg: Message, context: Context) -> Message:
+        try:
+            partition = partition_of(context)
+            if kind == "query":  # which partition is this node? (the server maps it to clients)
+                return Message(RecordDict({"config": ConfigRecord({"partition": partition})}), reply_to=msg)
+            return getattr(runtime(context), kind)(msg, partition)
+        except Exception as e:  # noqa: BLE001 - the server records the failure and carries on
+            reason = f"{type(e).__name__}: {e}"[:500]
+            log.warning("client %s failed: %s", kind, reason)
+            return Message(Error(code=ERROR_CLIENT, reason=reason), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle("train", msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle("evaluate", msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle("query", msg, context)
+
+    return app

@@ -1,0 +1,67 @@
+"""The apps of a generated Flower App Bundle (see :mod:`.deploy`). Light to import: a deployed
+SuperNode imports the bundle in a fresh process for every message, and only train / evaluate
+messages need torch. The run's config is the bundle's ``run.toml``; the ServerApp reports rounds,
+results and failures as tagged lines of its log (``flwr run --stream`` brings them back, also from
+a remote SuperLink) and also writes the results to ``settings.json``'s ``result_path`` if set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pf2lora.engines.flower import env
+
+env.apply()
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from pf2lora.engines.flower.client import make_client_app
+from pf2lora.engines.flower.common import ERROR_TAG, RESULT_TAG, ROUND_TAG
+
+
+def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
+    """(ServerApp, ClientApp) of the generated app folder ``folder``."""
+    folder = Path(folder)
+
+    def load_cfg() -> Any:
+        from pf2lora import config
+
+        return config.load(folder / "run.toml")
+
+    settings = json.loads((folder / "settings.json").read_text())
+    result_path = settings.get("result_path") or ""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        import dataclasses
+
+        import torch
+
+        from pf2lora.engines.flower.server import FlowerServer
+        from pf2lora.tasks import build_task
+
+        try:
+            cfg = load_cfg()
+            if cfg.num_threads:
+                torch.set_num_threads(cfg.num_threads)
+            on_round = lambda record: print(ROUND_TAG + json.dumps(record), flush=True)
+            results = FlowerServer(cfg, build_task(cfg), grid, on_round=on_round).run()
+        except BaseException as e:
+            print(ERROR_TAG + f"{type(e).__name__}: {e}".replace("\n", " ")[:500], flush=True)
+            raise
+        payload = json.dumps([dataclasses.asdict(r) for r in results])
+        if result_path:
+            try:
+                tmp = Path(result_path).with_suffix(".tmp")
+                tmp.write_text(payload)
+                os.replace(tmp, result_path)
+            except OSError:
+                pass  # the log line below carries the results
+        print(RESULT_TAG + payload, flush=True)
+
+    return server, make_client_app(load_cfg)

@@ -1,0 +1,177 @@
+"""What a client node does with the server's messages (the heavy part of the ClientApp: torch,
+the task, the methods; :mod:`.client` imports it on the first train / evaluate message).
+
+One node plays one client (partition ``partition-id`` of the task; node 0 also plays the pooled
+client of a centralised reference) and runs the method's own client code. Messages
+(``content["config"]`` holds the scalars, ``content["arrays"]`` the tensors):
+
+* ``train``: ``received`` tensors in, ``method.client_update`` with the same context and random
+  streams as the local engine, the new state saved as pending, only ``shared:`` tensors out
+  (through :func:`pf2lora.state.outgoing`, the one gate).
+* ``evaluate``: personalised and global metrics of one client, as the local engine computes them.
+
+Every message carries the last round whose training the server counted for that client: the
+pending state of that round is committed, any other pending state dropped (see :mod:`.store`). The task is built once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pf2lora import config as config_mod
+from pf2lora import state as st
+from pf2lora.config import RunConfig
+from pf2lora.engines.flower import env, transport
+from pf2lora.engines.flower.store import NodeStore
+
+env.apply()
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from pf2lora.engines.local import InjectedCrash, LocalEngine, common_adapter
+from pf2lora.methods import registry
+from pf2lora.methods.base import ClientState, Method
+from pf2lora.tasks import build_task
+from pf2lora.tasks.base import ClientData, Task
+
+_TASKS: dict[str, Task] = {}
+_TASK_LOCK = threading.Lock()
+
+
+def cfg_key(cfg: RunConfig) -> str:
+    return hashlib.sha256(config_mod.dumps(cfg).encode()).hexdigest()[:16]
+
+
+def cached_task(cfg: RunConfig) -> Task:
+    """The task of ``cfg``, built once per process (Ray actors serve many messages)."""
+    key = cfg_key(cfg)
+    with _TASK_LOCK:
+        if key not in _TASKS:
+            if cfg.num_threads:
+                torch.set_num_threads(cfg.num_threads)
+            _TASKS[key] = build_task(cfg)
+        return _TASKS[key]
+
+
+class ClientRuntime:
+    """What one node needs to answer messages: the task, the methods, its state folder."""
+
+    def __init__(self, cfg: RunConfig, task: Task, state_dir: str | Path):
+        self.cfg = cfg
+        self.task = task
+        self.engine = LocalEngine(cfg, task, progress=False)  # for its context, fault and poison helpers
+        self.store = NodeStore(state_dir)
+        self._methods: dict[str, Method] = {}
+
+    def method(self, name: str) -> Method:
+        if name not in registry():
+            raise ValueError(f"unknown method {name!r}")
+        if name not in self._methods:
+            self._methods[name] = registry()[name](self.cfg, self.task)
+        return self._methods[name]
+
+    def served(self, partition: int) -> list[str]:
+        """Client ids node ``partition`` plays: its task client, and node 0 the pooled one."""
+        n = len(self.task.clients)
+        if not 0 <= partition < n:
+            raise ValueError(f"partition-id {partition} is outside the task's {n} clients")
+        return [self.task.clients[partition].client_id] + (["pooled"] if partition == 0 else [])
+
+    def trainer(self, method: Method, client_id: str) -> tuple[ClientData, int]:
+        trainers, steps = self.engine._trainers(method)
+        by_id = {c.client_id: c for c in trainers}
+        if client_id not in by_id:
+            raise ValueError(f"{method.name}: {client_id!r} is not a training client of this method")
+        return by_id[client_id], steps
+
+    def state(self, method: Method, run_key: str, client_id: str) -> ClientState:
+        from pf2lora.engines.local import generator
+
+        saved = self.store.load(run_key, method.name, client_id)
+        if saved is not None:
+            return saved
+        return method.init_client(client_id, generator(self.cfg.seed, "init", client_id))
+
+    def apply_verdict(self, c: ConfigRecord, method: str, run_key: str, client_id: str) -> None:
+        """Commit the pending state if the server counted that round, else drop it."""
+        self.store.resolve(run_key, method, client_id, int(c.get("accepted_round", -1)))
+
+    # -- message handlers ------------------------------------------------------------------------
+
+    def train(self, msg: Message, partition: int) -> Message:
+        c = msg.content["config"]
+        cid, name, run_key, round_ = str(c["client_id"]), str(c["method"]), str(c["run_key"]), int(c["round"])
+        self._check_served(cid, partition)
+        method = self.method(name)
+        self.apply_verdict(c, name, run_key, cid)
+        state = self.state(method, run_key, cid)
+        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
+        if bool(c.get("inject_crash", False)):
+            raise InjectedCrash("injected crash")
+        data, steps = self.trainer(method, cid)
+        t0 = time.perf_counter()
+        update, new_state = method.client_update(self.engine._context(data, round_, "train", steps), received, state)
+        took = time.perf_counter() - t0
+        if cid in self.cfg.faults.poison_clients:
+            update = self.engine._poison(update, received)
+        self.store.save_pending(run_key, name, cid, round_, new_state)
+        shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
+        arrays, dtypes = transport.to_record(shared)
+        reply = ConfigRecord({
+            "client_id": cid, "num_examples": int(update.num_examples), "took_s": float(took),
+            "metrics": transport.dumps(update.metrics), "dtypes": dtypes,
+        })
+        return Message(RecordDict({"arrays": arrays, "config": reply}), reply_to=msg)
+
+    def evaluate(self, msg: Message, partition: int) -> Message:
+        c = msg.content["config"]
+        cid, state_of = str(c["client_id"]), str(c["state_of"])
+        name, run_key, round_ = str(c["method"]), str(c["run_key"]), int(c["round"])
+        self._check_served(state_of, partition)
+        method = self.method(name)
+        self.apply_verdict(c, name, run_key, state_of)
+        state = self.state(method, run_key, state_of)
+        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
+        client = next((k for k in self.task.clients if k.client_id == cid), None)
+        if client is None:
+            raise ValueError(f"no client {cid!r} in this node's task")
+        metrics = evaluate_client(self.engine, method, client, received, state, round_)
+        reply = ConfigRecord({"client_id": cid, "metrics": transport.dumps(metrics)})
+        return Message(RecordDict({"config": reply}), reply_to=msg)
+
+    def _check_served(self, client_id: str, partition: int) -> None:
+        if client_id not in self.served(partition):
+            raise ValueError(f"this node (partition {partition}) does not serve client {client_id!r}")
+
+
+@torch.no_grad()
+def evaluate_client(
+    engine: LocalEngine, method: Method, client: ClientData, received: st.Tensors, state: ClientState, round_: int
+) -> dict[str, Any]:
+    """One client's metrics exactly as :meth:`LocalEngine.evaluate` computes them, from what the
+    server broadcast to it (the node has no server state)."""
+    task = engine.task
+    ctx = engine._context(client, round_, "eval", 1)
+    with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
+        personal = method.personalized(ctx, received, state)
+    metrics: dict[str, Any] = dict(task.evaluate(st.model_params(personal), client.test))
+    global_params = method.global_params(received, state)
+    if global_params is not None:
+        for name, value in task.evaluate(st.model_params(global_params), client.test).items():
+            metrics[f"global_{name}"] = value
+    metrics.update(task.diagnostics(client, st.model_params(personal), common_adapter(personal)))
+    metrics.update(method.describe_client(received, state))
+    metrics["num_train"] = client.num_train
+    return metrics
+
+
+def register_task(cfg: RunConfig, task: Task) -> None:
+    """Use ``task`` for ``cfg`` in this process (saves building it again; Ray workers build theirs)."""
+    with _TASK_LOCK:
+        _TASKS[cfg_key(cfg)] = task

@@ -1,0 +1,389 @@
+"""The ServerApp: the local engine's round loop, with clients reached through a Flower Grid.
+
+The server holds the server state and calls the method's own ``broadcast`` / ``begin_round`` /
+``aggregate``; everything else a round does (client sampling, injected faults, validation of every
+upload with :func:`pf2lora.robust.validate_update` against ``method.upload_spec(received)``, the
+min_clients rule, DP accounting, the per-round record) is the local engine's, in the same order,
+so a run gives the local engine's numbers for the same seed. A bad reply (an error, no reply
+within ``flower.round_timeout_s``, a private key, a wrong shape, a non-finite value, a claim to be
+another client) is logged, recorded as a fault and left out; the round carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from pf2lora import state as st
+from pf2lora.config import RunConfig
+from pf2lora.engines.flower import env, transport
+from pf2lora.engines.flower.common import FlowerEngineError
+
+env.apply()
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from pf2lora.engines.local import (
+    LocalEngine,
+    MethodResult,
+    RoundFailure,
+    generator,
+    mean_of,
+    sample_clients,
+)
+from pf2lora.methods import registry
+from pf2lora.methods.base import ClientUpdate, Method
+from pf2lora.robust import validate_update
+from pf2lora.tasks.base import Task
+
+log = logging.getLogger("pf2lora.flower")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+ReplyHook = Callable[[str, Message], None]
+"""Called with (message kind, reply) for every reply the server receives, before it is used."""
+
+
+POLL_S = 0.2
+"""Seconds between two pulls for replies."""
+
+
+class GridLike(Protocol):
+    def get_node_ids(self) -> Iterable[int]: ...
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]: ...
+
+
+class FlowerServer:
+    """Runs ``cfg.methods`` (or ``methods``) over the nodes of ``grid``; returns MethodResults."""
+
+    def __init__(
+        self, cfg: RunConfig, task: Task, grid: GridLike, *, on_round: RoundCallback | None = None,
+        on_reply: ReplyHook | None = None, progress: bool = False,
+    ):
+        self.cfg = cfg
+        self.task = task
+        self.grid = grid
+        self.on_round = on_round
+        self.on_reply = on_reply
+        self.progress = progress
+        self.engine = LocalEngine(cfg, task, progress=False)  # its sampling, fault and DP helpers
+        self.run_key = uuid.uuid4().hex  # namespaces the client state files of this run
+        self.node_of: dict[str, int] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- nodes -----------------------------------------------------------------------------------
+
+    def discover(self) -> dict[str, int]:
+        """Wait for every client's node; ask each node which client(s) it plays."""
+        want = len(self.task.clients)
+        deadline = time.monotonic() + self.cfg.flower.node_wait_s
+        nodes: list[int] = []
+        while True:
+            nodes = sorted(int(n) for n in self.grid.get_node_ids())
+            if len(nodes) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(nodes) < want:
+            raise FlowerEngineError(
+                f"only {len(nodes)} of {want} SuperNodes connected within flower.node_wait_s = "
+                f"{self.cfg.flower.node_wait_s:g} s (one SuperNode per client, --node-config 'partition-id=K')"
+            )
+        msgs = [Message(RecordDict({"config": ConfigRecord({"hello": 1})}), dst_node_id=n, message_type="query") for n in nodes]
+        replies = self._send(msgs, self.cfg.flower.node_wait_s)
+        node_of: dict[str, int] = {}
+        for n in nodes:
+            reply = replies.get(n)
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else reply.error.reason
+                log.warning("node %s did not say which partition it is (%s); it is left out", n, why)
+                continue
+            try:
+                partition = int(reply.content["config"]["partition"])
+            except Exception:  # noqa: BLE001
+                log.warning("node %s sent a malformed hello; it is left out", n)
+                continue
+            if not 0 <= partition < want:
+                raise FlowerEngineError(f"SuperNode {n} has partition-id {partition}, outside 0..{want - 1} (task.num_clients = {want})")
+            for cid in [self.task.clients[partition].client_id] + (["pooled"] if partition == 0 else []):
+                if cid in node_of:
+                    raise FlowerEngineError(f"two SuperNodes ({node_of[cid]} and {n}) have partition-id {partition}: give each a distinct one")
+                node_of[cid] = n
+        missing = [c.client_id for c in self.task.clients if c.client_id not in node_of]
+        if missing:
+            raise FlowerEngineError(f"no SuperNode plays client(s) {missing[:5]} (partition-id 0..{want - 1}, one node each)")
+        self.node_of = node_of
+        return node_of
+
+    def _send(self, messages: list[Message], timeout: float | None) -> dict[int, Message]:
+        """Send; replies by source node (each node gets at most one message per call)."""
+        if not messages:
+            return {}
+        replies = self._push_pull(messages, timeout)
+        wanted = {m.metadata.dst_node_id for m in messages}
+        out: dict[int, Message] = {}
+        for r in replies:
+            src = r.metadata.src_node_id
+            if src in wanted and src not in out:
+                out[src] = r
+        return out
+
+    def _push_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """``send_and_receive`` with a short poll (Flower's HTTP grid sleeps 3 s between pulls)."""
+        push = getattr(self.grid, "push_messages", None)
+        pull = getattr(self.grid, "pull_messages", None)
+        if push is None or pull is None:
+            return list(self.grid.send_and_receive(messages, timeout=timeout))
+        pending = {i for i in push(messages) if i}
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (end is None or time.monotonic() < end):
+            got = list(pull(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(POLL_S)
+        return replies
+
+    def _exchange(self, kind: str, outgoing: list[tuple[str, str, RecordDict]]) -> dict[str, Message | None]:
+        """Send (client id, node client id, content) messages in waves (a node never holds two of
+        our messages at once); the reply per client id, None if none came."""
+        timeout = self.cfg.flower.round_timeout_s or None
+        waves: list[list[tuple[str, int, RecordDict]]] = []
+        for cid, node_cid, content in outgoing:
+            node = self.node_of[node_cid]
+            wave = next((w for w in waves if all(n != node for _, n, _ in w)), None)
+            if wave is None:
+                wave = []
+                waves.append(wave)
+            wave.append((cid, node, content))
+        out: dict[str, Message | None] = {}
+        for wave in waves:
+            msgs = [Message(content, dst_node_id=node, message_type=kind) for _, node, content in wave]
+            self.bytes_down += sum(_payload(m) for m in msgs)
+            got = self._send(msgs, timeout)
+            for cid, node, _ in wave:
+                reply = got.get(node)
+                if reply is not None:
+                    self.bytes_up += _payload(reply)
+                    if self.on_reply is not None:
+                        self.on_reply(kind, reply)
+                out[cid] = reply
+        return out
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self, methods: Sequence[str] | None = None) -> list[MethodResult]:
+        if not self.node_of:
+            self.discover()
+        return [self.run_method(name) for name in (methods or self.cfg.methods)]
+
+    def run_method(self, name: str) -> MethodResult:
+        cfg, task = self.cfg, self.task
+        method: Method = registry()[name](cfg, task)
+        trainers, _ = self.engine._trainers(method)
+        by_id = {c.client_id: c for c in trainers}
+        plays = {cid: (cid if cid in self.node_of else task.clients[0].client_id) for cid in by_id}  # pooled: node 0
+        accountant = self.engine._accountant()
+        server = method.init_server(generator(cfg.seed, "init", "server"))
+        accepted: dict[str, int] = {}  # client -> last round whose training counted (its state advances)
+        rounds: list[dict[str, Any]] = []
+        faults: list[dict[str, Any]] = []
+        start = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.rounds, desc=f"{name:>12}", dynamic_ncols=True)
+        for round_ in range(1, cfg.rounds + 1):
+            server, record = self._round(method, server, by_id, plays, accepted, faults, round_)
+            if accountant is not None:
+                accountant.step()
+                record["dp_epsilon"] = accountant.epsilon()
+            if cfg.eval.every and round_ % cfg.eval.every == 0 and round_ < cfg.rounds:
+                record["eval"] = mean_of(self._evaluate(method, server, accepted, round_), task.primary_metric)
+            rounds.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"train_loss": f"{record['train_loss']:.4g}"})
+            if self.on_round:
+                self.on_round(record)
+        if bar is not None:
+            bar.close()
+        result = MethodResult(name, {}, rounds, faults=faults)
+        result.clients = self._evaluate(method, server, accepted, cfg.rounds)
+        if accountant is not None:
+            result.privacy = {
+                "epsilon": accountant.epsilon(), "delta": cfg.server.dp_delta,
+                "noise_multiplier": cfg.server.dp_noise_multiplier, "clip_norm": cfg.server.dp_clip_norm,
+                "sample_rate": self.engine._sample_rate(), "rounds": cfg.rounds,
+                "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
+            }
+        result.wall_time_s = time.perf_counter() - start
+        return result
+
+    def _content(self, method: Method, cid: str, round_: int, received: st.Tensors, accepted: dict[str, int], **extra: Any) -> RecordDict:
+        arrays, dtypes = transport.to_record(received)
+        last = accepted.get(extra.get("state_of", cid), -1)
+        c = ConfigRecord({
+            "method": method.name, "run_key": self.run_key, "client_id": cid, "round": round_,
+            "dtypes": dtypes, "accepted_round": last, **extra,
+        })
+        return RecordDict({"arrays": arrays, "config": c})
+
+    def _round(
+        self, method: Method, server: st.Tensors, by_id: dict, plays: dict[str, str],
+        accepted: dict[str, int], faults: list[dict[str, Any]], round_: int,
+    ) -> tuple[st.Tensors, dict[str, Any]]:
+        cfg = self.cfg
+        ids = list(by_id) if method.pools_data else sample_clients(cfg, list(by_id), round_)
+        outcome: dict[str, list[str]] = {"dropped": [], "crashed": [], "late": [], "rejected": []}
+        sent: dict[str, tuple[st.Tensors, float]] = {}
+        outgoing = []
+        download = 0
+        for cid in ids:
+            kind, delay = self.engine._fault(cid, round_)
+            if kind == "dropout":
+                continue
+            received = st.clone(method.broadcast(server, cid))
+            download += transport.num_bytes(received)
+            sent[cid] = (received, delay)
+            outgoing.append((cid, plays[cid], self._content(method, cid, round_, received, accepted, inject_crash=kind == "crash")))
+        replies = self._exchange("train", outgoing)
+        updates: list[ClientUpdate] = []
+        for cid in ids:  # in sampling order: the aggregate sums, and faults list, in the local engine's order
+            if cid not in sent:
+                outcome["dropped"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "dropped"})
+                continue
+            received, delay = sent[cid]
+            reply = replies.get(cid)
+            if reply is None or reply.has_error():
+                why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
+                outcome["crashed"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "crashed", "reason": why[:200]})
+                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, why[:200])
+                continue
+            update, took, reason = self._parse(reply, cid)
+            if reason is None and cfg.faults.deadline_s and took + delay > cfg.faults.deadline_s:
+                outcome["late"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "late", "reason": f"{took + delay:.3f} s > deadline {cfg.faults.deadline_s:g} s"})
+                accepted[cid] = round_  # it did train; only the server ignores its late upload
+                continue
+            if reason is None:
+                reason = validate_update(update.shared, method.upload_spec(received))
+            if reason is None:
+                loss = update.metrics.get("train_loss", 0.0)
+                if not math.isfinite(loss):
+                    reason = f"diverged: non-finite training loss {loss}"
+            if reason is not None:
+                outcome["rejected"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "rejected", "reason": reason})
+                log.warning("%s round %d: rejected the upload of client %s: %s", method.name, round_, cid, reason)
+                continue  # its state stays at the last good round
+            accepted[cid] = round_
+            updates.append(update)
+        if len(updates) < cfg.server.min_clients:
+            detail = ", ".join(f"{k}: {v}" for k, v in outcome.items() if v)
+            raise RoundFailure(
+                f"{method.name} round {round_}: {len(updates)} successful client update(s), fewer than "
+                f"server.min_clients = {cfg.server.min_clients}" + (f" ({detail})" if detail else "")
+            )
+        method.begin_round(round_)
+        if updates:
+            server = method.aggregate(server, updates)
+        n = max(1, len(updates))
+        record = {
+            "method": method.name,
+            "round": round_,
+            "sampled": len(ids),
+            "participants": len(updates),
+            **{k: v for k, v in outcome.items() if v},
+            "train_loss": sum(u.metrics.get("train_loss", 0.0) for u in updates) / n if updates else float("nan"),
+            "upload_bytes_per_client": sum(u.num_bytes for u in updates) / n,
+            "download_bytes_per_client": download / max(1, len(ids) - len(outcome["dropped"])),
+        }
+        return server, record
+
+    def _parse(self, reply: Message, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
+        """(update, client-measured seconds, None) or (None, 0, why the reply is malformed)."""
+        try:
+            c = reply.content["config"]
+            claimed = str(c["client_id"])
+            if claimed != cid:
+                return None, 0.0, f"reply from the node of {cid!r} claims to be client {claimed!r}"
+            shared = transport.from_record(reply.content["arrays"], str(c.get("dtypes", "{}")))
+            metrics = transport.loads(str(c.get("metrics", "{}")))
+            if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+                return None, 0.0, "malformed metrics in the reply"
+            num = int(c["num_examples"])
+            if num < 0:
+                return None, 0.0, f"negative num_examples {num}"
+            return ClientUpdate(cid, shared, num, {k: float(v) for k, v in metrics.items()}), float(c.get("took_s", 0.0)), None
+        except Exception as e:  # noqa: BLE001 - a malformed reply never takes the server down
+            return None, 0.0, f"malformed reply ({type(e).__name__}: {str(e)[:100]})"
+
+    def _evaluate(self, method: Method, server: st.Tensors, accepted: dict[str, int], round_: int) -> dict[str, dict[str, Any]]:
+        pooled = method.pools_data
+        holder = {c.client_id: ("pooled" if pooled else c.client_id) for c in self.task.clients}
+        outgoing = []
+        for client in self.task.clients:
+            cid = client.client_id
+            received = st.clone(method.broadcast(server, cid))
+            node_cid = self.task.clients[0].client_id if pooled else cid
+            outgoing.append((cid, node_cid, self._content(method, cid, round_, received, accepted, state_of=holder[cid])))
+        replies = self._exchange("evaluate", outgoing)
+        out: dict[str, dict[str, Any]] = {}
+        for client in self.task.clients:
+            cid = client.client_id
+            reply = replies.get(cid)
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else reply.error.reason
+                raise FlowerEngineError(f"{method.name}: evaluation of client {cid} failed: {why}")
+            metrics = transport.loads(str(reply.content["config"]["metrics"]))
+            out[cid] = metrics
+        return out
+
+
+def _payload(msg: Message) -> int:
+    if not msg.has_content() or "arrays" not in msg.content:
+        return 0
+    return sum(len(a.data) for a in msg.content["arrays"].values())
+
+
+def make_server_app(
+    cfg: RunConfig, task: Task | None = None, *, results: list[MethodResult] | None = None,
+    on_round: RoundCallback | None = None, on_reply: ReplyHook | None = None, progress: bool = False,
+    on_done: Callable[[list[MethodResult]], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running ``cfg.methods``. Results are appended to ``results`` (in-process
+    simulation) and/or passed to ``on_done`` (a deployed ServerApp writes them out)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from pf2lora.tasks import build_task
+
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        try:
+            server = FlowerServer(cfg, task if task is not None else build_task(cfg), grid, on_round=on_round, on_reply=on_reply, progress=progress)
+            out = server.run()
+        except BaseException as e:
+            if on_error is not None:
+                on_error(e)
+            raise
+        if results is not None:
+            results.extend(out)
+        if on_done is not None:
+            on_done(out)
+
+    return app

@@ -1,0 +1,250 @@
+"""Real text classification with a pretrained encoder (task kind ``text-classification``).
+
+The model is ``AutoModelForSequenceClassification`` for ``task.model`` (default all-MiniLM-L6-v2;
+paraphrase-MiniLM-L3-v2 is the fast one; any local Hugging Face directory or hub name), frozen,
+with LoRA on the architecture's default projections (BERT: query, value). The weights the
+checkpoint does not hold (the classifier; for paraphrase-MiniLM-L3-v2 also the pooler, which its
+ONNX export lacks) are the trained *head*: methods get them from :meth:`init_head` and share them or
+keep them private (``lora.head``).
+
+Data: ``task.dataset`` (VADER's 4 domains, Rotten Tomatoes, WordNet noun topics, a GLUE task
+folder, or your own CSV/TSV/JSONL), dealt to clients by ``task.partition`` (see
+:mod:`pf2lora.tasks.text_data`). Each client's examples are tokenised once, padded to
+``task.max_length`` (longer texts are cut; how many is counted and warned about once); a batch is
+trimmed to its longest example before the forward pass, so padding costs nothing.
+
+Metrics per client test split: accuracy, macro-F1, balanced accuracy, MCC (CoLA's metric; always
+computed), mean cross-entropy loss; the diagnostic ``majority_accuracy`` is what always predicting
+the client's majority training label scores, the floor a useful model must beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pf2lora import lora, metrics, models
+from pf2lora import state as st
+from pf2lora.config import RunConfig, text_dataset
+from pf2lora.data import partition as part
+from pf2lora.errors import UserError
+from pf2lora.tasks.base import Batch, ClientData, Task
+from pf2lora.tasks.text_data import Splits, client_splits, load_dataset, warn_truncated
+
+EVAL_CHUNK = 64
+DEFAULT_MODEL = models.L6
+
+
+def checkpoint_keys(model_dir: Path) -> set[str] | None:
+    """Tensor names stored in a model directory (safetensors or PyTorch bin), None if unreadable."""
+    keys: set[str] = set()
+    st_files = sorted(model_dir.glob("*.safetensors"))
+    try:
+        if st_files:
+            from safetensors import safe_open
+
+            for f in st_files:
+                with safe_open(str(f), "pt") as fh:
+                    keys.update(fh.keys())
+            return keys
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        for f in bins:
+            keys.update(torch.load(f, map_location="meta", weights_only=True, mmap=True).keys())
+        return keys or None
+    except Exception:  # noqa: BLE001 - unreadable: fall back to the classifier only
+        return None
+
+
+def fresh_parameters(model: torch.nn.Module, stored: set[str] | None) -> list[str]:
+    """Parameters of ``model`` the checkpoint did not provide (the new head, a missing pooler)."""
+    names = [n for n, _ in model.named_parameters()]
+    if stored is None:
+        return [n for n in names if n.startswith("classifier.")]
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    fresh = []
+    for n in names:
+        alt = n[len(prefix):] if n.startswith(prefix) else prefix + n
+        if n not in stored and alt not in stored:
+            fresh.append(n)
+    return fresh
+
+
+def tokenize(tok: Any, text: list[str], pair: list[str] | None, max_length: int) -> tuple[Batch, int]:
+    """``input_ids``/``attention_mask``(/``token_type_ids``) padded to ``max_length``, and how many were cut."""
+    full = tok(text, pair, add_special_tokens=True, truncation=False, verbose=False)["input_ids"] if text else []
+    cut = sum(len(ids) > max_length for ids in full)
+    enc = tok(text, pair, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out, cut
+
+
+def trim(batch: Batch) -> Batch:
+    """Drop the padding columns every example of ``batch`` has (right padding)."""
+    mask = batch["attention_mask"]
+    if mask.shape[0] == 0:
+        return batch
+    width = max(1, int(mask.sum(dim=1).max()))
+    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+
+
+class TextClassificationTask(Task):
+    """A frozen pretrained encoder with LoRA, classifying real heterogeneous text per client."""
+
+    primary_metric = "accuracy"
+    higher_is_better = True
+    table_columns = ("accuracy", "macro_f1", "majority_accuracy", "global_accuracy")
+
+    def __init__(self, cfg: RunConfig):
+        tc = cfg.task
+        self.cfg = cfg
+        self.model_name = tc.model.strip() or DEFAULT_MODEL
+        self.dataset_name = text_dataset(tc)
+        self.max_length = tc.max_length
+        ds = load_dataset(tc)
+        if ds.labels is None:  # pragma: no cover - the loaders of this kind always give labels
+            raise ValueError(f"{ds.name} has no labels")
+        self.splits: Splits = client_splits(ds, tc)
+        self.label_names = list(ds.label_names or [])
+        self.num_labels = len(self.label_names)
+        self.name = f"text-classification:{self.dataset_name}"
+
+        tok = models.load_tokenizer(self.model_name)
+        self.model = models.load_classifier(self.model_name, self.num_labels, seed=tc.data_seed)
+        if cfg.pf2lora.estimator == "exact" and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("eager")  # double backward through SDPA fails on CPU
+        self.model.eval()
+        try:  # the model directory (for a hub name: its cached snapshot, present once loaded)
+            model_dir: Path | None = models.resolve_model(self.model_name)
+        except UserError:
+            model_dir = None
+        self.head_names = fresh_parameters(self.model, checkpoint_keys(model_dir) if model_dir is not None else None)
+        if not self.head_names:
+            self.head_names = [n for n, _ in self.model.named_parameters() if n.startswith("classifier.")]
+        self.init_std = float(getattr(self.model.config, "initializer_range", 0.02))
+        targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
+        self.targets = lora.inject(self.model, targets, {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
+        self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in self.head_names}
+
+        labels = torch.tensor(ds.labels, dtype=torch.long)
+        self.clients = []
+        cut = total = 0
+        for cs in self.splits.clients:
+            parts: dict[str, Batch] = {}
+            for split, idx in (("train", cs.train), ("test", cs.test)):
+                texts = [ds.text[i] for i in idx]
+                pairs = [ds.text_pair[i] for i in idx] if ds.text_pair is not None else None
+                enc, n_cut = tokenize(tok, texts, pairs, tc.max_length)
+                cut += n_cut
+                total += len(idx)
+                enc["labels"] = labels[torch.tensor(idx, dtype=torch.long)]
+                parts[split] = enc
+            majority, maj_acc = metrics.majority_accuracy(parts["train"]["labels"], parts["test"]["labels"], self.num_labels)
+            counts = torch.bincount(parts["train"]["labels"], minlength=self.num_labels).tolist()
+            info = {
+                "majority_label": self.label_names[majority], "majority_accuracy": maj_acc,
+                "train_label_counts": counts, "train_indices": cs.train, "test_indices": cs.test,
+            }
+            if cs.group is not None:
+                info["group"] = cs.group
+            self.clients.append(ClientData(cs.client_id, parts["train"], parts["test"], info=info))
+        self.truncation = warn_truncated(cut, total, tc.max_length)
+        self._labels = ds.labels
+
+    # -- the Task interface ----------------------------------------------------------------------
+
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        b = trim(batch)
+        return {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
+
+    def logits(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        return self.forward(params, batch).logits
+
+    def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.logits(params, batch), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:
+        labels = data["labels"]
+        n = len(labels)
+        if n == 0:
+            return {}
+        # Chunks of similar length: each is trimmed to its longest example, so little padding is computed.
+        order = torch.argsort(data["attention_mask"].sum(dim=1), stable=True)
+        parts = []
+        for i in range(0, n, EVAL_CHUNK):
+            idx = order[i : i + EVAL_CHUNK]
+            parts.append(self.logits(params, {k: v[idx] for k, v in data.items()}))
+        logits = torch.empty(n, parts[0].shape[-1])
+        logits[order] = torch.cat(parts)
+        pred = logits.argmax(dim=-1)
+        out = metrics.classification_metrics(pred, labels, self.num_labels)
+        out["loss"] = float(F.cross_entropy(logits, labels))
+        return out
+
+    def init_head(self, role: str, generator: torch.Generator) -> st.Tensors:
+        """The fresh tensors as BERT initialises them: N(0, initializer_range^2) weights, zero biases
+        (LayerNorm weights, if any, one)."""
+        out: st.Tensors = {}
+        for name in self.head_names:
+            shape = self._shapes[name]
+            if name.endswith("bias"):
+                value = torch.zeros(shape)
+            elif len(shape) == 1:
+                value = torch.ones(shape)
+            else:
+                value = torch.randn(shape, generator=generator) * self.init_std
+            out[st.key(role, name)] = value
+        return out
+
+    def diagnostics(
+        self, client: ClientData, personalized: Mapping[str, torch.Tensor], common: Mapping[str, torch.Tensor]
+    ) -> dict[str, float | None]:
+        return {"majority_accuracy": client.info.get("majority_accuracy")}
+
+    def report_notes(self) -> list[str]:
+        sizes = ", ".join(f"{c.client_id} {c.num_train}/{c.num_test}" for c in self.clients)
+        notes = [
+            f"{self.name}: {self.model_name} ({self.model.config.num_hidden_layers} layers, hidden "
+            f"{self.model.config.hidden_size}), LoRA on {', '.join(sorted({t.path.rsplit('.', 1)[-1] for t in self.targets}))}; "
+            f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}.",
+            *self.splits.notes,
+            f"Train/test examples per client: {sizes}.",
+            "majority_accuracy: always predicting the client's majority training label (the floor to beat); "
+            "mcc is the Matthews correlation (CoLA's metric).",
+        ]
+        groups = {c.client_id: c.info["group"] for c in self.clients if "group" in c.info}
+        if groups and any(cid.split("_")[0] != g.lower() for cid, g in groups.items()):
+            notes.append("Client groups: " + "; ".join(f"{cid} = {g}" for cid, g in groups.items()) + ".")
+        if self.truncation:
+            notes.append(self.truncation + ".")
+        return notes
+
+    def write_figures(self, out_dir: str | Path) -> list[str]:
+        """``label_distribution.png`` (training labels per client) in ``out_dir``; the file names
+        written, relative to ``out_dir``. Never raises: a failure is a warning and ``[]``."""
+        import warnings
+
+        name = "label_distribution.png"
+        try:
+            partition = {c.client_id: c.info["train_indices"] for c in self.clients}
+            title = f"{self.dataset_name}: training labels per client ({self.cfg.task.partition} partition)"
+            part.plot_label_distribution(partition, self._labels, Path(out_dir) / name, self.label_names, title)
+        except Exception as e:  # noqa: BLE001 - a figure must never fail a finished run
+            warnings.warn(f"label distribution figure not written: {type(e).__name__}: {e}", stacklevel=2)
+            return []
+        return [name]
+
+
+def _register() -> None:
+    from pf2lora.tasks import register_task
+
+    register_task("text-classification")(TextClassificationTask)
+
+
+_register()

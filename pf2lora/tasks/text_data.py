@@ -1,0 +1,211 @@
+"""What the real-language tasks share: load ``task.dataset``, deal it to clients, cut and cap splits.
+
+Both :mod:`pf2lora.tasks.text_classification` and :mod:`pf2lora.tasks.generation` call
+:func:`client_splits`, which returns, per client, the indices of its training and test examples in
+the loaded :class:`~pf2lora.data.text.TextDataset`:
+
+1. partition the whole data set (``task.partition``: natural groups, Dirichlet label skew,
+   s-similarity or i.i.d.; seeded by ``task.data_seed``);
+2. cut each client's share into train and test (``task.test_fraction``), so the test split does not
+   depend on how much training data is kept;
+3. cap each client's training split at ``task.train_samples`` (or at a per-client cap spread over
+   ``[task.train_samples_min, task.train_samples]``) and its test split at ``task.test_samples``.
+
+Every user mistake (unknown group, too few groups, a client left empty, a missing file or column)
+is a one-line :class:`~pf2lora.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pf2lora.config import TaskConfig, text_dataset
+from pf2lora.data import partition as part
+from pf2lora.data import text as tx
+from pf2lora.errors import UserError
+
+WORDNET_NOUN_TOPICS_DROPPED = ("noun.Tops",)
+"""noun.Tops holds WordNet's 51 unique beginners (entity, abstraction ...), not a topic."""
+
+
+@dataclass
+class ClientSplit:
+    client_id: str
+    train: list[int]
+    test: list[int]
+    group: str | None = None
+    """The natural group (domain, topic, role) the client was dealt from, if any."""
+
+
+@dataclass
+class Splits:
+    dataset: tx.TextDataset
+    clients: list[ClientSplit]
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _path(tc: TaskConfig) -> Path | None:
+    raw = tc.data_path.strip()
+    return Path(raw).expanduser() if raw else None
+
+
+def wordnet_noun_topics(root: Path | None) -> tx.TextDataset:
+    """Noun definitions -> their lexicographer topic: the 25 noun topics (noun.Tops dropped)."""
+    ds = tx.load_wordnet_topics(root)
+    names = ds.label_names or []
+    keep_names = [n for n in names if n.startswith("noun.") and n not in WORDNET_NOUN_TOPICS_DROPPED]
+    new_index = {names.index(n): i for i, n in enumerate(keep_names)}
+    idx = [i for i, y in enumerate(ds.labels or []) if y in new_index]
+    sub = ds.subset(idx, name="wordnet_noun_topics")
+    sub.labels = [new_index[y] for y in sub.labels or []]
+    sub.label_names = keep_names
+    return sub
+
+
+def load_dataset(tc: TaskConfig) -> tx.TextDataset:
+    """The data set ``task.dataset`` names, from ``task.data_path`` or the fetched cache."""
+    name = text_dataset(tc)
+    path = _path(tc)
+    if name == "vader":
+        return tx.load_vader(None, path)
+    if name == "rotten-tomatoes":
+        return tx.load_rotten_tomatoes(path)
+    if name == "wordnet-topics":
+        return wordnet_noun_topics(path)
+    if name.startswith("glue-"):
+        return tx.load_glue(name[len("glue-"):], path)  # type: ignore[arg-type]
+    if name == "wordnet-definitions":
+        return tx.load_wordnet_definitions(path)
+    if name == "shakespeare":
+        return tx.load_shakespeare(path, mode="line", context_lines=1)
+    if name == "e2e":
+        return tx.load_e2e(path, group_attr=tc.group_column.strip() or None)  # type: ignore[arg-type]
+    if name == "webnlg":
+        return tx.load_webnlg(path)  # type: ignore[arg-type]
+    if name in ("csv", "tsv", "jsonl"):
+        classification = tc.kind == "text-classification"
+        return tx.load_table(
+            path,  # type: ignore[arg-type]
+            text=tc.text_column,
+            text_pair=tc.text_pair_column.strip() or None,
+            label=tc.label_column if classification else None,
+            target=None if classification else tc.target_column,
+            client=tc.group_column.strip() or None,
+            label_names=list(tc.label_names) or None,
+            format=name,
+        )
+    raise UserError(f"unknown data set {tc.dataset!r}")  # config validation lists the choices
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+
+
+def slug(text: str, limit: int = 24) -> str:
+    """A short client id from a group name: lower case, runs of other characters -> ``-``."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].strip("-") or "group"
+
+
+def _group_id(group: str) -> str:
+    """Role groups are ``PLAY/SPEAKER``: the speaker names the client (the play is in the notes)."""
+    return slug(group.rsplit("/", 1)[-1] if "/" in group else group)
+
+
+def choose_groups(ds: tx.TextDataset, tc: TaskConfig) -> list[str]:
+    """``task.groups`` (checked), else the ``num_clients / clients_per_group`` largest groups."""
+    if ds.groups is None:
+        raise UserError(
+            f"natural partition: {ds.name} has no natural client column"
+            + ("; set task.group_column" if text_dataset(tc) in ("csv", "tsv", "jsonl", "e2e") else "; use another task.partition")
+        )
+    counts = ds.group_counts()
+    what = ds.group_name or "group"
+    if tc.groups:
+        missing = [g for g in tc.groups if g not in counts]
+        if missing:
+            known = ", ".join(list(counts)[:8]) + (" ..." if len(counts) > 8 else "")
+            raise UserError(f"natural partition: no {what} {missing[0]!r} in {ds.name} (largest: {known})")
+        return list(tc.groups)
+    need = tc.num_clients // tc.clients_per_group
+    if need > len(counts):
+        raise UserError(
+            f"natural partition: {ds.name} has {len(counts)} {what}s, but task.num_clients = {tc.num_clients} with "
+            f"task.clients_per_group = {tc.clients_per_group} needs {need}"
+        )
+    return list(counts)[:need]  # group_counts is largest first, ties in order of appearance
+
+
+def _caps(tc: TaskConfig, k: int) -> list[int]:
+    if tc.train_samples_min <= 0 or k == 1:
+        return [tc.train_samples] * k
+    evenly = np.linspace(tc.train_samples_min, tc.train_samples, k).round().astype(int)
+    order = np.random.default_rng([tc.data_seed, 3]).permutation(k)
+    return [int(evenly[i]) for i in order]
+
+
+def client_splits(ds: tx.TextDataset, tc: TaskConfig) -> Splits:
+    """Partition ``ds`` among clients, then cut and cap each client's train and test split."""
+    seed = tc.data_seed
+    groups_of: dict[str, str] = {}
+    if tc.partition == "natural":
+        chosen = choose_groups(ds, tc)
+        raw = part.natural(ds.groups, tc.clients_per_group, seed, include=chosen)  # type: ignore[arg-type]
+        partition: dict[str, list[int]] = {}
+        used: Counter[str] = Counter()
+        for name, idx in raw.items():
+            group, _, j = name.rpartition("/") if tc.clients_per_group > 1 else (name, "", "")
+            cid = _group_id(group) + (f"_{j}" if j else "")
+            used[cid] += 1
+            if used[cid] > 1:  # two roles of the same name in different plays
+                cid = f"{cid}-{used[cid]}"
+            partition[cid] = idx
+            groups_of[cid] = group
+    else:
+        partition = part.make_partition(
+            tc.partition, labels=ds.labels, n=len(ds), num_clients=tc.num_clients, seed=seed,
+            alpha=tc.dirichlet_alpha, min_size=tc.min_client_size, s=tc.similarity,
+        )
+    train, test = part.train_test_split_per_client(partition, tc.test_fraction, seed + 1)
+    caps = _caps(tc, len(train))
+    clients = []
+    for (cid, tr), cap in zip(train.items(), caps):
+        tr_kept = part.subsample({cid: tr}, cap, seed + 2)[cid]
+        te_kept = part.subsample({cid: test[cid]}, tc.test_samples, seed + 2)[cid]
+        clients.append(ClientSplit(cid, tr_kept, te_kept, groups_of.get(cid)))
+    notes = [f"{ds.summary()}; partition {describe_partition(tc)}"]
+    return Splits(ds, clients, notes)
+
+
+def describe_partition(tc: TaskConfig) -> str:
+    if tc.partition == "natural":
+        by = f"{tc.clients_per_group} client(s) per group"
+        return f"natural ({by})"
+    if tc.partition == "dirichlet":
+        return f"dirichlet (alpha = {tc.dirichlet_alpha:g}, at least {tc.min_client_size} examples per client)"
+    if tc.partition == "s-similarity":
+        return f"s-similarity (s = {tc.similarity:g})"
+    return "iid"
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation
+
+
+def warn_truncated(count: int, total: int, limit: int, what: str = "texts") -> str | None:
+    """One warning for the whole task: how many of the tokenised texts were cut at ``limit`` tokens."""
+    if count <= 0:
+        return None
+    msg = f"{count} of {total} {what} longer than {limit} tokens were truncated (raise task.max_length to keep more)"
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    return msg

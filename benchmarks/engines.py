@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "engines",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
         "work": {"config": "configs/synthetic_rank.toml", "overrides": overrides},
         "machine": machine(),
         "engines": rows,

@@ -1,4 +1,4 @@
-# pf2lora: `make demo` runs the default experiment, `make test` the test suite.
+# pf2lora: `make demo` runs the real-data demo, `make test` the test suite.
 # Both install into .venv first if needed.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets demo test bench clean
+.PHONY: install assets demo demo-synthetic test bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,12 @@ $(ASSETS): $(STAMP) scripts/fetch_models.sh scripts/fetch_data.sh
 	PYTHON=$(PY) scripts/fetch_data.sh
 	touch $(ASSETS)
 
-demo: $(STAMP)
+# The demo: 7 methods on real text (VADER sentiment, 8 clients by domain, MiniLM-L3 encoder).
+demo: $(STAMP) $(ASSETS)
+	$(VENV)/bin/pf2lora run configs/vader_demo.toml --out runs/demo/vader_demo --overwrite
+
+# The synthetic rank-recovery pair (PF2LoRA's adaptive rank, where the truth is known).
+demo-synthetic: $(STAMP)
 	$(VENV)/bin/pf2lora run configs/synthetic_rank.toml --out runs/demo/synthetic_rank --overwrite
 	$(VENV)/bin/pf2lora run configs/synthetic_rank_lowdata.toml --out runs/demo/synthetic_rank_lowdata --overwrite
 

@@ -522,10 +522,28 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' weight-loading bar and load report: the weights a checkpoint lacks (the
+    new classifier head, MiniLM-L3's pooler) are expected here and said in our own docs."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(loader: Callable[..., Any], name: str, **kwargs: Any) -> Any:
     src = source(name)
     try:
-        return loader(src, **kwargs)
+        with _quiet_transformers():
+            return loader(src, **kwargs)
     except (OSError, ValueError) as e:
         if isinstance(src, Path):
             raise UserError(f"cannot load the model in {src}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None

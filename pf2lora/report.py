@@ -227,6 +227,8 @@ def plot_figures(out: Path, task: Task, summary: dict[str, Any], results: list[M
     files.append(_save(fig, out / "train_loss.png"))
     plt.close(fig)
 
+    files += _metric_figures(out, task, summary, results, plt)
+
     with_spectra = {n: m["spectra"] for n, m in summary["methods"].items() if "spectra" in m}
     if with_spectra:
         client_ids = list(next(iter(with_spectra.values())))
@@ -259,6 +261,49 @@ def plot_figures(out: Path, task: Task, summary: dict[str, Any], results: list[M
         fig.tight_layout()
         files.append(_save(fig, out / "spectra.png"))
         plt.close(fig)
+    return files
+
+
+def _metric_figures(out: Path, task: Task, summary: dict[str, Any], results: list[MethodResult], plt: Any) -> list[str]:
+    """The primary metric per round (mean over clients of each personalised model; rounds come from
+    ``eval.every`` plus the final evaluation) and per client, so a weak client is seen, not averaged away."""
+    metric = task.primary_metric
+    methods = {n: m for n, m in summary["methods"].items() if metric in m.get("stats", {})}
+    if not methods:
+        return []
+    files: list[str] = []
+    label = metric.replace("_", " ")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.method not in methods:
+            continue
+        points = [(x["round"], x["eval"]) for x in r.rounds if isinstance(x.get("eval"), (int, float))]
+        points.append((len(r.rounds), methods[r.method]["stats"][metric]["mean"]))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=r.method)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"mean personalised {label} over clients")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(_save(fig, out / f"{metric}_per_round.png"))
+    plt.close(fig)
+
+    client_ids = list(next(iter(methods.values()))["clients"])
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(client_ids) + 2), 4))
+    for i, (name, m) in enumerate(methods.items()):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(client_ids))]
+        ax.bar(xs, [m["clients"][c].get(metric, float("nan")) for c in client_ids], width, label=name)
+    reference = next(iter(methods.values()))["clients"]
+    if all("majority_accuracy" in reference[c] for c in client_ids) and metric == "accuracy":
+        ax.scatter(range(len(client_ids)), [reference[c]["majority_accuracy"] for c in client_ids],
+                   marker="_", s=400, color="k", zorder=3, label="majority class")
+    ax.set_xticks(range(len(client_ids)))
+    ax.set_xticklabels(client_ids, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"personalised {label}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    files.append(_save(fig, out / f"{metric}_per_client.png"))
+    plt.close(fig)
     return files
 
 

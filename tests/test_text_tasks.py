@@ -326,6 +326,24 @@ def test_engine_runs_methods_on_tiny_classification(cls_task):
             assert all("global_accuracy" in m for m in result.clients.values())
 
 
+def test_per_round_and_per_client_figures(cls_task, tmp_path):
+    """eval.every gives a per-round personalised metric, and the report draws it and each client's."""
+    from pf2lora import report
+
+    cfg = cls_cfg(Path("unused"), Path("unused"), 'methods=["homlora", "local"]', "rounds=3", "eval.every=1")
+    engine = LocalEngine(cfg, cls_task, progress=False)
+    results = [engine.run(name) for name in cfg.methods]
+    for r in results:
+        # Rounds 1 and 2 are evaluated in the loop; the last round's figure is the final evaluation.
+        assert [("eval" in x) for x in r.rounds] == [True, True, False], r.method
+        assert all(0.0 <= x["eval"] <= 1.0 for x in r.rounds[:2])
+    summary = report.summarize(cls_task, results, {})
+    files = report.plot_figures(tmp_path, cls_task, summary, results)
+    assert {"accuracy_per_round.png", "accuracy_per_client.png"} <= set(files)
+    for name in ("accuracy_per_round.png", "accuracy_per_client.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation
 

@@ -39,7 +39,7 @@ from pf2lora import state as st
 from pf2lora.config import RunConfig, text_dataset
 from pf2lora.data.text import TextDataset
 from pf2lora.tasks.base import Batch, ClientData, Task
-from pf2lora.tasks.text_data import Splits, client_splits, load_dataset, warn_truncated
+from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, load_dataset, padded_width, warn_truncated
 
 IGNORE = -100
 EVAL_CHUNK = 64
@@ -146,9 +146,8 @@ class GenerationTask(Task):
     # -- the Task interface ----------------------------------------------------------------------
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        mask = batch["attention_mask"]
-        width = max(1, int(mask.sum(dim=1).max())) if len(mask) else mask.shape[1]
-        return {"input_ids": batch["input_ids"][:, :width], "attention_mask": mask[:, :width]}
+        width = padded_width(batch["attention_mask"])
+        return {"input_ids": batch["input_ids"][:, :width], "attention_mask": batch["attention_mask"][:, :width]}
 
     def _token_losses(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed target-token cross-entropy and the number of target tokens."""
@@ -170,8 +169,8 @@ class GenerationTask(Task):
             return {}
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        for i in range(0, n, EVAL_CHUNK):
-            s, c = self._token_losses(params, {k: v[i : i + EVAL_CHUNK] for k, v in data.items()})
+        for _, chunk in length_sorted_chunks(data, EVAL_CHUNK):
+            s, c = self._token_losses(params, chunk)
             total += float(s)
             count += int(c)
         loss = float(total / max(count, 1))

@@ -33,7 +33,7 @@ from pf2lora.config import RunConfig, text_dataset
 from pf2lora.data import partition as part
 from pf2lora.errors import UserError
 from pf2lora.tasks.base import Batch, ClientData, Task
-from pf2lora.tasks.text_data import Splits, client_splits, load_dataset, warn_truncated
+from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, load_dataset, trim, warn_truncated
 
 EVAL_CHUNK = 64
 DEFAULT_MODEL = models.L6
@@ -82,15 +82,6 @@ def tokenize(tok: Any, text: list[str], pair: list[str] | None, max_length: int)
     if "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"]
     return out, cut
-
-
-def trim(batch: Batch) -> Batch:
-    """Drop the padding columns every example of ``batch`` has (right padding)."""
-    mask = batch["attention_mask"]
-    if mask.shape[0] == 0:
-        return batch
-    width = max(1, int(mask.sum(dim=1).max()))
-    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
 
 
 class TextClassificationTask(Task):
@@ -174,14 +165,10 @@ class TextClassificationTask(Task):
         n = len(labels)
         if n == 0:
             return {}
-        # Chunks of similar length: each is trimmed to its longest example, so little padding is computed.
-        order = torch.argsort(data["attention_mask"].sum(dim=1), stable=True)
-        parts = []
-        for i in range(0, n, EVAL_CHUNK):
-            idx = order[i : i + EVAL_CHUNK]
-            parts.append(self.logits(params, {k: v[idx] for k, v in data.items()}))
-        logits = torch.empty(n, parts[0].shape[-1])
-        logits[order] = torch.cat(parts)
+        chunks = [(idx, self.logits(params, chunk)) for idx, chunk in length_sorted_chunks(data, EVAL_CHUNK)]
+        logits = torch.empty(n, chunks[0][1].shape[-1])
+        for idx, part in chunks:
+            logits[idx] = part
         pred = logits.argmax(dim=-1)
         out = metrics.classification_metrics(pred, labels, self.num_labels)
         out["loss"] = float(F.cross_entropy(logits, labels))

@@ -20,15 +20,18 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pf2lora.config import TaskConfig, text_dataset
 from pf2lora.data import partition as part
 from pf2lora.data import text as tx
 from pf2lora.errors import UserError
+from pf2lora.tasks.base import Batch
 
 WORDNET_NOUN_TOPICS_DROPPED = ("noun.Tops",)
 """noun.Tops holds WordNet's 51 unique beginners (entity, abstraction ...), not a topic."""
@@ -209,3 +212,27 @@ def warn_truncated(count: int, total: int, limit: int, what: str = "texts") -> s
     msg = f"{count} of {total} {what} longer than {limit} tokens were truncated (raise task.max_length to keep more)"
     warnings.warn(msg, UserWarning, stacklevel=3)
     return msg
+
+
+def padded_width(mask: torch.Tensor) -> int:
+    """Columns a right-padded batch needs: its longest example (at least 1)."""
+    return max(1, int(mask.sum(dim=1).max())) if len(mask) else mask.shape[1]
+
+
+def trim(batch: Batch) -> Batch:
+    """Drop the padding columns every example of ``batch`` has (right padding): padding costs nothing."""
+    mask = batch["attention_mask"]
+    if mask.shape[0] == 0:
+        return batch
+    width = padded_width(mask)
+    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+
+
+def length_sorted_chunks(data: Batch, size: int) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """``data`` in chunks of ``size`` examples of similar length (with their indices), so that each
+    chunk, trimmed to its longest example, computes little padding."""
+    order = torch.argsort(data["attention_mask"].sum(dim=1), stable=True)
+    for i in range(0, len(order), size):
+        idx = order[i : i + size]
+        yield idx, {k: v[idx] for k, v in data.items()}
+

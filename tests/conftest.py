@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pf2lora import config
+from pf2lora import state as st
 from pf2lora.config import RunConfig
-from pf2lora.methods import registry
+from pf2lora.engines.local import generator
+from pf2lora.methods import ClientContext, registry
 from pf2lora.tasks.synthetic import SyntheticRankTask
 
 # Tiny models run fastest on one thread, and the suite must stay fast on two cores.
@@ -47,3 +49,37 @@ def small_task(*overrides: str) -> tuple[RunConfig, SyntheticRankTask]:
 @pytest.fixture
 def cfg_task() -> tuple[RunConfig, SyntheticRankTask]:
     return small_task()
+
+
+# Three clients and a smaller test split: what the per-method test files share.
+TINY = ("task.num_clients=3", "task.test_samples=32")
+
+
+def tiny_task(*overrides: str) -> tuple[RunConfig, SyntheticRankTask]:
+    """``small_task`` with three clients (so averages differ from any one client's value)."""
+    return small_task(*TINY, *overrides)
+
+
+def client_context(cfg: RunConfig, task, k: int = 0, round_: int = 1, steps: int | None = None,
+                   purpose: str = "train") -> ClientContext:
+    """Client ``k``'s context for ``round_`` with the engine's seed derivation."""
+    c = task.clients[k]
+    return ClientContext(
+        client=c, task=task, generator=generator(cfg.seed, purpose, c.client_id, round_),
+        round=round_, local_steps=cfg.local_steps if steps is None else steps, batch_size=cfg.batch_size,
+    )
+
+
+def record_client_updates(monkeypatch, cls, calls: list[dict]) -> None:
+    """Wrap ``cls.client_update`` to append, per call, its inputs (copied before the call, so a
+    mutation would show) and outputs: round, client, received, state, update, new_state."""
+    original = cls.client_update
+
+    def wrapper(self, ctx, received, client_state):
+        before_received, before_state = st.clone(received), st.clone(client_state)
+        update, new_state = original(self, ctx, received, client_state)
+        calls.append({"round": ctx.round, "client": ctx.client.client_id, "received": before_received,
+                      "state": before_state, "update": update, "new_state": st.clone(new_state)})
+        return update, new_state
+
+    monkeypatch.setattr(cls, "client_update", wrapper)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_client_updates, tiny_task
 
 import pf2lora.methods.base as base_mod
 from pf2lora import config, lora
@@ -26,27 +27,11 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("pf2lora")
 
-TINY = [
-    "rounds=4",
-    "local_steps=2",
-    "batch_size=16",
-    "task.num_clients=3",
-    "task.dim=8",
-    "task.shared_rank=2",
-    "task.private_ranks=[0,1]",
-    "task.train_samples=64",
-    "task.test_samples=32",
-    "lora.rank=2",
-    "lora.alpha=2.0",
-    "lora.private_rank=1",
-    "lora.private_alpha=1.0",
-    "fdlora.personal_every=2",
-]
+FDLORA = ("rounds=4", "fdlora.personal_every=2")
 
 
 def make(*overrides: str) -> tuple[config.RunConfig, SyntheticRankTask, FDLoRA]:
-    cfg = config.load(None, [*TINY, *overrides])
-    task = SyntheticRankTask(cfg)
+    cfg, task = tiny_task(*FDLORA, *overrides)
     return cfg, task, FDLoRA(cfg, task)
 
 
@@ -168,18 +153,6 @@ def test_fuse_is_the_weighted_sum_of_the_two_updates():
 # -- personal adapter: persistent, refreshed only when due, never uploaded ---------------------------
 
 
-def _record(monkeypatch, calls):
-    original = FDLoRA.client_update
-
-    def wrapper(self, ctx, received, client_state):
-        before = {k: v.detach().clone() for k, v in client_state.items()}
-        update, new = original(self, ctx, received, client_state)
-        calls.append(dict(round=ctx.round, client=ctx.client.client_id, before=before, received=st.clone(received), update=update, new=new))
-        return update, new
-
-    monkeypatch.setattr(FDLoRA, "client_update", wrapper)
-
-
 def _personal(state):
     return {k: v for k, v in state.items() if k.startswith("private:") and k.endswith(".private")}
 
@@ -187,23 +160,23 @@ def _personal(state):
 def test_personal_adapter_persists_is_refreshed_only_when_due_and_never_uploaded(monkeypatch):
     cfg, task, _ = make("rounds=5", "fdlora.personal_every=2")
     calls: list[dict] = []
-    _record(monkeypatch, calls)
+    record_client_updates(monkeypatch, FDLoRA, calls)
     result = LocalEngine(cfg, task, progress=False).run("fdlora")
     assert len(calls) == 5 * 3
     refresh_rounds = {1, 3, 5}  # first participation, then every 2 rounds
     global_keys = set(_target_keys(task, lora.COMMON, st.SHARED))
     last: dict[str, dict] = {}
     for c in calls:
-        before, new = _personal(c["before"]), _personal(c["new"])
+        before, new = _personal(c["state"]), _personal(c["new_state"])
         assert set(new) == set(_target_keys(task, lora.PRIVATE, st.PRIVATE))
         if c["client"] in last:  # the state the engine handed back is the one this client left
             for k, v in last[c["client"]].items():
-                assert torch.equal(c["before"][k], v)
+                assert torch.equal(c["state"][k], v)
         refreshed = c["round"] in refresh_rounds
         changed = any(not torch.equal(before[k], new[k]) for k in new)
         assert changed == refreshed, (c["round"], c["client"])
         assert c["update"].metrics["refreshed"] == float(refreshed)
-        assert int(c["new"]["meta/last_refresh"]) == max(r for r in refresh_rounds if r <= c["round"])
+        assert int(c["new_state"]["meta/last_refresh"]) == max(r for r in refresh_rounds if r <= c["round"])
         if refreshed and c["round"] > 1:
             # continued from the persisted adapter: A moved by at most ~lr per AdamW step
             k_a = next(k for k in new if ".lora_A." in k)
@@ -214,14 +187,14 @@ def test_personal_adapter_persists_is_refreshed_only_when_due_and_never_uploaded
         for t in upload.values():
             for p in [*new.values(), *before.values()]:
                 assert not (p.shape == t.shape and torch.equal(p, t))
-        last[c["client"]] = {k: v.detach().clone() for k, v in c["new"].items()}
+        last[c["client"]] = {k: v.detach().clone() for k, v in c["new_state"].items()}
         # nothing the client received or held was mutated in place
-        assert all(torch.equal(c["before"][k], v) for k, v in c["before"].items())
+        assert all(torch.equal(c["state"][k], v) for k, v in c["state"].items())
     # fusion weights are stored after each refresh and reported
     for cid, m in result.clients.items():
         assert -1.5 <= m["fusion_w1"] <= 1.5 and -1.5 <= m["fusion_w2"] <= 1.5
         final = [c for c in calls if c["client"] == cid][-1]
-        assert m["fusion_w1"] == pytest.approx(float(final["new"]["meta/fusion_w1"]))
+        assert m["fusion_w1"] == pytest.approx(float(final["new_state"]["meta/fusion_w1"]))
 
 
 def test_client_update_does_not_mutate_inputs():

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import client_context, record_client_updates, tiny_task
 
 import pf2lora.methods.fedsa_lora as fedsa_module
 import pf2lora.methods.homlora as homlora_module
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine, generator
-from pf2lora.methods import ClientContext, ClientUpdate
+from pf2lora.methods import ClientUpdate
 from pf2lora.methods.base import params_of
 from pf2lora.methods.fedsa_lora import FedSALoRA
 from pf2lora.methods.ffa_lora import FFALoRA
 from pf2lora.methods.pfedlora import PFedLoRA
-from pf2lora.tasks.synthetic import SyntheticRankTask
 
 torch.set_num_threads(1)
 
@@ -30,54 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("pf2lora")
 NEW_METHODS = ["ffa-lora", "fedsa-lora", "pfedlora"]
 
-TINY = [
-    "rounds=3",
-    "local_steps=2",
-    "batch_size=16",
-    "task.num_clients=3",
-    "task.dim=8",
-    "task.shared_rank=2",
-    "task.private_ranks=[0,1]",
-    "task.train_samples=64",
-    "task.test_samples=32",
-    "lora.rank=2",
-    "lora.alpha=2.0",
-    "lora.private_rank=1",
-    "lora.private_alpha=1.0",
-]
-
-
-def tiny(*overrides: str) -> tuple[config.RunConfig, SyntheticRankTask]:
-    cfg = config.load(None, [*TINY, *overrides])
-    return cfg, SyntheticRankTask(cfg)
-
-
-def _ctx(cfg, task, client: int = 0, round_: int = 1, steps: int | None = None) -> ClientContext:
-    c = task.clients[client]
-    return ClientContext(
-        client=c, task=task, generator=generator(cfg.seed, "train", c.client_id, round_),
-        round=round_, local_steps=cfg.local_steps if steps is None else steps, batch_size=cfg.batch_size,
-    )
-
-
 def _keys(task, adapter: str, role: str, which: str) -> set[str]:
     """The A (which="A") or B keys of ``adapter`` held with ``role`` on every target."""
     i = {"A": 0, "B": 1}[which]
     return {lora.adapter_keys(t, adapter, role)[i] for t in task.targets}
-
-
-def _record(monkeypatch, cls, calls: list[dict]) -> None:
-    """Keep each client_update's inputs (snapshotted before the call) and outputs."""
-    original = cls.client_update
-
-    def wrapper(self, ctx, received, client_state):
-        before_received, before_state = st.clone(received), {k: v.clone() for k, v in client_state.items()}
-        update, new_state = original(self, ctx, received, client_state)
-        calls.append(dict(round=ctx.round, client=ctx.client.client_id, received=before_received,
-                          state=before_state, update=update, new_state=new_state))
-        return update, new_state
-
-    monkeypatch.setattr(cls, "client_update", wrapper)
 
 
 def _record_servers(monkeypatch, cls, servers: list[dict]) -> None:
@@ -96,14 +52,14 @@ def _record_servers(monkeypatch, cls, servers: list[dict]) -> None:
 
 
 def test_ffa_lora_a_never_changes_b_trained_only_b_uploaded(monkeypatch):
-    cfg, task = tiny("rounds=4")
+    cfg, task = tiny_task("rounds=4")
     a_keys, b_keys = _keys(task, lora.COMMON, st.SHARED, "A"), _keys(task, lora.COMMON, st.SHARED, "B")
     init = FFALoRA(cfg, task).init_server(generator(cfg.seed, "init", "server"))  # what the engine draws
     assert set(init) == a_keys | b_keys
     assert all(float(init[k].abs().sum()) > 0 for k in a_keys) and all(float(init[k].abs().sum()) == 0 for k in b_keys)
     calls: list[dict] = []
     servers: list[dict] = []
-    _record(monkeypatch, FFALoRA, calls)
+    record_client_updates(monkeypatch, FFALoRA, calls)
     _record_servers(monkeypatch, FFALoRA, servers)
     trained_keys: list[set[str]] = []
     real_adamw = homlora_module.adamw
@@ -137,7 +93,7 @@ def test_ffa_lora_a_never_changes_b_trained_only_b_uploaded(monkeypatch):
 
 
 def test_ffa_lora_aggregate_averages_b_keeps_a_and_rejects_an_uploaded_a():
-    cfg, task = tiny()
+    cfg, task = tiny_task()
     method = FFALoRA(cfg, task)
     a_keys, b_keys = _keys(task, lora.COMMON, st.SHARED, "A"), _keys(task, lora.COMMON, st.SHARED, "B")
     server = method.init_server(torch.Generator().manual_seed(0))
@@ -159,7 +115,7 @@ def test_ffa_lora_aggregate_averages_b_keeps_a_and_rejects_an_uploaded_a():
 
 
 def test_fedsa_lora_b_private_persistent_per_client_a_averaged(monkeypatch):
-    cfg, task = tiny("rounds=3")
+    cfg, task = tiny_task("rounds=3")
     a_keys = _keys(task, lora.COMMON, st.SHARED, "A")
     b_keys = _keys(task, lora.COMMON, st.PRIVATE, "B")
     assert all(k.startswith("private:") and k.endswith(".lora_B.common") for k in b_keys)
@@ -180,7 +136,7 @@ def test_fedsa_lora_b_private_persistent_per_client_a_averaged(monkeypatch):
 
     monkeypatch.setattr(fedsa_module, "adamw_steps", spy_steps)
     monkeypatch.setattr(FedSALoRA, "client_update", tag)
-    _record(monkeypatch, FedSALoRA, calls)  # wraps `tag`
+    record_client_updates(monkeypatch, FedSALoRA, calls)  # wraps `tag`
     LocalEngine(cfg, task, progress=False).run("fedsa-lora")
 
     assert len(calls) == cfg.rounds * cfg.task.num_clients
@@ -225,7 +181,7 @@ def test_fedsa_lora_b_private_persistent_per_client_a_averaged(monkeypatch):
 
 
 def _pfedlora_setup(*overrides: str):
-    cfg, task = tiny("local_steps=4", *overrides)
+    cfg, task = tiny_task("local_steps=4", *overrides)
     method = PFedLoRA(cfg, task)
     server = method.init_server(torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(5)
@@ -235,9 +191,9 @@ def _pfedlora_setup(*overrides: str):
 
 
 def test_pfedlora_phase_steps():
-    cfg, task = tiny("local_steps=5")
+    cfg, task = tiny_task("local_steps=5")
     assert PFedLoRA(cfg, task).phase_steps(5) == (2, 3)
-    cfg, task = tiny("local_steps=5", "pfedlora.private_steps=4")
+    cfg, task = tiny_task("local_steps=5", "pfedlora.private_steps=4")
     assert PFedLoRA(cfg, task).phase_steps(5) == (4, 1)
     assert PFedLoRA(cfg, task).phase_steps(3) == (3, 0)  # never more than local_steps
 
@@ -265,7 +221,7 @@ def test_pfedlora_phases_freeze_the_other_part(monkeypatch):
 
     monkeypatch.setattr(homlora_module, "adamw", spy_adamw)
     monkeypatch.setattr(PFedLoRA, "loss", spy_loss)
-    update, new_state = method.client_update(_ctx(cfg, task), st.clone(received), state)
+    update, new_state = method.client_update(client_context(cfg, task), st.clone(received), state)
 
     n1, n2 = method.phase_steps(cfg.local_steps)
     assert (n1, n2) == (2, 2)
@@ -291,10 +247,10 @@ def test_pfedlora_phase_functions_directly():
     cfg, task, method, received, state = _pfedlora_setup()
     private = params_of(state)
     before_shared, before_private = st.clone(received), st.clone(private)
-    new_private, _, _ = method.train_private(_ctx(cfg, task, steps=3), received, private, {})
+    new_private, _, _ = method.train_private(client_context(cfg, task, steps=3), received, private, {})
     assert set(new_private) == set(private)
     assert any(not torch.equal(new_private[k], private[k]) for k in private)
-    new_shared, _, _ = method.train_shared(_ctx(cfg, task, steps=3), received, new_private, {})
+    new_shared, _, _ = method.train_shared(client_context(cfg, task, steps=3), received, new_private, {})
     assert set(new_shared) == set(received)
     assert any(not torch.equal(new_shared[k], received[k]) for k in received)
     for k in received:  # nothing mutated in place
@@ -305,16 +261,16 @@ def test_pfedlora_phase_functions_directly():
 
 def test_pfedlora_all_private_steps_leaves_the_shared_adapter_as_received():
     cfg, task, method, received, state = _pfedlora_setup("pfedlora.private_steps=4")
-    update, new_state = method.client_update(_ctx(cfg, task), st.clone(received), state)
+    update, new_state = method.client_update(client_context(cfg, task), st.clone(received), state)
     assert all(torch.equal(update.shared[k], received[k]) for k in received)
     assert not any(k.startswith("opt/shared/m/") for k in new_state)
     assert math.isfinite(update.metrics["train_loss"])
 
 
 def test_pfedlora_private_state_persists_and_is_never_uploaded(monkeypatch):
-    cfg, task = tiny("local_steps=4")
+    cfg, task = tiny_task("local_steps=4")
     calls: list[dict] = []
-    _record(monkeypatch, PFedLoRA, calls)
+    record_client_updates(monkeypatch, PFedLoRA, calls)
     LocalEngine(cfg, task, progress=False).run("pfedlora")
     by = {(c["round"], c["client"]): c for c in calls}
     for c in calls:
@@ -349,7 +305,7 @@ def test_head_role_follows_config(text_tasks, cls, head):
     state = method.init_client(task.clients[0].client_id, torch.Generator().manual_seed(1))
     head_keys = {k for k in {**server, **state} if ".lora_" not in k}
     assert head_keys == {f"{head}:classifier.weight", f"{head}:classifier.bias"}
-    update, new_state = method.client_update(_ctx(cfg, task), st.clone(method.broadcast(server, "c")), state)
+    update, new_state = method.client_update(client_context(cfg, task), st.clone(method.broadcast(server, "c")), state)
     if head == "shared":
         assert head_keys <= set(update.shared)
         assert not torch.equal(update.shared["shared:classifier.weight"], server["shared:classifier.weight"])
@@ -363,7 +319,7 @@ def test_head_role_follows_config(text_tasks, cls, head):
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_runs_end_to_end_with_finite_mse(name):
-    cfg, task = tiny()
+    cfg, task = tiny_task()
     result = LocalEngine(cfg, task, progress=False).run(name)
     assert len(result.clients) == cfg.task.num_clients
     for cid, m in result.clients.items():

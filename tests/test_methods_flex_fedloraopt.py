@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_client_updates, tiny_task
 
 from pf2lora import config, lora
 from pf2lora import state as st
@@ -19,34 +19,25 @@ from pf2lora.config import resolved_rank_range
 from pf2lora.engines.local import LocalEngine, generator
 from pf2lora.methods import ClientUpdate, registry
 from pf2lora.methods.base import ClientContext, resource_rank
-from pf2lora.methods.fedlora_opt import A_DIRECTION, A_MAGNITUDE, B_DIRECTION, B_MAGNITUDE, FedLoRAOptimizer, part_key
+from pf2lora.methods.fedlora_opt import (
+    A_DIRECTION,
+    A_MAGNITUDE,
+    B_DIRECTION,
+    B_MAGNITUDE,
+    FedLoRAOptimizer,
+    part_key,
+)
 from pf2lora.methods.flexlora import FlexLoRA, delta_key
-from pf2lora.tasks.synthetic import SyntheticRankTask
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = Path(sys.executable).with_name("pf2lora")
 
-BASE = [
-    "rounds=3",
-    "local_steps=4",
-    "batch_size=16",
-    "task.num_clients=3",
-    "task.dim=8",
-    "task.shared_rank=2",
-    "task.private_ranks=[0,1]",
-    "task.train_samples=64",
-    "task.test_samples=32",
-    "lora.rank=3",
-    "lora.alpha=3.0",
-    "lora.private_rank=1",
-    "lora.private_alpha=1.0",
-]
+BASE = ("local_steps=4", "lora.rank=3", "lora.alpha=3.0")
 ALPHA = 3.0
 
 
 def _setup(*overrides: str):
-    cfg = config.load(None, [*BASE, *overrides])
-    return cfg, SyntheticRankTask(cfg)
+    return tiny_task(*BASE, *overrides)
 
 
 def _ctx(task, k: int = 0, round_: int = 1, steps: int = 4, batch_size: int = 16) -> ClientContext:
@@ -64,19 +55,6 @@ def _applied(task, adapter, role=st.SHARED) -> torch.Tensor:
     """Delta W exactly as the client's LoRA layer applies it (scale alpha / rows of A)."""
     k_a, k_b = lora.adapter_keys(task.targets[0], lora.COMMON, role)
     return _layer(task).delta_weight({lora.COMMON: adapter[k_a]}, {lora.COMMON: adapter[k_b]})
-
-
-def _recording(monkeypatch, cls, calls: list[dict]):
-    original = cls.client_update
-
-    @functools.wraps(original)
-    def wrapper(self, ctx, received, client_state):
-        before = st.clone(client_state)
-        update, new_state = original(self, ctx, received, client_state)
-        calls.append(dict(round=ctx.round, client=ctx.client.client_id, received=st.clone(received), state=before, update=update, new_state=st.clone(new_state)))
-        return update, new_state
-
-    monkeypatch.setattr(cls, "client_update", wrapper)
 
 
 # == FlexLoRA ======================================================================================
@@ -221,7 +199,7 @@ def test_flexlora_scale_is_consistent_across_client_ranks():
 def test_flexlora_heterogeneous_uploads_have_their_own_sizes(monkeypatch):
     cfg, task = _setup(*FLEX, "rounds=2", "task.num_clients=6")
     calls: list[dict] = []
-    _recording(monkeypatch, FlexLoRA, calls)
+    record_client_updates(monkeypatch, FlexLoRA, calls)
     res = LocalEngine(cfg, task, progress=False).run("flexlora")
     m = FlexLoRA(cfg, task)
     d = cfg.task.dim
@@ -293,7 +271,7 @@ def test_fedlora_opt_directions_stay_unit_norm_after_training_and_aggregation():
 def test_fedlora_opt_uploads_only_the_shared_parts(monkeypatch):
     cfg, task = _setup("rounds=2")
     calls: list[dict] = []
-    _recording(monkeypatch, FedLoRAOptimizer, calls)
+    record_client_updates(monkeypatch, FedLoRAOptimizer, calls)
     res = LocalEngine(cfg, task, progress=False).run("fedlora-opt")
     t = task.targets[0]
     expect_keys = {part_key(t, A_DIRECTION), part_key(t, A_MAGNITUDE), part_key(t, B_DIRECTION)}
@@ -311,7 +289,7 @@ def test_fedlora_opt_uploads_only_the_shared_parts(monkeypatch):
 def test_fedlora_opt_b_magnitude_persists_per_client(monkeypatch):
     cfg, task = _setup("rounds=3")
     calls: list[dict] = []
-    _recording(monkeypatch, FedLoRAOptimizer, calls)
+    record_client_updates(monkeypatch, FedLoRAOptimizer, calls)
     LocalEngine(cfg, task, progress=False).run("fedlora-opt")
     k = part_key(task.targets[0], B_MAGNITUDE)
     by = {(c["round"], c["client"]): c for c in calls}

@@ -120,9 +120,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def results_table(summary: dict[str, Any], columns: tuple[str, ...] = (), primary: str | None = None, higher_is_better: bool = False) -> str:
+def results_table(
+    summary: dict[str, Any], columns: tuple[str, ...] = (), primary: str | None = None, higher_is_better: bool = False,
+    reference: tuple[str, str] | None = None,
+) -> str:
     """Markdown table: one row per method, the mean over clients of each metric, and the worst
-    client's ``primary`` metric beside it."""
+    client's ``primary`` metric beside it. ``reference = (key, label)`` adds a last row with the
+    clients' ``key`` (e.g. majority-class accuracy) in the ``primary`` column: the floor to beat."""
     methods = summary["methods"]
     if not columns:
         seen: list[str] = []
@@ -141,11 +145,18 @@ def results_table(summary: dict[str, Any], columns: tuple[str, ...] = (), primar
             row.append(_fmt(m["stats"].get(primary, {}).get(worst_key)))
         row.append(_fmt(int(m["upload_bytes_per_client_per_round"])))
         lines.append("| " + " | ".join(row) + " |")
+    if reference and primary in columns and methods:
+        key, label = reference
+        stats = next(iter(methods.values()))["stats"].get(key)
+        if stats:
+            row = [f"*{label}*", *[_fmt(stats["mean"]) if c == primary else "" for c in columns]]
+            row += [_fmt(stats[worst_key]), ""]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def task_table(task: Task, summary: dict[str, Any]) -> str:
-    return results_table(summary, task.table_columns, task.primary_metric, task.higher_is_better)
+    return results_table(summary, task.table_columns, task.primary_metric, task.higher_is_better, task.reference)
 
 
 def per_client_table(summary: dict[str, Any], metric: str, extra_columns: tuple[str, ...] = ()) -> str:
@@ -174,7 +185,7 @@ def write_report(out: Path, task: Task, summary: dict[str, Any], figures: list[s
         "",
         f"## Per client: {metric}",
         "",
-        per_client_table(summary, metric),
+        per_client_table(summary, metric, (task.reference[0],) if task.reference else ()),
         "",
     ]
     if any("effective_rank" in c for m in summary["methods"].values() for c in m["clients"].values()):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pf2lora import report
 from pf2lora.report import client_stats
 
 
@@ -38,3 +39,19 @@ def test_client_stats_unweighted_without_num_train_and_single_client():
     assert stats["p10"] == pytest.approx(float(np.percentile([0.5, 0.7, 0.9], 10)))
     one = client_stats({"a": {"acc": 0.25}})["acc"]
     assert one == {"mean": 0.25, "weighted_mean": 0.25, "std": 0.0, "min": 0.25, "p10": 0.25, "max": 0.25}
+
+
+def test_results_table_reference_row_and_per_client_column():
+    """The majority-class floor is shown as its own row (mean and worst client) and per client."""
+    clients = {"a": {"accuracy": 0.9, "majority_accuracy": 0.6, "num_train": 10},
+               "b": {"accuracy": 0.7, "majority_accuracy": 0.8, "num_train": 30}}
+    entry = {"clients": clients, "stats": report.client_stats(clients), "upload_bytes_per_client_per_round": 12.0}
+    entry["mean"] = {m: s["mean"] for m, s in entry["stats"].items()}
+    summary = {"methods": {"m1": entry}}
+    table = report.results_table(summary, ("accuracy",), "accuracy", True, ("majority_accuracy", "majority class"))
+    rows = table.splitlines()
+    assert rows[2] == "| m1 | 0.8000 | 0.7000 | 12 |"
+    assert rows[3] == "| *majority class* | 0.7000 | 0.6000 |  |"
+    per_client = report.per_client_table(summary, "accuracy", ("majority_accuracy",)).splitlines()
+    assert per_client[0] == "| client | majority_accuracy | m1 |"
+    assert per_client[2:] == ["| a | 0.6000 | 0.9000 |", "| b | 0.8000 | 0.7000 |"]

@@ -177,7 +177,8 @@ def test_generation_metrics():
 def test_classification_task_builds(cls_task):
     t = cls_task
     assert t.primary_metric == "accuracy" and t.higher_is_better
-    assert t.table_columns == ("accuracy", "macro_f1", "majority_accuracy", "global_accuracy")
+    assert t.table_columns == ("accuracy", "macro_f1", "balanced_accuracy", "global_accuracy")
+    assert t.reference == ("majority_accuracy", "majority class (reference)")
     assert [c.client_id for c in t.clients] == ["a", "b", "c"]
     # the saved model has no pooler: it is trained with the classifier, as on paraphrase-MiniLM-L3-v2
     assert sorted(t.head_names) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]

@@ -68,6 +68,9 @@ class Task(ABC):
     higher_is_better: bool = False
     table_columns: tuple[str, ...] = ()
     """Per-client metrics the results table shows (empty: all of them)."""
+    reference: tuple[str, str] | None = None
+    """(per-client metric, label) of a trivial baseline for ``primary_metric`` that tables show as a
+    reference row, e.g. the majority-class accuracy."""
 
     def forward(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Model output with ``params`` (model paths) in place of the registered adapters.

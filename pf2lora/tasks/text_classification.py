@@ -89,7 +89,8 @@ class TextClassificationTask(Task):
 
     primary_metric = "accuracy"
     higher_is_better = True
-    table_columns = ("accuracy", "macro_f1", "majority_accuracy", "global_accuracy")
+    table_columns = ("accuracy", "macro_f1", "balanced_accuracy", "global_accuracy")
+    reference = ("majority_accuracy", "majority class (reference)")
 
     def __init__(self, cfg: RunConfig):
         tc = cfg.task

@@ -44,7 +44,7 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pf2lora import checkpoint, config, report
+    from pf2lora import checkpoint, config, report, secagg
     from pf2lora.engines import ENGINES
     from pf2lora.engines.local import LocalEngine
     from pf2lora.tasks import build_task
@@ -65,10 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.resume)
         saved = checkpoint.load(out)
         cfg = config.load(out / "config.toml")
+        secagg.check_engine(cfg, args.engine)
     else:
         if not args.config:
             raise UserError("run: give a CONFIG file, or --resume DIR")
         cfg = config.load(args.config, args.set or [])
+        secagg.check_engine(cfg, args.engine)  # before the run directory is made
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         report.prepare_run_dir(out, overwrite=args.overwrite)
         report.atomic_write(out / "config.toml", config.dumps(cfg))
@@ -191,8 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings meant for the user (truncated texts, ...) as one line, without our source line."""
+    return f"pf2lora: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except UserError as e:

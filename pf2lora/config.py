@@ -152,6 +152,17 @@ class ServerConfig:
     dp_noise_multiplier: float = _f(0.0, "client-level DP: Gaussian noise std = multiplier * dp_clip_norm / clients; 0 = off", min=0.0)
     dp_clip_norm: float = _f(1.0, "client-level DP: each client's change is clipped to this L2 norm", gt=0.0)
     dp_delta: float = _f(1e-5, "client-level DP: the delta of the reported (epsilon, delta)", gt=0.0, max=1.0)
+    # -- secure aggregation (Flower SecAgg+; checked by pf2lora.secagg, see docs/flower.md) --------
+    secure_aggregation: bool = _f(False, "flower engines: aggregate uploads with Flower's SecAgg+, so the server sees only their "
+                                  "weighted mean; for plain-mean methods only, without robust aggregators, clipping or DP")
+    secagg_num_shares: float = _f(1.0, "secure aggregation: shares of each client's secrets, a fraction (<= 1) of the round's "
+                                  "clients or a count (an integer >= 3)", gt=0.0)
+    secagg_reconstruction_threshold: float = _f(0.7, "secure aggregation: shares needed to rebuild a secret, a fraction (<= 1) "
+                                                "of the shares or a count (>= 2); shares - threshold clients may drop out", gt=0.0)
+    secagg_clipping_range: float = _f(8.0, "secure aggregation: every uploaded value must lie in [-c, c]; a client with a "
+                                      "value outside drops out of the round", gt=0.0)
+    secagg_quantization_range: int = _f(2**22, "secure aggregation: integer levels over [-c, c] (step 2c / levels); "
+                                        "levels x clients per round must stay below 2**32", min=2)
 
 
 @dataclass
@@ -331,6 +342,10 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
     if cfg.task.kind in TEXT_DATASETS:
         _validate_text(cfg.task, source)
+    if cfg.server.secure_aggregation:
+        from pf2lora.secagg import check_config
+
+        check_config(cfg, source)
 
 
 TEXT_DATASETS: dict[str, tuple[str, ...]] = {

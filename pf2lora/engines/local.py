@@ -110,6 +110,9 @@ class LocalEngine:
         """Run ``method_name`` to the end (from ``resume`` if given); ``on_state`` gets the state
         after every round (for checkpoints), ``on_round`` the round's metrics record."""
         cfg, task = self.cfg, self.task
+        from pf2lora.secagg import check_engine
+
+        check_engine(cfg, "local")  # no SecAgg+ here: refuse rather than aggregate in the clear
         method: Method = registry()[method_name](cfg, task)
         trainers, steps = self._trainers(method)
         by_id = {c.client_id: c for c in trainers}

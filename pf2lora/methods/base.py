@@ -67,6 +67,12 @@ class Method(ABC):
     description: ClassVar[str]
     pools_data: ClassVar[bool] = False
     """True for a centralised reference: the engine trains one client on everyone's data."""
+    plain_mean_aggregation: ClassVar[bool] = False
+    """True if ``aggregate`` uses the uploads only through one ``combine`` of all of them, weighted
+    by ``num_examples``, with the default aggregator: same keys and shapes from every client, so
+    ``aggregate(server, [one update holding that mean])`` gives the same result. Then the
+    upload can be secure-aggregated (``server.secure_aggregation``): the server gets only the
+    mean. Set it only after checking ``aggregate`` (and everything it calls) says so."""
 
     def __init__(self, cfg: RunConfig, task: Task):
         self.cfg = cfg

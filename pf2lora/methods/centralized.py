@@ -14,3 +14,4 @@ class Centralized(HOMLoRA):
     name = "centralized"
     description = "one rank-r LoRA trained on all clients' pooled data (non-private reference)"
     pools_data = True
+    plain_mean_aggregation = False  # one pooled client holding everyone's raw data: no aggregate to secure

@@ -91,6 +91,7 @@ def unit_cols(x: torch.Tensor) -> torch.Tensor:
 class FedLoRAOptimizer(Method):
     name = "fedlora-opt"
     description = "A = A_M A_D, B = B_D B_M; A's direction (and A_M, B_D) averaged, B's magnitude private; global then local stage"
+    plain_mean_aggregation = True  # normalise(weighted mean): the uploads enter only through the mean
 
     # -- state -------------------------------------------------------------------------------
 

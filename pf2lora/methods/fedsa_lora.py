@@ -24,6 +24,7 @@ from pf2lora.methods.homlora import adamw_steps
 class FedSALoRA(Method):
     name = "fedsa-lora"
     description = "A shared and averaged, B private per client (zero init, kept across rounds)"
+    plain_mean_aggregation = True  # the base FedAvg aggregate (of A)
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         adapter = lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.cfg.lora.rank, generator)

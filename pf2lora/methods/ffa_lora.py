@@ -27,6 +27,7 @@ from pf2lora.methods.homlora import adamw_steps
 class FFALoRA(Method):
     name = "ffa-lora"
     description = "A frozen at a common random init; only B (and a shared head) trained and averaged"
+    plain_mean_aggregation = True  # the mean of the uploaded B's; the server's frozen A is kept
 
     def frozen_keys(self) -> set[str]:
         """The server-held, never-trained A of every adapted layer."""

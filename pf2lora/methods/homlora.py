@@ -25,6 +25,7 @@ def adamw_steps(method: Method, ctx: ClientContext, trained: st.Tensors, fixed: 
 class HOMLoRA(Method):
     name = "homlora"
     description = "FedAvg of one homogeneous rank-r LoRA adapter (no personalisation)"
+    plain_mean_aggregation = True  # the base FedAvg aggregate
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         return self.shared_adapter_and_head(generator)

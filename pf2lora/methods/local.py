@@ -16,6 +16,7 @@ from pf2lora.methods.homlora import adamw_steps
 class LocalOnly(Method):
     name = "local"
     description = "each client trains its own rank r + r~ LoRA; no communication"
+    plain_mean_aggregation = True  # nothing is uploaded (the engines skip SecAgg+ for an empty upload)
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         return {}

@@ -16,6 +16,7 @@ from pf2lora.optim import adamw
 class PF2LoRA(Method):
     name = "pf2lora"
     description = "two-level LoRA: common adapter (FedAvg, AdamW on the hypergradient) + private adapter (SGD), bilevel"
+    plain_mean_aggregation = True  # the base FedAvg aggregate of the common adapter
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         return self.shared_adapter_and_head(generator)

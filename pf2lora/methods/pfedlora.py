@@ -30,6 +30,7 @@ from pf2lora.methods.homlora import adamw_steps
 class PFedLoRA(Method):
     name = "pfedlora"
     description = "private LoRA (+ head) and a small shared LoRA trained alternately; only the shared one averaged"
+    plain_mean_aggregation = True  # the base FedAvg aggregate of the shared adapter
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         return self.shared_adapter_and_head(generator)

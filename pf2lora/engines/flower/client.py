@@ -35,6 +35,35 @@ def partition_of(context: Context) -> int:
     return int(value)
 
 
+def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``secaggplus_mod`` for the SecAgg+ messages of a run with
+    ``server.secure_aggregation`` (train messages with a ``secaggplus`` config record); any other
+    message goes straight to the app. A failure (the app's or the protocol's) is a one-line error
+    reply, so the server drops this client from the round and the round goes on."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type != "train" or not msg.has_content() or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    def train(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_error():  # the mod would fail on a reply without content: keep the app's reason
+            raise _AppFailed(reply.error.reason)
+        return reply
+
+    try:
+        return secaggplus_mod(msg, context, train)
+    except Exception as e:  # noqa: BLE001
+        reason = str(e) if isinstance(e, _AppFailed) else f"{type(e).__name__}: {e}"[:500]
+        log.warning("client SecAgg+ stage failed: %s", reason)
+        return Message(Error(code=ERROR_CLIENT, reason=reason), reply_to=msg)
+
+
+class _AppFailed(Exception):
+    pass
+
+
 def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | Path | None = None) -> ClientApp:
     """A ClientApp for ``cfg``. The state folder is the node's ``state-dir`` node config if set,
     else ``state_dir``, else ``cfg.flower.state_dir``. The app holds no task (it is pickled to
@@ -71,7 +100,7 @@ def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | P
             log.warning("client %s failed: %s", kind, reason)
             return Message(Error(code=ERROR_CLIENT, reason=reason), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])
     def train(msg: Message, context: Context) -> Message:
         return handle("train", msg, context)
 

@@ -4,6 +4,7 @@ For tests and debugging; ``flower-sim`` and ``flower-deploy`` use Flower's own r
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterable
 
@@ -40,7 +41,9 @@ class InProcessGrid:
             node = msg.metadata.dst_node_id
             if node not in self.contexts:
                 continue  # a message to an unknown node is never answered
-            reply = self.app(msg, self.contexts[node])
+            # a copy, as a real runtime delivers a deserialised one: Flower's SecAgg+ workflow sends
+            # one content object to every node, and its client mod edits what it receives
+            reply = self.app(copy.deepcopy(msg), self.contexts[node])
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies

@@ -8,6 +8,9 @@ client of a centralised reference) and runs the method's own client code. Messag
 * ``train``: ``received`` tensors in, ``method.client_update`` with the same context and random
   streams as the local engine, the new state saved as pending, only ``shared:`` tensors out
   (through :func:`pf2lora.state.outgoing`, the one gate).
+* ``train`` through SecAgg+ (``server.secure_aggregation``; legacy FitIns / FitRes records, see
+  :mod:`.secagg`): the same training and pending state; the client checks its own upload (the
+  server sees only the masked sum) and never sends it in the clear.
 * ``evaluate``: personalised and global metrics of one client, as the local engine computes them.
 
 Every message carries the last round whose training the server counted for that client: the
@@ -17,6 +20,7 @@ pending state of that round is committed, any other pending state dropped (see :
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from pathlib import Path
@@ -105,13 +109,19 @@ class ClientRuntime:
     # -- message handlers ------------------------------------------------------------------------
 
     def train(self, msg: Message, partition: int) -> Message:
+        from pf2lora.engines.flower import secagg
+
+        if secagg.FITINS in msg.content.config_records:
+            return self.train_secure(msg, partition)
         c = msg.content["config"]
         cid, name, run_key, round_ = str(c["client_id"]), str(c["method"]), str(c["run_key"]), int(c["round"])
         self._check_served(cid, partition)
         method = self.method(name)
+        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
+        if self.cfg.server.secure_aggregation and method.upload_spec(received):
+            raise PermissionError("this run uses server.secure_aggregation: this client does not send its upload in the clear")
         self.apply_verdict(c, name, run_key, cid)
         state = self.state(method, run_key, cid)
-        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
         if bool(c.get("inject_crash", False)):
             raise InjectedCrash("injected crash")
         data, steps = self.trainer(method, cid)
@@ -128,6 +138,42 @@ class ClientRuntime:
             "metrics": transport.dumps(update.metrics), "dtypes": dtypes,
         })
         return Message(RecordDict({"arrays": arrays, "config": reply}), reply_to=msg)
+
+    def train_secure(self, msg: Message, partition: int) -> Message:
+        """A SecAgg+ train message (legacy FitIns records, reached through ``secaggplus_mod``):
+        train and keep the state exactly as :meth:`train`, check the upload here (the server will
+        see only the masked sum), reply as a legacy FitRes for the mod to mask."""
+        from pf2lora.engines.flower import secagg
+
+        c, received = secagg.fitins_of(msg.content)
+        cid, name, run_key, round_ = str(c["client_id"]), str(c["method"]), str(c["run_key"]), int(c["round"])
+        self._check_served(cid, partition)
+        if not self.cfg.server.secure_aggregation:
+            raise PermissionError("a SecAgg+ train message, but this client's config has server.secure_aggregation = false")
+        method = self.method(name)
+        self.apply_verdict(c, name, run_key, cid)
+        state = self.state(method, run_key, cid)
+        if bool(c.get("inject_crash", False)):
+            raise InjectedCrash("injected crash")
+        data, steps = self.trainer(method, cid)
+        t0 = time.perf_counter()
+        update, new_state = method.client_update(self.engine._context(data, round_, "train", steps), received, state)
+        took = time.perf_counter() - t0
+        keys = transport.loads(str(c["upload_keys"]))
+        clip = float(c.get("secagg_clipping_range", self.cfg.server.secagg_clipping_range))
+        reason = secagg.check_upload(update.shared, method.upload_spec(received), keys, clip)
+        if reason is None and update.num_examples > float(c.get("secagg_max_weight", float("inf"))):
+            reason = f"num_examples {update.num_examples} exceeds the server's max_weight {c['secagg_max_weight']}"
+        if reason is None and not math.isfinite(update.metrics.get("train_loss", 0.0)):
+            reason = f"diverged: non-finite training loss {update.metrics.get('train_loss')}"
+        if reason is not None:  # nothing is saved: the state stays at the last counted round
+            raise ValueError(f"upload not sent: {reason}")
+        if cid in self.cfg.faults.poison_clients:  # an injected attacker skips the honest checks above
+            update = self.engine._poison(update, received)
+        self.store.save_pending(run_key, name, cid, round_, new_state)
+        shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
+        metrics = {"client_id": cid, "took_s": float(took), "metrics": transport.dumps(update.metrics)}
+        return Message(secagg.fitres_content(shared, keys, update.num_examples, metrics), reply_to=msg)
 
     def evaluate(self, msg: Message, partition: int) -> Message:
         c = msg.content["config"]

@@ -7,6 +7,11 @@ min_clients rule, DP accounting, the per-round record) is the local engine's, in
 so a run gives the local engine's numbers for the same seed. A bad reply (an error, no reply
 within ``flower.round_timeout_s``, a private key, a wrong shape, a non-finite value, a claim to be
 another client) is logged, recorded as a fault and left out; the round carries on.
+
+With ``server.secure_aggregation`` a round's training goes through Flower's SecAgg+ instead
+(:mod:`.secagg`): the server gets only the weighted mean of the uploads, so the per-upload
+validation above is done by each client on its own upload, and the method's ``aggregate`` gets
+that mean as a single update.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ log = logging.getLogger("pf2lora.flower")
 RoundCallback = Callable[[dict[str, Any]], None]
 ReplyHook = Callable[[str, Message], None]
 """Called with (message kind, reply) for every reply the server receives, before it is used."""
+ServerHook = Callable[[str, int, st.Tensors], None]
+"""Called with (method, round, server state) after every round's aggregation (tests, debugging)."""
 
 
 POLL_S = 0.2
@@ -65,9 +72,10 @@ class FlowerServer:
 
     def __init__(
         self, cfg: RunConfig, task: Task, grid: GridLike, *, on_round: RoundCallback | None = None,
-        on_reply: ReplyHook | None = None, progress: bool = False,
+        on_reply: ReplyHook | None = None, progress: bool = False, on_server: ServerHook | None = None,
     ):
         self.cfg = cfg
+        self.on_server = on_server
         self.task = task
         self.grid = grid
         self.on_round = on_round
@@ -204,6 +212,8 @@ class FlowerServer:
             bar = tqdm(total=cfg.rounds, desc=f"{name:>12}", dynamic_ncols=True)
         for round_ in range(1, cfg.rounds + 1):
             server, record = self._round(method, server, by_id, plays, accepted, faults, round_)
+            if self.on_server is not None:
+                self.on_server(method.name, round_, st.clone(server))
             if accountant is not None:
                 accountant.step()
                 record["dp_epsilon"] = accountant.epsilon()
@@ -256,6 +266,8 @@ class FlowerServer:
             download += transport.num_bytes(received)
             sent[cid] = (received, delay)
             outgoing.append((cid, plays[cid], self._content(method, cid, round_, received, accepted, inject_crash=kind == "crash")))
+        if cfg.server.secure_aggregation and any(method.upload_spec(r) for r, _ in sent.values()):
+            return self._secure_round(method, server, ids, sent, accepted, faults, outcome, download, round_, outgoing)
         replies = self._exchange("train", outgoing)
         updates: list[ClientUpdate] = []
         for cid in ids:  # in sampling order: the aggregate sums, and faults list, in the local engine's order
@@ -312,6 +324,58 @@ class FlowerServer:
         }
         return server, record
 
+    def _secure_round(
+        self, method: Method, server: st.Tensors, ids: list[str], sent: dict[str, tuple[st.Tensors, float]],
+        accepted: dict[str, int], faults: list[dict[str, Any]], outcome: dict[str, list[str]], download: int, round_: int,
+        outgoing: list[tuple[str, str, RecordDict]],
+    ) -> tuple[st.Tensors, dict[str, Any]]:
+        """One round through Flower's SecAgg+ (:mod:`.secagg`): the server gets only the weighted
+        mean of the uploads and hands it to the method's ``aggregate`` as a single update."""
+        from pf2lora.engines.flower import secagg
+
+        cfg = self.cfg
+        configs = {cid: dict(content["config"]) for cid, _, content in outgoing}
+        got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, configs)
+        for cid in ids:  # in sampling order, as the normal path records faults
+            if cid not in sent:
+                outcome["dropped"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "dropped"})
+            elif cid in got.failed:
+                why = got.failed[cid]
+                outcome["crashed"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "crashed", "reason": why[:200]})
+                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, why[:200])
+        reason = None if got.mean is None else secagg.out_of_range(got.mean, cfg.server.secagg_clipping_range)
+        if reason is not None:  # no client's training counted: every state stays at its last good round
+            for cid in got.included:
+                outcome["rejected"].append(cid)
+                faults.append({"round": round_, "client": cid, "fault": "rejected", "reason": reason})
+            log.warning("%s round %d: %s", method.name, round_, reason)
+            got.included = []
+        for cid in got.included:
+            accepted[cid] = round_
+        if len(got.included) < cfg.server.min_clients:
+            detail = ", ".join(f"{k}: {v}" for k, v in outcome.items() if v)
+            raise RoundFailure(
+                f"{method.name} round {round_}: {len(got.included)} client update(s) in the secure aggregate, fewer than "
+                f"server.min_clients = {cfg.server.min_clients}" + (f" ({detail})" if detail else "")
+            )
+        method.begin_round(round_)
+        total = sum(got.num_examples[c] for c in got.included)
+        server = method.aggregate(server, [ClientUpdate("secure-aggregate", got.mean, total, {})])
+        n = len(got.included)
+        record = {
+            "method": method.name,
+            "round": round_,
+            "sampled": len(ids),
+            "participants": n,
+            **{k: v for k, v in outcome.items() if v},
+            "train_loss": sum(got.metrics[c].get("train_loss", 0.0) for c in got.included) / n,
+            "upload_bytes_per_client": transport.num_bytes(got.mean),  # the upload's size in the clear, as the normal path
+            "download_bytes_per_client": download / max(1, len(ids) - len(outcome["dropped"])),
+        }
+        return server, record
+
     def _parse(self, reply: Message, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
         """(update, client-measured seconds, None) or (None, 0, why the reply is malformed)."""
         try:
@@ -361,7 +425,7 @@ def _payload(msg: Message) -> int:
 def make_server_app(
     cfg: RunConfig, task: Task | None = None, *, results: list[MethodResult] | None = None,
     on_round: RoundCallback | None = None, on_reply: ReplyHook | None = None, progress: bool = False,
-    on_done: Callable[[list[MethodResult]], None] | None = None,
+    on_done: Callable[[list[MethodResult]], None] | None = None, on_server: ServerHook | None = None,
     on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``cfg.methods``. Results are appended to ``results`` (in-process
@@ -375,7 +439,10 @@ def make_server_app(
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         try:
-            server = FlowerServer(cfg, task if task is not None else build_task(cfg), grid, on_round=on_round, on_reply=on_reply, progress=progress)
+            server = FlowerServer(
+                cfg, task if task is not None else build_task(cfg), grid, on_round=on_round, on_reply=on_reply, progress=progress,
+                on_server=on_server,
+            )
             out = server.run()
         except BaseException as e:
             if on_error is not None:

@@ -19,7 +19,7 @@ env.apply()
 
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import FlowerEngineError
-from pf2lora.engines.flower.server import ReplyHook, RoundCallback, make_server_app
+from pf2lora.engines.flower.server import ReplyHook, RoundCallback, ServerHook, make_server_app
 from pf2lora.engines.local import MethodResult
 from pf2lora.tasks.base import Task
 
@@ -27,14 +27,14 @@ from pf2lora.tasks.base import Task
 def run_flower_sim(
     cfg: RunConfig, task: Task | None = None, *, on_round: RoundCallback | None = None,
     on_reply: ReplyHook | None = None, progress: bool = False, num_cpus: int | None = None,
-    verbose: bool = False,
+    verbose: bool = False, on_server: ServerHook | None = None,
 ) -> list[MethodResult]:
     """Run ``cfg.methods`` on a simulated federation (one virtual SuperNode per client).
 
     ``task`` (built from ``cfg`` when None) serves the ServerApp; Ray workers build theirs.
     Client state lives in ``cfg.flower.state_dir`` or a temporary folder removed afterwards.
     ``num_cpus`` caps the cores Ray may use (default: all); each client takes
-    ``cfg.flower.client_cpus``. Raises :class:`FlowerEngineError` if the simulation fails.
+    ``cfg.flower.client_cpus``. ``on_server`` sees the server state after every round. Raises :class:`FlowerEngineError` if the simulation fails.
     """
     import ray
     from flwr.simulation import run_simulation
@@ -50,7 +50,7 @@ def run_flower_sim(
     if not state_dir:
         tmp = tempfile.mkdtemp(prefix="pf2lora-flower-state-")
         state_dir = tmp
-    server_app = make_server_app(cfg, task, results=results, on_round=on_round, on_reply=on_reply, progress=progress)
+    server_app = make_server_app(cfg, task, results=results, on_round=on_round, on_reply=on_reply, progress=progress, on_server=on_server)
     client_app = make_client_app(cfg, state_dir)
     init_args: dict = {"include_dashboard": False}
     if num_cpus:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "memory.json"
@@ -34,7 +35,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def tensor_bytes(obj) -> int:  # noqa: ANN001
+def tensor_bytes(obj) -> int:
     import torch
 
     if isinstance(obj, torch.Tensor):
@@ -163,13 +164,10 @@ def main() -> int:
         "benchmark": "peak memory of the in-process engine, 8 vs 64 clients",
         "command": "python " + " ".join(["benchmarks/memory.py", *sys.argv[1:]]),
         "config": CONFIG + " with 100 training and 16 test examples per client, 1 round x 1 local step",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "runs": runs, "growth": growth,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, data)
     print(table(data))
     return 0
 

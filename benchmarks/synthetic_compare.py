@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/synthetic_rank.toml", "configs/synthetic_rank_lowdata.toml"]
@@ -150,8 +150,7 @@ def main() -> int:
     data = {
         "benchmark": "synthetic rank recovery: every method, both regimes, several seeds",
         "command": "python " + " ".join(["benchmarks/synthetic_compare.py", *sys.argv[1:]]),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1, "jobs": args.jobs,
-                    "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(torch_threads_per_job=1, jobs=args.jobs),
         "tuning": "none per method: config values and each method's documented defaults",
         "total_wall_time_s": time.time() - start,
         "setup": setup,
@@ -159,10 +158,7 @@ def main() -> int:
         "results": summarize(runs),
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, data)
     print(table(data))
     return 0
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+from common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/vader_compare.toml"
@@ -35,7 +35,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "text_compare.json"
 PER_CLIENT = ("accuracy", "macro_f1", "balanced_accuracy", "global_accuracy", "majority_accuracy")
 
 
-def trained_params(method, task) -> dict[str, int]:  # noqa: ANN001
+def trained_params(method, task) -> dict[str, int]:
     """Tensors one client trains (what it receives plus its own state), split into LoRA and head."""
     from pf2lora.engines.local import generator
 
@@ -132,13 +132,6 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _write(out: Path, data: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG)
@@ -168,29 +161,26 @@ def main() -> int:
         "benchmark": "personalised federated methods on real text, several seeds",
         "command": "python " + " ".join(["benchmarks/text_compare.py", *sys.argv[1:]]),
         "config": args.config, "overrides": args.set, "setup": setup,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads_per_job": 1, "jobs": args.jobs,
-                    "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(torch_threads_per_job=1, jobs=args.jobs),
         "tuning": "none per method: config values and each method's documented defaults",
         "complete": False, "runs": [],
     }
     start = time.time()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, args.config, s, m, args.set): (s, m) for s, m in jobs}
-        from concurrent.futures import as_completed
-
         for i, f in enumerate(as_completed(futures), 1):
             r = f.result()
             data["runs"].append(r)
             data["runs"].sort(key=lambda x: (x["method"], x["seed"]))
             data["results"] = summarize(data["runs"])
             data["total_wall_time_s"] = time.time() - start
-            _write(args.out, data)
+            write_json(args.out, data)
             print(f"[{i}/{len(jobs)}] seed {r['seed']} {r['method']}: accuracy {r['mean_accuracy']:.3f}, "
                   f"worst {r['worst_accuracy']:.3f} ({r['wall_time_s']:.0f} s)", flush=True)
     majority = [c["majority_accuracy"] for c in data["runs"][0]["clients"].values()]
     data["worst_majority_accuracy"] = min(majority)
     data["complete"] = True
-    _write(args.out, data)
+    write_json(args.out, data)
     print(table(data))
     return 0
 

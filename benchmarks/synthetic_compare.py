@@ -82,7 +82,7 @@ def summarize(runs: list[dict]) -> dict:
         for method in sorted({r["method"] for r in runs if r["config"] == config}):
             rs = [r for r in runs if r["config"] == config and r["method"] == method]
 
-            def ms(key: str) -> dict:
+            def ms(key: str, rs: list[dict] = rs) -> dict:
                 vals = [r[key] for r in rs]
                 return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
 

@@ -91,7 +91,7 @@ def summarize(runs: list[dict]) -> dict:
     for method in sorted({r["method"] for r in runs}):
         rs = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
 
-        def ms(key: str) -> dict | None:
+        def ms(key: str, rs: list[dict] = rs) -> dict | None:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if not vals:
                 return None

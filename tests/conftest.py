@@ -8,7 +8,7 @@ import torch
 from pf2lora import config
 from pf2lora import state as st
 from pf2lora.config import RunConfig
-from pf2lora.engines.local import generator
+from pf2lora.engines.rounds import client_context as engine_context
 from pf2lora.methods import ClientContext, registry
 from pf2lora.tasks.synthetic import SyntheticRankTask
 
@@ -62,12 +62,8 @@ def tiny_task(*overrides: str) -> tuple[RunConfig, SyntheticRankTask]:
 
 def client_context(cfg: RunConfig, task, k: int = 0, round_: int = 1, steps: int | None = None,
                    purpose: str = "train") -> ClientContext:
-    """Client ``k``'s context for ``round_`` with the engine's seed derivation."""
-    c = task.clients[k]
-    return ClientContext(
-        client=c, task=task, generator=generator(cfg.seed, purpose, c.client_id, round_),
-        round=round_, local_steps=cfg.local_steps if steps is None else steps, batch_size=cfg.batch_size,
-    )
+    """Client ``k``'s context for ``round_``, as the engines make it."""
+    return engine_context(cfg, task, task.clients[k], round_, purpose, cfg.local_steps if steps is None else steps)
 
 
 def record_client_updates(monkeypatch, cls, calls: list[dict]) -> None:

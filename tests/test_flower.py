@@ -187,9 +187,11 @@ def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatc
                                                and int(sent[r.metadata.src_node_id]["round"]) == 2)]
 
     (flower,) = _inprocess(cfg, task, tmp_path, lambda app: Lossy(app, len(task.clients)))
+    from pf2lora.engines import local as local_engine
+
     with monkeypatch.context() as m:
-        real = LocalEngine._fault
-        m.setattr(LocalEngine, "_fault", lambda self, cid, r: ("crash", 0.0) if (cid, r) == ("client_0", 2) else real(self, cid, r))
+        real = local_engine.injected_fault
+        m.setattr(local_engine, "injected_fault", lambda cfg, cid, r: ("crash", 0.0) if (cid, r) == ("client_0", 2) else real(cfg, cid, r))
         (local,) = _local(cfg, task)
     assert flower.clients == local.clients
     assert [r["train_loss"] for r in flower.rounds] == [r["train_loss"] for r in local.rounds]

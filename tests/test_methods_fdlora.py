@@ -17,6 +17,7 @@ import pf2lora.methods.base as base_mod
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
+from pf2lora.engines.rounds import client_context
 from pf2lora.methods import ClientUpdate, registry
 from pf2lora.methods.base import weighted_mean
 from pf2lora.methods.fdlora import FDLoRA, fuse, fusion_search
@@ -202,8 +203,7 @@ def test_client_update_does_not_mutate_inputs():
     server = m.init_server(torch.Generator().manual_seed(0))
     state = m.init_client("client_0", torch.Generator().manual_seed(1))
     received, snap_r, snap_s = m.broadcast(server, "client_0"), st.clone(server), st.clone(state)
-    eng = LocalEngine(cfg, task, progress=False)
-    upd, new = m.client_update(eng._context(task.clients[0], 1, "train", cfg.local_steps), received, state)
+    upd, new = m.client_update(client_context(cfg, task, task.clients[0], 1, "train", cfg.local_steps), received, state)
     assert all(torch.equal(server[k], snap_r[k]) for k in server)
     assert all(torch.equal(state[k], snap_s[k]) for k in state)
     assert not {t.data_ptr() for t in new.values() if t.numel()} & {t.data_ptr() for t in received.values() if t.numel()}
@@ -311,9 +311,8 @@ def test_holdout_is_excluded_from_training_and_used_for_fusion(monkeypatch):
     monkeypatch.setattr(task, "loss", lambda params, batch: seen_by_loss.append(len(batch["inputs"])) or original_loss(params, batch))
     server = m.init_server(torch.Generator().manual_seed(0))
     state = m.init_client("client_0", torch.Generator().manual_seed(1))
-    eng = LocalEngine(cfg, task, progress=False)
     with torch.no_grad():
-        m.personalized(eng._context(task.clients[0], 1, "eval", 1), m.broadcast(server, "client_0"), state)
+        m.personalized(client_context(cfg, task, task.clients[0], 1, "eval", 1), m.broadcast(server, "client_0"), state)
     assert seen_by_loss and set(seen_by_loss) == {3} and len(seen_by_loss) <= cfg.fdlora.fusion_evals
 
 

@@ -43,7 +43,7 @@ from pf2lora.engines.flower.common import (
     FlowerEngineError,
 )
 from pf2lora.engines.flower.server import RoundCallback
-from pf2lora.engines.local import MethodResult, RoundFailure
+from pf2lora.engines.rounds import MethodResult, RoundFailure
 
 CONNECTION = "pf2lora"
 FAB_PACKAGE = "pf2lora_fab"

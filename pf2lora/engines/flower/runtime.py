@@ -5,13 +5,14 @@ One node plays one client (partition ``partition-id`` of the task; node 0 also p
 client of a centralised reference) and runs the method's own client code. Messages
 (``content["config"]`` holds the scalars, ``content["arrays"]`` the tensors):
 
-* ``train``: ``received`` tensors in, ``method.client_update`` with the same context and random
-  streams as the local engine, the new state saved as pending, only ``shared:`` tensors out
-  (through :func:`pf2lora.state.outgoing`, the one gate).
+* ``train``: ``received`` tensors in, :func:`pf2lora.engines.rounds.train_client` (the local
+  engine's training, same context and random streams), the new state saved as pending, only
+  ``shared:`` tensors out (through :func:`pf2lora.state.outgoing`, the one gate).
 * ``train`` through SecAgg+ (``server.secure_aggregation``; legacy FitIns / FitRes records, see
   :mod:`.secagg`): the same training and pending state; the client checks its own upload (the
   server sees only the masked sum) and never sends it in the clear.
-* ``evaluate``: personalised and global metrics of one client, as the local engine computes them.
+* ``evaluate``: personalised and global metrics of one client,
+  :func:`pf2lora.engines.rounds.evaluate_client` (what the local engine computes).
 
 Every message carries the last round whose training the server counted for that client: the
 pending state of that round is committed, any other pending state dropped (see :mod:`.store`). The task is built once per process.
@@ -20,11 +21,8 @@ pending state of that round is committed, any other pending state dropped (see :
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -38,7 +36,15 @@ env.apply()
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from pf2lora.engines.local import InjectedCrash, LocalEngine, common_adapter
+from pf2lora.engines.rounds import (
+    InjectedCrash,
+    divergence,
+    evaluate_client,
+    initial_client,
+    injected_poison,
+    train_client,
+    trainers,
+)
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientState, Method
 from pf2lora.tasks import build_task
@@ -69,7 +75,6 @@ class ClientRuntime:
     def __init__(self, cfg: RunConfig, task: Task, state_dir: str | Path):
         self.cfg = cfg
         self.task = task
-        self.engine = LocalEngine(cfg, task, progress=False)  # for its context, fault and poison helpers
         self.store = NodeStore(state_dir)
         self._methods: dict[str, Method] = {}
 
@@ -88,19 +93,17 @@ class ClientRuntime:
         return [self.task.clients[partition].client_id] + (["pooled"] if partition == 0 else [])
 
     def trainer(self, method: Method, client_id: str) -> tuple[ClientData, int]:
-        trainers, steps = self.engine._trainers(method)
-        by_id = {c.client_id: c for c in trainers}
+        clients, steps = trainers(self.cfg, self.task, method)
+        by_id = {c.client_id: c for c in clients}
         if client_id not in by_id:
             raise ValueError(f"{method.name}: {client_id!r} is not a training client of this method")
         return by_id[client_id], steps
 
     def state(self, method: Method, run_key: str, client_id: str) -> ClientState:
-        from pf2lora.engines.local import generator
-
         saved = self.store.load(run_key, method.name, client_id)
         if saved is not None:
             return saved
-        return method.init_client(client_id, generator(self.cfg.seed, "init", client_id))
+        return initial_client(self.cfg, method, client_id)
 
     def apply_verdict(self, c: ConfigRecord, method: str, run_key: str, client_id: str) -> None:
         """Commit the pending state if the server counted that round, else drop it."""
@@ -125,11 +128,8 @@ class ClientRuntime:
         if bool(c.get("inject_crash", False)):
             raise InjectedCrash("injected crash")
         data, steps = self.trainer(method, cid)
-        t0 = time.perf_counter()
-        update, new_state = method.client_update(self.engine._context(data, round_, "train", steps), received, state)
-        took = time.perf_counter() - t0
-        if cid in self.cfg.faults.poison_clients:
-            update = self.engine._poison(update, received)
+        update, new_state, took = train_client(self.cfg, self.task, method, data, steps, round_, received, state)
+        update = injected_poison(self.cfg, cid, update, received)
         self.store.save_pending(run_key, name, cid, round_, new_state)
         shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
         arrays, dtypes = transport.to_record(shared)
@@ -156,20 +156,17 @@ class ClientRuntime:
         if bool(c.get("inject_crash", False)):
             raise InjectedCrash("injected crash")
         data, steps = self.trainer(method, cid)
-        t0 = time.perf_counter()
-        update, new_state = method.client_update(self.engine._context(data, round_, "train", steps), received, state)
-        took = time.perf_counter() - t0
+        update, new_state, took = train_client(self.cfg, self.task, method, data, steps, round_, received, state)
         keys = transport.loads(str(c["upload_keys"]))
         clip = float(c.get("secagg_clipping_range", self.cfg.server.secagg_clipping_range))
         reason = secagg.check_upload(update.shared, method.upload_spec(received), keys, clip)
         if reason is None and update.num_examples > float(c.get("secagg_max_weight", float("inf"))):
             reason = f"num_examples {update.num_examples} exceeds the server's max_weight {c['secagg_max_weight']}"
-        if reason is None and not math.isfinite(update.metrics.get("train_loss", 0.0)):
-            reason = f"diverged: non-finite training loss {update.metrics.get('train_loss')}"
+        if reason is None:
+            reason = divergence(update)
         if reason is not None:  # nothing is saved: the state stays at the last counted round
             raise ValueError(f"upload not sent: {reason}")
-        if cid in self.cfg.faults.poison_clients:  # an injected attacker skips the honest checks above
-            update = self.engine._poison(update, received)
+        update = injected_poison(self.cfg, cid, update, received)  # an injected attacker skips the honest checks above
         self.store.save_pending(run_key, name, cid, round_, new_state)
         shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
         metrics = {"client_id": cid, "took_s": float(took), "metrics": transport.dumps(update.metrics)}
@@ -187,34 +184,13 @@ class ClientRuntime:
         client = next((k for k in self.task.clients if k.client_id == cid), None)
         if client is None:
             raise ValueError(f"no client {cid!r} in this node's task")
-        metrics = evaluate_client(self.engine, method, client, received, state, round_)
+        metrics = evaluate_client(self.cfg, self.task, method, client, received, state, round_)
         reply = ConfigRecord({"client_id": cid, "metrics": transport.dumps(metrics)})
         return Message(RecordDict({"config": reply}), reply_to=msg)
 
     def _check_served(self, client_id: str, partition: int) -> None:
         if client_id not in self.served(partition):
             raise ValueError(f"this node (partition {partition}) does not serve client {client_id!r}")
-
-
-@torch.no_grad()
-def evaluate_client(
-    engine: LocalEngine, method: Method, client: ClientData, received: st.Tensors, state: ClientState, round_: int
-) -> dict[str, Any]:
-    """One client's metrics exactly as :meth:`LocalEngine.evaluate` computes them, from what the
-    server broadcast to it (the node has no server state)."""
-    task = engine.task
-    ctx = engine._context(client, round_, "eval", 1)
-    with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
-        personal = method.personalized(ctx, received, state)
-    metrics: dict[str, Any] = dict(task.evaluate(st.model_params(personal), client.test))
-    global_params = method.global_params(received, state)
-    if global_params is not None:
-        for name, value in task.evaluate(st.model_params(global_params), client.test).items():
-            metrics[f"global_{name}"] = value
-    metrics.update(task.diagnostics(client, st.model_params(personal), common_adapter(personal)))
-    metrics.update(method.describe_client(received, state))
-    metrics["num_train"] = client.num_train
-    return metrics
 
 
 def register_task(cfg: RunConfig, task: Task) -> None:

@@ -34,6 +34,7 @@ import torch
 from pf2lora import secagg
 from pf2lora.engines.flower import env
 from pf2lora.engines.flower.common import FlowerEngineError
+from pf2lora.engines.rounds import trainers
 
 env.apply()
 
@@ -227,7 +228,7 @@ def secure_round(
         raise FlowerEngineError(f"{method.name}: clients would upload different keys or shapes; secure aggregation needs the same for all")
     upload_keys = sorted(spec)
     reference = next(iter(sent.values()))
-    weights = [float(d.num_train) for d in server.engine._trainers(method)[0]]
+    weights = [float(d.num_train) for d in trainers(cfg, server.task, method)[0]]
     max_weight = max(1.0, max(weights))
     grid = _StageGrid(server)
     node_to_cid = {server.node_of[cid]: cid for cid in sent}

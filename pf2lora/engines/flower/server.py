@@ -1,10 +1,10 @@
 """The ServerApp: the local engine's round loop, with clients reached through a Flower Grid.
 
-The server holds the server state and calls the method's own ``broadcast`` / ``begin_round`` /
-``aggregate``; everything else a round does (client sampling, injected faults, validation of every
-upload with :func:`pf2lora.robust.validate_update` against ``method.upload_spec(received)``, the
-min_clients rule, DP accounting, the per-round record) is the local engine's, in the same order,
-so a run gives the local engine's numbers for the same seed. A bad reply (an error, no reply
+The server holds the server state and calls the method's own ``broadcast``; everything else a
+round does (client sampling, injected faults, checking every upload against
+``method.upload_spec(received)``, the fault records, the min_clients rule, the aggregation, DP
+accounting, the per-round record) is :mod:`pf2lora.engines.rounds`, which the local engine runs
+too, in the same order, so a run gives the local engine's numbers for the same seed. A bad reply (an error, no reply
 within ``flower.round_timeout_s``, a private key, a wrong shape, a non-finite value, a claim to be
 another client) is logged, recorded as a fault and left out; the round carries on.
 
@@ -17,7 +17,6 @@ that mean as a single update.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -35,22 +34,28 @@ env.apply()
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from pf2lora.engines.local import (
-    LocalEngine,
+from pf2lora.engines.rounds import (
     MethodResult,
-    RoundFailure,
-    generator,
+    RoundCallback,
+    RoundLedger,
+    eval_due,
+    initial_server,
+    injected_fault,
+    make_accountant,
     mean_of,
-    sample_clients,
+    num_bytes,
+    open_round,
+    privacy_report,
+    trainers,
 )
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientUpdate, Method
-from pf2lora.robust import validate_update
-from pf2lora.tasks.base import Task
+from pf2lora.tasks.base import ClientData, Task
 
 log = logging.getLogger("pf2lora.flower")
 
-RoundCallback = Callable[[dict[str, Any]], None]
+__all__ = ["FlowerServer", "GridLike", "ReplyHook", "RoundCallback", "ServerHook", "make_server_app"]
+
 ReplyHook = Callable[[str, Message], None]
 """Called with (message kind, reply) for every reply the server receives, before it is used."""
 ServerHook = Callable[[str, int, st.Tensors], None]
@@ -81,7 +86,6 @@ class FlowerServer:
         self.on_round = on_round
         self.on_reply = on_reply
         self.progress = progress
-        self.engine = LocalEngine(cfg, task, progress=False)  # its sampling, fault and DP helpers
         self.run_key = uuid.uuid4().hex  # namespaces the client state files of this run
         self.node_of: dict[str, int] = {}
         self.bytes_up = 0
@@ -196,11 +200,10 @@ class FlowerServer:
     def run_method(self, name: str) -> MethodResult:
         cfg, task = self.cfg, self.task
         method: Method = registry()[name](cfg, task)
-        trainers, _ = self.engine._trainers(method)
-        by_id = {c.client_id: c for c in trainers}
+        by_id = {c.client_id: c for c in trainers(cfg, task, method)[0]}
         plays = {cid: (cid if cid in self.node_of else task.clients[0].client_id) for cid in by_id}  # pooled: node 0
-        accountant = self.engine._accountant()
-        server = method.init_server(generator(cfg.seed, "init", "server"))
+        accountant = make_accountant(cfg, task)
+        server = initial_server(cfg, method)
         accepted: dict[str, int] = {}  # client -> last round whose training counted (its state advances)
         rounds: list[dict[str, Any]] = []
         faults: list[dict[str, Any]] = []
@@ -217,7 +220,7 @@ class FlowerServer:
             if accountant is not None:
                 accountant.step()
                 record["dp_epsilon"] = accountant.epsilon()
-            if cfg.eval.every and round_ % cfg.eval.every == 0 and round_ < cfg.rounds:
+            if eval_due(cfg, round_):
                 record["eval"] = mean_of(self._evaluate(method, server, accepted, round_), task.primary_metric)
             rounds.append(record)
             if bar is not None:
@@ -230,12 +233,7 @@ class FlowerServer:
         result = MethodResult(name, {}, rounds, faults=faults)
         result.clients = self._evaluate(method, server, accepted, cfg.rounds)
         if accountant is not None:
-            result.privacy = {
-                "epsilon": accountant.epsilon(), "delta": cfg.server.dp_delta,
-                "noise_multiplier": cfg.server.dp_noise_multiplier, "clip_norm": cfg.server.dp_clip_norm,
-                "sample_rate": self.engine._sample_rate(), "rounds": cfg.rounds,
-                "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
-            }
+            result.privacy = privacy_report(cfg, task, accountant, rounds)
         result.wall_time_s = time.perf_counter() - start
         return result
 
@@ -249,132 +247,80 @@ class FlowerServer:
         return RecordDict({"arrays": arrays, "config": c})
 
     def _round(
-        self, method: Method, server: st.Tensors, by_id: dict, plays: dict[str, str],
+        self, method: Method, server: st.Tensors, by_id: dict[str, ClientData], plays: dict[str, str],
         accepted: dict[str, int], faults: list[dict[str, Any]], round_: int,
     ) -> tuple[st.Tensors, dict[str, Any]]:
+        """One round: broadcast to every sampled client that did not drop out, one exchange, then
+        the replies in sampling order through the ledger (as the local engine reports them)."""
         cfg = self.cfg
-        ids = list(by_id) if method.pools_data else sample_clients(cfg, list(by_id), round_)
-        outcome: dict[str, list[str]] = {"dropped": [], "crashed": [], "late": [], "rejected": []}
+        ledger = open_round(cfg, method, list(by_id), round_, faults)
         sent: dict[str, tuple[st.Tensors, float]] = {}
         outgoing = []
-        download = 0
-        for cid in ids:
-            kind, delay = self.engine._fault(cid, round_)
+        for cid in ledger.sampled:
+            kind, delay = injected_fault(cfg, cid, round_)
             if kind == "dropout":
-                continue
+                continue  # recorded below, in sampling order
             received = st.clone(method.broadcast(server, cid))
-            download += transport.num_bytes(received)
+            ledger.sent(received)
             sent[cid] = (received, delay)
             outgoing.append((cid, plays[cid], self._content(method, cid, round_, received, accepted, inject_crash=kind == "crash")))
         if cfg.server.secure_aggregation and any(method.upload_spec(r) for r, _ in sent.values()):
-            return self._secure_round(method, server, ids, sent, accepted, faults, outcome, download, round_, outgoing)
+            return self._secure_round(method, server, ledger, sent, accepted, outgoing)
         replies = self._exchange("train", outgoing)
-        updates: list[ClientUpdate] = []
-        for cid in ids:  # in sampling order: the aggregate sums, and faults list, in the local engine's order
+        for cid in ledger.sampled:
             if cid not in sent:
-                outcome["dropped"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "dropped"})
+                ledger.dropped(cid)
                 continue
             received, delay = sent[cid]
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
-                outcome["crashed"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "crashed", "reason": why[:200]})
-                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, why[:200])
+                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, ledger.crashed(cid, why))
                 continue
             update, took, reason = self._parse(reply, cid)
-            if reason is None and cfg.faults.deadline_s and took + delay > cfg.faults.deadline_s:
-                outcome["late"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "late", "reason": f"{took + delay:.3f} s > deadline {cfg.faults.deadline_s:g} s"})
+            if update is None:
+                ledger.rejected(cid, reason or "malformed reply")
+            elif ledger.missed_deadline(cid, took + delay):
                 accepted[cid] = round_  # it did train; only the server ignores its late upload
                 continue
-            if reason is None:
-                reason = validate_update(update.shared, method.upload_spec(received))
-            if reason is None:
-                loss = update.metrics.get("train_loss", 0.0)
-                if not math.isfinite(loss):
-                    reason = f"diverged: non-finite training loss {loss}"
+            else:
+                reason = ledger.offer(cid, update, received)
             if reason is not None:
-                outcome["rejected"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "rejected", "reason": reason})
                 log.warning("%s round %d: rejected the upload of client %s: %s", method.name, round_, cid, reason)
                 continue  # its state stays at the last good round
             accepted[cid] = round_
-            updates.append(update)
-        if len(updates) < cfg.server.min_clients:
-            detail = ", ".join(f"{k}: {v}" for k, v in outcome.items() if v)
-            raise RoundFailure(
-                f"{method.name} round {round_}: {len(updates)} successful client update(s), fewer than "
-                f"server.min_clients = {cfg.server.min_clients}" + (f" ({detail})" if detail else "")
-            )
-        method.begin_round(round_)
-        if updates:
-            server = method.aggregate(server, updates)
-        n = max(1, len(updates))
-        record = {
-            "method": method.name,
-            "round": round_,
-            "sampled": len(ids),
-            "participants": len(updates),
-            **{k: v for k, v in outcome.items() if v},
-            "train_loss": sum(u.metrics.get("train_loss", 0.0) for u in updates) / n if updates else float("nan"),
-            "upload_bytes_per_client": sum(u.num_bytes for u in updates) / n,
-            "download_bytes_per_client": download / max(1, len(ids) - len(outcome["dropped"])),
-        }
-        return server, record
+        return ledger.finish(server)
 
     def _secure_round(
-        self, method: Method, server: st.Tensors, ids: list[str], sent: dict[str, tuple[st.Tensors, float]],
-        accepted: dict[str, int], faults: list[dict[str, Any]], outcome: dict[str, list[str]], download: int, round_: int,
-        outgoing: list[tuple[str, str, RecordDict]],
+        self, method: Method, server: st.Tensors, ledger: RoundLedger, sent: dict[str, tuple[st.Tensors, float]],
+        accepted: dict[str, int], outgoing: list[tuple[str, str, RecordDict]],
     ) -> tuple[st.Tensors, dict[str, Any]]:
         """One round through Flower's SecAgg+ (:mod:`.secagg`): the server gets only the weighted
         mean of the uploads and hands it to the method's ``aggregate`` as a single update."""
         from pf2lora.engines.flower import secagg
 
-        cfg = self.cfg
+        round_ = ledger.round
+        ledger.secure = True
         configs = {cid: dict(content["config"]) for cid, _, content in outgoing}
         got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, configs)
-        for cid in ids:  # in sampling order, as the normal path records faults
+        for cid in ledger.sampled:  # in sampling order, as the normal path records faults
             if cid not in sent:
-                outcome["dropped"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "dropped"})
+                ledger.dropped(cid)
             elif cid in got.failed:
-                why = got.failed[cid]
-                outcome["crashed"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "crashed", "reason": why[:200]})
-                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, why[:200])
-        reason = None if got.mean is None else secagg.out_of_range(got.mean, cfg.server.secagg_clipping_range)
+                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, ledger.crashed(cid, got.failed[cid]))
+        reason = None if got.mean is None else secagg.out_of_range(got.mean, self.cfg.server.secagg_clipping_range)
         if reason is not None:  # no client's training counted: every state stays at its last good round
             for cid in got.included:
-                outcome["rejected"].append(cid)
-                faults.append({"round": round_, "client": cid, "fault": "rejected", "reason": reason})
+                ledger.rejected(cid, reason)
             log.warning("%s round %d: %s", method.name, round_, reason)
             got.included = []
+        if got.mean is None or not got.included:
+            return ledger.finish(server)  # nobody counted: fails the round (server.min_clients >= 1)
         for cid in got.included:
             accepted[cid] = round_
-        if len(got.included) < cfg.server.min_clients:
-            detail = ", ".join(f"{k}: {v}" for k, v in outcome.items() if v)
-            raise RoundFailure(
-                f"{method.name} round {round_}: {len(got.included)} client update(s) in the secure aggregate, fewer than "
-                f"server.min_clients = {cfg.server.min_clients}" + (f" ({detail})" if detail else "")
-            )
-        method.begin_round(round_)
+            ledger.count(cid, got.metrics[cid], num_bytes(got.mean))  # the upload's size in the clear, as the normal path
         total = sum(got.num_examples[c] for c in got.included)
-        server = method.aggregate(server, [ClientUpdate("secure-aggregate", got.mean, total, {})])
-        n = len(got.included)
-        record = {
-            "method": method.name,
-            "round": round_,
-            "sampled": len(ids),
-            "participants": n,
-            **{k: v for k, v in outcome.items() if v},
-            "train_loss": sum(got.metrics[c].get("train_loss", 0.0) for c in got.included) / n,
-            "upload_bytes_per_client": transport.num_bytes(got.mean),  # the upload's size in the clear, as the normal path
-            "download_bytes_per_client": download / max(1, len(ids) - len(outcome["dropped"])),
-        }
-        return server, record
+        return ledger.finish(server, ClientUpdate("secure-aggregate", got.mean, total, {}))
 
     def _parse(self, reply: Message, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
         """(update, client-measured seconds, None) or (None, 0, why the reply is malformed)."""

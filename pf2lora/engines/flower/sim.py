@@ -20,7 +20,7 @@ env.apply()
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.server import ReplyHook, RoundCallback, ServerHook, make_server_app
-from pf2lora.engines.local import MethodResult
+from pf2lora.engines.rounds import MethodResult
 from pf2lora.tasks.base import Task
 
 
@@ -78,7 +78,7 @@ def run_flower_sim(
         if isinstance(e, KeyboardInterrupt):
             raise e
         cause = e.__cause__ or e
-        from pf2lora.engines.local import RoundFailure
+        from pf2lora.engines.rounds import RoundFailure
 
         if isinstance(cause, (RoundFailure, FlowerEngineError)):
             raise cause

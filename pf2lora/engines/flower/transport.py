@@ -49,11 +49,6 @@ def from_record(record: ArrayRecord, cast_json: str = "{}") -> dict[str, torch.T
     return out
 
 
-def num_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Payload bytes as the local engine counts them (numel x element size, original dtype)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def dumps(obj: Any) -> str:
     """JSON of metrics (NaN / inf allowed: floats round-trip exactly)."""
     return json.dumps(obj)

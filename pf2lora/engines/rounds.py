@@ -1,0 +1,351 @@
+"""What every engine does around a method, written once.
+
+The in-process runner (:mod:`.local`) and the Flower apps (:mod:`.flower`) are thin layers over
+these functions: which clients a round samples, their injected faults, a client's context and
+random streams, its training and evaluation, and the server's side of a round (checking each
+upload, the fault records, the min_clients rule, the aggregation, the round's record). That is
+what makes the engines give the same numbers for the same seed; nothing here imports Flower.
+
+Every random stream is derived from (seed, purpose, client, round), so a run is deterministic and
+each client sees the same mini-batches whatever the engine, the method or the order clients run in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pf2lora import lora
+from pf2lora import state as st
+from pf2lora.config import RunConfig
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method
+from pf2lora.robust import validate_update
+from pf2lora.tasks.base import ClientData, Task, concat
+
+if TYPE_CHECKING:
+    from pf2lora.privacy import PrivacyAccountant
+
+RoundCallback = Callable[[dict[str, Any]], None]
+"""Called with each round's record (see :meth:`RoundLedger.finish`)."""
+
+OUTCOMES = ("dropped", "crashed", "late", "rejected")
+"""What may become of a sampled client other than being counted, in the order records list them."""
+
+
+@dataclass
+class MethodResult:
+    """One method's run: per-client metrics, per-round records, fault records, DP report."""
+
+    method: str
+    clients: dict[str, dict[str, Any]]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
+
+
+class RoundFailure(RuntimeError):
+    """Fewer clients than ``server.min_clients`` succeeded in a round: the run stops loudly."""
+
+
+class InjectedCrash(RuntimeError):
+    """A client crash injected by ``faults.crash_prob`` (for testing fault handling)."""
+
+
+# -- random streams, clients, sampling -------------------------------------------------------------
+
+
+def generator(seed: int, *parts: object) -> torch.Generator:
+    """A torch generator seeded by a stable hash of ``seed`` and ``parts``."""
+    return torch.Generator().manual_seed(zlib.crc32("/".join(map(str, (seed, *parts))).encode()))
+
+
+def sample_clients(cfg: RunConfig, client_ids: list[str], round_: int) -> list[str]:
+    """The ``client_fraction`` of ``client_ids`` that round ``round_`` trains, in their order."""
+    k = max(1, round(cfg.client_fraction * len(client_ids)))
+    if k >= len(client_ids):
+        return list(client_ids)
+    pick = torch.randperm(len(client_ids), generator=generator(cfg.seed, "sample", round_))[:k]
+    return [client_ids[i] for i in sorted(pick.tolist())]
+
+
+def trainers(cfg: RunConfig, task: Task, method: Method) -> tuple[list[ClientData], int]:
+    """The clients that train ``method`` and their local steps per round.
+
+    A centralised reference (``pools_data``) trains one client holding everyone's training data,
+    taking the federation's total steps.
+    """
+    if method.pools_data:
+        pooled = ClientData("pooled", concat([c.train for c in task.clients]), concat([c.test for c in task.clients]))
+        return [pooled], cfg.local_steps * len(sample_clients(cfg, [c.client_id for c in task.clients], 1))
+    return list(task.clients), cfg.local_steps
+
+
+def initial_server(cfg: RunConfig, method: Method) -> st.Tensors:
+    """The server state before round 1."""
+    return method.init_server(generator(cfg.seed, "init", "server"))
+
+
+def initial_client(cfg: RunConfig, method: Method, client_id: str) -> ClientState:
+    """A client's state before its first round (also what a Flower node starts from)."""
+    return method.init_client(client_id, generator(cfg.seed, "init", client_id))
+
+
+def client_context(cfg: RunConfig, task: Task, client: ClientData, round_: int, purpose: str, steps: int) -> ClientContext:
+    """What ``method.client_update`` / ``personalized`` get: the client's own stream for ``purpose``."""
+    return ClientContext(
+        client=client, task=task, generator=generator(cfg.seed, purpose, client.client_id, round_),
+        round=round_, local_steps=steps, batch_size=cfg.batch_size,
+    )
+
+
+def num_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Payload bytes as every engine counts them (numel x element size, original dtype)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# -- injected faults ---------------------------------------------------------------------------------
+
+
+def injected_fault(cfg: RunConfig, cid: str, round_: int) -> tuple[str | None, float]:
+    """Injected fault of client ``cid`` in ``round_``: (None | "dropout" | "crash", extra delay).
+
+    Drawn by the server from its own stream, so every engine injects the same faults.
+    """
+    f = cfg.faults
+    if not (f.dropout_prob or f.crash_prob or f.straggler_prob):
+        return None, 0.0
+    u = torch.rand(3, generator=generator(cfg.seed, "fault", cid, round_)).tolist()
+    kind = "dropout" if u[0] < f.dropout_prob else "crash" if u[1] < f.crash_prob else None
+    return kind, f.straggler_delay_s if u[2] < f.straggler_prob else 0.0
+
+
+def injected_poison(cfg: RunConfig, cid: str, update: ClientUpdate, received: st.Tensors) -> ClientUpdate:
+    """What client ``cid`` uploads: ``update``, or an attacker's version of it if ``cid`` is in
+    ``faults.poison_clients`` (NaNs, or its change from ``received`` scaled by ``poison_scale``)."""
+    f = cfg.faults
+    if cid not in f.poison_clients:
+        return update
+    if f.poison == "nan":
+        shared = {k: torch.full_like(v, float("nan")) for k, v in update.shared.items()}
+    else:
+        shared = {k: received[k] + f.poison_scale * (v - received[k]) if k in received and received[k].shape == v.shape else f.poison_scale * v
+                  for k, v in update.shared.items()}
+    return ClientUpdate(update.client_id, shared, update.num_examples, update.metrics)
+
+
+# -- a client's work ---------------------------------------------------------------------------------
+
+
+def train_client(
+    cfg: RunConfig, task: Task, method: Method, client: ClientData, steps: int, round_: int, received: st.Tensors,
+    state: ClientState,
+) -> tuple[ClientUpdate, ClientState, float]:
+    """One client's training in ``round_``: (its update, its new state, seconds it took)."""
+    t0 = time.perf_counter()
+    update, new_state = method.client_update(client_context(cfg, task, client, round_, "train", steps), received, state)
+    return update, new_state, time.perf_counter() - t0
+
+
+def divergence(update: ClientUpdate) -> str | None:
+    """Why ``update`` comes from a diverged client (a non-finite training loss), or None."""
+    loss = update.metrics.get("train_loss", 0.0)
+    return None if math.isfinite(loss) else f"diverged: non-finite training loss {loss}"
+
+
+def upload_problem(method: Method, update: ClientUpdate, received: st.Tensors) -> str | None:
+    """Why the server must not aggregate ``update`` (malformed for ``method.upload_spec(received)``,
+    or diverged), or None if it may."""
+    reason = validate_update(update.shared, method.upload_spec(received))
+    return reason if reason is not None else divergence(update)
+
+
+@torch.no_grad()
+def evaluate_client(
+    cfg: RunConfig, task: Task, method: Method, client: ClientData, received: st.Tensors, state: ClientState,
+    round_: int, server: st.Tensors | None = None,
+) -> dict[str, Any]:
+    """Personalised metrics (the client's own model) and global metrics (the server model) of one
+    client, from what the server broadcast to it. ``server`` is what ``describe_client`` gets
+    where the engine holds the server state (a Flower node has only ``received``)."""
+    ctx = client_context(cfg, task, client, round_, "eval", 1)
+    with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
+        personal = method.personalized(ctx, received, state)
+    metrics: dict[str, Any] = dict(task.evaluate(st.model_params(personal), client.test))
+    global_params = method.global_params(received, state)
+    if global_params is not None:
+        for name, value in task.evaluate(st.model_params(global_params), client.test).items():
+            metrics[f"global_{name}"] = value
+    metrics.update(task.diagnostics(client, st.model_params(personal), common_adapter(personal)))
+    metrics.update(method.describe_client(received if server is None else server, state))
+    metrics["num_train"] = client.num_train
+    return metrics
+
+
+def common_adapter(personal: st.Tensors) -> dict[str, torch.Tensor]:
+    """The common adapter's tensors (model paths) when the method shares it, for diagnostics.
+
+    A method whose adapter A is private (local-only) has no common part.
+    """
+    suffix = f".{lora.COMMON}"
+    shared_a = any(st.role_of(k) == st.SHARED and ".lora_A." in k and k.endswith(suffix) for k in personal)
+    if not shared_a:
+        return {}
+    return {st.path_of(k): v for k, v in personal.items() if ".lora_" in k and k.endswith(suffix)}
+
+
+def mean_of(clients: dict[str, dict[str, Any]], metric: str) -> float:
+    """The mean of ``metric`` over the clients that report it (NaN if none does)."""
+    values = [c[metric] for c in clients.values() if isinstance(c.get(metric), (int, float))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+# -- the server's side of a round ------------------------------------------------------------------
+
+
+@dataclass
+class RoundLedger:
+    """The server's bookkeeping of one round, kept the same way by every engine.
+
+    The engine reports what became of each sampled client, in sampling order (the fault records and
+    the aggregate's sum follow that order, so the engines agree bit for bit); :meth:`finish`
+    applies the min_clients rule, aggregates and gives the round's record. A client that is
+    dropped, crashed, late or rejected is left out of the aggregate.
+    """
+
+    cfg: RunConfig
+    method: Method
+    round: int
+    sampled: list[str]
+    faults: list[dict[str, Any]]
+    """The run's fault records: this round's are appended."""
+    outcome: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in OUTCOMES})
+    updates: list[ClientUpdate] = field(default_factory=list)
+    """The uploads to aggregate, in sampling order."""
+    counted: list[tuple[str, float, int]] = field(default_factory=list)
+    """(client, training loss, upload bytes) of each client whose training counts this round."""
+    download: int = 0
+    secure: bool = False
+    """The uploads reach the server only as one secure aggregate (see :meth:`count`)."""
+
+    def sent(self, received: st.Tensors) -> None:
+        """The server broadcast ``received`` to a client (counted in the download bytes)."""
+        self.download += num_bytes(received)
+
+    def _fault(self, cid: str, fault: str, reason: str | None = None) -> None:
+        self.outcome[fault].append(cid)
+        self.faults.append({"round": self.round, "client": cid, "fault": fault, **({"reason": reason} if reason is not None else {})})
+
+    def dropped(self, cid: str) -> None:
+        self._fault(cid, "dropped")
+
+    def crashed(self, cid: str, reason: str) -> str:
+        """Record a client that failed or never replied; returns the recorded (shortened) reason."""
+        self._fault(cid, "crashed", reason[:200])
+        return reason[:200]
+
+    def missed_deadline(self, cid: str, took: float) -> bool:
+        """Whether a client's training (``took`` seconds, delays included) missed
+        ``faults.deadline_s``; if so it is recorded late (it did train: its state advances, only
+        the server ignores the upload)."""
+        deadline = self.cfg.faults.deadline_s
+        if not (deadline and took > deadline):
+            return False
+        self._fault(cid, "late", f"{took:.3f} s > deadline {deadline:g} s")
+        return True
+
+    def rejected(self, cid: str, reason: str) -> None:
+        """Record an upload the server refused (the client's state stays at its last good round)."""
+        self._fault(cid, "rejected", reason)
+
+    def offer(self, cid: str, update: ClientUpdate, received: st.Tensors) -> str | None:
+        """Check ``cid``'s upload against what it was sent: accept it (None) or record it rejected
+        and return why."""
+        reason = upload_problem(self.method, update, received)
+        if reason is not None:
+            self.rejected(cid, reason)
+            return reason
+        self.updates.append(update)
+        self.count(cid, update.metrics, update.num_bytes)
+        return None
+
+    def count(self, cid: str, metrics: Mapping[str, float], upload_bytes: int) -> None:
+        """Count ``cid``'s training this round without holding its upload (a secure aggregate);
+        :meth:`offer` counts the clients whose uploads it accepts."""
+        self.counted.append((cid, metrics.get("train_loss", 0.0), upload_bytes))
+
+    def finish(self, server: st.Tensors, combined: ClientUpdate | None = None) -> tuple[st.Tensors, dict[str, Any]]:
+        """(the new server state, the round's record). ``combined``: the one update the method
+        aggregates instead of the accepted uploads (a secure aggregate of the counted clients).
+        Raises :class:`RoundFailure` if fewer than ``server.min_clients`` clients counted."""
+        method, n_ok = self.method, len(self.counted)
+        if n_ok < self.cfg.server.min_clients:
+            detail = ", ".join(f"{k}: {v}" for k, v in self.outcome.items() if v)
+            what = "client update(s) in the secure aggregate" if self.secure else "successful client update(s)"
+            raise RoundFailure(
+                f"{method.name} round {self.round}: {n_ok} {what}, fewer than "
+                f"server.min_clients = {self.cfg.server.min_clients}" + (f" ({detail})" if detail else "")
+            )
+        method.begin_round(self.round)
+        batch = self.updates if combined is None else [combined]
+        if batch:
+            server = method.aggregate(server, batch)
+        n = max(1, n_ok)
+        record = {
+            "method": method.name,
+            "round": self.round,
+            "sampled": len(self.sampled),
+            "participants": n_ok,
+            **{k: v for k, v in self.outcome.items() if v},
+            "train_loss": sum(loss for _, loss, _ in self.counted) / n if self.counted else float("nan"),
+            "upload_bytes_per_client": sum(b for _, _, b in self.counted) / n,
+            "download_bytes_per_client": self.download / max(1, len(self.sampled) - len(self.outcome["dropped"])),
+        }
+        return server, record
+
+
+def open_round(cfg: RunConfig, method: Method, client_ids: list[str], round_: int, faults: list[dict[str, Any]]) -> RoundLedger:
+    """The ledger of round ``round_`` over its clients: every trainer of a pooled method, else the
+    ones :func:`sample_clients` picks."""
+    ids = list(client_ids) if method.pools_data else sample_clients(cfg, list(client_ids), round_)
+    return RoundLedger(cfg, method, round_, ids, faults)
+
+
+# -- around the rounds -------------------------------------------------------------------------------
+
+
+def eval_due(cfg: RunConfig, round_: int) -> bool:
+    """Whether the run evaluates after ``round_`` (``eval.every``; the last round always is, separately)."""
+    return bool(cfg.eval.every) and round_ % cfg.eval.every == 0 and round_ < cfg.rounds
+
+
+def sample_rate(cfg: RunConfig, task: Task) -> float:
+    """The share of clients sampled per round (the DP accountant's sampling rate)."""
+    n = len(task.clients)
+    return len(sample_clients(cfg, [c.client_id for c in task.clients], 1)) / n
+
+
+def make_accountant(cfg: RunConfig, task: Task) -> PrivacyAccountant | None:
+    """The client-level DP accountant of the run, or None without DP noise."""
+    sc = cfg.server
+    if sc.dp_noise_multiplier <= 0:
+        return None
+    from pf2lora.privacy import PrivacyAccountant
+
+    return PrivacyAccountant(sc.dp_noise_multiplier, sample_rate(cfg, task), sc.dp_delta)
+
+
+def privacy_report(cfg: RunConfig, task: Task, accountant: PrivacyAccountant, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``privacy`` entry of a run's result."""
+    return {
+        "epsilon": accountant.epsilon(), "delta": cfg.server.dp_delta,
+        "noise_multiplier": cfg.server.dp_noise_multiplier, "clip_norm": cfg.server.dp_clip_norm,
+        "sample_rate": sample_rate(cfg, task), "rounds": cfg.rounds,
+        "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,3 +24,14 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def seeds_parser(description: str, default_out: Path, methods_default: str) -> argparse.ArgumentParser:
+    """The options every multi-seed comparison takes: seeds, methods, parallel jobs, output, --table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", help=f"default: {methods_default}")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (each on one thread)")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    return parser

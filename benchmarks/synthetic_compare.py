@@ -15,7 +15,6 @@ changes initialisation, client sampling and mini-batches; the data (``task.data_
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import machine, write_json
+from common import machine, seeds_parser, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/synthetic_rank.toml", "configs/synthetic_rank_lowdata.toml"]
@@ -116,13 +115,8 @@ def table(data: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", help="default: every registered method")
+    parser = seeds_parser(__doc__.split("\n")[0], DEFAULT_OUT, "every registered method")
     parser.add_argument("--rounds", type=int, help="override the configs' rounds (quick checks only)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (each on one thread)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))

@@ -19,7 +19,6 @@ every finished run, so an interrupted benchmark keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from common import machine, write_json
+from common import machine, seeds_parser, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/vader_compare.toml"
@@ -133,14 +132,9 @@ def table(data: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = seeds_parser(__doc__.split("\n")[0], DEFAULT_OUT, "the config's methods")
     parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", help="default: the config's methods")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (quick checks only)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (each on one thread)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))

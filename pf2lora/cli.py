@@ -139,7 +139,8 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
     from dataclasses import asdict
 
     from pf2lora import checkpoint
-    from pf2lora.engines.local import MethodResult, RoundFailure, RunState
+    from pf2lora.engines.local import RunState
+    from pf2lora.engines.rounds import MethodResult, RoundFailure
 
     completed: list[dict] = list(saved["completed"])
     current: dict | None = saved["current"]

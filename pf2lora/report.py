@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pf2lora.engines.local import MethodResult
+from pf2lora.engines.rounds import MethodResult
 from pf2lora.errors import UserError
 from pf2lora.tasks.base import Task
 
@@ -289,9 +289,12 @@ def _metric_figures(out: Path, task: Task, summary: dict[str, Any], results: lis
         if r.method not in methods:
             continue
         points = [(x["round"], x["eval"]) for x in r.rounds if isinstance(x.get("eval"), (int, float))]
-        points.append((len(r.rounds), methods[r.method]["stats"][metric]["mean"]))
+        final_round = len(r.rounds)
+        points = [p for p in points if p[0] != final_round]  # the final evaluation is the one reported
+        points.append((final_round, methods[r.method]["stats"][metric]["mean"]))
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=r.method)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel(f"mean personalised {label} over clients")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -482,3 +482,33 @@ def test_wordnet_nlg_config_end_to_end(tmp_path):
     assert len(result.clients) == 2
     for m in result.clients.values():
         assert math.isfinite(m["loss"]) and m["perplexity"] > 1 and "bleu" in m and "rouge_l" in m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "overrides", "model"), [
+    ("rt_similarity", ["task.similarity=0.3"], "all-MiniLM-L6-v2"),
+    ("rt_similarity", ["task.similarity=0.5"], "all-MiniLM-L6-v2"),
+    ("wordnet_topics", ["task.min_client_size=8"], "all-MiniLM-L6-v2"),
+    ("shakespeare", ["batch_size=2", "task.eval_generate=1", "task.max_new_tokens=4", "task.max_length=32"],
+     "SmolLM2-135M"),
+])
+def test_other_shipped_configs_end_to_end(name, overrides, model):
+    """Each shipped real-data config builds its 8 clients and runs a PF2LoRA round at small scale."""
+    if not _assets_ready(model):
+        pytest.skip("models or data not fetched (make assets)")
+    root = Path(__file__).resolve().parents[1]
+    cfg = config.load(root / f"configs/{name}.toml", [
+        'methods=["pf2lora"]', "rounds=1", "local_steps=1", "task.train_samples=16", "task.test_samples=4",
+        "checkpoint=false", *overrides,
+    ])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build_task(cfg)
+    result = LocalEngine(cfg, task, progress=False).run("pf2lora")
+    assert len(result.clients) == 8
+    for cid, m in result.clients.items():
+        if cfg.task.kind == "generation":
+            assert math.isfinite(m["loss"]) and m["perplexity"] > 1, cid
+        else:
+            assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1, cid
+            assert 0 <= m["majority_accuracy"] <= 1, cid

@@ -46,7 +46,7 @@ from pf2lora.engines.rounds import (
     trainers,
 )
 from pf2lora.methods import registry
-from pf2lora.methods.base import ClientState, Method
+from pf2lora.methods.base import ClientState, ClientUpdate, Method
 from pf2lora.tasks import build_task
 from pf2lora.tasks.base import ClientData, Task
 
@@ -123,12 +123,7 @@ class ClientRuntime:
         received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
         if self.cfg.server.secure_aggregation and method.upload_spec(received):
             raise PermissionError("this run uses server.secure_aggregation: this client does not send its upload in the clear")
-        self.apply_verdict(c, name, run_key, cid)
-        state = self.state(method, run_key, cid)
-        if bool(c.get("inject_crash", False)):
-            raise InjectedCrash("injected crash")
-        data, steps = self.trainer(method, cid)
-        update, new_state, took = train_client(self.cfg, self.task, method, data, steps, round_, received, state)
+        update, new_state, took = self._train(c, method, name, run_key, cid, round_, received)
         update = injected_poison(self.cfg, cid, update, received)
         self.store.save_pending(run_key, name, cid, round_, new_state)
         shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
@@ -138,6 +133,17 @@ class ClientRuntime:
             "metrics": transport.dumps(update.metrics), "dtypes": dtypes,
         })
         return Message(RecordDict({"arrays": arrays, "config": reply}), reply_to=msg)
+
+    def _train(self, c: ConfigRecord, method: Method, name: str, run_key: str, cid: str, round_: int,
+               received: dict[str, torch.Tensor]) -> tuple[ClientUpdate, ClientState, float]:
+        """What both train paths do: the server's verdict on the last round, this client's state,
+        an injected crash, then the method's local training."""
+        self.apply_verdict(c, name, run_key, cid)
+        state = self.state(method, run_key, cid)
+        if bool(c.get("inject_crash", False)):
+            raise InjectedCrash("injected crash")
+        data, steps = self.trainer(method, cid)
+        return train_client(self.cfg, self.task, method, data, steps, round_, received, state)
 
     def train_secure(self, msg: Message, partition: int) -> Message:
         """A SecAgg+ train message (legacy FitIns records, reached through ``secaggplus_mod``):
@@ -151,12 +157,7 @@ class ClientRuntime:
         if not self.cfg.server.secure_aggregation:
             raise PermissionError("a SecAgg+ train message, but this client's config has server.secure_aggregation = false")
         method = self.method(name)
-        self.apply_verdict(c, name, run_key, cid)
-        state = self.state(method, run_key, cid)
-        if bool(c.get("inject_crash", False)):
-            raise InjectedCrash("injected crash")
-        data, steps = self.trainer(method, cid)
-        update, new_state, took = train_client(self.cfg, self.task, method, data, steps, round_, received, state)
+        update, new_state, took = self._train(c, method, name, run_key, cid, round_, received)
         keys = transport.loads(str(c["upload_keys"]))
         clip = float(c.get("secagg_clipping_range", self.cfg.server.secagg_clipping_range))
         reason = secagg.check_upload(update.shared, method.upload_spec(received), keys, clip)

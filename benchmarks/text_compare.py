@@ -147,8 +147,10 @@ def main() -> int:
     # The costliest method first, so the pool does not end waiting on it.
     order = sorted(methods, key=lambda m: (not m.startswith("pf2lora"), methods.index(m)))
     jobs = [(s, m) for m in order for s in args.seeds]
+    tc = cfg.task
+    sizes = f"{tc.train_samples_min}..{tc.train_samples}" if tc.train_samples_min > 0 else f"up to {tc.train_samples}"
     setup = (f"{cfg.task.dataset}, {cfg.task.num_clients} clients ({cfg.task.partition} partition), "
-             f"{cfg.task.train_samples_min}..{cfg.task.train_samples} training examples per client, model {cfg.task.model}, "
+             f"{sizes} training examples per client, model {cfg.task.model}, "
              f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}, LoRA r={cfg.lora.rank}, "
              f"r~={cfg.lora.private_rank}, AdamW lr {cfg.optim.lr:g}, lower-level SGD lr {cfg.optim.lower_lr:g}")
     data: dict = {

@@ -26,6 +26,7 @@ from pf2lora.engines.flower.runtime import register_task
 from pf2lora.engines.flower.server import FlowerServer
 from pf2lora.engines.flower.store import NodeStore
 from pf2lora.engines.local import LocalEngine, RoundFailure
+from pf2lora.engines.rounds import mean_of
 
 TINY = ("rounds=2", "task.num_clients=3", "task.private_ranks=[0,1,2]", "num_threads=1")
 
@@ -70,6 +71,46 @@ def test_every_method_matches_the_local_engine(tmp_path):
     for a, b in zip(_local(cfg, task), _inprocess(cfg, task, tmp_path), strict=True):
         assert a.rounds == b.rounds, a.method
         _assert_close(a.clients, b.clients, tol=0.0)  # the same float operations: bit for bit
+
+
+@pytest.mark.parametrize("overrides", [
+    (_methods(["pf2lora", "hetlora", "fdlora"]), "task.num_clients=6", "seed=5", "client_fraction=0.8",
+     "faults.dropout_prob=0.15", "faults.crash_prob=0.15"),
+    (_methods(["centralized", "perfedavg"]), "client_fraction=0.7"),
+])
+def test_method_strategy_through_flowers_own_start_gives_the_local_numbers(tmp_path, overrides):
+    """MethodStrategy is Flower's typed Strategy interface over the same round code: Flower's own
+    ``Strategy.start`` drives it, and every method's rounds, faults and per-client metrics equal
+    the local engine's (a pooled method too: its clients are all evaluated on node 0)."""
+    from flwr.app import ArrayRecord
+
+    from pf2lora.engines.flower.strategy import MethodStrategy
+
+    cfg, task = small_task(*TINY, "eval.every=1", *overrides)
+    register_task(cfg, task)
+    grid = InProcessGrid(make_client_app(cfg, tmp_path), len(task.clients))
+    runs = _local(cfg, task)
+    if any(o.startswith("faults.") for o in overrides):
+        assert any(r.faults for r in runs)  # the faults path is exercised
+    for local in runs:
+        strategy = MethodStrategy(cfg, local.method, task)
+        flwr_result = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.rounds)
+        mine = strategy.result()
+        assert mine.rounds == local.rounds, local.method
+        assert _faults(mine) == _faults(local)
+        _assert_close(local.clients, mine.clients, tol=0.0)
+        assert sorted(flwr_result.train_metrics_clientapp) == list(range(1, cfg.rounds + 1))
+        assert set(flwr_result.arrays) == set(strategy.server_state)
+        final = flwr_result.evaluate_metrics_clientapp[cfg.rounds]
+        assert final[f"mean_{task.primary_metric}"] == pytest.approx(mean_of(local.clients, task.primary_metric))
+
+
+def test_method_strategy_refuses_secure_aggregation():
+    from pf2lora.engines.flower.strategy import MethodStrategy
+
+    cfg, task = small_task(*TINY, "server.secure_aggregation=true")
+    with pytest.raises(ValueError, match="secure_aggregation"):
+        MethodStrategy(cfg, "homlora", task)
 
 
 @pytest.mark.parametrize("overrides", [

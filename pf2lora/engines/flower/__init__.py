@@ -15,8 +15,8 @@ from pf2lora.engines.flower import env
 env.apply()
 
 __all__ = [
-    "ENGINES", "FlowerEngineError", "FlowerServer", "available", "make_client_app", "make_server_app", "run_flower_deploy",
-    "run_flower_sim",
+    "ENGINES", "FlowerEngineError", "FlowerServer", "MethodStrategy", "available", "make_client_app", "make_server_app",
+    "run_flower_deploy", "run_flower_sim",
 ]
 
 ENGINES = ("local", "flower-sim", "flower-deploy")
@@ -42,8 +42,12 @@ def __getattr__(name: str) -> Any:
         from pf2lora.engines.flower.common import FlowerEngineError
 
         return FlowerEngineError
-    if name in ("FlowerServer", "make_server_app", "make_client_app", "run_flower_sim", "run_flower_deploy"):
+    if name in ("FlowerServer", "MethodStrategy", "make_server_app", "make_client_app", "run_flower_sim", "run_flower_deploy"):
         _require()
+    if name == "MethodStrategy":
+        from pf2lora.engines.flower.strategy import MethodStrategy
+
+        return MethodStrategy
     if name in ("FlowerServer", "make_server_app"):
         from pf2lora.engines.flower import server
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -252,6 +252,17 @@ class FlowerServer:
     ) -> tuple[st.Tensors, dict[str, Any]]:
         """One round: broadcast to every sampled client that did not drop out, one exchange, then
         the replies in sampling order through the ledger (as the local engine reports them)."""
+        ledger, sent, outgoing = self.prepare_round(method, server, by_id, plays, accepted, faults, round_)
+        if self.cfg.server.secure_aggregation and any(method.upload_spec(r) for r, _ in sent.values()):
+            return self._secure_round(method, server, ledger, sent, accepted, outgoing)
+        return self.collect_round(method, server, ledger, sent, self._exchange("train", outgoing), accepted)
+
+    def prepare_round(
+        self, method: Method, server: st.Tensors, by_id: Mapping[str, ClientData], plays: Mapping[str, str],
+        accepted: dict[str, int], faults: list[dict[str, Any]], round_: int,
+    ) -> tuple[RoundLedger, dict[str, tuple[st.Tensors, float]], list[tuple[str, str, RecordDict]]]:
+        """The first half of a round: (its ledger, what each client that did not drop out is sent
+        with its injected delay, the (client, node's client, content) train messages)."""
         cfg = self.cfg
         ledger = open_round(cfg, method, list(by_id), round_, faults)
         sent: dict[str, tuple[st.Tensors, float]] = {}
@@ -259,14 +270,20 @@ class FlowerServer:
         for cid in ledger.sampled:
             kind, delay = injected_fault(cfg, cid, round_)
             if kind == "dropout":
-                continue  # recorded below, in sampling order
+                continue  # recorded by collect_round, in sampling order
             received = st.clone(method.broadcast(server, cid))
             ledger.sent(received)
             sent[cid] = (received, delay)
             outgoing.append((cid, plays[cid], self._content(method, cid, round_, received, accepted, inject_crash=kind == "crash")))
-        if cfg.server.secure_aggregation and any(method.upload_spec(r) for r, _ in sent.values()):
-            return self._secure_round(method, server, ledger, sent, accepted, outgoing)
-        replies = self._exchange("train", outgoing)
+        return ledger, sent, outgoing
+
+    def collect_round(
+        self, method: Method, server: st.Tensors, ledger: RoundLedger, sent: Mapping[str, tuple[st.Tensors, float]],
+        replies: Mapping[str, Message | None], accepted: dict[str, int],
+    ) -> tuple[st.Tensors, dict[str, Any]]:
+        """The second half: each sampled client's reply (by client id; missing = no reply), in
+        sampling order, through the ledger; (the new server state, the round's record)."""
+        round_ = ledger.round
         for cid in ledger.sampled:
             if cid not in sent:
                 ledger.dropped(cid)
@@ -341,15 +358,26 @@ class FlowerServer:
             return None, 0.0, f"malformed reply ({type(e).__name__}: {str(e)[:100]})"
 
     def _evaluate(self, method: Method, server: st.Tensors, accepted: dict[str, int], round_: int) -> dict[str, dict[str, Any]]:
+        outgoing = self.evaluation_messages(method, server, accepted, round_)
+        return self.collect_evaluation(method, self._exchange("evaluate", outgoing))
+
+    def evaluation_messages(
+        self, method: Method, server: st.Tensors, accepted: dict[str, int], round_: int,
+    ) -> list[tuple[str, str, RecordDict]]:
+        """(client, node's client, content) of the evaluate message of every client (a pooled
+        method's clients are all evaluated on node 0, which holds the pooled state)."""
         pooled = method.pools_data
-        holder = {c.client_id: ("pooled" if pooled else c.client_id) for c in self.task.clients}
         outgoing = []
         for client in self.task.clients:
             cid = client.client_id
             received = st.clone(method.broadcast(server, cid))
             node_cid = self.task.clients[0].client_id if pooled else cid
-            outgoing.append((cid, node_cid, self._content(method, cid, round_, received, accepted, state_of=holder[cid])))
-        replies = self._exchange("evaluate", outgoing)
+            state_of = "pooled" if pooled else cid
+            outgoing.append((cid, node_cid, self._content(method, cid, round_, received, accepted, state_of=state_of)))
+        return outgoing
+
+    def collect_evaluation(self, method: Method, replies: Mapping[str, Message | None]) -> dict[str, dict[str, Any]]:
+        """Every client's metrics from its evaluate reply; a missing or failed one stops the run."""
         out: dict[str, dict[str, Any]] = {}
         for client in self.task.clients:
             cid = client.client_id
@@ -357,8 +385,7 @@ class FlowerServer:
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else reply.error.reason
                 raise FlowerEngineError(f"{method.name}: evaluation of client {cid} failed: {why}")
-            metrics = transport.loads(str(reply.content["config"]["metrics"]))
-            out[cid] = metrics
+            out[cid] = transport.loads(str(reply.content["config"]["metrics"]))
         return out
 
 

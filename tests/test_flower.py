@@ -2,7 +2,7 @@
 rejected and the round carries on, a deployed federation leaves no process behind.
 
 Fast tests drive the real ServerApp / ClientApp code through an in-process Grid; one test runs
-Flower's simulation runtime (Ray) and one (slow) a loopback deployment (SuperLink + 2 SuperNodes).
+Flower's simulation runtime (Ray) in a few tests and a loopback deployment (SuperLink + 2 SuperNodes) in one (slow).
 """
 
 from __future__ import annotations
@@ -345,6 +345,43 @@ def test_flower_sim_matches_local_and_only_shared_tensors_travel():
     ranks = {tuple(m.content["arrays"][k].shape) for m in train for k in m.content["arrays"] if ".lora_A." in k}
     assert len(ranks) > 1  # hetlora's clients uploaded different ranks
     assert set(_live_children()) <= before  # Ray is shut down
+
+
+def test_method_strategy_on_flowers_simulation_runtime(tmp_path):
+    """MethodStrategy in a user's own ServerApp on Flower's simulation runtime (Ray): per-round
+    records and per-client metrics equal the local engine's, a pooled method included (its
+    evaluation sends every client's message to node 0 in one exchange)."""
+    from flwr.app import ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from pf2lora.engines.flower import MethodStrategy
+
+    cfg, task = small_task(*TINY, _methods(["pf2lora", "centralized"]), "eval.every=1", "client_fraction=0.7")
+    got: dict = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name in cfg.methods:
+            strategy = MethodStrategy(cfg, name, task)
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.rounds)
+            got[name] = strategy.result()
+
+    before = set(_live_children())
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False, "num_cpus": 2}}
+    try:
+        run_simulation(app, make_client_app(cfg, tmp_path), num_supernodes=len(task.clients), backend_config=backend)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    for local in _local(cfg, task):
+        mine = got[local.method]
+        assert mine.rounds == local.rounds, local.method
+        _assert_close(local.clients, mine.clients, tol=0.0)
+    assert set(_live_children()) <= before
 
 
 @pytest.mark.slow

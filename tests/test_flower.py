@@ -1,8 +1,8 @@
 """The Flower engine: same numbers as the local engine, only shared tensors travel, bad uploads are
 rejected and the round carries on, a deployed federation leaves no process behind.
 
-Fast tests drive the real ServerApp / ClientApp code through an in-process Grid; one test runs
-Flower's simulation runtime (Ray) in a few tests and a loopback deployment (SuperLink + 2 SuperNodes) in one (slow).
+Fast tests drive the real ServerApp / ClientApp code through an in-process Grid; a few run
+Flower's simulation runtime (Ray) and one (slow) a loopback deployment (SuperLink + 2 SuperNodes).
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ class FlowerServer:
         cfg, task = self.cfg, self.task
         method: Method = registry()[name](cfg, task)
         by_id = {c.client_id: c for c in trainers(cfg, task, method)[0]}
-        plays = {cid: (cid if cid in self.node_of else task.clients[0].client_id) for cid in by_id}  # pooled: node 0
+        plays = self.plays(by_id)
         accountant = make_accountant(cfg, task)
         server = initial_server(cfg, method)
         accepted: dict[str, int] = {}  # client -> last round whose training counted (its state advances)
@@ -236,6 +236,11 @@ class FlowerServer:
             result.privacy = privacy_report(cfg, task, accountant, rounds)
         result.wall_time_s = time.perf_counter() - start
         return result
+
+    def plays(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """Which node's client plays each of ``client_ids``: itself, or node 0's client for the
+        pooled client of a centralised reference."""
+        return {cid: (cid if cid in self.node_of else self.task.clients[0].client_id) for cid in client_ids}
 
     def _content(self, method: Method, cid: str, round_: int, received: st.Tensors, accepted: dict[str, int], **extra: Any) -> RecordDict:
         arrays, dtypes = transport.to_record(received)

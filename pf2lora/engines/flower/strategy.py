@@ -98,9 +98,8 @@ class MethodStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         driver = self._bind(grid)
-        plays = {cid: (cid if cid in driver.node_of else self.task.clients[0].client_id) for cid in self._by_id}  # pooled: node 0
         ledger, sent, outgoing = driver.prepare_round(
-            self.method, self.server_state, self._by_id, plays, self.accepted, self.faults, server_round,
+            self.method, self.server_state, self._by_id, driver.plays(self._by_id), self.accepted, self.faults, server_round,
         )
         messages, to_node = self._messages("train", outgoing)
         self._pending = (ledger, sent, to_node)

@@ -32,6 +32,7 @@ from pf2lora.engines.rounds import (
     initial_server,
     injected_fault,
     injected_poison,
+    account_round,
     make_accountant,
     mean_of,
     open_round,
@@ -112,9 +113,8 @@ class LocalEngine:
         )
         for round_ in bar:
             record = self._round(method, run_state, by_id, steps, round_)
+            account_round(accountant, record)
             if accountant is not None:
-                accountant.step()
-                record["dp_epsilon"] = accountant.epsilon()
                 run_state.accountant = accountant.state_dict()
             if eval_due(cfg, round_):
                 clients_metrics = self.evaluate(method, run_state.server, run_state.clients, round_)

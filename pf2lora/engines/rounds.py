@@ -341,6 +341,13 @@ def make_accountant(cfg: RunConfig, task: Task) -> PrivacyAccountant | None:
     return PrivacyAccountant(sc.dp_noise_multiplier, sample_rate(cfg, task), sc.dp_delta)
 
 
+def account_round(accountant: PrivacyAccountant | None, record: dict[str, Any]) -> None:
+    """Charge one round to the DP accountant (if any) and note the epsilon spent so far in ``record``."""
+    if accountant is not None:
+        accountant.step()
+        record["dp_epsilon"] = accountant.epsilon()
+
+
 def privacy_report(cfg: RunConfig, task: Task, accountant: PrivacyAccountant, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``privacy`` entry of a run's result."""
     return {

@@ -41,6 +41,7 @@ from pf2lora.engines.rounds import (
     eval_due,
     initial_server,
     injected_fault,
+    account_round,
     make_accountant,
     mean_of,
     num_bytes,
@@ -217,9 +218,7 @@ class FlowerServer:
             server, record = self._round(method, server, by_id, plays, accepted, faults, round_)
             if self.on_server is not None:
                 self.on_server(method.name, round_, st.clone(server))
-            if accountant is not None:
-                accountant.step()
-                record["dp_epsilon"] = accountant.epsilon()
+            account_round(accountant, record)
             if eval_due(cfg, round_):
                 record["eval"] = mean_of(self._evaluate(method, server, accepted, round_), task.primary_metric)
             rounds.append(record)

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from pf2lora.engines.flower.server import FlowerServer
 from pf2lora.engines.rounds import (
     MethodResult,
+    account_round,
     eval_due,
     initial_server,
     make_accountant,
@@ -113,9 +114,7 @@ class MethodStrategy(Strategy):
         self.server_state, record = self._driver.collect_round(
             self.method, self.server_state, ledger, sent, _by_client(to_node, replies), self.accepted,
         )
-        if self.accountant is not None:
-            self.accountant.step()
-            record["dp_epsilon"] = self.accountant.epsilon()
+        account_round(self.accountant, record)
         self.rounds.append(record)
         metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         return transport.to_record(self.server_state)[0], MetricRecord(metrics)

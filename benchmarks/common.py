@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from pf2lora.io import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -21,9 +23,7 @@ def machine(**extra: Any) -> dict[str, Any]:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` atomically: an interrupted benchmark never leaves a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def seeds_parser(description: str, default_out: Path, methods_default: str) -> argparse.ArgumentParser:

@@ -10,14 +10,13 @@ checkpoint in place of the last good one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pf2lora.errors import UserError
+from pf2lora.io import atomic_save
 
 FILENAME = "checkpoint.pt"
 VERSION = 1
@@ -25,20 +24,13 @@ VERSION = 1
 
 def save(run_dir: Path, payload: dict[str, Any]) -> None:
     path = run_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{FILENAME}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": VERSION, **payload}, f)
-            # No fsync: the rename is atomic against a killed process (SIGKILL, Ctrl-C), which is
-            # what checkpoints are for; an fsync per round would dominate small runs.
-        os.replace(tmp, path)
+        # No fsync: the rename is atomic against a killed process (SIGKILL, Ctrl-C), which is
+        # what checkpoints are for; an fsync per round would dominate small runs.
+        atomic_save({"version": VERSION, **payload}, path, fsync=False)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         kept = f"the last good checkpoint {path} is intact" if path.exists() else "no checkpoint was written yet"
         raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(run_dir: Path) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pf2lora import checkpoint, config, report, secagg
     from pf2lora.engines import ENGINES
     from pf2lora.engines.local import LocalEngine
+    from pf2lora.io import atomic_write
     from pf2lora.tasks import build_task
 
     if args.engine not in ENGINES:
@@ -73,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         secagg.check_engine(cfg, args.engine)  # before the run directory is made
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         report.prepare_run_dir(out, overwrite=args.overwrite)
-        report.atomic_write(out / "config.toml", config.dumps(cfg))
+        atomic_write(out / "config.toml", config.dumps(cfg))
         saved = {"completed": [], "current": None, "metrics_lines": []}
     import torch
 
@@ -86,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # metrics.jsonl is appended line by line (rewriting it every round is quadratic); a resumed run
     # first rewrites it from the checkpoint, so a line of a lost round never survives.
-    report.atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
     def on_round(record: dict) -> None:
         lines.append(json.dumps(report.finite_or_none(record), allow_nan=False))

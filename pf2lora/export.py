@@ -18,10 +18,6 @@ LoRA A/B are stored (r, d_in) / (d_out, r) for every layer type; GPT-2's ``Conv1
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -32,6 +28,7 @@ from torch import nn
 
 from pf2lora import lora
 from pf2lora import state as st
+from pf2lora.io import atomic_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -105,28 +102,6 @@ def fold(
     return folded, {k: v.detach() for k, v in heads.items()}
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool, write) -> Path:  # noqa: ANN001 - callable(tmp_dir)
-    """Write into a temporary sibling directory, then move it into place in one rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def export_peft(
     model: nn.Module,
     targets: Iterable[lora.LoRATarget],
@@ -192,11 +167,13 @@ def export_peft(
         base_cls = type(model)
         config.auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
 
-    def write(tmp: Path) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    with atomic_dir(out_dir) as tmp:  # built aside, then moved into place in one rename
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-
-    return _atomic_dir(Path(out_dir), overwrite, write)
+    return out_dir
 
 
 def _pattern_value(pattern: Mapping[str, float], path: str, default: float) -> float:

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.errors import UserError
+from pf2lora.io import CACHE_ENV, atomic_dir, cache_dir
 
-CACHE_ENV = "PF2LORA_CACHE"
 MARKER = "pf2lora_source.json"
 """Written last into every converted directory: where it came from, and the converter's format."""
 FORMAT = 1
@@ -105,11 +104,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 def _python() -> str:
     return sys.executable or "python"
-
-
-def cache_dir() -> Path:
-    """``$PF2LORA_CACHE`` or ``~/.cache/pf2lora`` (not created here)."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/pf2lora").expanduser()
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _share(path: Path) -> None:
-    """Give a built directory the permissions the umask allows (mkdtemp makes it private)."""
+    """Give a built directory the permissions the umask allows (copied package files keep theirs)."""
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o777 & ~umask)
@@ -203,20 +197,12 @@ def cached(name: str, build: Callable[[Path], Mapping[str, Any]], *, root: Path 
             return target
         if target.exists() and marker is None:
             raise UserError(f"{target} exists but is not a complete pf2lora conversion; delete it and retry")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
+        # Built aside and swapped in; an outdated format is moved aside and deleted after the swap.
+        with atomic_dir(target) as tmp:
             info = dict(build(tmp))
             _share(tmp)
             info["format"] = FORMAT
             (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            if target.exists():  # an outdated format: move it aside, then swap in the new one
-                trash = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
-                os.replace(target, trash / name)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 

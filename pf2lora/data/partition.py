@@ -9,14 +9,13 @@ the client. :func:`train_test_split_per_client` and :func:`subsample` then cut e
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pf2lora.errors import UserError
+from pf2lora.io import atomic_write
 
 Partition = dict[str, list[int]]
 """Client id -> sorted example indices (clients in a fixed order)."""
@@ -311,14 +310,7 @@ def plot_label_distribution(
         fig.tight_layout()
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
     return out

@@ -8,7 +8,6 @@ a remote SuperLink) and also writes the results to ``settings.json``'s ``result_
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import ERROR_TAG, RESULT_TAG, ROUND_TAG
+from pf2lora.io import atomic_write
 
 
 def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
@@ -57,9 +57,7 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
         payload = json.dumps([dataclasses.asdict(r) for r in results])
         if result_path:
             try:
-                tmp = Path(result_path).with_suffix(".tmp")
-                tmp.write_text(payload)
-                os.replace(tmp, result_path)
+                atomic_write(result_path, payload)
             except OSError:
                 pass  # the log line below carries the results
         print(RESULT_TAG + payload, flush=True)

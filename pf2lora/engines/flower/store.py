@@ -14,12 +14,12 @@ round, since every message repeats the last counted round.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pf2lora.io import atomic_save
 
 Tensors = dict[str, torch.Tensor]
 
@@ -31,23 +31,6 @@ def _safe(name: str) -> str:
     if cleaned in ("", ".", ".."):
         raise ValueError(f"unusable name for a state file: {name!r}")
     return cleaned
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class NodeStore:
@@ -73,7 +56,9 @@ class NodeStore:
         return torch.load(p, weights_only=True)
 
     def save_pending(self, run_key: str, method: str, client_id: str, round_: int, state: Tensors) -> None:
-        atomic_save({"round": round_, "state": state}, self._pending(run_key, method, client_id))
+        path = self._pending(run_key, method, client_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"round": round_, "state": state}, path)
 
     def resolve(self, run_key: str, method: str, client_id: str, accepted_round: int) -> None:
         """Commit the pending state if it is of ``accepted_round`` (the last round whose training

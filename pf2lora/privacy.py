@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pf2lora.config import ServerConfig
 from pf2lora.robust import Tensors, clip_update
 
 
@@ -160,3 +161,30 @@ class PrivacyAccountant:
                 raise ValueError(f"privacy accountant history entry {i} is not [noise_multiplier > 0, sample_rate in (0, 1], steps >= 1]: {entry!r}")
             restored.append((float(z), float(q), int(n)))
         self._accountant.history = restored
+
+
+# -- a run's accounting (every engine charges rounds the same way) ---------------------------------
+
+
+def accountant_for(server: ServerConfig, sample_rate: float) -> PrivacyAccountant | None:
+    """The client-level DP accountant of a run, or None when it adds no DP noise."""
+    if server.dp_noise_multiplier <= 0:
+        return None
+    return PrivacyAccountant(server.dp_noise_multiplier, sample_rate, server.dp_delta)
+
+
+def charge_round(accountant: PrivacyAccountant | None, record: dict[str, Any]) -> None:
+    """Charge one round to ``accountant`` (if any) and note the epsilon spent so far in ``record``."""
+    if accountant is not None:
+        accountant.step()
+        record["dp_epsilon"] = accountant.epsilon()
+
+
+def report(server: ServerConfig, accountant: PrivacyAccountant, rounds: Sequence[Mapping[str, Any]], num_rounds: int) -> dict[str, Any]:
+    """The ``privacy`` entry of a method's result: the budget spent and how it was spent."""
+    return {
+        "epsilon": accountant.epsilon(), "delta": server.dp_delta,
+        "noise_multiplier": server.dp_noise_multiplier, "clip_norm": server.dp_clip_norm,
+        "sample_rate": accountant.sample_rate, "rounds": num_rounds,
+        "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
+    }

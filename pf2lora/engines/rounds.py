@@ -13,23 +13,22 @@ each client sees the same mini-batches whatever the engine, the method or the or
 from __future__ import annotations
 
 import math
+import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from pf2lora import lora
+from pf2lora import lora, privacy
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method
 from pf2lora.robust import validate_update
 from pf2lora.tasks.base import ClientData, Task, concat
-
-if TYPE_CHECKING:
-    from pf2lora.privacy import PrivacyAccountant
 
 RoundCallback = Callable[[dict[str, Any]], None]
 """Called with each round's record (see :meth:`RoundLedger.finish`)."""
@@ -310,49 +309,133 @@ class RoundLedger:
         return server, record
 
 
-def open_round(cfg: RunConfig, method: Method, client_ids: list[str], round_: int, faults: list[dict[str, Any]]) -> RoundLedger:
-    """The ledger of round ``round_`` over its clients: every trainer of a pooled method, else the
-    ones :func:`sample_clients` picks."""
-    ids = list(client_ids) if method.pools_data else sample_clients(cfg, list(client_ids), round_)
-    return RoundLedger(cfg, method, round_, ids, faults)
+# -- a method's run, as every engine keeps it --------------------------------------------------------
 
 
-# -- around the rounds -------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """A method in progress after ``round`` completed rounds: what a checkpoint must hold."""
+
+    method: str
+    round: int
+    server: st.Tensors
+    clients: dict[str, ClientState]
+    rounds: list[dict[str, Any]]
+    faults: list[dict[str, Any]]
+    elapsed_s: float
+    accountant: dict[str, Any] | None = None
 
 
-def eval_due(cfg: RunConfig, round_: int) -> bool:
-    """Whether the run evaluates after ``round_`` (``eval.every``; the last round always is, separately)."""
-    return bool(cfg.eval.every) and round_ % cfg.eval.every == 0 and round_ < cfg.rounds
+StateCallback = Callable[[RunState], None]
+"""Called with the run's state after every round (checkpoints)."""
+
+
+class MethodRun:
+    """One method's run as every engine keeps it: its server state, the client states the engine
+    holds, the round records and fault records, the DP accountant, the evaluation schedule, the
+    progress bar, the callbacks and the result.
+
+    The in-process engine, the Flower server and the Flower ``Strategy`` differ only in how they
+    reach clients; each opens a round with :meth:`open_round`, settles it through the ledger, and
+    closes it with :meth:`end_round`, so a change to what a round records is made here once.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, task: Task, method: Method, *, resume: RunState | None = None,
+        on_round: RoundCallback | None = None, on_state: StateCallback | None = None, progress: bool = False,
+        hold_clients: bool = True,
+    ):
+        self.cfg, self.task, self.method = cfg, task, method
+        clients, self.local_steps = trainers(cfg, task, method)
+        self.trainers: dict[str, ClientData] = {c.client_id: c for c in clients}
+        """The clients that train this method, by id (one pooled client for a centralised reference)."""
+        self.on_round, self.on_state = on_round, on_state
+        self.accountant = privacy.accountant_for(cfg.server, sample_rate(cfg, task))
+        self.accepted: dict[str, int] = {}
+        """Client -> the last round whose training counted (its state advanced); Flower nodes need it."""
+        if resume is None:
+            held = {cid: initial_client(cfg, method, cid) for cid in self.trainers} if hold_clients else {}
+            self.state = RunState(method.name, 0, initial_server(cfg, method), held, [], [], 0.0)
+        else:
+            if resume.method != method.name:
+                raise ValueError(f"resume state is for {resume.method!r}, not {method.name!r}")
+            self.state = resume
+            if self.accountant is not None and resume.accountant is not None:
+                self.accountant.load_state_dict(resume.accountant)
+        self._start = time.perf_counter() - self.state.elapsed_s
+        self._bar = tqdm(
+            range(self.state.round + 1, cfg.rounds + 1), desc=f"{method.name:>12}", disable=not progress,
+            leave=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0,
+            initial=self.state.round, total=cfg.rounds,
+        )
+
+    @property
+    def server(self) -> st.Tensors:
+        return self.state.server
+
+    @server.setter
+    def server(self, value: st.Tensors) -> None:
+        self.state.server = value
+
+    @property
+    def clients(self) -> dict[str, ClientState]:
+        """The client states this engine holds (empty where the nodes hold their own)."""
+        return self.state.clients
+
+    def pending_rounds(self) -> range:
+        """The rounds still to run (all of them, or those after a resumed checkpoint)."""
+        return range(self.state.round + 1, self.cfg.rounds + 1)
+
+    def open_round(self, round_: int) -> RoundLedger:
+        """The ledger of ``round_`` over the trainers: every one for a pooled method, else a sample."""
+        ids = list(self.trainers)
+        sampled = ids if self.method.pools_data else sample_clients(self.cfg, ids, round_)
+        return RoundLedger(self.cfg, self.method, round_, sampled, self.state.faults)
+
+    def counted(self, cid: str, round_: int, new_state: ClientState | None = None) -> None:
+        """``cid``'s training in ``round_`` counts: its state advances (to ``new_state`` where
+        this engine holds it)."""
+        self.accepted[cid] = round_
+        if new_state is not None:
+            self.state.clients[cid] = new_state
+
+    def eval_due(self, round_: int) -> bool:
+        """Whether the run evaluates after ``round_`` (``eval.every``; the last round always is, by :meth:`finish`)."""
+        return bool(self.cfg.eval.every) and round_ % self.cfg.eval.every == 0 and round_ < self.cfg.rounds
+
+    def end_round(self, record: dict[str, Any], evaluation: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """Close a round: charge it to the DP accountant, note the mean of ``evaluation`` (the
+        per-client metrics, when :meth:`eval_due`), keep the record, advance the progress bar, and
+        call the callbacks. Returns the record."""
+        privacy.charge_round(self.accountant, record)
+        if self.accountant is not None:
+            self.state.accountant = self.accountant.state_dict()
+        primary = self.task.primary_metric
+        if evaluation is not None:
+            record["eval"] = mean_of(evaluation, primary)
+        self.state.rounds.append(record)
+        self.state.round = record["round"]
+        self.state.elapsed_s = time.perf_counter() - self._start
+        shown = record.get("eval", record["train_loss"])
+        self._bar.update(1)
+        self._bar.set_postfix({primary if "eval" in record else "train_loss": f"{shown:.4g}"}, refresh=False)
+        if self.on_round is not None:
+            self.on_round(record)
+        if self.on_state is not None:
+            self.on_state(self.state)
+        return record
+
+    def finish(self, clients: dict[str, dict[str, Any]]) -> MethodResult:
+        """The method's result, from the per-client metrics of the final evaluation."""
+        self._bar.close()
+        result = MethodResult(self.method.name, clients, self.state.rounds, faults=self.state.faults)
+        if self.accountant is not None:
+            result.privacy = privacy.report(self.cfg.server, self.accountant, self.state.rounds, self.cfg.rounds)
+        result.wall_time_s = time.perf_counter() - self._start
+        return result
 
 
 def sample_rate(cfg: RunConfig, task: Task) -> float:
     """The share of clients sampled per round (the DP accountant's sampling rate)."""
     n = len(task.clients)
     return len(sample_clients(cfg, [c.client_id for c in task.clients], 1)) / n
-
-
-def make_accountant(cfg: RunConfig, task: Task) -> PrivacyAccountant | None:
-    """The client-level DP accountant of the run, or None without DP noise."""
-    sc = cfg.server
-    if sc.dp_noise_multiplier <= 0:
-        return None
-    from pf2lora.privacy import PrivacyAccountant
-
-    return PrivacyAccountant(sc.dp_noise_multiplier, sample_rate(cfg, task), sc.dp_delta)
-
-
-def account_round(accountant: PrivacyAccountant | None, record: dict[str, Any]) -> None:
-    """Charge one round to the DP accountant (if any) and note the epsilon spent so far in ``record``."""
-    if accountant is not None:
-        accountant.step()
-        record["dp_epsilon"] = accountant.epsilon()
-
-
-def privacy_report(cfg: RunConfig, task: Task, accountant: PrivacyAccountant, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``privacy`` entry of a run's result."""
-    return {
-        "epsilon": accountant.epsilon(), "delta": cfg.server.dp_delta,
-        "noise_multiplier": cfg.server.dp_noise_multiplier, "clip_norm": cfg.server.dp_clip_norm,
-        "sample_rate": sample_rate(cfg, task), "rounds": cfg.rounds,
-        "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
-    }

@@ -19,8 +19,10 @@ from pf2lora.engines.flower import env
 
 env.apply()
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
+
+from pf2lora.engines.flower.channel import hello_reply
 
 log = logging.getLogger("pf2lora.flower")
 
@@ -93,7 +95,7 @@ def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | P
         try:
             partition = partition_of(context)
             if kind == "query":  # which partition is this node? (the server maps it to clients)
-                return Message(RecordDict({"config": ConfigRecord({"partition": partition})}), reply_to=msg)
+                return Message(hello_reply(partition), reply_to=msg)
             return getattr(runtime(context), kind)(msg, partition)
         except Exception as e:  # noqa: BLE001 - the server records the failure and carries on
             reason = f"{type(e).__name__}: {e}"[:500]

@@ -34,7 +34,9 @@ from pf2lora.engines.flower.store import NodeStore
 
 env.apply()
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
+
+from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, Instruction, TrainIns, TrainReply
 
 from pf2lora.engines.rounds import (
     InjectedCrash,
@@ -105,59 +107,52 @@ class ClientRuntime:
             return saved
         return initial_client(self.cfg, method, client_id)
 
-    def apply_verdict(self, c: ConfigRecord, method: str, run_key: str, client_id: str) -> None:
-        """Commit the pending state if the server counted that round, else drop it."""
-        self.store.resolve(run_key, method, client_id, int(c.get("accepted_round", -1)))
+    def apply_verdict(self, ins: Instruction, client_id: str) -> None:
+        """Commit ``client_id``'s pending state if the server counted that round, else drop it."""
+        self.store.resolve(ins.run_key, ins.method, client_id, ins.accepted_round)
 
     # -- message handlers ------------------------------------------------------------------------
 
     def train(self, msg: Message, partition: int) -> Message:
-        from pf2lora.engines.flower import secagg
+        from pf2lora.engines.flower import secagg  # Flower's legacy SecAgg+ API: only for such messages
 
         if secagg.FITINS in msg.content.config_records:
             return self.train_secure(msg, partition)
-        c = msg.content["config"]
-        cid, name, run_key, round_ = str(c["client_id"]), str(c["method"]), str(c["run_key"]), int(c["round"])
-        self._check_served(cid, partition)
-        method = self.method(name)
-        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
-        if self.cfg.server.secure_aggregation and method.upload_spec(received):
+        ins = TrainIns.parse(msg.content)
+        self._check_served(ins.client_id, partition)
+        method = self.method(ins.method)
+        if self.cfg.server.secure_aggregation and method.upload_spec(ins.received):
             raise PermissionError("this run uses server.secure_aggregation: this client does not send its upload in the clear")
-        update, new_state, took = self._train(c, method, name, run_key, cid, round_, received)
-        update = injected_poison(self.cfg, cid, update, received)
-        self.store.save_pending(run_key, name, cid, round_, new_state)
-        shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
-        arrays, dtypes = transport.to_record(shared)
-        reply = ConfigRecord({
-            "client_id": cid, "num_examples": int(update.num_examples), "took_s": float(took),
-            "metrics": transport.dumps(update.metrics), "dtypes": dtypes,
-        })
-        return Message(RecordDict({"arrays": arrays, "config": reply}), reply_to=msg)
+        update, new_state, took = self._train(ins, method)
+        update = injected_poison(self.cfg, ins.client_id, update, ins.received)
+        self.store.save_pending(ins.run_key, ins.method, ins.client_id, ins.round, new_state)
+        reply = TrainReply(ins.client_id, update.shared, update.num_examples, update.metrics, took)
+        return Message(reply.content(), reply_to=msg)
 
-    def _train(self, c: ConfigRecord, method: Method, name: str, run_key: str, cid: str, round_: int,
-               received: dict[str, torch.Tensor]) -> tuple[ClientUpdate, ClientState, float]:
+    def _train(self, ins: TrainIns, method: Method) -> tuple[ClientUpdate, ClientState, float]:
         """What both train paths do: the server's verdict on the last round, this client's state,
         an injected crash, then the method's local training."""
-        self.apply_verdict(c, name, run_key, cid)
-        state = self.state(method, run_key, cid)
-        if bool(c.get("inject_crash", False)):
+        self.apply_verdict(ins, ins.client_id)
+        state = self.state(method, ins.run_key, ins.client_id)
+        if ins.inject_crash:
             raise InjectedCrash("injected crash")
-        data, steps = self.trainer(method, cid)
-        return train_client(self.cfg, self.task, method, data, steps, round_, received, state)
+        data, steps = self.trainer(method, ins.client_id)
+        return train_client(self.cfg, self.task, method, data, steps, ins.round, ins.received, state)
 
     def train_secure(self, msg: Message, partition: int) -> Message:
         """A SecAgg+ train message (legacy FitIns records, reached through ``secaggplus_mod``):
         train and keep the state exactly as :meth:`train`, check the upload here (the server will
         see only the masked sum), reply as a legacy FitRes for the mod to mask."""
-        from pf2lora.engines.flower import secagg
+        from pf2lora.engines.flower import secagg  # Flower's legacy SecAgg+ API: only for such messages
 
         c, received = secagg.fitins_of(msg.content)
-        cid, name, run_key, round_ = str(c["client_id"]), str(c["method"]), str(c["run_key"]), int(c["round"])
+        ins = TrainIns.from_fields(c, received)
+        cid = ins.client_id
         self._check_served(cid, partition)
         if not self.cfg.server.secure_aggregation:
             raise PermissionError("a SecAgg+ train message, but this client's config has server.secure_aggregation = false")
-        method = self.method(name)
-        update, new_state, took = self._train(c, method, name, run_key, cid, round_, received)
+        method = self.method(ins.method)
+        update, new_state, took = self._train(ins, method)
         keys = transport.loads(str(c["upload_keys"]))
         clip = float(c.get("secagg_clipping_range", self.cfg.server.secagg_clipping_range))
         reason = secagg.check_upload(update.shared, method.upload_spec(received), keys, clip)
@@ -168,26 +163,22 @@ class ClientRuntime:
         if reason is not None:  # nothing is saved: the state stays at the last counted round
             raise ValueError(f"upload not sent: {reason}")
         update = injected_poison(self.cfg, cid, update, received)  # an injected attacker skips the honest checks above
-        self.store.save_pending(run_key, name, cid, round_, new_state)
+        self.store.save_pending(ins.run_key, ins.method, cid, ins.round, new_state)
         shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
         metrics = {"client_id": cid, "took_s": float(took), "metrics": transport.dumps(update.metrics)}
         return Message(secagg.fitres_content(shared, keys, update.num_examples, metrics), reply_to=msg)
 
     def evaluate(self, msg: Message, partition: int) -> Message:
-        c = msg.content["config"]
-        cid, state_of = str(c["client_id"]), str(c["state_of"])
-        name, run_key, round_ = str(c["method"]), str(c["run_key"]), int(c["round"])
-        self._check_served(state_of, partition)
-        method = self.method(name)
-        self.apply_verdict(c, name, run_key, state_of)
-        state = self.state(method, run_key, state_of)
-        received = transport.from_record(msg.content["arrays"], str(c.get("dtypes", "{}")))
-        client = next((k for k in self.task.clients if k.client_id == cid), None)
+        ins = EvaluateIns.parse(msg.content)
+        self._check_served(ins.state_of, partition)
+        method = self.method(ins.method)
+        self.apply_verdict(ins, ins.state_of)
+        state = self.state(method, ins.run_key, ins.state_of)
+        client = next((k for k in self.task.clients if k.client_id == ins.client_id), None)
         if client is None:
-            raise ValueError(f"no client {cid!r} in this node's task")
-        metrics = evaluate_client(self.cfg, self.task, method, client, received, state, round_)
-        reply = ConfigRecord({"client_id": cid, "metrics": transport.dumps(metrics)})
-        return Message(RecordDict({"config": reply}), reply_to=msg)
+            raise ValueError(f"no client {ins.client_id!r} in this node's task")
+        metrics = evaluate_client(self.cfg, self.task, method, client, ins.received, state, ins.round)
+        return Message(EvaluateReply(ins.client_id, metrics).content(), reply_to=msg)
 
     def _check_served(self, client_id: str, partition: int) -> None:
         if client_id not in self.served(partition):

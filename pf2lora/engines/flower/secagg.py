@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from pf2lora import secagg
-from pf2lora.engines.flower import env
+from pf2lora.engines.flower import env, transport
+from pf2lora.engines.flower.channel import Channel
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.rounds import trainers
 
@@ -57,7 +58,6 @@ log = logging.getLogger("pf2lora.flower")
 
 FITINS = "fitins.config"
 """The config record of a legacy FitIns: a train message in this record format is a SecAgg+ one."""
-_UPCAST = {torch.bfloat16: torch.float32}  # numpy has no bfloat16 (as in .transport)
 
 
 # -- tensors <-> legacy Parameters, in a fixed key order -------------------------------------------
@@ -67,7 +67,7 @@ def to_parameters(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> P
     arrays = []
     for k in keys:
         t = tensors[k].detach().cpu()
-        t = t.to(_UPCAST.get(t.dtype, t.dtype))
+        t = t.to(transport.UPCAST.get(t.dtype, t.dtype))
         arrays.append(np.ascontiguousarray(t.numpy()).copy())
     return ndarrays_to_parameters(arrays)
 
@@ -156,28 +156,26 @@ class RoundStrategy(Strategy):
 
 
 class _StageGrid:
-    """The Grid the workflow talks to: pf2lora's server's push / pull (short poll), with each
-    node's first error reason, the payload bytes and the reply hook recorded."""
+    """The Grid the workflow talks to: the server's channel (short poll, reply hook), with each
+    node's first error reason recorded."""
 
-    def __init__(self, server: FlowerServer):
-        self.server = server
+    def __init__(self, channel: Channel):
+        self.channel = channel
         self.errors: dict[int, str] = {}
 
     def get_node_ids(self) -> Iterable[int]:
-        return self.server.grid.get_node_ids()
+        return self.channel.grid.get_node_ids()
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         stage = {m.metadata.dst_node_id: _stage(m) for m in messages}
-        self.server.bytes_down += sum(_bytes(m) for m in messages)
-        replies = self.server._push_pull(messages, timeout)
+        replies = self.channel.push_pull(messages, timeout)
         seen = set()
         for r in replies:
             node = r.metadata.src_node_id
             seen.add(node)
-            self.server.bytes_up += _bytes(r)
-            if self.server.on_reply is not None:
-                self.server.on_reply(f"secagg-{stage.get(node, '?')}", r)
+            if self.channel.on_reply is not None:
+                self.channel.on_reply(f"secagg-{stage.get(node, '?')}", r)
             if r.has_error() and node not in self.errors:
                 self.errors[node] = f"SecAgg+ {stage.get(node, '?')} stage: {r.error.reason or 'client error'}"
         for node, name in stage.items():
@@ -191,17 +189,6 @@ def _stage(msg: Message) -> str:
         return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
     except Exception:  # noqa: BLE001
         return "?"
-
-
-def _bytes(msg: Message) -> int:
-    if not msg.has_content():
-        return 0
-    n = sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values())
-    for rec in msg.content.config_records.values():
-        for v in rec.values():
-            items = v if isinstance(v, list) else [v]
-            n += sum(len(x) for x in items if isinstance(x, bytes))
-    return n
 
 
 @dataclass
@@ -230,13 +217,13 @@ def secure_round(
     reference = next(iter(sent.values()))
     weights = [float(d.num_train) for d in trainers(cfg, server.task, method)[0]]
     max_weight = max(1.0, max(weights))
-    grid = _StageGrid(server)
+    grid = _StageGrid(server.channel)
     node_to_cid = {server.node_of[cid]: cid for cid in sent}
     fitins = {}
     for cid, received in sent.items():
         keys = sorted(received)
         c = {
-            **configs[cid], "keys": json.dumps(keys), "upload_keys": json.dumps(upload_keys),
+            **configs[cid], "keys": json.dumps(keys), "upload_keys": json.dumps(upload_keys), "dtypes": json.dumps(transport.upcast(received)),
             "secagg_clipping_range": float(cfg.server.secagg_clipping_range), "secagg_max_weight": float(max_weight),
         }
         fitins[server.node_of[cid]] = FitIns(to_parameters(received, keys), c)

@@ -17,60 +17,38 @@ that mean as a single update.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from pf2lora import state as st
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env, transport
-from pf2lora.engines.flower.common import FlowerEngineError
+from pf2lora.engines.flower import env
 
 env.apply()
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from pf2lora.engines.rounds import (
-    MethodResult,
-    RoundCallback,
-    RoundLedger,
-    eval_due,
-    initial_server,
-    injected_fault,
-    account_round,
-    make_accountant,
-    mean_of,
-    num_bytes,
-    open_round,
-    privacy_report,
-    trainers,
-)
+from pf2lora.engines.flower.channel import Channel, GridLike, Outgoing, ReplyHook
+from pf2lora.engines.flower.common import FlowerEngineError
+from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, MalformedReply, TrainIns, TrainReply
+from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, injected_fault, num_bytes
 from pf2lora.methods import registry
-from pf2lora.methods.base import ClientUpdate, Method
-from pf2lora.tasks.base import ClientData, Task
+from pf2lora.methods.base import ClientUpdate
+from pf2lora.tasks.base import Task
 
 log = logging.getLogger("pf2lora.flower")
 
 __all__ = ["FlowerServer", "GridLike", "ReplyHook", "RoundCallback", "ServerHook", "make_server_app"]
 
-ReplyHook = Callable[[str, Message], None]
-"""Called with (message kind, reply) for every reply the server receives, before it is used."""
 ServerHook = Callable[[str, int, st.Tensors], None]
 """Called with (method, round, server state) after every round's aggregation (tests, debugging)."""
 
-
-POLL_S = 0.2
-"""Seconds between two pulls for replies."""
-
-
-class GridLike(Protocol):
-    def get_node_ids(self) -> Iterable[int]: ...
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]: ...
+Sent = Mapping[str, tuple[st.Tensors, float]]
+"""Client id -> (what the server broadcast to it, its injected delay in seconds)."""
 
 
 class FlowerServer:
@@ -81,115 +59,31 @@ class FlowerServer:
         on_reply: ReplyHook | None = None, progress: bool = False, on_server: ServerHook | None = None,
     ):
         self.cfg = cfg
-        self.on_server = on_server
         self.task = task
-        self.grid = grid
+        self.channel = Channel(grid, on_reply)
         self.on_round = on_round
-        self.on_reply = on_reply
+        self.on_server = on_server
         self.progress = progress
         self.run_key = uuid.uuid4().hex  # namespaces the client state files of this run
-        self.node_of: dict[str, int] = {}
-        self.bytes_up = 0
-        self.bytes_down = 0
 
-    # -- nodes -----------------------------------------------------------------------------------
+    @property
+    def grid(self) -> GridLike:
+        return self.channel.grid
+
+    @property
+    def node_of(self) -> dict[str, int]:
+        return self.channel.node_of
 
     def discover(self) -> dict[str, int]:
-        """Wait for every client's node; ask each node which client(s) it plays."""
-        want = len(self.task.clients)
-        deadline = time.monotonic() + self.cfg.flower.node_wait_s
-        nodes: list[int] = []
-        while True:
-            nodes = sorted(int(n) for n in self.grid.get_node_ids())
-            if len(nodes) >= want or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        if len(nodes) < want:
-            raise FlowerEngineError(
-                f"only {len(nodes)} of {want} SuperNodes connected within flower.node_wait_s = "
-                f"{self.cfg.flower.node_wait_s:g} s (one SuperNode per client, --node-config 'partition-id=K')"
-            )
-        msgs = [Message(RecordDict({"config": ConfigRecord({"hello": 1})}), dst_node_id=n, message_type="query") for n in nodes]
-        replies = self._send(msgs, self.cfg.flower.node_wait_s)
-        node_of: dict[str, int] = {}
-        for n in nodes:
-            reply = replies.get(n)
-            if reply is None or reply.has_error():
-                why = "no reply" if reply is None else reply.error.reason
-                log.warning("node %s did not say which partition it is (%s); it is left out", n, why)
-                continue
-            try:
-                partition = int(reply.content["config"]["partition"])
-            except Exception:  # noqa: BLE001
-                log.warning("node %s sent a malformed hello; it is left out", n)
-                continue
-            if not 0 <= partition < want:
-                raise FlowerEngineError(f"SuperNode {n} has partition-id {partition}, outside 0..{want - 1} (task.num_clients = {want})")
-            for cid in [self.task.clients[partition].client_id] + (["pooled"] if partition == 0 else []):
-                if cid in node_of:
-                    raise FlowerEngineError(f"two SuperNodes ({node_of[cid]} and {n}) have partition-id {partition}: give each a distinct one")
-                node_of[cid] = n
-        missing = [c.client_id for c in self.task.clients if c.client_id not in node_of]
-        if missing:
-            raise FlowerEngineError(f"no SuperNode plays client(s) {missing[:5]} (partition-id 0..{want - 1}, one node each)")
-        self.node_of = node_of
-        return node_of
+        """Wait for every client's node; ask each node which client it plays (node 0 also plays
+        the pooled client of a centralised reference)."""
+        ids = [c.client_id for c in self.task.clients]
+        return self.channel.discover(ids, self.cfg.flower.node_wait_s, extra=lambda p: ["pooled"] if p == 0 else [])
 
-    def _send(self, messages: list[Message], timeout: float | None) -> dict[int, Message]:
-        """Send; replies by source node (each node gets at most one message per call)."""
-        if not messages:
-            return {}
-        replies = self._push_pull(messages, timeout)
-        wanted = {m.metadata.dst_node_id for m in messages}
-        out: dict[int, Message] = {}
-        for r in replies:
-            src = r.metadata.src_node_id
-            if src in wanted and src not in out:
-                out[src] = r
-        return out
-
-    def _push_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """``send_and_receive`` with a short poll (Flower's HTTP grid sleeps 3 s between pulls)."""
-        push = getattr(self.grid, "push_messages", None)
-        pull = getattr(self.grid, "pull_messages", None)
-        if push is None or pull is None:
-            return list(self.grid.send_and_receive(messages, timeout=timeout))
-        pending = {i for i in push(messages) if i}
-        end = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (end is None or time.monotonic() < end):
-            got = list(pull(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(POLL_S)
-        return replies
-
-    def _exchange(self, kind: str, outgoing: list[tuple[str, str, RecordDict]]) -> dict[str, Message | None]:
-        """Send (client id, node client id, content) messages in waves (a node never holds two of
-        our messages at once); the reply per client id, None if none came."""
-        timeout = self.cfg.flower.round_timeout_s or None
-        waves: list[list[tuple[str, int, RecordDict]]] = []
-        for cid, node_cid, content in outgoing:
-            node = self.node_of[node_cid]
-            wave = next((w for w in waves if all(n != node for _, n, _ in w)), None)
-            if wave is None:
-                wave = []
-                waves.append(wave)
-            wave.append((cid, node, content))
-        out: dict[str, Message | None] = {}
-        for wave in waves:
-            msgs = [Message(content, dst_node_id=node, message_type=kind) for _, node, content in wave]
-            self.bytes_down += sum(_payload(m) for m in msgs)
-            got = self._send(msgs, timeout)
-            for cid, node, _ in wave:
-                reply = got.get(node)
-                if reply is not None:
-                    self.bytes_up += _payload(reply)
-                    if self.on_reply is not None:
-                        self.on_reply(kind, reply)
-                out[cid] = reply
-        return out
+    def plays(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """Which node's client plays each of ``client_ids``: itself, or node 0's client for the
+        pooled client of a centralised reference."""
+        return {cid: (cid if cid in self.node_of else self.task.clients[0].client_id) for cid in client_ids}
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -198,96 +92,52 @@ class FlowerServer:
             self.discover()
         return [self.run_method(name) for name in (methods or self.cfg.methods)]
 
+    def start(self, name: str, on_round: RoundCallback | None = None, progress: bool = False) -> MethodRun:
+        """A fresh run of method ``name`` whose client states live on the nodes."""
+        return MethodRun(self.cfg, self.task, registry()[name](self.cfg, self.task), on_round=on_round, progress=progress, hold_clients=False)
+
     def run_method(self, name: str) -> MethodResult:
-        cfg, task = self.cfg, self.task
-        method: Method = registry()[name](cfg, task)
-        by_id = {c.client_id: c for c in trainers(cfg, task, method)[0]}
-        plays = self.plays(by_id)
-        accountant = make_accountant(cfg, task)
-        server = initial_server(cfg, method)
-        accepted: dict[str, int] = {}  # client -> last round whose training counted (its state advances)
-        rounds: list[dict[str, Any]] = []
-        faults: list[dict[str, Any]] = []
-        start = time.perf_counter()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.rounds, desc=f"{name:>12}", dynamic_ncols=True)
-        for round_ in range(1, cfg.rounds + 1):
-            server, record = self._round(method, server, by_id, plays, accepted, faults, round_)
+        run = self.start(name, self.on_round, self.progress)
+        for round_ in run.pending_rounds():
+            record = self._round(run, round_)
             if self.on_server is not None:
-                self.on_server(method.name, round_, st.clone(server))
-            account_round(accountant, record)
-            if eval_due(cfg, round_):
-                record["eval"] = mean_of(self._evaluate(method, server, accepted, round_), task.primary_metric)
-            rounds.append(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({"train_loss": f"{record['train_loss']:.4g}"})
-            if self.on_round:
-                self.on_round(record)
-        if bar is not None:
-            bar.close()
-        result = MethodResult(name, {}, rounds, faults=faults)
-        result.clients = self._evaluate(method, server, accepted, cfg.rounds)
-        if accountant is not None:
-            result.privacy = privacy_report(cfg, task, accountant, rounds)
-        result.wall_time_s = time.perf_counter() - start
-        return result
+                self.on_server(name, round_, st.clone(run.server))
+            run.end_round(record, self._evaluate(run, round_) if run.eval_due(round_) else None)
+        return run.finish(self._evaluate(run, self.cfg.rounds))
 
-    def plays(self, client_ids: Iterable[str]) -> dict[str, str]:
-        """Which node's client plays each of ``client_ids``: itself, or node 0's client for the
-        pooled client of a centralised reference."""
-        return {cid: (cid if cid in self.node_of else self.task.clients[0].client_id) for cid in client_ids}
-
-    def _content(self, method: Method, cid: str, round_: int, received: st.Tensors, accepted: dict[str, int], **extra: Any) -> RecordDict:
-        arrays, dtypes = transport.to_record(received)
-        last = accepted.get(extra.get("state_of", cid), -1)
-        c = ConfigRecord({
-            "method": method.name, "run_key": self.run_key, "client_id": cid, "round": round_,
-            "dtypes": dtypes, "accepted_round": last, **extra,
-        })
-        return RecordDict({"arrays": arrays, "config": c})
-
-    def _round(
-        self, method: Method, server: st.Tensors, by_id: dict[str, ClientData], plays: dict[str, str],
-        accepted: dict[str, int], faults: list[dict[str, Any]], round_: int,
-    ) -> tuple[st.Tensors, dict[str, Any]]:
+    def _round(self, run: MethodRun, round_: int) -> dict[str, Any]:
         """One round: broadcast to every sampled client that did not drop out, one exchange, then
         the replies in sampling order through the ledger (as the local engine reports them)."""
-        ledger, sent, outgoing = self.prepare_round(method, server, by_id, plays, accepted, faults, round_)
-        if self.cfg.server.secure_aggregation and any(method.upload_spec(r) for r, _ in sent.values()):
-            return self._secure_round(method, server, ledger, sent, accepted, outgoing)
-        return self.collect_round(method, server, ledger, sent, self._exchange("train", outgoing), accepted)
+        ledger, sent, outgoing = self.prepare_round(run, round_)
+        if self.cfg.server.secure_aggregation and any(run.method.upload_spec(r) for r, _ in sent.values()):
+            return self._secure_round(run, ledger, sent, outgoing)
+        return self.collect_round(run, ledger, sent, self.channel.exchange("train", outgoing, self._timeout()))
 
-    def prepare_round(
-        self, method: Method, server: st.Tensors, by_id: Mapping[str, ClientData], plays: Mapping[str, str],
-        accepted: dict[str, int], faults: list[dict[str, Any]], round_: int,
-    ) -> tuple[RoundLedger, dict[str, tuple[st.Tensors, float]], list[tuple[str, str, RecordDict]]]:
+    def _timeout(self) -> float | None:
+        return self.cfg.flower.round_timeout_s or None
+
+    def prepare_round(self, run: MethodRun, round_: int) -> tuple[RoundLedger, dict[str, tuple[st.Tensors, float]], list[Outgoing]]:
         """The first half of a round: (its ledger, what each client that did not drop out is sent
-        with its injected delay, the (client, node's client, content) train messages)."""
-        cfg = self.cfg
-        ledger = open_round(cfg, method, list(by_id), round_, faults)
+        with its injected delay, the train messages)."""
+        ledger = run.open_round(round_)
+        plays = self.plays(run.trainers)
         sent: dict[str, tuple[st.Tensors, float]] = {}
         outgoing = []
         for cid in ledger.sampled:
-            kind, delay = injected_fault(cfg, cid, round_)
+            kind, delay = injected_fault(self.cfg, cid, round_)
             if kind == "dropout":
                 continue  # recorded by collect_round, in sampling order
-            received = st.clone(method.broadcast(server, cid))
+            received = st.clone(run.method.broadcast(run.server, cid))
             ledger.sent(received)
             sent[cid] = (received, delay)
-            outgoing.append((cid, plays[cid], self._content(method, cid, round_, received, accepted, inject_crash=kind == "crash")))
+            ins = TrainIns(run.method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received, inject_crash=kind == "crash")
+            outgoing.append(Outgoing(cid, plays[cid], ins.content()))
         return ledger, sent, outgoing
 
-    def collect_round(
-        self, method: Method, server: st.Tensors, ledger: RoundLedger, sent: Mapping[str, tuple[st.Tensors, float]],
-        replies: Mapping[str, Message | None], accepted: dict[str, int],
-    ) -> tuple[st.Tensors, dict[str, Any]]:
+    def collect_round(self, run: MethodRun, ledger: RoundLedger, sent: Sent, replies: Mapping[str, Message | None]) -> dict[str, Any]:
         """The second half: each sampled client's reply (by client id; missing = no reply), in
-        sampling order, through the ledger; (the new server state, the round's record)."""
-        round_ = ledger.round
+        sampling order, through the ledger; sets the new server state, returns the round's record."""
+        name, round_ = run.method.name, ledger.round
         for cid in ledger.sampled:
             if cid not in sent:
                 ledger.dropped(cid)
@@ -296,34 +146,35 @@ class FlowerServer:
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
-                log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, ledger.crashed(cid, why))
+                log.warning("%s round %d: client %s failed: %s", name, round_, cid, ledger.crashed(cid, why))
                 continue
             update, took, reason = self._parse(reply, cid)
             if update is None:
                 ledger.rejected(cid, reason or "malformed reply")
             elif ledger.missed_deadline(cid, took + delay):
-                accepted[cid] = round_  # it did train; only the server ignores its late upload
+                run.counted(cid, round_)  # it did train; only the server ignores its late upload
                 continue
             else:
                 reason = ledger.offer(cid, update, received)
             if reason is not None:
-                log.warning("%s round %d: rejected the upload of client %s: %s", method.name, round_, cid, reason)
+                log.warning("%s round %d: rejected the upload of client %s: %s", name, round_, cid, reason)
                 continue  # its state stays at the last good round
-            accepted[cid] = round_
-        return ledger.finish(server)
+            run.counted(cid, round_)
+        run.server, record = ledger.finish(run.server)
+        return record
 
-    def _secure_round(
-        self, method: Method, server: st.Tensors, ledger: RoundLedger, sent: dict[str, tuple[st.Tensors, float]],
-        accepted: dict[str, int], outgoing: list[tuple[str, str, RecordDict]],
-    ) -> tuple[st.Tensors, dict[str, Any]]:
+    def _secure_round(self, run: MethodRun, ledger: RoundLedger, sent: Sent, outgoing: list[Outgoing]) -> dict[str, Any]:
         """One round through Flower's SecAgg+ (:mod:`.secagg`): the server gets only the weighted
         mean of the uploads and hands it to the method's ``aggregate`` as a single update."""
-        from pf2lora.engines.flower import secagg
+        from pf2lora.engines.flower import secagg  # SecAgg+ pulls in Flower's legacy server API: only when asked for
 
-        round_ = ledger.round
+        method, round_ = run.method, ledger.round
         ledger.secure = True
-        configs = {cid: dict(content["config"]) for cid, _, content in outgoing}
-        got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, configs)
+        fields = {cid: TrainIns(method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received).fields()
+                  for cid, (received, _) in sent.items()}
+        for o in outgoing:  # the injected crash travels as in the normal path
+            fields[o.client_id]["inject_crash"] = bool(o.content["config"]["inject_crash"])  # type: ignore[index]
+        got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, fields)
         for cid in ledger.sampled:  # in sampling order, as the normal path records faults
             if cid not in sent:
                 ledger.dropped(cid)
@@ -336,51 +187,48 @@ class FlowerServer:
             log.warning("%s round %d: %s", method.name, round_, reason)
             got.included = []
         if got.mean is None or not got.included:
-            return ledger.finish(server)  # nobody counted: fails the round (server.min_clients >= 1)
+            run.server, record = ledger.finish(run.server)  # nobody counted: fails the round (server.min_clients >= 1)
+            return record
         for cid in got.included:
-            accepted[cid] = round_
+            run.counted(cid, round_)
             ledger.count(cid, got.metrics[cid], num_bytes(got.mean))  # the upload's size in the clear, as the normal path
         total = sum(got.num_examples[c] for c in got.included)
-        return ledger.finish(server, ClientUpdate("secure-aggregate", got.mean, total, {}))
+        run.server, record = ledger.finish(run.server, ClientUpdate("secure-aggregate", got.mean, total, {}))
+        return record
 
     def _parse(self, reply: Message, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
         """(update, client-measured seconds, None) or (None, 0, why the reply is malformed)."""
         try:
-            c = reply.content["config"]
-            claimed = str(c["client_id"])
-            if claimed != cid:
-                return None, 0.0, f"reply from the node of {cid!r} claims to be client {claimed!r}"
-            shared = transport.from_record(reply.content["arrays"], str(c.get("dtypes", "{}")))
-            metrics = transport.loads(str(c.get("metrics", "{}")))
-            if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
-                return None, 0.0, "malformed metrics in the reply"
-            num = int(c["num_examples"])
-            if num < 0:
-                return None, 0.0, f"negative num_examples {num}"
-            return ClientUpdate(cid, shared, num, {k: float(v) for k, v in metrics.items()}), float(c.get("took_s", 0.0)), None
+            got = TrainReply.parse(reply.content)
+        except MalformedReply as e:
+            return None, 0.0, str(e)
         except Exception as e:  # noqa: BLE001 - a malformed reply never takes the server down
             return None, 0.0, f"malformed reply ({type(e).__name__}: {str(e)[:100]})"
+        if got.client_id != cid:
+            return None, 0.0, f"reply from the node of {cid!r} claims to be client {got.client_id!r}"
+        return ClientUpdate(cid, got.upload, got.num_examples, got.metrics), got.took_s, None
 
-    def _evaluate(self, method: Method, server: st.Tensors, accepted: dict[str, int], round_: int) -> dict[str, dict[str, Any]]:
-        outgoing = self.evaluation_messages(method, server, accepted, round_)
-        return self.collect_evaluation(method, self._exchange("evaluate", outgoing))
+    # -- evaluation ------------------------------------------------------------------------------
 
-    def evaluation_messages(
-        self, method: Method, server: st.Tensors, accepted: dict[str, int], round_: int,
-    ) -> list[tuple[str, str, RecordDict]]:
-        """(client, node's client, content) of the evaluate message of every client (a pooled
-        method's clients are all evaluated on node 0, which holds the pooled state)."""
-        pooled = method.pools_data
+    def _evaluate(self, run: MethodRun, round_: int) -> dict[str, dict[str, Any]]:
+        replies = self.channel.exchange("evaluate", self.evaluation_messages(run, round_), self._timeout())
+        return self.collect_evaluation(run, replies)
+
+    def evaluation_messages(self, run: MethodRun, round_: int) -> list[Outgoing]:
+        """The evaluate message of every client (a pooled method's clients are all evaluated on
+        node 0, which holds the pooled state)."""
+        method, pooled = run.method, run.method.pools_data
         outgoing = []
         for client in self.task.clients:
             cid = client.client_id
-            received = st.clone(method.broadcast(server, cid))
+            received = st.clone(method.broadcast(run.server, cid))
             node_cid = self.task.clients[0].client_id if pooled else cid
             state_of = "pooled" if pooled else cid
-            outgoing.append((cid, node_cid, self._content(method, cid, round_, received, accepted, state_of=state_of)))
+            ins = EvaluateIns(method.name, self.run_key, cid, round_, run.accepted.get(state_of, -1), received, state_of=state_of)
+            outgoing.append(Outgoing(cid, node_cid, ins.content()))
         return outgoing
 
-    def collect_evaluation(self, method: Method, replies: Mapping[str, Message | None]) -> dict[str, dict[str, Any]]:
+    def collect_evaluation(self, run: MethodRun, replies: Mapping[str, Message | None]) -> dict[str, dict[str, Any]]:
         """Every client's metrics from its evaluate reply; a missing or failed one stops the run."""
         out: dict[str, dict[str, Any]] = {}
         for client in self.task.clients:
@@ -388,15 +236,9 @@ class FlowerServer:
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else reply.error.reason
-                raise FlowerEngineError(f"{method.name}: evaluation of client {cid} failed: {why}")
-            out[cid] = transport.loads(str(reply.content["config"]["metrics"]))
+                raise FlowerEngineError(f"{run.method.name}: evaluation of client {cid} failed: {why}")
+            out[cid] = EvaluateReply.parse(reply.content).metrics
         return out
-
-
-def _payload(msg: Message) -> int:
-    if not msg.has_content() or "arrays" not in msg.content:
-        return 0
-    return sum(len(a.data) for a in msg.content["arrays"].values())
 
 
 def make_server_app(

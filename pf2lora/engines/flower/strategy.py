@@ -6,8 +6,8 @@ exposes the same rounds through Flower's typed strategy interface
 ``strategy.start(grid=..., ...)`` in a ServerApp the user controls. It holds no round logic of its
 own: every step calls the FlowerServer halves the engine uses (:meth:`~.server.FlowerServer.prepare_round`,
 :meth:`~.server.FlowerServer.collect_round`, :meth:`~.server.FlowerServer.evaluation_messages`,
-:meth:`~.server.FlowerServer.collect_evaluation`), which call :mod:`pf2lora.engines.rounds`, so the
-numbers equal the local engine's for the same config and seed.
+:meth:`~.server.FlowerServer.collect_evaluation`) over the same :class:`~pf2lora.engines.rounds.MethodRun`,
+so the numbers and records equal the local engine's for the same config and seed.
 
 Example (in a ServerApp's ``main(grid, context)``; the nodes run :func:`~.client.make_client_app`)::
 
@@ -19,7 +19,6 @@ Example (in a ServerApp's ``main(grid, context)``; the nodes run :func:`~.client
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,23 +28,15 @@ from pf2lora.engines.flower import env, transport
 
 env.apply()
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pf2lora.engines.flower.server import FlowerServer
-from pf2lora.engines.rounds import (
-    MethodResult,
-    account_round,
-    eval_due,
-    initial_server,
-    make_accountant,
-    mean_of,
-    privacy_report,
-    trainers,
-)
+from pf2lora.engines.flower.channel import Outgoing
+from pf2lora.engines.flower.messages import claimed_client
+from pf2lora.engines.flower.server import FlowerServer, Sent
+from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, mean_of
 from pf2lora.methods import registry
-from pf2lora.methods.base import Method
 from pf2lora.tasks.base import Task
 
 log = logging.getLogger("pf2lora.flower")
@@ -65,6 +56,8 @@ class MethodStrategy(Strategy):
         A registered method name (``pf2lora methods``).
     task : Task, optional
         The task, if already built (else built from ``cfg``).
+    on_round : callable, optional
+        Called with each round's record, as ``pf2lora run`` writes it to ``metrics.jsonl``.
 
     Notes
     -----
@@ -74,7 +67,7 @@ class MethodStrategy(Strategy):
     Secure aggregation needs Flower's legacy workflow: use ``pf2lora run --engine flower-*``.
     """
 
-    def __init__(self, cfg: RunConfig, method: str, task: Task | None = None):
+    def __init__(self, cfg: RunConfig, method: str, task: Task | None = None, on_round: RoundCallback | None = None):
         if cfg.server.secure_aggregation:
             raise ValueError("MethodStrategy does not do server.secure_aggregation; run it with pf2lora run --engine flower-sim|flower-deploy")
         if task is None:
@@ -82,26 +75,18 @@ class MethodStrategy(Strategy):
 
             task = build_task(cfg)
         self.cfg, self.task = cfg, task
-        self.method: Method = registry()[method](cfg, task)
-        self.server_state = initial_server(cfg, self.method)
-        self.accepted: dict[str, int] = {}  # client -> last round whose training counted
-        self.rounds: list[dict[str, Any]] = []
-        self.faults: list[dict[str, Any]] = []
-        self.clients: dict[str, dict[str, Any]] = {}
-        self.accountant = make_accountant(cfg, task)
-        self._by_id = {c.client_id: c for c in trainers(cfg, task, self.method)[0]}
+        self.run = MethodRun(cfg, task, registry()[method](cfg, task), on_round=on_round, hold_clients=False)
         self._driver: FlowerServer | None = None
-        self._pending: tuple[Any, ...] | None = None  # the prepared round awaiting its replies
+        self._pending: tuple[RoundLedger, Sent, dict[str, int]] | None = None  # the prepared round awaiting its replies
+        self._unevaluated: dict[str, Any] | None = None  # the round record awaiting its evaluation
         self._evaluating: tuple[int, dict[str, int]] | None = None  # (round, client -> node) being evaluated
-        self._start = time.perf_counter()
+        self._result: MethodResult | None = None
 
     # -- Flower's Strategy interface ---------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         driver = self._bind(grid)
-        ledger, sent, outgoing = driver.prepare_round(
-            self.method, self.server_state, self._by_id, driver.plays(self._by_id), self.accepted, self.faults, server_round,
-        )
+        ledger, sent, outgoing = driver.prepare_round(self.run, server_round)
         messages, to_node = self._messages("train", outgoing)
         self._pending = (ledger, sent, to_node)
         return messages
@@ -111,19 +96,18 @@ class MethodStrategy(Strategy):
             raise RuntimeError("aggregate_train without configure_train")
         ledger, sent, to_node = self._pending
         self._pending = None
-        self.server_state, record = self._driver.collect_round(
-            self.method, self.server_state, ledger, sent, _by_client(to_node, replies), self.accepted,
-        )
-        account_round(self.accountant, record)
-        self.rounds.append(record)
+        record = self._driver.collect_round(self.run, ledger, sent, _by_client(to_node, replies))
+        if self.run.eval_due(server_round):
+            self._unevaluated = record  # closed by aggregate_evaluate, with its evaluation
+        else:
+            self.run.end_round(record)
         metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return transport.to_record(self.server_state)[0], MetricRecord(metrics)
+        return transport.to_record(self.run.server)[0], MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if not (eval_due(self.cfg, server_round) or server_round == self.cfg.rounds):
+        if not (self.run.eval_due(server_round) or server_round == self.cfg.rounds):
             return []
-        driver = self._bind(grid)
-        outgoing = driver.evaluation_messages(self.method, self.server_state, self.accepted, server_round)
+        outgoing = self._bind(grid).evaluation_messages(self.run, server_round)
         messages, to_node = self._messages("evaluate", outgoing)
         self._evaluating = (server_round, to_node)
         return messages
@@ -133,27 +117,30 @@ class MethodStrategy(Strategy):
             return None
         round_, to_node = self._evaluating
         self._evaluating = None
-        clients = self._driver.collect_evaluation(self.method, _by_client(to_node, replies))
-        primary = self.task.primary_metric
+        clients = self._driver.collect_evaluation(self.run, _by_client(to_node, replies))
+        if self._unevaluated is not None:
+            self.run.end_round(self._unevaluated, clients)
+            self._unevaluated = None
         if round_ == self.cfg.rounds:
-            self.clients = clients
-        elif self.rounds:
-            self.rounds[-1]["eval"] = mean_of(clients, primary)
+            self._result = self.run.finish(clients)
         names = sorted({k for c in clients.values() for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return MetricRecord({f"mean_{k}": float(mean_of(clients, k)) for k in names})
 
     def summary(self) -> None:
-        log.info("pf2lora MethodStrategy: method %s, %d clients, %d rounds", self.method.name, len(self.task.clients), self.cfg.rounds)
+        log.info("pf2lora MethodStrategy: method %s, %d clients, %d rounds", self.run.method.name, len(self.task.clients), self.cfg.rounds)
 
     # -- results -----------------------------------------------------------------------------------
 
+    @property
+    def server_state(self) -> dict[str, Any]:
+        """The method's server state after the last aggregated round."""
+        return self.run.server
+
     def result(self) -> MethodResult:
         """The run as the engines report it (per-client metrics after the last round, rounds, faults)."""
-        out = MethodResult(self.method.name, dict(self.clients), list(self.rounds), faults=list(self.faults))
-        if self.accountant is not None:
-            out.privacy = privacy_report(self.cfg, self.task, self.accountant, self.rounds)
-        out.wall_time_s = time.perf_counter() - self._start
-        return out
+        if self._result is None:
+            raise RuntimeError(f"the run of {self.run.method.name} has not finished: start it with num_rounds={self.cfg.rounds}")
+        return self._result
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -164,11 +151,9 @@ class MethodStrategy(Strategy):
             self._driver.discover()
         return self._driver
 
-    def _messages(self, kind: str, outgoing: list[tuple[str, str, RecordDict]]) -> tuple[list[Message], dict[str, int]]:
+    def _messages(self, kind: str, outgoing: list[Outgoing]) -> tuple[list[Message], dict[str, int]]:
         assert self._driver is not None
-        node_of = self._driver.node_of
-        to_node = {cid: node_of[node_cid] for cid, node_cid, _ in outgoing}
-        return [Message(content, dst_node_id=node_of[node_cid], message_type=kind) for _, node_cid, content in outgoing], to_node
+        return self._driver.channel.messages(kind, outgoing)
 
 
 def _by_client(to_node: Mapping[str, int], replies: Iterable[Message]) -> dict[str, Message]:
@@ -184,10 +169,7 @@ def _by_client(to_node: Mapping[str, int], replies: Iterable[Message]) -> dict[s
         if len(candidates) == 1:
             cid: str | None = candidates[0]  # FlowerServer checks the client the reply claims to be
         else:
-            try:
-                cid = str(reply.content["config"]["client_id"]) if not reply.has_error() else None
-            except Exception:  # noqa: BLE001 - malformed: no reply from that client
-                cid = None
+            cid = None if reply.has_error() else claimed_client(reply.content)
             cid = cid if cid in candidates else None
         if cid is not None and cid not in out:
             out[cid] = reply

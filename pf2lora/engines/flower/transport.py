@@ -20,21 +20,24 @@ env.apply()
 
 from flwr.app import Array, ArrayRecord
 
-_UPCAST = {torch.bfloat16: torch.float32}
+UPCAST = {torch.bfloat16: torch.float32}
+"""dtypes numpy lacks, and the dtype they travel as."""
 _DTYPES = {str(d): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.bool)}
+
+
+def upcast(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Key -> original dtype of the tensors that travel upcast (see :data:`UPCAST`)."""
+    return {k: str(v.dtype) for k, v in tensors.items() if v.dtype in UPCAST}
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, str]:
     """(the arrays, a JSON map key -> original dtype for the tensors that were upcast)."""
     arrays: dict[str, Array] = {}
-    cast: dict[str, str] = {}
     for k, v in tensors.items():
         t = v.detach().cpu()
-        if t.dtype in _UPCAST:
-            cast[k] = str(t.dtype)
-            t = t.to(_UPCAST[t.dtype])
+        t = t.to(UPCAST.get(t.dtype, t.dtype))
         arrays[k] = Array(np.ascontiguousarray(t.numpy()).copy())
-    return ArrayRecord(arrays), json.dumps(cast)
+    return ArrayRecord(arrays), json.dumps(upcast(tensors))
 
 
 def from_record(record: ArrayRecord, cast_json: str = "{}") -> dict[str, torch.Tensor]:

@@ -35,14 +35,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def _lora_key(path: str) -> tuple[str, str, str] | None:
-    """``(target path, "A" | "B", adapter)`` for a LoRA parameter path, else None."""
-    for part in ("A", "B"):
-        marker = f".lora_{part}."
-        if marker in path:
-            target, adapter = path.rsplit(marker, 1)
-            return target, part, adapter
-    return None
+PEFT_ADAPTER = "weight"
+"""peft saves adapter factors as ``<module>.lora_A.weight`` / ``.lora_B.weight`` (no adapter name)."""
 
 
 def fold(
@@ -57,7 +51,7 @@ def fold(
     by_target: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     heads: dict[str, torch.Tensor] = {}
     for path, value in paths.items():
-        parsed = _lora_key(path)
+        parsed = lora.split_path(path)
         if parsed is None:
             heads[path] = value
         else:
@@ -130,8 +124,8 @@ def export_peft(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for path, (A, B) in folded.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = A.contiguous().clone()
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = B.contiguous().clone()
+        tensors[PREFIX + lora.a_path(path, PEFT_ADAPTER)] = A.contiguous().clone()
+        tensors[PREFIX + lora.b_path(path, PEFT_ADAPTER)] = B.contiguous().clone()
         ranks[path] = A.shape[0]
     # A head module is saved whole (peft's ModulesToSaveWrapper replaces the whole module): the
     # trained tensors, and the model's own values for the rest (e.g. an untrained bias).
@@ -213,7 +207,7 @@ def import_peft(
     out: st.Tensors = {}
     used: set[str] = set()
     for path, t in by_path.items():
-        k_a, k_b = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+        k_a, k_b = lora.a_path(path, PEFT_ADAPTER), lora.b_path(path, PEFT_ADAPTER)
         if k_a not in weights:
             continue
         A, B = weights[k_a], weights[k_b]
@@ -230,13 +224,13 @@ def import_peft(
     saved_modules = cfg.get("modules_to_save") or []
     for key in sorted(set(weights) - used):
         module_path = key.rpartition(".")[0]
-        if ".lora_" not in key and any(module_path == m or module_path.endswith("." + m) for m in saved_modules):
+        if not lora.is_lora_tensor(key) and any(module_path == m or module_path.endswith("." + m) for m in saved_modules):
             out[st.key(head_role, key)] = weights[key].clone()
             used.add(key)
     left = sorted(set(weights) - used)
     if left:
         raise ValueError(f"{adapter_dir}: tensors for modules that are not LoRA targets here: {left[:3]}")
-    if not any(".lora_A." in k for k in out):
+    if not any(lora.is_a(k) for k in out):
         raise ValueError(f"{adapter_dir}: none of its LoRA tensors is on this model's targets")
     return out
 

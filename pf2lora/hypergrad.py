@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from pf2lora.autodiff import grads, leaves
 from pf2lora.state import Tensors
-from pf2lora.tasks.base import Batch
 
-LossFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Batch], torch.Tensor]
+if TYPE_CHECKING:  # a task's batch type; the tasks sit a layer above this module
+    from pf2lora.tasks.base import Batch
+
+LossFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], "Batch"], torch.Tensor]
 Estimator = Literal["finite-difference", "exact", "first-order"]
 
 
@@ -29,7 +31,8 @@ Estimator = Literal["finite-difference", "exact", "first-order"]
 class StepResult:
     hypergrad: Tensors
     y_next: Tensors
-    loss: float  # f(x, y; xi) before the step
+    loss: torch.Tensor
+    """f(x, y; xi) before the step, detached (a tensor: no device synchronisation per step)."""
 
 
 def _axpy(a: float, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]) -> Tensors:
@@ -86,4 +89,4 @@ def bilevel_step(
         grad_x_at_y={k: g_xi[k] for k in x},
     )
     hypergrad = {k: (g_zeta[k] - lower_lr * hv[k]).detach() for k in x}
-    return StepResult(hypergrad, y_next, float(loss_xi.detach()))
+    return StepResult(hypergrad, y_next, loss_xi.detach())

@@ -5,6 +5,11 @@ parameter, and the values a client trains are passed in at call time with
 ``torch.func.functional_call``. One frozen base model thus serves every simulated client, and an
 adapter's rank is simply the shape of the tensors passed in (heterogeneous ranks need no special
 case). The scale of adapter ``name`` is ``alpha[name] / rank``, the convention peft uses.
+
+Key grammar: adapter ``a``'s factors on the module at ``path`` are the model parameters
+``<path>.lora_A.<a>`` (rank x d_in) and ``<path>.lora_B.<a>`` (d_out x rank), the names the
+:class:`LoRALinear` parameter dicts give them. The key functions below (:func:`a_path`,
+:func:`is_a`, :func:`split_path`, ...) are the only places that spell them out.
 """
 
 from __future__ import annotations
@@ -31,6 +36,59 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
 }
+
+_A, _B = ".lora_A.", ".lora_B."  # LoRALinear's parameter dicts ``lora_A`` / ``lora_B``
+
+
+def a_path(module_path: str, adapter: str) -> str:
+    """Model parameter path of adapter ``adapter``'s A on the module at ``module_path``."""
+    return f"{module_path}{_A}{adapter}"
+
+
+def b_path(module_path: str, adapter: str) -> str:
+    """Model parameter path of adapter ``adapter``'s B on the module at ``module_path``."""
+    return f"{module_path}{_B}{adapter}"
+
+
+def is_a(key: str) -> bool:
+    """Whether ``key`` (a parameter path or a state key) names a LoRA A factor."""
+    return _A in key
+
+
+def is_b(key: str) -> bool:
+    """Whether ``key`` (a parameter path or a state key) names a LoRA B factor."""
+    return _B in key
+
+
+def is_adapter(key: str) -> bool:
+    """Whether ``key`` names a LoRA factor (A or B) rather than, e.g., a head tensor."""
+    return is_a(key) or is_b(key)
+
+
+def is_lora_tensor(key: str) -> bool:
+    """Whether ``key`` names any LoRA tensor: ours (A, B) or another kind in a peft file
+    (``lora_embedding_A``, DoRA's ``lora_magnitude_vector``, ...)."""
+    return ".lora_" in key
+
+
+def b_of(a_key: str) -> str:
+    """The key of the B that goes with the A keyed ``a_key`` (same role, module and adapter)."""
+    return a_key.replace(_A, _B)
+
+
+def split_path(key: str) -> tuple[str, str, str] | None:
+    """``(module part, "A" | "B", adapter)`` of a LoRA factor's key, else None (a head tensor)."""
+    for part, marker in (("A", _A), ("B", _B)):
+        if marker in key:
+            module, adapter = key.rsplit(marker, 1)
+            return module, part, adapter
+    return None
+
+
+def rank_of(adapter: Mapping[str, torch.Tensor]) -> int:
+    """The rank of the first LoRA A in ``adapter`` (its rows): one client's rank, which all its
+    modules share."""
+    return next(v.shape[0] for k, v in adapter.items() if is_a(k))
 
 
 class LoRALinear(nn.Module):
@@ -124,10 +182,7 @@ def inject(
 
 def adapter_keys(target: LoRATarget, adapter: str, role: str) -> tuple[str, str]:
     """State keys of adapter ``adapter``'s A and B on ``target``, held with ``role``."""
-    return (
-        st.key(role, f"{target.path}.lora_A.{adapter}"),
-        st.key(role, f"{target.path}.lora_B.{adapter}"),
-    )
+    return st.key(role, a_path(target.path, adapter)), st.key(role, b_path(target.path, adapter))
 
 
 def init_adapter(
@@ -150,10 +205,10 @@ def delta_weights(model: nn.Module, targets: Iterable[LoRATarget], params: Mappi
         layer = model.get_submodule(t.path)
         assert isinstance(layer, LoRALinear)
         A = {
-            a: params[f"{t.path}.lora_A.{a}"]
+            a: params[a_path(t.path, a)]
             for a in layer.alpha
-            if f"{t.path}.lora_A.{a}" in params and f"{t.path}.lora_B.{a}" in params
+            if a_path(t.path, a) in params and b_path(t.path, a) in params
         }
-        B = {a: params[f"{t.path}.lora_B.{a}"] for a in A}
+        B = {a: params[b_path(t.path, a)] for a in A}
         deltas[t.path] = layer.delta_weight(A, B).detach()
     return deltas

@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from pf2lora import lora
 from pf2lora import state as st
 
 Tensors = dict[str, torch.Tensor]
 Spec = Mapping[str, tuple[int | None, ...]]
 """Expected upload: key -> shape, where ``None`` on a dimension accepts any size >= 1."""
 
-_SHARED_PREFIX = st.SHARED + ":"
 _SHOWN = 3  # keys named in a reason
 
 
@@ -40,15 +40,15 @@ def _name(key: object) -> str:
 
 
 def _names(keys: Sequence[object]) -> str:
-    shown = sorted((_name(k) for k in keys))
+    shown = sorted(_name(k) for k in keys)
     more = f" (+{len(shown) - _SHOWN} more)" if len(shown) > _SHOWN else ""
     return ", ".join(shown[:_SHOWN]) + more
 
 
-def default_upload_spec(received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+def default_upload_spec(received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
     """The expected upload for a client that received ``received``: its ``shared:`` entries with
     their exact shapes (homogeneous methods upload what they were sent)."""
-    return {k: tuple(v.shape) for k, v in received.items() if isinstance(k, str) and k.startswith(_SHARED_PREFIX)}
+    return {k: tuple(v.shape) for k, v in received.items() if isinstance(k, str) and st.has_role(k, st.SHARED)}
 
 
 def rank_wildcard_spec(received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
@@ -58,9 +58,9 @@ def rank_wildcard_spec(received: Mapping[str, torch.Tensor]) -> dict[str, tuple[
     spec: dict[str, tuple[int | None, ...]] = {}
     for k, shape in default_upload_spec(received).items():
         dims: list[int | None] = list(shape)
-        if ".lora_A." in k and len(dims) == 2:
+        if lora.is_a(k) and len(dims) == 2:
             dims[0] = None
-        elif ".lora_B." in k and len(dims) == 2:
+        elif lora.is_b(k) and len(dims) == 2:
             dims[1] = None
         spec[k] = tuple(dims)
     return spec
@@ -91,7 +91,7 @@ def _validate(shared: object, spec: Spec, dtype: torch.dtype | None) -> str | No
     not_str = [k for k in keys if not isinstance(k, str)]
     if not_str:
         return f"{len(not_str)} key(s) are not strings: {_names(not_str)}"
-    private = [k for k in keys if not k.startswith(_SHARED_PREFIX)]
+    private = [k for k in keys if not st.has_role(k, st.SHARED)]
     if private:
         return f"{len(private)} key(s) outside 'shared:' (private tensors must not leave a client): {_names(private)}"
     missing = [k for k in spec if k not in shared]

@@ -4,6 +4,11 @@ Every trainable tensor a method holds is keyed ``"<role>:<model parameter path>"
 ``shared`` (may leave the client, is aggregated by the server) or ``private`` (never leaves the
 client). The role is part of the name, so it is visible in every checkpoint, log and message, and
 :func:`outgoing` is the single gate every client-to-server message passes through.
+
+Besides role-keyed parameters, a state may hold bookkeeping that is never a model parameter:
+optimizer entries ``opt/<name>/...`` (client states) and method metadata ``meta/...`` (e.g. a
+client's rank, a server momentum buffer). This module owns that key grammar; nothing else spells
+the prefixes out.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ Tensors = dict[str, torch.Tensor]
 SHARED = "shared"
 PRIVATE = "private"
 ROLES = (SHARED, PRIVATE)
+OPT = "opt"
+"""Prefix of optimizer entries in a client state: ``opt/<name>/<optimizer key>``."""
+META = "meta"
+"""Prefix of method metadata (never a model parameter, never broadcast as one): ``meta/<name>``."""
 
 
 class PrivacyViolation(RuntimeError):
@@ -35,6 +44,46 @@ def role_of(state_key: str) -> str:
     if not sep or role not in ROLES:
         raise ValueError(f"state key {state_key!r} does not start with 'shared:' or 'private:'")
     return role
+
+
+def has_role(state_key: str, role: str) -> bool:
+    """Whether ``state_key`` is a parameter held with ``role`` (False, not an error, for any other key)."""
+    return state_key.startswith(role + ":")
+
+
+def is_param(state_key: str) -> bool:
+    """Whether ``state_key`` is a role-keyed parameter (not an ``opt/`` or ``meta/`` entry)."""
+    return any(has_role(state_key, role) for role in ROLES)
+
+
+def meta_key(name: str) -> str:
+    """The key of metadata ``name`` (``meta/<name>``)."""
+    return f"{META}/{name}"
+
+
+def is_meta(state_key: str) -> bool:
+    return state_key.startswith(META + "/")
+
+
+def opt_prefix(name: str) -> str:
+    """The prefix of optimizer ``name``'s entries in a client state (``opt/<name>/``)."""
+    return f"{OPT}/{name}/"
+
+
+def params_of(client_state: Mapping[str, torch.Tensor]) -> Tensors:
+    """The role-keyed parameters in a client state (leaving optimizer and meta entries out)."""
+    return {k: v for k, v in client_state.items() if is_param(k)}
+
+
+def opt_state(client_state: Mapping[str, torch.Tensor], name: str) -> Tensors:
+    """Optimizer ``name``'s state as stored in ``client_state``, prefix stripped (empty if none)."""
+    p = opt_prefix(name)
+    return {k[len(p) :]: v for k, v in client_state.items() if k.startswith(p)}
+
+
+def with_opt_state(name: str, opt: Mapping[str, torch.Tensor]) -> Tensors:
+    """Optimizer ``name``'s state ``opt`` keyed for a client state (inverse of :func:`opt_state`)."""
+    return {opt_prefix(name) + k: v for k, v in opt.items()}
 
 
 def path_of(state_key: str) -> str:

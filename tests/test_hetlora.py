@@ -88,12 +88,12 @@ class _NaiveHETLoRA(HETLoRA):
     """The classic bug: slice and zero-pad B without converting between alpha/r_k and alpha/r_max."""
 
     def to_client(self, server, rank):
-        return {k: (v[:, :rank] if self._is_b(k) else v[:rank]) for k, v in server.items() if not k.startswith("meta/")}
+        return {k: (v[:, :rank] if lora.is_b(k) else v[:rank]) for k, v in server.items() if not st.is_meta(k)}
 
     def to_server(self, upload):
         out = {}
         for k, v in upload.items():
-            if self._is_b(k):
+            if lora.is_b(k):
                 out[k] = torch.zeros(v.shape[0], self.rank_max).index_copy_(1, torch.arange(v.shape[1]), v)
             else:
                 out[k] = torch.zeros(self.rank_max, v.shape[1]).index_copy_(0, torch.arange(v.shape[0]), v)

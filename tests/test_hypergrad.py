@@ -190,7 +190,7 @@ def test_bilevel_step_exact_equals_gradient_through_the_unroll():
     res = bilevel_step(loss_fn, x, y, xi, zeta, eta, "exact")
     assert _rel(res.hypergrad, ref) < 1e-8
     assert _rel(res.y_next, y_plus) < 1e-12
-    assert res.loss == pytest.approx(float(loss_fn(x, y, xi)), rel=1e-12)
+    assert float(res.loss) == pytest.approx(float(loss_fn(x, y, xi)), rel=1e-12)
     # The second-order term matters here, so the check would catch a first-order-only hypergradient.
     fo = bilevel_step(loss_fn, x, y, xi, zeta, eta, "first-order")
     assert _rel(fo.hypergrad, ref) > 1e-3

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from conftest import ALL_METHODS, CORE_METHODS, small_task
+from conftest import ALL_METHODS, CORE_METHODS, client_context, small_task
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
 from pf2lora.methods import ClientUpdate, registry
@@ -192,3 +192,44 @@ def test_base_aggregate_fedavg(cfg_task):
     for k in server:
         torch.testing.assert_close(mixed[k], server[k] + 0.75)
     assert method.aggregate(server, []) == server
+
+
+# -- the key grammar and the shared client mechanics ---------------------------------------------
+
+
+def test_state_key_grammar_separates_parameters_optimizer_and_meta_entries():
+    opt = {"step": torch.tensor(2), "m/shared:w": torch.ones(2)}
+    state = {"private:w": torch.zeros(1), st.meta_key("rank"): torch.tensor(3), **st.with_opt_state("all", opt)}
+    assert st.opt_state(state, "all") == opt and st.opt_state(state, "other") == {}
+    assert list(st.params_of(state)) == ["private:w"]
+    assert [k for k in state if st.is_meta(k)] == [st.meta_key("rank")]
+    assert st.has_role("private:w", st.PRIVATE) and not st.has_role(st.meta_key("rank"), st.PRIVATE)
+
+
+def test_upload_passes_the_privacy_gate():
+    cfg, task = small_task()
+    method = HOMLoRA(cfg, task)
+    ctx = client_context(cfg, task)
+    t = torch.ones(2, requires_grad=True)
+    update = method.upload(ctx, {"shared:w": t}, {"train_loss": 1.0})
+    assert update.num_examples == ctx.client.num_train and update.client_id == ctx.client.client_id
+    assert not update.shared["shared:w"].requires_grad and update.shared["shared:w"].data_ptr() != t.data_ptr()
+    assert method.upload(ctx, {}, {}, num_examples=7).num_examples == 7
+    with pytest.raises(st.PrivacyViolation):
+        method.upload(ctx, {"private:w": t}, {})
+
+
+def test_train_steps_reports_each_step_and_the_mean():
+    cfg, task = small_task("local_steps=3")
+    method = HOMLoRA(cfg, task)
+    received = method.init_server(torch.Generator().manual_seed(0))
+    run = method.train_steps(client_context(cfg, task), received, {}, {})
+    assert len(run.losses) == 3 and run.loss == sum(run.losses) / 3
+    assert set(run.params) == set(received) and int(run.opt["step"]) == 3
+
+
+def test_only_the_exact_hypergradient_needs_double_backward():
+    for estimator in ("finite-difference", "exact", "first-order"):
+        cfg, _ = small_task(f'pf2lora.estimator="{estimator}"')
+        needs = {name for name, cls in registry().items() if cls.needs_double_backward(cfg)}
+        assert needs == ({"pf2lora"} if estimator == "exact" else set())

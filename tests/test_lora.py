@@ -65,3 +65,15 @@ def test_model_params_refuses_a_parameter_held_twice():
         st.model_params({"shared:a": t}, {"private:a": t})
     with pytest.raises(ValueError):
         st.role_of("common:a")
+
+
+def test_key_grammar_names_and_parses_adapter_factors():
+    t = lora.LoRATarget("enc.proj", 6, 4)
+    a, b = lora.adapter_keys(t, lora.PRIVATE, st.PRIVATE)
+    assert (st.path_of(a), st.path_of(b)) == (lora.a_path("enc.proj", lora.PRIVATE), lora.b_path("enc.proj", lora.PRIVATE))
+    assert lora.is_a(a) and not lora.is_b(a) and lora.is_b(b) and not lora.is_a(b)
+    assert lora.is_adapter(a) and lora.is_adapter(b) and not lora.is_adapter("private:classifier.weight")
+    assert lora.b_of(a) == b
+    assert lora.split_path(st.path_of(b)) == ("enc.proj", "B", lora.PRIVATE)
+    assert lora.split_path("classifier.weight") is None
+    assert lora.rank_of({"private:classifier.weight": torch.zeros(2, 9), b: torch.zeros(4, 5), a: torch.zeros(5, 6)}) == 5

@@ -13,8 +13,7 @@ import pytest
 import torch
 from conftest import client_context, record_client_updates, tiny_task
 
-import pf2lora.methods.fedsa_lora as fedsa_module
-import pf2lora.methods.homlora as homlora_module
+import pf2lora.methods.base as base_module
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine, generator
@@ -62,13 +61,13 @@ def test_ffa_lora_a_never_changes_b_trained_only_b_uploaded(monkeypatch):
     record_client_updates(monkeypatch, FFALoRA, calls)
     _record_servers(monkeypatch, FFALoRA, servers)
     trained_keys: list[set[str]] = []
-    real_adamw = homlora_module.adamw
+    real_adamw = base_module.adamw
 
     def spy_adamw(params, *args, **kwargs):
         trained_keys.append(set(params))
         return real_adamw(params, *args, **kwargs)
 
-    monkeypatch.setattr(homlora_module, "adamw", spy_adamw)
+    monkeypatch.setattr(base_module, "adamw", spy_adamw)
     result = LocalEngine(cfg, task, progress=False).run("ffa-lora")
 
     assert trained_keys and all(keys == b_keys for keys in trained_keys)  # A is not even trained locally
@@ -124,17 +123,17 @@ def test_fedsa_lora_b_private_persistent_per_client_a_averaged(monkeypatch):
     used_b: dict[tuple[int, str], dict] = {}
     current: list[tuple[int, str]] = []
     _record_servers(monkeypatch, FedSALoRA, servers)
-    real_steps, real_update = fedsa_module.adamw_steps, FedSALoRA.client_update
+    real_steps, real_update = FedSALoRA.train_steps, FedSALoRA.client_update
 
-    def spy_steps(method, ctx, trained, fixed, opt):
+    def spy_steps(method, ctx, trained, fixed, opt, step=None):
         used_b[current[-1]] = {k: trained[k].clone() for k in b_keys}  # the B training starts from
-        return real_steps(method, ctx, trained, fixed, opt)
+        return real_steps(method, ctx, trained, fixed, opt, step)
 
     def tag(self, ctx, received, client_state):
         current.append((ctx.round, ctx.client.client_id))
         return real_update(self, ctx, received, client_state)
 
-    monkeypatch.setattr(fedsa_module, "adamw_steps", spy_steps)
+    monkeypatch.setattr(FedSALoRA, "train_steps", spy_steps)
     monkeypatch.setattr(FedSALoRA, "client_update", tag)
     record_client_updates(monkeypatch, FedSALoRA, calls)  # wraps `tag`
     LocalEngine(cfg, task, progress=False).run("fedsa-lora")
@@ -208,7 +207,7 @@ def test_pfedlora_phases_freeze_the_other_part(monkeypatch):
     assert private_keys == _keys(task, lora.PRIVATE, st.PRIVATE, "A") | _keys(task, lora.PRIVATE, st.PRIVATE, "B")
     steps: list[set[str]] = []
     losses: list[tuple[dict, dict]] = []
-    real_adamw, real_loss = homlora_module.adamw, PFedLoRA.loss
+    real_adamw, real_loss = base_module.adamw, PFedLoRA.loss
 
     def spy_adamw(params, grads, opt, *args, **kwargs):
         steps.append(set(params))
@@ -219,7 +218,7 @@ def test_pfedlora_phases_freeze_the_other_part(monkeypatch):
         losses.append(({k: merged[k] for k in shared_keys}, {k: merged[k] for k in private_keys}))
         return real_loss(self, batch, *states)
 
-    monkeypatch.setattr(homlora_module, "adamw", spy_adamw)
+    monkeypatch.setattr(base_module, "adamw", spy_adamw)
     monkeypatch.setattr(PFedLoRA, "loss", spy_loss)
     update, new_state = method.client_update(client_context(cfg, task), st.clone(received), state)
 

@@ -9,6 +9,12 @@ Flower apps):
 
 Methods never import an engine, engines never know a method by name. Methods must not mutate
 ``received``, the server state or a client state in place: they return new ones.
+
+The mechanics every method shares live here, so a method file holds only what makes it different:
+local training is :meth:`Method.train_steps`, a loop over the pure per-step
+:meth:`Method.local_step` (by default :func:`adamw_step`, with the run's ``optim.*`` in
+:meth:`Method.adamw_update`); a client's message is built by :meth:`Method.upload`, through
+:func:`pf2lora.state.outgoing`; heterogeneous client ranks are :class:`HeterogeneousRanks`.
 """
 
 from __future__ import annotations
@@ -17,18 +23,21 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from pf2lora import lora
-from pf2lora.autodiff import grads, leaves  # noqa: F401  (re-exported for methods)
+from pf2lora import lora, robust
 from pf2lora import state as st
-from pf2lora.config import RunConfig
+from pf2lora.autodiff import grads, leaves
+from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
+from pf2lora.optim import adamw
+from pf2lora.state import opt_state, params_of, with_opt_state  # noqa: F401  (re-exported: the methods' API)
 from pf2lora.tasks.base import Batch, ClientData, Task, sample_batch
 
 ClientState = dict[str, torch.Tensor]
-"""A client's persistent state: ``private:`` parameters and optimizer entries (``opt/...``)."""
+"""A client's persistent state: ``private:`` parameters, optimizer entries (:func:`opt_state`) and
+method metadata (:func:`pf2lora.state.meta_key`)."""
 
 
 @dataclass
@@ -60,6 +69,30 @@ class ClientUpdate:
         return sum(t.numel() * t.element_size() for t in self.shared.values())
 
 
+Objective = Callable[[Batch, st.Tensors, Mapping[str, torch.Tensor]], torch.Tensor]
+"""``(batch, trained, fixed) -> loss``: the loss a local step differentiates with respect to the
+trained tensors (grad-requiring leaves), ``fixed`` held constant."""
+
+Regulariser = Callable[[st.Tensors], torch.Tensor]
+"""A term added to the loss of a step before differentiating, not to the loss it reports."""
+
+LocalStep = Callable[[ClientContext, st.Tensors, Mapping[str, torch.Tensor], st.Tensors], tuple[st.Tensors, st.Tensors, torch.Tensor]]
+"""``(ctx, trained, fixed, opt) -> (trained, opt, loss)``: one local step (see :meth:`Method.local_step`)."""
+
+
+class Trained(NamedTuple):
+    """What a run of local steps leaves: the trained tensors, the optimizer state, each step's loss."""
+
+    params: st.Tensors
+    opt: st.Tensors
+    losses: list[float]
+
+    @property
+    def loss(self) -> float:
+        """Mean loss over the steps, summed in step order (every method's ``train_loss``)."""
+        return sum(self.losses) / len(self.losses)
+
+
 class Method(ABC):
     """Base class: plain FedAvg of the shared state, personalised state kept by the client."""
 
@@ -77,6 +110,15 @@ class Method(ABC):
     def __init__(self, cfg: RunConfig, task: Task):
         self.cfg = cfg
         self.task = task
+
+    @classmethod
+    def needs_double_backward(cls, cfg: RunConfig) -> bool:
+        """Whether local training under ``cfg`` differentiates through a gradient (double backward).
+
+        A task reads it to pick an attention implementation that supports that (PyTorch's fused
+        SDPA kernels do not on CPU); plain first-order methods leave the fast default alone.
+        """
+        return False
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -123,7 +165,7 @@ class Method(ABC):
         DP act on each client's change from it. Per ``cfg.server``: client-level DP (clip, uniform
         mean, Gaussian noise), else optional norm clipping then the mean, median or trimmed mean.
         """
-        from pf2lora import privacy, robust
+        from pf2lora import privacy
 
         sc = self.cfg.server
         ref = None
@@ -142,7 +184,7 @@ class Method(ABC):
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """Keys and shapes a valid upload has (None: any size on that dim). Default: the shared
         entries the client received, unchanged in shape."""
-        return {k: tuple(v.shape) for k, v in received.items() if k.startswith(st.SHARED + ":")}
+        return robust.default_upload_spec(received)
 
     def personalized(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> st.Tensors:
         """The role-keyed parameters client k is evaluated with (its personalised model)."""
@@ -152,10 +194,10 @@ class Method(ABC):
         """The global model as evaluated on client k: the shared state alone (None if nothing is
         shared). A private head, if any, is kept: without it the model has no output layer."""
         shared = st.select(received, st.SHARED)
-        a_keys = [k for k in shared if ".lora_A." in k]
-        if not a_keys or any(k.replace(".lora_A.", ".lora_B.") not in shared for k in a_keys):
+        a_keys = [k for k in shared if lora.is_a(k)]
+        if not a_keys or any(lora.b_of(k) not in shared for k in a_keys):
             return None  # no complete shared adapter (e.g. FedSA-LoRA keeps B private)
-        heads = {k: v for k, v in st.select(params_of(client_state), st.PRIVATE).items() if ".lora_" not in k}
+        heads = {k: v for k, v in st.select(params_of(client_state), st.PRIVATE).items() if not lora.is_adapter(k)}
         return {**shared, **heads}
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
@@ -181,25 +223,95 @@ class Method(ABC):
     def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.task.loss(st.model_params(*states), batch)
 
+    # -- local training: every method's steps go through here ----------------------------------
+
+    def adamw_update(self, params: st.Tensors, gradients: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors]:
+        """The AdamW step every method takes, with the run's ``optim.*`` (lr, betas, weight decay)."""
+        o = self.cfg.optim
+        return adamw(params, gradients, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """One local step: new ``trained`` and ``opt``, and the step's loss (detached, a tensor).
+
+        Default: one AdamW step on a fresh mini-batch (:func:`adamw_step`). A method whose step is
+        not that overrides it (PF2LoRA's bilevel step, Per-FedAvg's look-ahead gradient, HETLoRA's
+        regulariser). It must stay pure: nothing but ``ctx``'s batch stream is read or changed.
+        """
+        return adamw_step(self, ctx.batch(), trained, fixed, opt)
+
+    def train_steps(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors,
+        step: LocalStep | None = None,
+    ) -> Trained:
+        """``ctx.local_steps`` local steps (``step``, default :meth:`local_step`) on ``trained``
+        with ``fixed`` held constant."""
+        step = step or self.local_step
+        losses: list[float] = []
+        for _ in range(ctx.local_steps):
+            trained, opt, loss = step(ctx, trained, fixed, opt)
+            losses.append(float(loss))
+        return Trained(trained, opt, losses)
+
+    def upload(
+        self, ctx: ClientContext, shared: Mapping[str, torch.Tensor], metrics: dict[str, float], num_examples: int | None = None,
+    ) -> ClientUpdate:
+        """The client's message: ``shared`` through :func:`pf2lora.state.outgoing` (the one gate for
+        client-to-server tensors), weighted by ``num_examples`` (default: its training examples)."""
+        n = ctx.client.num_train if num_examples is None else num_examples
+        return ClientUpdate(ctx.client.client_id, st.outgoing(shared), n, metrics)
+
+
+def adamw_step(
+    method: Method, batch: Batch, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors,
+    objective: Objective | None = None, regulariser: Regulariser | None = None,
+) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    """One AdamW step on ``trained`` at ``batch``, ``fixed`` held constant; the loss, detached.
+
+    The loss is ``objective(batch, trained, fixed)`` (default: ``method.loss(batch, trained, fixed)``;
+    FDLoRA's personal phase uses a reparametrised one); ``regulariser(trained)`` is added before
+    differentiating. Pure, and the loss stays a tensor, so a batched engine can run the step for
+    many clients without a device synchronisation per step.
+    """
+    xl = leaves(trained)
+    loss = objective(batch, xl, fixed) if objective is not None else method.loss(batch, xl, fixed)
+    total = loss if regulariser is None else loss + regulariser(xl)
+    trained, opt = method.adamw_update(trained, grads(total, xl), opt)
+    return trained, opt, loss.detach()
+
+
+class HeterogeneousRanks(Method):
+    """A method whose clients train the rank their resources allow (HETLoRA, FlexLoRA).
+
+    Ranks lie in ``[rank_min, rank_max]`` (the method's config section, defaulting to PF2LoRA's
+    range); every client's adapter keeps the common ``lora.alpha``, so its scale is ``alpha / r_k``.
+    """
+
+    def __init__(self, cfg: RunConfig, task: Task):
+        super().__init__(cfg, task)
+        self.rank_min, self.rank_max = resolved_rank_range(cfg, self.rank_config(cfg))
+        self.alpha = cfg.lora.alpha
+
+    @classmethod
+    @abstractmethod
+    def rank_config(cls, cfg: RunConfig) -> HETLoRAConfig | FlexLoRAConfig:
+        """The config section holding this method's ``rank_min`` / ``rank_max``."""
+
+    def assigned_rank(self, client_id: str) -> int:
+        """The rank a client's resources allow: drawn once per client from the seed, not the data."""
+        return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
+
+    def client_delta(self, adapter: Mapping[str, torch.Tensor], target: lora.LoRATarget) -> torch.Tensor:
+        """The update a client's common adapter applies on ``target``: ``(alpha / r_k) B_k A_k``
+        (r_k = rows of A_k), comparable across ranks."""
+        k_a, k_b = lora.adapter_keys(target, lora.COMMON, st.SHARED)
+        A, B = adapter[k_a], adapter[k_b]
+        return (self.alpha / A.shape[0]) * (B @ A)
+
 
 def resource_rank(seed: int, client_id: str, lo: int, hi: int) -> int:
     """A client's rank as set by its resources: drawn once per client from the seed, not the data."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/resource-rank/{client_id}".encode()))
     return int(torch.randint(lo, hi + 1, (1,), generator=g))
-
-
-def params_of(client_state: Mapping[str, torch.Tensor]) -> st.Tensors:
-    """The role-keyed parameters in a client state (leaving optimizer entries out)."""
-    return {k: v for k, v in client_state.items() if k.startswith((st.SHARED + ":", st.PRIVATE + ":"))}
-
-
-def opt_state(client_state: Mapping[str, torch.Tensor], prefix: str) -> st.Tensors:
-    p = f"opt/{prefix}/"
-    return {k[len(p) :]: v for k, v in client_state.items() if k.startswith(p)}
-
-
-def with_opt_state(prefix: str, opt: Mapping[str, torch.Tensor]) -> st.Tensors:
-    return {f"opt/{prefix}/{k}": v for k, v in opt.items()}
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> st.Tensors:
@@ -212,12 +324,6 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         if set(s) != keys:
             raise ValueError("clients sent different key sets")
     return {k: sum((w / total) * s[k] for s, w in zip(states, weights, strict=True)) for k in states[0]}
-
-
-def adapter(
-    task: Task, name: str, role: str, rank: int, generator: torch.Generator
-) -> st.Tensors:
-    return lora.init_adapter(task.targets, name, role, rank, generator)
 
 
 # -- registry ----------------------------------------------------------------------------------
@@ -236,5 +342,3 @@ def register(cls: type[Method]) -> type[Method]:
 def registry() -> dict[str, type[Method]]:
     return dict(_REGISTRY)
 
-
-Factory = Callable[[RunConfig, Task], Method]

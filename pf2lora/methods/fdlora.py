@@ -75,24 +75,23 @@ import torch
 
 from pf2lora import lora
 from pf2lora import state as st
+from pf2lora.config import RunConfig
 from pf2lora.methods.base import (
     ClientContext,
     ClientState,
     ClientUpdate,
     Method,
-    grads,
-    leaves,
+    adamw_step,
     opt_state,
     params_of,
     register,
     with_opt_state,
 )
-from pf2lora.optim import adamw
-from pf2lora.tasks.base import Batch, ClientData, take
+from pf2lora.tasks.base import Batch, ClientData, Task, take
 
-MOMENTUM = "meta/momentum/"
-W1, W2 = "meta/fusion_w1", "meta/fusion_w2"
-LAST_REFRESH = "meta/last_refresh"
+MOMENTUM = st.meta_key("momentum/")
+W1, W2 = st.meta_key("fusion_w1"), st.meta_key("fusion_w2")
+LAST_REFRESH = st.meta_key("last_refresh")
 
 
 # -- the gradient-free fusion search ------------------------------------------------------------
@@ -180,7 +179,9 @@ def fusion_search(
 
 
 def _is_personal(key: str) -> bool:
-    return key.startswith(st.PRIVATE + ":") and ".lora_" in key and key.endswith(f".{lora.PRIVATE}")
+    """A factor of the personal adapter: the layer's ``private`` slot, held privately."""
+    parsed = lora.split_path(key)
+    return st.has_role(key, st.PRIVATE) and parsed is not None and parsed[2] == lora.PRIVATE
 
 
 def fuse(global_: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor], w1: float, w2: float) -> st.Tensors:
@@ -190,9 +191,9 @@ def fuse(global_: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tenso
     """
     out: st.Tensors = {}
     for k, v in global_.items():
-        out[k] = w1 * v if ".lora_B." in k else v
+        out[k] = w1 * v if lora.is_b(k) else v
     for k, v in personal.items():
-        out[k] = w2 * v if ".lora_B." in k else v
+        out[k] = w2 * v if lora.is_b(k) else v
     return out
 
 
@@ -202,7 +203,7 @@ class FDLoRA(Method):
     description = "dual LoRA: global (Nesterov outer SGD on the pseudo-gradient) + personal, fused by a gradient-free search"
     plain_mean_aggregation = True  # outer SGD on (server - weighted mean): the uploads enter only through the mean
 
-    def __init__(self, cfg, task):  # noqa: ANN001
+    def __init__(self, cfg: RunConfig, task: Task):
         super().__init__(cfg, task)
         # B_slot = c * B_train: the personal adapter trains at the global adapter's scale alpha / r.
         self.personal_factor = cfg.lora.alpha / cfg.lora.private_alpha
@@ -218,7 +219,7 @@ class FDLoRA(Method):
         return {**personal, **head}
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
-        return {k: v for k, v in server.items() if not k.startswith("meta/")}
+        return {k: v for k, v in server.items() if not st.is_meta(k)}
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         return {
@@ -247,11 +248,11 @@ class FDLoRA(Method):
 
     def _to_slot(self, personal: Mapping[str, torch.Tensor]) -> st.Tensors:
         c = self.personal_factor
-        return {k: (c * v if ".lora_B." in k else v) for k, v in personal.items()} if c != 1.0 else dict(personal)
+        return {k: (c * v if lora.is_b(k) else v) for k, v in personal.items()} if c != 1.0 else dict(personal)
 
     def _from_slot(self, personal: Mapping[str, torch.Tensor]) -> st.Tensors:
         c = self.personal_factor
-        return {k: (v / c if ".lora_B." in k else v) for k, v in personal.items()} if c != 1.0 else dict(personal)
+        return {k: (v / c if lora.is_b(k) else v) for k, v in personal.items()} if c != 1.0 else dict(personal)
 
     # -- fusion ----------------------------------------------------------------------------------
 
@@ -277,17 +278,9 @@ class FDLoRA(Method):
 
     # -- the algorithm -------------------------------------------------------------------------
 
-    def _steps(
-        self, ctx: ClientContext, trained: st.Tensors, opt: st.Tensors, loss_fn: Callable[[Batch, st.Tensors], torch.Tensor]
-    ) -> tuple[st.Tensors, st.Tensors, float]:
-        o = self.cfg.optim
-        losses = []
-        for _ in range(ctx.local_steps):
-            xl = leaves(trained)
-            loss = loss_fn(ctx.batch(), xl)
-            trained, opt = adamw(trained, grads(loss, xl), opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(float(loss.detach()))
-        return trained, opt, sum(losses) / len(losses)
+    def personal_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """AdamW on the personal adapter in training units (the model sees it in slot units)."""
+        return adamw_step(self, ctx.batch(), trained, fixed, opt, objective=lambda b, p, f: self.loss(b, f, self._to_slot(p)))
 
     def refresh_due(self, round_: int, client_state: Mapping[str, torch.Tensor]) -> bool:
         if LAST_REFRESH not in client_state:
@@ -302,30 +295,26 @@ class FDLoRA(Method):
         head = {k: v for k, v in private.items() if not _is_personal(k)}  # a private head, if any
 
         # Global phase: the client's copy of the global adapter (and head), alone in the model.
-        trained, opt_g, loss_g = self._steps(
-            tctx, {**received, **head}, opt_state(client_state, "global"), lambda b, x: self.loss(b, x)
-        )
-        new_global, new_head = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
-        metrics = {"train_loss": loss_g, "refreshed": 0.0}
-        new_state: ClientState = {**new_head, **with_opt_state("global", opt_g)}
+        run = self.train_steps(tctx, {**received, **head}, {}, opt_state(client_state, "global"))
+        new_global, new_head = st.select(run.params, st.SHARED), st.select(run.params, st.PRIVATE)
+        metrics = {"train_loss": run.loss, "refreshed": 0.0}
+        new_state: ClientState = {**new_head, **with_opt_state("global", run.opt)}
 
         if self.refresh_due(ctx.round, client_state):
             fixed = {**received, **new_head}  # the received global adapter, frozen
-            p_train, opt_p, loss_p = self._steps(
-                tctx, self._from_slot(personal), opt_state(client_state, "personal"),
-                lambda b, p: self.loss(b, fixed, self._to_slot(p)),
-            )
-            personal = self._to_slot(p_train)
+            p_run = self.train_steps(tctx, self._from_slot(personal), fixed, opt_state(client_state, "personal"), self.personal_step)
+            personal = self._to_slot(p_run.params)
             fit = self.fit_fusion(holdout, fixed, personal, self._start(client_state))
             new_state.update({
-                **personal, **with_opt_state("personal", opt_p),
+                **personal, **with_opt_state("personal", p_run.opt),
                 W1: torch.tensor(fit.w1), W2: torch.tensor(fit.w2), LAST_REFRESH: torch.tensor(ctx.round),
             })
-            metrics.update({"refreshed": 1.0, "personal_loss": loss_p, "fusion_w1": fit.w1, "fusion_w2": fit.w2})
+            metrics.update({"refreshed": 1.0, "personal_loss": p_run.loss, "fusion_w1": fit.w1, "fusion_w2": fit.w2})
         else:  # carried over unchanged
-            new_state.update({k: v for k, v in client_state.items() if _is_personal(k) or k.startswith(("opt/personal/", "meta/"))})
+            personal_opt = st.opt_prefix("personal")
+            new_state.update({k: v for k, v in client_state.items() if _is_personal(k) or k.startswith(personal_opt) or st.is_meta(k)})
 
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(new_global), train_client.num_train, metrics)
+        update = self.upload(ctx, new_global, metrics, num_examples=train_client.num_train)
         return update, new_state
 
     def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
@@ -334,7 +323,7 @@ class FDLoRA(Method):
             return dict(server)
         f = self.cfg.fdlora
         mean = self.combine([u.shared for u in updates], [float(u.num_examples) for u in updates], server)
-        new: st.Tensors = {k: v for k, v in server.items() if k.startswith("meta/")}
+        new: st.Tensors = {k: v for k, v in server.items() if st.is_meta(k)}
         mu = f.server_momentum
         for k, avg in mean.items():
             old = server[k]

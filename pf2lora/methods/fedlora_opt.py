@@ -52,6 +52,7 @@ Choices where the paper leaves one open (ours, stated):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -59,10 +60,18 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import (
-    ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    Method,
+    Trained,
+    adamw_step,
+    opt_state,
+    params_of,
+    register,
     with_opt_state,
 )
-from pf2lora.optim import adamw
+from pf2lora.tasks.base import Batch
 
 A_DIRECTION, A_MAGNITUDE, B_DIRECTION, B_MAGNITUDE = "A_direction", "A_magnitude", "B_direction", "B_magnitude"
 PARTS = (A_DIRECTION, A_MAGNITUDE, B_DIRECTION, B_MAGNITUDE)
@@ -139,7 +148,8 @@ class FedLoRAOptimizer(Method):
             out[k_b] = unit_cols(merged[part_key(t, B_DIRECTION)]) * merged[part_key(t, B_MAGNITUDE)][None, :]
         return out
 
-    def _loss(self, batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
+    def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss of the model composed from the parts (:meth:`compose`)."""
         return self.task.loss(st.model_params(self.compose(*states)), batch)
 
     # -- the two stages ----------------------------------------------------------------------
@@ -150,28 +160,18 @@ class FedLoRAOptimizer(Method):
         local = min(local, local_steps)
         return local_steps - local, local
 
-    def global_stage(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors, steps: int) -> tuple[st.Tensors, st.Tensors, list[float]]:
-        """AdamW on the shared parts (and shared head) with the private ones (B_M) frozen."""
-        o = self.cfg.optim
-        losses = []
-        for _ in range(steps):
-            sl = leaves(shared)
-            loss = self._loss(ctx.batch(), sl, private)
-            shared, opt = adamw(shared, grads(loss, sl), opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            shared = self.normalise(shared)
-            losses.append(float(loss.detach()))
-        return shared, opt, losses
+    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """AdamW, then the directions back onto the unit sphere (nothing to do in the local stage)."""
+        trained, opt, loss = adamw_step(self, ctx.batch(), trained, fixed, opt)
+        return self.normalise(trained), opt, loss
 
-    def local_stage(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors, steps: int) -> tuple[st.Tensors, st.Tensors, list[float]]:
+    def global_stage(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors, steps: int) -> Trained:
+        """AdamW on the shared parts (and shared head) with the private ones (B_M) frozen."""
+        return self.train_steps(dataclasses.replace(ctx, local_steps=steps), shared, private, opt)
+
+    def local_stage(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors, steps: int) -> Trained:
         """AdamW on B_M (and a private head) with the shared parts frozen."""
-        o = self.cfg.optim
-        losses = []
-        for _ in range(steps):
-            pl = leaves(private)
-            loss = self._loss(ctx.batch(), shared, pl)
-            private, opt = adamw(private, grads(loss, pl), opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(float(loss.detach()))
-        return private, opt, losses
+        return self.train_steps(dataclasses.replace(ctx, local_steps=steps), private, shared, opt)
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         shared, private = dict(received), params_of(client_state)
@@ -179,10 +179,11 @@ class FedLoRAOptimizer(Method):
         shared, opt_g, losses_g = self.global_stage(ctx, shared, private, opt_state(client_state, "global"), n_global)
         private, opt_l, losses_l = self.local_stage(ctx, shared, private, opt_state(client_state, "local"), n_local)
         losses = losses_g + losses_l
-        update = ClientUpdate(
-            ctx.client.client_id, st.outgoing(shared), ctx.client.num_train,
-            {"train_loss": sum(losses) / len(losses), "global_stage_loss": sum(losses_g) / max(1, len(losses_g)), "local_stage_loss": sum(losses_l) / max(1, len(losses_l))},
-        )
+        update = self.upload(ctx, shared, {
+            "train_loss": sum(losses) / len(losses),
+            "global_stage_loss": sum(losses_g) / max(1, len(losses_g)),
+            "local_stage_loss": sum(losses_l) / max(1, len(losses_l)),
+        })
         new_state = {**private, **with_opt_state("global", opt_g), **with_opt_state("local", opt_l)}
         return update, new_state
 

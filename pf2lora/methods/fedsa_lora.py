@@ -17,7 +17,6 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
-from pf2lora.methods.homlora import adamw_steps
 
 
 @register
@@ -38,7 +37,6 @@ class FedSALoRA(Method):
         return {**b, **head}
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        trained = {**received, **params_of(client_state)}
-        trained, opt, loss = adamw_steps(self, ctx, trained, {}, opt_state(client_state, "all"))
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(st.select(trained, st.SHARED)), ctx.client.num_train, {"train_loss": loss})
-        return update, {**st.select(trained, st.PRIVATE), **with_opt_state("all", opt)}
+        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, opt_state(client_state, "all"))
+        update = self.upload(ctx, st.select(run.params, st.SHARED), {"train_loss": run.loss})
+        return update, {**st.select(run.params, st.PRIVATE), **with_opt_state("all", run.opt)}

@@ -20,7 +20,6 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
-from pf2lora.methods.homlora import adamw_steps
 
 
 @register
@@ -43,10 +42,9 @@ class FFALoRA(Method):
         frozen_keys = self.frozen_keys()
         frozen = {k: v for k, v in received.items() if k in frozen_keys}
         trained = {**{k: v for k, v in received.items() if k not in frozen_keys}, **params_of(client_state)}
-        trained, opt, loss = adamw_steps(self, ctx, trained, frozen, opt_state(client_state, "all"))
-        upload = st.outgoing(st.select(trained, st.SHARED))  # B (+ shared head), never A
-        update = ClientUpdate(ctx.client.client_id, upload, ctx.client.num_train, {"train_loss": loss})
-        return update, {**st.select(trained, st.PRIVATE), **with_opt_state("all", opt)}
+        run = self.train_steps(ctx, trained, frozen, opt_state(client_state, "all"))
+        update = self.upload(ctx, st.select(run.params, st.SHARED), {"train_loss": run.loss})  # B (+ shared head), never A
+        return update, {**st.select(run.params, st.PRIVATE), **with_opt_state("all", run.opt)}
 
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """Only B (and a shared head) travels back: A is frozen and never uploaded."""

@@ -54,15 +54,20 @@ import torch
 
 from pf2lora import lora
 from pf2lora import state as st
-from pf2lora.config import resolved_rank_range
+from pf2lora.config import FlexLoRAConfig, RunConfig
 from pf2lora.methods.base import (
-    ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, resource_rank,
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    HeterogeneousRanks,
+    opt_state,
+    params_of,
+    register,
     with_opt_state,
 )
-from pf2lora.optim import adamw
 
-_RANK = "meta/rank"
-_INIT = "meta/init_A/"
+_RANK = st.meta_key("rank")
+_INIT = st.meta_key("init_A/")
 
 
 def delta_key(target: lora.LoRATarget) -> str:
@@ -70,23 +75,14 @@ def delta_key(target: lora.LoRATarget) -> str:
     return st.key(st.SHARED, f"{target.path}.delta_weight")
 
 
-def _is_adapter(k: str) -> bool:
-    return ".lora_A." in k or ".lora_B." in k
-
-
 @register
-class FlexLoRA(Method):
+class FlexLoRA(HeterogeneousRanks):
     name = "flexlora"
     description = "heterogeneous client ranks; server averages full Delta W, redistributes each rank by truncated SVD"
 
-    def __init__(self, cfg, task):  # noqa: ANN001
-        super().__init__(cfg, task)
-        self.rank_min, self.rank_max = resolved_rank_range(cfg, cfg.flexlora)
-        self.alpha = cfg.lora.alpha
-
-    def assigned_rank(self, client_id: str) -> int:
-        """The rank a client's resources allow: drawn once per client from the seed, not the data."""
-        return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
+    @classmethod
+    def rank_config(cls, cfg: RunConfig) -> FlexLoRAConfig:
+        return cfg.flexlora
 
     # -- state -------------------------------------------------------------------------------
 
@@ -135,35 +131,18 @@ class FlexLoRA(Method):
             k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)
             out[k_a], out[k_b] = self.factorize(server[delta_key(t)], rank, server[_INIT + t.path])
         dense = {delta_key(t) for t in self.task.targets}
-        out.update({k: v for k, v in server.items() if not k.startswith("meta/") and k not in dense})
+        out.update({k: v for k, v in server.items() if not st.is_meta(k) and k not in dense})
         return out
 
     # -- client --------------------------------------------------------------------------------
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        o = self.cfg.optim
-        w = {**received, **params_of(client_state)}
-        rank = next(v.shape[0] for k, v in w.items() if ".lora_A." in k)
-        opt = opt_state(client_state, "all")
-        losses = []
-        for _ in range(ctx.local_steps):
-            wl = leaves(w)
-            loss = self.loss(ctx.batch(), wl)
-            w, opt = adamw(w, grads(loss, wl), opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(float(loss.detach()))
-        update = ClientUpdate(
-            ctx.client.client_id, st.outgoing(st.select(w, st.SHARED)), ctx.client.num_train,
-            {"train_loss": sum(losses) / len(losses), "rank": float(rank)},
-        )
-        return update, {**st.select(w, st.PRIVATE), _RANK: torch.tensor(rank), **with_opt_state("all", opt)}
+        rank = lora.rank_of(received)
+        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, opt_state(client_state, "all"))
+        update = self.upload(ctx, st.select(run.params, st.SHARED), {"train_loss": run.loss, "rank": float(rank)})
+        return update, {**st.select(run.params, st.PRIVATE), _RANK: torch.tensor(rank), **with_opt_state("all", run.opt)}
 
     # -- clients -> server: dense weighted mean of the full updates -----------------------------
-
-    def client_delta(self, upload: Mapping[str, torch.Tensor], target: lora.LoRATarget) -> torch.Tensor:
-        """The update a client's layer applied: ``(alpha / r_k) B_k A_k`` (r_k = rows of A_k)."""
-        k_a, k_b = lora.adapter_keys(target, lora.COMMON, st.SHARED)
-        A, B = upload[k_a], upload[k_b]
-        return (self.alpha / A.shape[0]) * (B @ A)
 
     def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
         if not updates:
@@ -172,7 +151,7 @@ class FlexLoRA(Method):
         # Each client's dense update (and shared head), combined by the configured aggregator.
         dense = [
             {**{delta_key(t): self.client_delta(u.shared, t) for t in self.task.targets},
-             **{k: v for k, v in u.shared.items() if not _is_adapter(k)}}
+             **{k: v for k, v in u.shared.items() if not lora.is_adapter(k)}}
             for u in updates
         ]
         out: st.Tensors = self.combine(dense, weights, server)

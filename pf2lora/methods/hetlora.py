@@ -21,14 +21,23 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pf2lora import lora
+from pf2lora import lora, robust
 from pf2lora import state as st
-from pf2lora.config import resolved_hetlora_ranks
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, resource_rank, with_opt_state
-from pf2lora.optim import adamw
+from pf2lora.config import HETLoRAConfig, RunConfig
+from pf2lora.methods.base import (
+    ClientContext,
+    ClientState,
+    ClientUpdate,
+    HeterogeneousRanks,
+    adamw_step,
+    opt_state,
+    params_of,
+    register,
+    with_opt_state,
+)
 
-_RANK = "meta/rank"
-_TAIL = "meta/tail_norm"
+_RANK = st.meta_key("rank")
+_TAIL = st.meta_key("tail_norm")
 
 
 def _ab_keys(target: lora.LoRATarget) -> tuple[str, str]:
@@ -36,32 +45,24 @@ def _ab_keys(target: lora.LoRATarget) -> tuple[str, str]:
 
 
 @register
-class HETLoRA(Method):
+class HETLoRA(HeterogeneousRanks):
     name = "hetlora"
     description = "heterogeneous client ranks, rank regulariser + self-pruning, zero-padded norm-weighted FedAvg"
 
-    def __init__(self, cfg, task):  # noqa: ANN001
-        super().__init__(cfg, task)
-        self.rank_min, self.rank_max = resolved_hetlora_ranks(cfg)
-        self.alpha = cfg.lora.alpha
-
-    def assigned_rank(self, client_id: str) -> int:
-        """The rank a client's resources allow: drawn once per client from the seed, not the data."""
-        return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
+    @classmethod
+    def rank_config(cls, cfg: RunConfig) -> HETLoRAConfig:
+        return cfg.hetlora
 
     # -- scale conversion: client rank r at alpha/r  <->  server rank r_max at alpha/r_max ------
-
-    def _is_b(self, key: str) -> bool:
-        return ".lora_B." in key
 
     def to_client(self, server: Mapping[str, torch.Tensor], rank: int) -> st.Tensors:
         out: st.Tensors = {}
         for k, v in server.items():
-            if k.startswith("meta/"):
+            if st.is_meta(k):
                 continue
-            if self._is_b(k):
+            if lora.is_b(k):
                 out[k] = v[:, :rank] * (rank / self.rank_max)
-            elif ".lora_A." in k:
+            elif lora.is_a(k):
                 out[k] = v[:rank]
             else:
                 out[k] = v
@@ -70,12 +71,12 @@ class HETLoRA(Method):
     def to_server(self, upload: Mapping[str, torch.Tensor]) -> st.Tensors:
         out: st.Tensors = {}
         for k, v in upload.items():
-            if self._is_b(k):
+            if lora.is_b(k):
                 rank = v.shape[1]
                 padded = torch.zeros(v.shape[0], self.rank_max, dtype=v.dtype)
                 padded[:, :rank] = v * (self.rank_max / rank)
                 out[k] = padded
-            elif ".lora_A." in k:
+            elif lora.is_a(k):
                 padded = torch.zeros(self.rank_max, v.shape[1], dtype=v.dtype)
                 padded[: v.shape[0]] = v
                 out[k] = padded
@@ -86,10 +87,8 @@ class HETLoRA(Method):
     def delta_norm(self, adapter: Mapping[str, torch.Tensor]) -> float:
         total = 0.0
         for t in self.task.targets:
-            k_a, k_b = _ab_keys(t)
-            A, B = adapter[k_a], adapter[k_b]
-            if A.shape[0]:
-                total += float(((self.alpha / A.shape[0]) * (B @ A)).square().sum())
+            if adapter[_ab_keys(t)[0]].shape[0]:
+                total += float(self.client_delta(adapter, t).square().sum())
         return total**0.5
 
     # -- the method ------------------------------------------------------------------------------
@@ -110,15 +109,7 @@ class HETLoRA(Method):
 
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""
-        spec: dict[str, tuple[int | None, ...]] = {}
-        for k, v in received.items():
-            if ".lora_A." in k:
-                spec[k] = (None, v.shape[1])
-            elif ".lora_B." in k:
-                spec[k] = (v.shape[0], None)
-            elif k.startswith(st.SHARED + ":"):
-                spec[k] = tuple(v.shape)
-        return spec
+        return robust.rank_wildcard_spec(received)
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         return {"client_rank": int(client_state[_RANK])}
@@ -135,20 +126,24 @@ class HETLoRA(Method):
             full_sq += float((B @ A).detach().square().sum())
         return reg, (tail_sq / full_sq) ** 0.5 if full_sq > 0 else 1.0
 
+    def cut(self, rank: int) -> int:
+        """t = floor(gamma r), at least 1: the ranks from t on are regularised, then pruned."""
+        return max(1, int(self.cfg.hetlora.gamma * rank))
+
+    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """AdamW on the loss plus ``lambda * sum ||B[:, t:]|| ||A[t:, :]||`` (the loss reported is without it)."""
+        rank = lora.rank_of(trained)
+        cut = self.cut(rank)
+        reg = self.cfg.hetlora.reg
+        regulariser = (lambda w: reg * self._tail(w, cut)[0]) if cut < rank else None
+        return adamw_step(self, ctx.batch(), trained, fixed, opt, regulariser=regulariser)
+
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        o, h = self.cfg.optim, self.cfg.hetlora
-        rank = next(v.shape[0] for k, v in received.items() if ".lora_A." in k)
-        cut = max(1, int(h.gamma * rank))
-        w = {**received, **params_of(client_state)}
-        opt = opt_state(client_state, "all")
-        losses = []
-        for _ in range(ctx.local_steps):
-            wl = leaves(w)
-            loss = self.loss(ctx.batch(), wl)
-            reg, _ = self._tail(wl, cut) if cut < rank else (torch.zeros(()), 0.0)
-            g = grads(loss + h.reg * reg, wl)
-            w, opt = adamw(w, g, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(float(loss.detach()))
+        h = self.cfg.hetlora
+        rank = lora.rank_of(received)
+        cut = self.cut(rank)
+        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, opt_state(client_state, "all"))
+        w = run.params
         new_state: ClientState = {_RANK: torch.tensor(rank)}
         if cut < rank:
             tail, share = self._tail(w, cut)
@@ -159,9 +154,8 @@ class HETLoRA(Method):
                 new_state[_RANK] = torch.tensor(rank)
             else:
                 new_state[_TAIL] = tail.detach()
-        shared = st.select(w, st.SHARED)
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(shared), ctx.client.num_train, {"train_loss": sum(losses) / len(losses), "rank": float(rank)})
-        return update, {**st.select(w, st.PRIVATE), **new_state, **with_opt_state("all", opt)}
+        update = self.upload(ctx, st.select(w, st.SHARED), {"train_loss": run.loss, "rank": float(rank)})
+        return update, {**st.select(w, st.PRIVATE), **new_state, **with_opt_state("all", run.opt)}
 
     def _prune(self, w: st.Tensors, rank: int, cut: int) -> st.Tensors:
         """Keep the first ``cut`` ranks; rescale B so the kept part's Delta W is unchanged."""
@@ -182,5 +176,5 @@ class HETLoRA(Method):
         new = self.combine(padded, weights, server)
         ranks = {k: v for k, v in server.items() if k.startswith(f"{_RANK}/")}
         for u in updates:
-            ranks[f"{_RANK}/{u.client_id}"] = torch.tensor(next(v.shape[0] for k, v in u.shared.items() if ".lora_A." in k))
+            ranks[f"{_RANK}/{u.client_id}"] = torch.tensor(lora.rank_of(u.shared))
         return {**new, **ranks}

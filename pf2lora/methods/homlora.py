@@ -5,20 +5,7 @@ from __future__ import annotations
 import torch
 
 from pf2lora import state as st
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, grads, leaves, opt_state, params_of, register, with_opt_state
-from pf2lora.optim import adamw
-
-
-def adamw_steps(method: Method, ctx: ClientContext, trained: st.Tensors, fixed: st.Tensors, opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, float]:
-    """``ctx.local_steps`` AdamW steps on ``trained`` with ``fixed`` held constant; mean loss."""
-    o = method.cfg.optim
-    losses = []
-    for _ in range(ctx.local_steps):
-        xl = leaves(trained)
-        loss = method.loss(ctx.batch(), xl, fixed)
-        trained, opt = adamw(trained, grads(loss, xl), opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-        losses.append(float(loss.detach()))
-    return trained, opt, sum(losses) / len(losses)
+from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
 
 
 @register
@@ -34,9 +21,6 @@ class HOMLoRA(Method):
         return self.private_head(generator)
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        private = params_of(client_state)
-        trained = {**received, **private}
-        trained, opt, loss = adamw_steps(self, ctx, trained, {}, opt_state(client_state, "all"))
-        shared = st.select(trained, st.SHARED)
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(shared), ctx.client.num_train, {"train_loss": loss})
-        return update, {**st.select(trained, st.PRIVATE), **with_opt_state("all", opt)}
+        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, opt_state(client_state, "all"))
+        update = self.upload(ctx, st.select(run.params, st.SHARED), {"train_loss": run.loss})
+        return update, {**st.select(run.params, st.PRIVATE), **with_opt_state("all", run.opt)}

@@ -9,7 +9,6 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
-from pf2lora.methods.homlora import adamw_steps
 
 
 @register
@@ -29,6 +28,5 @@ class LocalOnly(Method):
         }
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        trained, opt, loss = adamw_steps(self, ctx, params_of(client_state), received, opt_state(client_state, "private"))
-        update = ClientUpdate(ctx.client.client_id, st.outgoing({}), ctx.client.num_train, {"train_loss": loss})
-        return update, {**trained, **with_opt_state("private", opt)}
+        run = self.train_steps(ctx, params_of(client_state), received, opt_state(client_state, "private"))
+        return self.upload(ctx, {}, {"train_loss": run.loss}), {**run.params, **with_opt_state("private", run.opt)}

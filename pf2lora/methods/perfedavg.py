@@ -4,11 +4,14 @@ evaluated after one adaptation step of size a on a batch of its own training dat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 
 from pf2lora import state as st
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, grads, leaves, opt_state, params_of, register, with_opt_state
+from pf2lora.methods.base import ClientContext, ClientState, grads, leaves, params_of, register
 from pf2lora.methods.homlora import HOMLoRA
-from pf2lora.optim import adamw, sgd
+from pf2lora.optim import sgd
 
 
 @register
@@ -16,28 +19,19 @@ class PerFedAvg(HOMLoRA):
     name = "perfedavg"
     description = "first-order Per-FedAvg on a rank-r LoRA: shared init + one local adaptation step"
 
-    def _adapt(self, ctx: ClientContext, w: st.Tensors) -> tuple[st.Tensors, st.Tensors, float]:
+    def _adapt(self, ctx: ClientContext, w: st.Tensors, fixed: Mapping[str, torch.Tensor]) -> tuple[st.Tensors, torch.Tensor]:
+        """One SGD step of size ``perfedavg.inner_lr`` on a fresh batch: (adapted w', loss at w)."""
         wl = leaves(w)
-        loss = self.loss(ctx.batch(), wl)
-        g = grads(loss, wl)
-        return sgd(w, g, self.cfg.perfedavg.inner_lr), g, float(loss.detach())
+        loss = self.loss(ctx.batch(), wl, fixed)
+        return sgd(w, grads(loss, wl), self.cfg.perfedavg.inner_lr), loss.detach()
 
-    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        o = self.cfg.optim
-        w = {**received, **params_of(client_state)}
-        opt = opt_state(client_state, "all")
-        losses = []
-        for _ in range(ctx.local_steps):
-            adapted, _, loss = self._adapt(ctx, w)
-            al = leaves(adapted)
-            g = grads(self.loss(ctx.batch(), al), al)  # first-order: grad at w' applied to w
-            w, opt = adamw(w, g, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(loss)
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(st.select(w, st.SHARED)), ctx.client.num_train, {"train_loss": sum(losses) / len(losses)})
-        return update, {**st.select(w, st.PRIVATE), **with_opt_state("all", opt)}
+    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """First order: the gradient at the adapted w' (on a second batch) applied to w."""
+        adapted, loss = self._adapt(ctx, trained, fixed)
+        al = leaves(adapted)
+        trained, opt = self.adamw_update(trained, grads(self.loss(ctx.batch(), al, fixed), al), opt)
+        return trained, opt, loss
 
     def personalized(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> st.Tensors:
-        adapted, _, _ = self._adapt(ctx, {**received, **params_of(client_state)})
+        adapted, _ = self._adapt(ctx, {**received, **params_of(client_state)}, {})
         return adapted
-
-

@@ -4,10 +4,15 @@ that shows what the bilevel hypergradient adds; the same cost per step as HOMLoR
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from pf2lora import state as st
-from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, grads, leaves, opt_state, params_of, register, with_opt_state
+from pf2lora.config import RunConfig
+from pf2lora.methods.base import ClientContext, grads, leaves, register
 from pf2lora.methods.pf2lora import PF2LoRA
-from pf2lora.optim import adamw, sgd
+from pf2lora.optim import sgd
 
 
 @register
@@ -15,17 +20,16 @@ class PF2LoRAFirstOrder(PF2LoRA):
     name = "pf2lora-fo"
     description = "PF2LoRA's two adapters trained jointly by plain gradients (no-bilevel ablation)"
 
-    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        o = self.cfg.optim
-        x, y = dict(received), params_of(client_state)
-        opt = opt_state(client_state, "shared")
-        losses = []
-        for _ in range(ctx.local_steps):
-            xl, yl = leaves(x), leaves(y)
-            loss = self.loss(ctx.batch(), xl, yl)
-            g = grads(loss, {**xl, **yl})
-            y = sgd(y, g, o.lower_lr)
-            x, opt = adamw(x, {k: g[k] for k in x}, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
-            losses.append(float(loss.detach()))
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(x), ctx.client.num_train, {"train_loss": sum(losses) / len(losses)})
-        return update, {**y, **with_opt_state("shared", opt)}
+    @classmethod
+    def needs_double_backward(cls, cfg: RunConfig) -> bool:
+        return False  # plain gradients, whatever pf2lora.estimator says
+
+    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+        """One joint step at one mini-batch: SGD on the private adapter, AdamW on the common one."""
+        x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
+        xl, yl = leaves(x), leaves(y)
+        loss = self.loss(ctx.batch(), xl, yl, fixed)
+        g = grads(loss, {**xl, **yl})
+        y = sgd(y, g, self.cfg.optim.lower_lr)
+        x, opt = self.adamw_update(x, {k: g[k] for k in x}, opt)
+        return {**x, **y}, opt, loss.detach()

@@ -23,7 +23,6 @@ import torch
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method, opt_state, params_of, register, with_opt_state
-from pf2lora.methods.homlora import adamw_steps
 
 
 @register
@@ -51,13 +50,15 @@ class PFedLoRA(Method):
         """Phase 1: ``ctx.local_steps`` AdamW steps on the private part, ``shared`` frozen."""
         if ctx.local_steps == 0:
             return private, opt, None
-        return adamw_steps(self, ctx, private, shared, opt)
+        run = self.train_steps(ctx, private, shared, opt)
+        return run.params, run.opt, run.loss
 
     def train_shared(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, float | None]:
         """Phase 2: ``ctx.local_steps`` AdamW steps on the shared adapter, ``private`` frozen."""
         if ctx.local_steps == 0:
             return shared, opt, None
-        return adamw_steps(self, ctx, shared, private, opt)
+        run = self.train_steps(ctx, shared, private, opt)
+        return run.params, run.opt, run.loss
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         n_private, n_shared = self.phase_steps(ctx.local_steps)
@@ -70,5 +71,5 @@ class PFedLoRA(Method):
             metrics["private_phase_loss"] = loss_p
         if loss_s is not None:
             metrics["shared_phase_loss"] = loss_s
-        update = ClientUpdate(ctx.client.client_id, st.outgoing(shared), ctx.client.num_train, metrics)
+        update = self.upload(ctx, shared, metrics)
         return update, {**private, **with_opt_state("private", opt_p), **with_opt_state("shared", opt_s)}

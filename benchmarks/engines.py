@@ -52,7 +52,7 @@ import torch
 
 from pf2lora.config import load
 from pf2lora.engines.local import LocalEngine
-from pf2lora.tasks import build_task
+from pf2lora.plan import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -54,18 +54,17 @@ def measure(clients: int, method: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pf2lora import config as cfg_mod
+    from pf2lora import plan
     from pf2lora.engines.local import LocalEngine
-    from pf2lora.tasks import build_task
 
     torch.set_num_threads(1)
     per_domain = clients // 4
-    cfg = cfg_mod.load(ROOT / CONFIG, [
+    cfg = plan.load(ROOT / CONFIG, [
         f'methods=["{method}"]', "rounds=1", "local_steps=1", "eval.every=0", f"task.num_clients={clients}",
         f"task.clients_per_group={per_domain}", "task.train_samples=100", "task.train_samples_min=100",
         "task.test_samples=16",
     ])
-    task = build_task(cfg)
+    task = plan.build_task(cfg)
     gc.collect()
     base = rss()
     peak = [base]

@@ -52,15 +52,14 @@ def trained_params(method, task) -> dict[str, int]:
 def run_one(config: str, seed: int, method_name: str, overrides: list[str]) -> dict:
     import torch
 
-    from pf2lora import config as cfg_mod
+    from pf2lora import plan
     from pf2lora.engines.local import LocalEngine
     from pf2lora.methods import registry
-    from pf2lora.tasks import build_task
 
     torch.set_num_threads(1)
-    cfg = cfg_mod.load(ROOT / config, [f"seed={seed}", f'methods=["{method_name}"]', *overrides])
+    cfg = plan.load(ROOT / config, [f"seed={seed}", f'methods=["{method_name}"]', *overrides])
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg)
+    task = plan.build_task(cfg)
     result = LocalEngine(cfg, task, progress=False).run(method_name)
     clients = result.clients
     per_client = {cid: {k: c[k] for k in PER_CLIENT if isinstance(c.get(k), (int, float))} | {"num_train": c["num_train"]}
@@ -140,9 +139,9 @@ def main() -> int:
         print(table(json.loads(args.out.read_text())))
         return 0
     sys.path.insert(0, str(ROOT))
-    from pf2lora import config as cfg_mod
+    from pf2lora import plan
 
-    cfg = cfg_mod.load(ROOT / args.config, args.set)
+    cfg = plan.load(ROOT / args.config, args.set)  # the data set checked before any job starts
     methods = args.methods or list(cfg.methods)
     # The costliest method first, so the pool does not end waiting on it.
     order = sorted(methods, key=lambda m: (not m.startswith("pf2lora"), methods.index(m)))

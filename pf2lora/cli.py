@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pf2lora.engines import ENGINES
     from pf2lora.engines.local import LocalEngine
     from pf2lora.io import atomic_write
-    from pf2lora.tasks import build_task
+    from pf2lora import plan
 
     if args.engine not in ENGINES:
         raise UserError(f"unknown engine {args.engine!r} (known: {', '.join(ENGINES)})")
@@ -65,12 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set")
         out = Path(args.resume)
         saved = checkpoint.load(out)
-        cfg = config.load(out / "config.toml")
+        cfg = plan.load(out / "config.toml")
         secagg.check_engine(cfg, args.engine)
     else:
         if not args.config:
             raise UserError("run: give a CONFIG file, or --resume DIR")
-        cfg = config.load(args.config, args.set or [])
+        cfg = plan.load(args.config, args.set or [])
         secagg.check_engine(cfg, args.engine)  # before the run directory is made
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         report.prepare_run_dir(out, overwrite=args.overwrite)
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = build_task(cfg)
+    task = plan.build_task(cfg)
     engine = LocalEngine(cfg, task, progress=not args.quiet)
     lines: list[str] = list(saved["metrics_lines"])
 

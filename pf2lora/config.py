@@ -48,9 +48,9 @@ class TaskConfig:
     # -- real language tasks (text-classification, generation) ------------------------------------
     model: str = _f("", "text tasks: model name (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, SmolLM2-135M), a local "
                     "Hugging Face model directory or a hub name; empty = all-MiniLM-L6-v2 (classification), SmolLM2-135M (generation)")
-    dataset: str = _f("", "text tasks: data set; classification: vader, rotten-tomatoes, wordnet-topics, glue-<task> "
-                      "(sst2, cola, mnli, qnli, qqp, rte, mrpc), csv, tsv, jsonl; generation: wordnet-definitions, "
-                      "shakespeare, e2e, webnlg, csv, tsv, jsonl; empty = vader / wordnet-definitions")
+    dataset: str = _f("", "text tasks: data set, a name from the data catalogue (pf2lora.data.catalogue; an unknown "
+                      "name's error lists those of the task kind), e.g. vader, glue-sst2, wordnet-definitions, csv; "
+                      "empty = the kind's default (vader / wordnet-definitions)")
     data_path: str = _f("", "text tasks: the data file or folder (required for glue-*, e2e, webnlg, csv, tsv, jsonl; "
                         "else overrides the fetched copy in the cache)")
     text_column: str = _f("text", "csv/tsv/jsonl: column of the input text")
@@ -340,39 +340,17 @@ def _validate(cfg: RunConfig, source: str) -> None:
             raise UserError(f"{source}: {section} ranks must satisfy 1 <= rank_min <= rank_max, got [{lo}, {hi}]")
     if cfg.task.kind == "synthetic" and cfg.task.shared_rank + max(cfg.task.private_ranks) > cfg.task.dim:
         raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
-    if cfg.task.kind in TEXT_DATASETS:
-        _validate_text(cfg.task, source)
+    if cfg.task.kind in ("text-classification", "generation"):
+        _validate_text_clients(cfg.task, source)
     if cfg.server.secure_aggregation:
         from pf2lora.secagg import check_config
 
         check_config(cfg, source)
 
 
-TEXT_DATASETS: dict[str, tuple[str, ...]] = {
-    "text-classification": (
-        "vader", "rotten-tomatoes", "wordnet-topics", *(f"glue-{t}" for t in ("sst2", "cola", "mnli", "qnli", "qqp", "rte", "mrpc")),
-        "csv", "tsv", "jsonl",
-    ),
-    "generation": ("wordnet-definitions", "shakespeare", "e2e", "webnlg", "csv", "tsv", "jsonl"),
-}
-"""Data sets of each real-language task kind (``task.dataset``; the first is the default)."""
-NEEDS_PATH = ("glue-", "csv", "tsv", "jsonl", "e2e", "webnlg")
-"""Data sets with no fetched copy: ``task.data_path`` is required."""
-
-
-def text_dataset(tc: TaskConfig) -> str:
-    """``task.dataset`` normalised (lower case, ``_`` -> ``-``), or the kind's default."""
-    name = tc.dataset.strip().lower().replace("_", "-") or TEXT_DATASETS[tc.kind][0]
-    return {"glue-sst-2": "glue-sst2", "ndjson": "jsonl"}.get(name, name)
-
-
-def _validate_text(tc: TaskConfig, source: str) -> None:
-    name = text_dataset(tc)
-    choices = TEXT_DATASETS[tc.kind]
-    if name not in choices:
-        raise UserError(f"{source}: key 'task.dataset': {tc.dataset!r} is not a {tc.kind} data set (choose from {', '.join(choices)})")
-    if name.startswith(NEEDS_PATH) and not tc.data_path.strip():
-        raise UserError(f"{source}: task.dataset = {name!r} needs task.data_path (the data {'folder' if name.startswith('glue-') else 'file'})")
+def _validate_text_clients(tc: TaskConfig, source: str) -> None:
+    """How the real-text tasks deal examples to clients; the data set itself is checked against
+    the data catalogue by :func:`pf2lora.plan.validate`."""
     if tc.kind == "generation" and tc.partition in ("dirichlet", "s-similarity"):
         raise UserError(f"{source}: task.partition = {tc.partition!r} needs class labels; generation supports natural and iid")
     if tc.train_samples_min > tc.train_samples:
@@ -389,13 +367,6 @@ def _validate_text(tc: TaskConfig, source: str) -> None:
             f"{source}: natural partition: task.num_clients ({tc.num_clients}) must be a multiple of "
             f"task.clients_per_group ({tc.clients_per_group}), or name the groups in task.groups"
         )
-    if name in ("csv", "tsv", "jsonl"):
-        if not tc.text_column.strip():
-            raise UserError(f"{source}: task.text_column must name a column")
-        if tc.kind == "text-classification" and not tc.label_column.strip():
-            raise UserError(f"{source}: task.label_column must name a column")
-        if tc.kind == "generation" and not tc.target_column.strip():
-            raise UserError(f"{source}: task.target_column must name a column")
 
 
 def resolved_rank_range(cfg: RunConfig, section: HETLoRAConfig | FlexLoRAConfig) -> tuple[int, int]:

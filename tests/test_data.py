@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pf2lora.data import assets
+from pf2lora import config, plan
+from pf2lora.config import TaskConfig
+from pf2lora.data import assets, catalogue
 from pf2lora.data import partition as part
-from pf2lora.data import text as T
+from pf2lora.data import corpora, user_files
+from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 
 
@@ -43,8 +46,8 @@ def test_missing_asset_names_file_and_fetch_command(tmp_path, monkeypatch):
         (assets.rotten_tomatoes_file, "rotten_tomatoes_corpus_full.csv.bz2"),
         (assets.wordnet_dir, "data.noun"),
         (assets.shakespeare_file, "shaks12.txt"),
-        (T.load_vader, "movieReviewSnippets"),
-        (T.load_shakespeare, "shaks12.txt"),
+        (corpora.load_vader, "movieReviewSnippets"),
+        (corpora.load_shakespeare, "shaks12.txt"),
     ]:
         with pytest.raises(UserError) as e:
             call()
@@ -60,19 +63,19 @@ def test_missing_asset_names_file_and_fetch_command(tmp_path, monkeypatch):
 
 
 def test_dataset_subset_records_and_validation():
-    ds = T.TextDataset("d", ["a", "b", "c"], labels=[0, 1, 1], groups=["x", "y", "x"], label_names=["n", "p"], extra={"r": [1, 2, 3]})
+    ds = TextDataset("d", ["a", "b", "c"], labels=[0, 1, 1], groups=["x", "y", "x"], label_names=["n", "p"], extra={"r": [1, 2, 3]})
     sub = ds.subset([2, 0])
     assert sub.text == ["c", "a"] and sub.labels == [1, 0] and sub.groups == ["x", "x"] and sub.extra["r"] == [3, 1]
     assert list(sub.records()) == [{"text": "c", "label": 1, "group": "x"}, {"text": "a", "label": 0, "group": "x"}]
     assert ds.kind == "classification" and ds.num_labels == 2
     assert ds.label_counts() == {"n": 1, "p": 2} and ds.group_counts() == {"x": 2, "y": 1}
     with pytest.raises(ValueError):
-        T.TextDataset("d", ["a"], labels=[0], targets=["t"])
+        TextDataset("d", ["a"], labels=[0], targets=["t"])
     with pytest.raises(ValueError):
-        T.TextDataset("d", ["a", "b"], labels=[0])
+        TextDataset("d", ["a", "b"], labels=[0])
     with pytest.raises(ValueError):
-        T.TextDataset("d", ["a"], labels=[2], label_names=["n", "p"])
-    gen = T.TextDataset("g", ["a"], targets=["b"])
+        TextDataset("d", ["a"], labels=[2], label_names=["n", "p"])
+    gen = TextDataset("g", ["a"], targets=["b"])
     assert gen.kind == "generation" and gen.label_counts() == {}
 
 
@@ -93,23 +96,23 @@ def write_jsonl(path: Path, records: list[object]) -> Path:
 
 def test_load_table_csv_classification_with_pairs_and_clients(tmp_path):
     f = write_csv(tmp_path / "d.csv", [["q", "a", "y", "user"], ["hi, there", "yo\nmultiline", "1", "u1"], ["x", "z", "0", "u2"]])
-    ds = T.load_table(f, text="q", text_pair="a", label="y", client="user")
+    ds = user_files.load_table(f, text="q", text_pair="a", label="y", client="user")
     assert ds.text == ["hi, there", "x"] and ds.text_pair == ["yo\nmultiline", "z"]
     assert ds.labels == [1, 0] and ds.groups == ["u1", "u2"] and ds.group_name == "user" and ds.label_names == ["0", "1"]
 
 
 def test_load_table_label_names_and_generation(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "pos", "c": 3}, {"text": "b", "y": 0, "c": 4}])
-    ds = T.load_table(f, label="y", client="c", label_names=["neg", "pos"])
+    ds = user_files.load_table(f, label="y", client="c", label_names=["neg", "pos"])
     assert ds.labels == [1, 0] and ds.groups == ["3", "4"]
     g = write_jsonl(tmp_path / "g.jsonl", [{"src": "a", "tgt": "b"}])
-    gen = T.load_table(g, text="src", target="tgt")
+    gen = user_files.load_table(g, text="src", target="tgt")
     assert gen.kind == "generation" and gen.targets == ["b"]
     tsv = write_csv(tmp_path / "d.tsv", [["text", "label"], ['say "hi"', "1"]], delimiter="\t")
-    assert T.load_table(tsv, label="label").text == ['say "hi"']
+    assert user_files.load_table(tsv, label="label").text == ['say "hi"']
     arr = tmp_path / "d.json"
     arr.write_text(json.dumps([{"text": "a", "label": 1}]))
-    assert T.load_table(arr, label="label").labels == [1]
+    assert user_files.load_table(arr, label="label").labels == [1]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +141,7 @@ def test_load_table_errors_are_one_line(tmp_path, name, content, kwargs, needles
     if content is not None:
         f.write_text(content, encoding="utf-8")
     with pytest.raises(UserError) as e:
-        T.load_table(f, **kwargs)
+        user_files.load_table(f, **kwargs)
     one_line_error(e, *needles)
 
 
@@ -146,7 +149,7 @@ def test_load_table_unreadable_bytes(tmp_path):
     f = tmp_path / "latin.csv"
     f.write_bytes(b"text,label\ncaf\xe9,1\n")
     with pytest.raises(UserError) as e:
-        T.load_table(f, label="label")
+        user_files.load_table(f, label="label")
     one_line_error(e, "latin.csv", "utf-8")
 
 
@@ -183,34 +186,34 @@ def _glue_fixture(root: Path) -> Path:
 
 def test_glue_loaders_read_official_tsv_layouts(tmp_path):
     root = _glue_fixture(tmp_path)
-    sst = T.load_glue("SST-2", root / "SST-2")
+    sst = user_files.load_glue("SST-2", root / "SST-2")
     assert sst.text == ['it \'s a charming " journey ', "bad movie"] and sst.labels == [1, 0]
     assert sst.label_names == ["negative", "positive"] and sst.text_pair is None
-    cola = T.load_glue("cola", root / "CoLA")
+    cola = user_files.load_glue("cola", root / "CoLA")
     assert cola.text[1] == "They drank the pub." and cola.labels == [1, 0]
-    mnli = T.load_glue("mnli", root / "MNLI")
+    mnli = user_files.load_glue("mnli", root / "MNLI")
     assert mnli.text_pair == ["A hypothesis.", "He moved."] and mnli.labels == [1, 0] and mnli.groups == ["government", "fiction"]
-    dev = T.load_glue("mnli", root / "MNLI", split="validation_matched")
+    dev = user_files.load_glue("mnli", root / "MNLI", split="validation_matched")
     assert dev.labels == [2] and dev.info["skipped"] == 1  # gold label "-" is dropped
-    qnli = T.load_glue("qnli", root / "QNLI", split="dev")
+    qnli = user_files.load_glue("qnli", root / "QNLI", split="dev")
     assert qnli.labels == [0, 1] and qnli.text_pair == ["Him.", "No."]
-    qqp = T.load_glue("qqp", root / "QQP")
+    qqp = user_files.load_glue("qqp", root / "QQP")
     assert qqp.labels == [0, 1] and qqp.info["skipped"] == 1
-    assert T.load_glue("rte", root / "RTE").labels == [1]
-    mrpc = T.load_glue("mrpc", root / "MRPC")
+    assert user_files.load_glue("rte", root / "RTE").labels == [1]
+    mrpc = user_files.load_glue("mrpc", root / "MRPC")
     assert mrpc.text == ["Same.", "One."] and mrpc.labels == [1, 0]
 
 
 def test_glue_errors(tmp_path):
     root = _glue_fixture(tmp_path)
     cases = [
-        (lambda: T.load_glue("wnli", root), ["wnli", "sst2"]),
-        (lambda: T.load_glue("sst2", root / "SST-2", split="test"), ["no labels"]),
-        (lambda: T.load_glue("rte", root / "RTE", split="dev"), ["not found", "dev.tsv"]),
-        (lambda: T.load_glue("qnli", root / "SST-2", split="train"), ["train.tsv", "'question'", "sentence, label"]),
+        (lambda: user_files.load_glue("wnli", root), ["wnli", "sst2"]),
+        (lambda: user_files.load_glue("sst2", root / "SST-2", split="test"), ["no labels"]),
+        (lambda: user_files.load_glue("rte", root / "RTE", split="dev"), ["not found", "dev.tsv"]),
+        (lambda: user_files.load_glue("qnli", root / "SST-2", split="train"), ["train.tsv", "'question'", "sentence, label"]),
     ]
     (root / "SST-2" / "dev.tsv").write_text("text\tlabel\nx\t1\n")
-    cases.append((lambda: T.load_glue("sst2", root / "SST-2", split="dev"), ["dev.tsv", "'sentence'", "text, label"]))
+    cases.append((lambda: user_files.load_glue("sst2", root / "SST-2", split="dev"), ["dev.tsv", "'sentence'", "text, label"]))
     for call, needles in cases:
         with pytest.raises(UserError) as e:
             call()
@@ -223,9 +226,9 @@ def test_e2e_and_webnlg(tmp_path):
         [["mr", "ref"], ["name[The Vaults], eatType[pub], food[French]", "The Vaults is a French pub."],
          ["name[Alimentum], area[city centre]", "Alimentum is in the city centre."]],
     )
-    ds = T.load_e2e(e2e, group_attr="eatType")
+    ds = user_files.load_e2e(e2e, group_attr="eatType")
     assert ds.targets[0] == "The Vaults is a French pub." and ds.groups == ["pub", "none"]
-    assert T.parse_mr(ds.text[1]) == {"name": "Alimentum", "area": "city centre"}
+    assert user_files.parse_mr(ds.text[1]) == {"name": "Alimentum", "area": "city centre"}
     hf_record = {
         "category": "Astronaut", "size": 2, "eid": "Id1",
         "modified_triple_sets": {"mtriple_set": [["Alan_Bean | birthPlace | Wheeler,_Texas", "Alan_Bean | occupation | Test_pilot"]]},
@@ -233,13 +236,13 @@ def test_e2e_and_webnlg(tmp_path):
     }
     simple = {"category": "Food", "triples": [["Bacon", "ingredient", "Pork"]], "lexicalisations": ["Bacon is made of pork."]}
     web = write_jsonl(tmp_path / "webnlg.jsonl", [hf_record, simple])
-    w = T.load_webnlg(web)
+    w = user_files.load_webnlg(web)
     assert len(w) == 3 and w.groups == ["Astronaut", "Astronaut", "Food"]
     assert w.text[0] == "Alan Bean | birthPlace | Wheeler, Texas && Alan Bean | occupation | Test pilot"
     assert w.text[2] == "Bacon | ingredient | Pork" and w.targets[2] == "Bacon is made of pork."
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"category": "X", "lex": {"text": ["t"]}}])
     with pytest.raises(UserError) as e:
-        T.load_webnlg(bad)
+        user_files.load_webnlg(bad)
     one_line_error(e, "bad.jsonl", "line 1", "no triples")
 
 
@@ -249,12 +252,12 @@ def test_e2e_and_webnlg(tmp_path):
 
 def test_vader_format(tmp_path):
     (tmp_path / "tweets_GroundTruth.txt").write_text("1\t2.5\tgreat day\r\n2\t0\tmeh\r\n3\t-0.25\tugh\r\n")
-    ds = T.load_vader(["tweet"], root=tmp_path)
+    ds = corpora.load_vader(["tweet"], root=tmp_path)
     assert ds.text == ["great day", "ugh"] and ds.labels == [1, 0] and ds.groups == ["tweet", "tweet"]
     assert ds.extra["rating"] == [2.5, -0.25]
     (tmp_path / "nytEditorialSnippets_GroundTruth.txt").write_text("1\tbig\ttext\n")
     with pytest.raises(UserError) as e:
-        T.load_vader(["nyt"], root=tmp_path)
+        corpora.load_vader(["nyt"], root=tmp_path)
     one_line_error(e, "nytEditorialSnippets_GroundTruth.txt", "line 1", "'big'")
 
 
@@ -263,9 +266,9 @@ def test_loaders_find_data_in_the_env_cache(tmp_path, monkeypatch):
     (tmp_path / "vader").mkdir()
     for i, stem in enumerate(assets.VADER_DOMAINS.values()):
         (tmp_path / "vader" / f"{stem}_GroundTruth.txt").write_text(f"1\t{i - 1.5}\ttext {i}\n")
-    ds = T.load_vader()
+    ds = corpora.load_vader()
     assert ds.groups == ["movie", "tweet", "amazon", "nyt"] and ds.labels == [0, 0, 1, 1]
-    assert T.load_vader(["nyt"]).text == ["text 3"]
+    assert corpora.load_vader(["nyt"]).text == ["text 3"]
     assert assets.available()["vader"] and not assets.available()["wordnet"]
 
 
@@ -275,7 +278,7 @@ def test_rotten_tomatoes_format(tmp_path):
             ["fresh", "Loved it.", "m1", "True"], ["rotten", "Hated it.", "m2", "False"]]
     with bz2.open(f, "wt", newline="", encoding="utf-8") as h:
         csv.writer(h).writerows(rows)
-    ds = T.load_rotten_tomatoes(f)
+    ds = corpora.load_rotten_tomatoes(f)
     assert ds.text == ["Loved it.", "Hated it."] and ds.labels == [1, 0] and ds.groups == ["m1", "m2"]
     assert ds.label_names == ["rotten", "fresh"]
 
@@ -297,23 +300,23 @@ def _wordnet_fixture(root: Path) -> Path:
 
 def test_wordnet_format(tmp_path):
     root = _wordnet_fixture(tmp_path)
-    synsets = T.read_wordnet(root)
+    synsets = corpora.read_wordnet(root)
     assert [s.words[0] for s in synsets] == ["entity", "dog", "breathe", "able", "a cappella"]
     dog = synsets[1]
     assert dog.words == ["dog", "domestic dog", "Canis familiaris"] and dog.topic == "noun.animal"
     assert dog.definition == "a member of the genus Canis" and dog.examples == ["the dog barked all night", "a good dog"]
-    topics = T.load_wordnet_topics(root)
+    topics = corpora.load_wordnet_topics(root)
     assert topics.label_names == ["adj.all", "adv.all", "noun.Tops", "noun.animal", "verb.body"]
     assert [topics.label_names[y] for y in topics.labels] == ["noun.Tops", "noun.animal", "verb.body", "adj.all", "adv.all"]
     assert topics.text[2] == "draw air into, and expel out of, the lungs"
-    assert T.load_wordnet_topics(root, group_by="pos").groups == ["noun", "noun", "verb", "adjective", "adverb"]
-    defs = T.load_wordnet_definitions(root)
+    assert corpora.load_wordnet_topics(root, group_by="pos").groups == ["noun", "noun", "verb", "adjective", "adverb"]
+    defs = corpora.load_wordnet_definitions(root)
     assert defs.text[:2] == ["entity (noun)", "dog (noun)"] and defs.targets[4] == "without musical accompaniment"
     assert defs.groups[1] == "noun.animal"
-    assert len(T.load_wordnet_definitions(root, all_words=True)) == 7
+    assert len(corpora.load_wordnet_definitions(root, all_words=True)) == 7
     (root / "data.adv").write_text("00001740 02 r zz a 0 | gloss\n")
     with pytest.raises(UserError) as e:
-        T.read_wordnet(root)
+        corpora.read_wordnet(root)
     one_line_error(e, "data.adv", "line 1")
 
 
@@ -376,7 +379,7 @@ def test_shakespeare_parsing_rules(tmp_path):
     body = SHAKS.format(
         hamlet="".join(f"  HAMLET. Filler {i}.\n" for i in range(20)), duke="".join(f"DUKE. More {i}.\n" for i in range(20))
     )
-    lines = T.parse_shakespeare(body)
+    lines = corpora.parse_shakespeare(body)
     testing = [(s.speaker, s.text, s.scene) for s in lines if s.play == "THE TRAGEDY OF TESTING"]
     assert testing[:6] == [
         ("HAMLET", "To be, or not to be: that is the question.", 1),
@@ -397,18 +400,18 @@ def test_shakespeare_parsing_rules(tmp_path):
 
     f = tmp_path / "shaks.txt"
     f.write_text(body, encoding="latin-1")
-    ds = T.load_shakespeare(f, min_lines=5)
+    ds = corpora.load_shakespeare(f, min_lines=5)
     assert set(ds.groups) == {"THE TRAGEDY OF TESTING/HAMLET", "THE COMEDY OF TESTS/DUKE"}
     i = ds.targets.index("Whether 'tis nobler in the mind to suffer")
     assert ds.text[i] == "To be, or not to be: that is the question."
     assert "To be, or not to be: that is the question." not in ds.targets  # a scene's first line has no context
-    two = T.load_shakespeare(f, min_lines=5, context_lines=2)
+    two = corpora.load_shakespeare(f, min_lines=5, context_lines=2)
     assert two.text[two.targets.index("Speak.")] == "My lord?\nIndeed."
-    chars = T.load_shakespeare(f, mode="chars", min_lines=5, seq_len=10, stride=3)
+    chars = corpora.load_shakespeare(f, mode="chars", min_lines=5, seq_len=10, stride=3)
     assert chars.text[0] == "To be, or " and chars.targets[0] == "n" and chars.text[1] == "be, or not"
     assert all(len(x) == 10 and len(y) == 1 for x, y in zip(chars.text, chars.targets))
     with pytest.raises(UserError) as e:
-        T.load_shakespeare(f, min_lines=10_000)
+        corpora.load_shakespeare(f, min_lines=10_000)
     one_line_error(e, "shaks.txt", "10000")
 
 
@@ -546,6 +549,70 @@ def test_partition_properties_with_hypothesis():
     prop()
 
 
+def test_wordnet_noun_topics_keep_noun_topics_only(tmp_path):
+    """wordnet-topics serves nouns only, noun.Tops (the unique beginners) dropped."""
+    ds = corpora.load_wordnet_noun_topics(_wordnet_fixture(tmp_path))
+    assert ds.label_names == ["noun.animal"] and ds.labels == [0] and ds.text == ["a member of the genus Canis"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The data catalogue and the plan's check of task.dataset
+
+
+def _task(**kw: str) -> TaskConfig:
+    return TaskConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_catalogue_is_one_table():
+    names = [d.name for d in catalogue.CATALOGUE]
+    assert len(set(names)) == len(names)
+    assert catalogue.choices("text-classification") == [
+        "vader", "rotten-tomatoes", "wordnet-topics", "glue-sst2", "glue-cola", "glue-mnli", "glue-qnli", "glue-qqp",
+        "glue-rte", "glue-mrpc", "csv", "tsv", "jsonl",
+    ]
+    assert catalogue.choices("generation") == ["wordnet-definitions", "shakespeare", "e2e", "webnlg", "csv", "tsv", "jsonl"]
+    needs = {d.name for d in catalogue.CATALOGUE if d.needs_path}
+    assert needs == {f"glue-{t}" for t in user_files.GLUE} | {"e2e", "webnlg", "csv", "tsv", "jsonl"}
+    # names are normalised, aliases resolved, an empty name is the kind's default
+    assert catalogue.resolve(_task(kind="text-classification", dataset=" GLUE_SST_2 ")).name == "glue-sst2"
+    assert catalogue.resolve(_task(kind="generation", dataset="ndjson")).name == "jsonl"
+    assert catalogue.resolve(_task(kind="text-classification")).name == "vader"
+    assert catalogue.resolve(_task(kind="generation")).name == "wordnet-definitions"
+    # the docs read the table: one line per data set
+    lines = catalogue.describe()
+    assert len(lines) == len(names) and all(line.startswith(n) for line, n in zip(lines, names))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (['task.dataset="csv"'], "defaults (with --set): task.dataset = 'csv' needs task.data_path (the data file)"),
+    (['task.dataset="glue-rte"'], "task.dataset = 'glue-rte' needs task.data_path (the data folder)"),
+    (['task.dataset="shakespeare"'], "key 'task.dataset': 'shakespeare' is not a text-classification data set (choose from vader,"),
+    (['task.dataset="csv"', 'task.data_path="x.csv"', 'task.label_column=" "'], "task.label_column must name a column"),
+])
+def test_plan_checks_the_data_set(overrides, needle):
+    with pytest.raises(UserError) as e:
+        plan.load(None, ['task.kind="text-classification"', *overrides])
+    one_line_error(e, needle)
+    config.load(None, ['task.kind="text-classification"', *overrides])  # config alone does not know the catalogue
+
+
+def test_catalogue_load_refuses_an_unchecked_config():
+    """A config that skipped plan.validate still gets the one line, not a crash in a loader."""
+    with pytest.raises(UserError) as e:
+        catalogue.load(_task(kind="generation", dataset="webnlg"))
+    one_line_error(e, "'webnlg' needs task.data_path")
+
+
+def test_catalogue_loads_users_files(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("q\tout\twho\nhello\tworld\ta\n")
+    tc = _task(kind="generation", dataset="tsv", data_path=str(f), text_column="q", target_column="out", group_column="who")
+    ds = catalogue.load(tc)
+    assert ds.text == ["hello"] and ds.targets == ["world"] and ds.groups == ["a"]
+    assert catalogue.resolve(tc).prompt_and_target("x", "y") == ("x\n", "y")
+    assert catalogue.resolve(_task(kind="generation")).prompt_and_target("bank (noun)", "land") == ("bank (noun):", " land")
+
+
 # ---------------------------------------------------------------------------------------------
 # The real data (skipped until `scripts/fetch_data.sh` has run)
 
@@ -554,7 +621,7 @@ HAVE = assets.available()
 
 @pytest.mark.skipif(not HAVE["vader"], reason="VADER data not fetched (scripts/fetch_data.sh)")
 def test_real_vader_counts():
-    ds = T.load_vader()
+    ds = corpora.load_vader()
     assert len(ds) == 23_320
     assert Counter(ds.groups) == {"movie": 10_568, "tweet": 4_196, "amazon": 3_610, "nyt": 4_946}
     by = {d: np.mean([y for y, g in zip(ds.labels, ds.groups) if g == d]) for d in assets.VADER_DOMAINS}
@@ -565,14 +632,14 @@ def test_real_vader_counts():
 
 @pytest.mark.skipif(not HAVE["rotten_tomatoes"], reason="Rotten Tomatoes data not fetched (scripts/fetch_data.sh)")
 def test_real_rotten_tomatoes():
-    ds = T.load_rotten_tomatoes()
+    ds = corpora.load_rotten_tomatoes()
     assert len(ds) == 12_808 and ds.label_counts() == {"rotten": 5_405, "fresh": 7_403}
     assert len(set(ds.groups)) == 508
 
 
 @pytest.mark.skipif(not HAVE["wordnet"], reason="WordNet data not fetched (scripts/fetch_data.sh)")
 def test_real_wordnet():
-    topics = T.load_wordnet_topics()  # one load (~2 s); the generation loader reads the same synsets
+    topics = corpora.load_wordnet_topics()  # one load (~2 s); the generation loader reads the same synsets
     assert len(topics) == 117_659 and len(set(topics.groups)) == topics.num_labels == 45
     assert topics.extra["word"][0] == "entity" and topics.label_names[topics.labels[0]] == "noun.Tops"
     assert not any(t.startswith('"') or '; "' in t for t in topics.text)
@@ -581,7 +648,7 @@ def test_real_wordnet():
 
 @pytest.mark.skipif(not HAVE["shakespeare"], reason="Shakespeare text not fetched (scripts/fetch_data.sh)")
 def test_real_shakespeare_roles():
-    ds = T.load_shakespeare(min_lines=64)
+    ds = corpora.load_shakespeare(min_lines=64)
     roles = ds.group_counts()
     assert 300 <= len(roles) <= 450 and len(ds) > 80_000
     assert "THE TRAGEDY OF HAMLET, PRINCE OF DENMARK/Ham" in roles and "THE TRAGEDY OF OTHELLO, MOOR OF VENICE/IAGO" in roles

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pf2lora import config, lora, metrics
+from pf2lora import config, lora, metrics, plan
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
 from pf2lora.errors import UserError
-from pf2lora.tasks import build_task
+from pf2lora.plan import build_task
 
 WORDS = (
     "good great fine nice love best fun happy bad awful poor sad hate worst dull boring movie film "
@@ -105,7 +105,7 @@ def gen_jsonl(tmp_path_factory) -> Path:
 
 
 def cls_cfg(model: Path, data: Path, *extra: str):
-    return config.load(None, [
+    return plan.load(None, [
         'task.kind="text-classification"', f'task.model="{model}"', 'task.dataset="csv"', f'task.data_path="{data}"',
         'task.group_column="client"', "task.num_clients=3", "task.test_fraction=0.3", "task.max_length=16",
         "batch_size=8", "local_steps=2", "rounds=1", "lora.rank=2", "lora.alpha=2.0", "lora.private_rank=1",
@@ -114,7 +114,7 @@ def cls_cfg(model: Path, data: Path, *extra: str):
 
 
 def gen_cfg(model: Path, data: Path, *extra: str):
-    return config.load(None, [
+    return plan.load(None, [
         'task.kind="generation"', f'task.model="{model}"', 'task.dataset="jsonl"', f'task.data_path="{data}"',
         'task.text_column="src"', 'task.target_column="tgt"', 'task.group_column="who"', "task.num_clients=2",
         "task.max_length=16", "task.eval_generate=4", "task.max_new_tokens=5", "batch_size=4", "local_steps=1",
@@ -193,6 +193,18 @@ def test_classification_task_builds(cls_task):
     b = {k: v[:4] for k, v in t.clients[0].train.items()}
     width = int(b["attention_mask"].sum(1).max())
     assert t.model_inputs(b)["input_ids"].shape == (4, width) < (4, 16)
+
+
+def test_attention_follows_the_methods_need_for_double_backward(tiny_bert, cls_csv):
+    """A method that differentiates through gradients gets eager attention (SDPA's fused kernels
+    cannot double-backward on CPU); first-order methods keep the default."""
+    exact = cls_cfg(tiny_bert, cls_csv, 'methods=["homlora", "pf2lora"]', "pf2lora.estimator=exact")
+    first_order = cls_cfg(tiny_bert, cls_csv, 'methods=["homlora", "pf2lora"]', "pf2lora.estimator=finite-difference")
+    assert plan.double_backward(exact) and not plan.double_backward(first_order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_task(exact).model.config._attn_implementation == "eager"
+        assert build_task(first_order).model.config._attn_implementation != "eager"
 
 
 def test_classification_head_loss_and_metrics(cls_task):
@@ -308,9 +320,9 @@ def test_bad_inputs_are_one_line_user_errors(tiny_bert, cls_csv, tmp_path):
     msg = _one_line_error(lambda: build_task(cls_cfg(tiny_bert, cls_csv, 'task.groups=["a","z"]', "task.num_clients=2")))
     assert "'z'" in msg
     # config-level checks
-    assert "needs task.data_path" in _one_line_error(lambda: config.load(None, ['task.kind="text-classification"', 'task.dataset="csv"']))
+    assert "needs task.data_path" in _one_line_error(lambda: plan.load(None, ['task.kind="text-classification"', 'task.dataset="csv"']))
     assert "not a text-classification data set" in _one_line_error(
-        lambda: config.load(None, ['task.kind="text-classification"', 'task.dataset="shakespeare"']))
+        lambda: plan.load(None, ['task.kind="text-classification"', 'task.dataset="shakespeare"']))
     assert "needs class labels" in _one_line_error(lambda: config.load(None, ['task.kind="generation"', 'task.partition="dirichlet"']))
     assert "model directory" in _one_line_error(lambda: build_task(cls_cfg(tmp_path / "no_model", cls_csv)))
 
@@ -435,7 +447,7 @@ def test_shipped_configs_load():
     assert {"vader_domains", "vader_demo", "vader_compare", "rt_similarity", "rt_compare", "wordnet_topics",
             "wordnet_nlg", "shakespeare"} <= names
     for path in paths:
-        cfg = config.load(path)
+        cfg = plan.load(path)
         assert cfg.task.kind in ("text-classification", "generation", "synthetic"), path.name
         if cfg.task.kind != "synthetic":
             assert cfg.num_threads == 0, path.name  # text configs use every core unless told otherwise
@@ -476,7 +488,7 @@ def test_wordnet_nlg_config_end_to_end(tmp_path):
     if not _assets_ready("SmolLM2-135M"):
         pytest.skip("models or data not fetched (make assets)")
     root = Path(__file__).resolve().parents[1]
-    cfg = config.load(root / "configs/wordnet_nlg.toml", [
+    cfg = plan.load(root / "configs/wordnet_nlg.toml", [
         'methods=["homlora"]', "rounds=1", "local_steps=1", "batch_size=2", "task.num_clients=2",
         'task.groups=["noun.plant", "verb.change"]',
         "task.train_samples=4", "task.test_samples=2", "task.eval_generate=1", "task.max_new_tokens=4",
@@ -503,7 +515,7 @@ def test_other_shipped_configs_end_to_end(name, overrides, model):
     if not _assets_ready(model):
         pytest.skip("models or data not fetched (make assets)")
     root = Path(__file__).resolve().parents[1]
-    cfg = config.load(root / f"configs/{name}.toml", [
+    cfg = plan.load(root / f"configs/{name}.toml", [
         'methods=["pf2lora"]', "rounds=1", "local_steps=1", "task.train_samples=16", "task.test_samples=4",
         "checkpoint=false", *overrides,
     ])

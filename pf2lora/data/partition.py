@@ -1,7 +1,7 @@
 """Splitting a data set among clients: i.i.d., Dirichlet label skew, SCAFFOLD's s-similarity, natural groups.
 
 A :data:`Partition` maps a client id to the sorted indices of its examples (into a
-:class:`~pf2lora.data.text.TextDataset` or any label list). Every partitioner is deterministic
+:class:`~pf2lora.data.dataset.TextDataset` or any label list). Every partitioner is deterministic
 given its ``seed`` (its own ``numpy`` generator, untouched by global random state) and refuses to
 return a client without examples: that is a one-line :class:`~pf2lora.errors.UserError` naming
 the client. :func:`train_test_split_per_client` and :func:`subsample` then cut each client's share.

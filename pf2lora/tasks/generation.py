@@ -4,7 +4,8 @@ The model is ``AutoModelForCausalLM`` for ``task.model`` (default SmolLM2-135M; 
 Face directory or hub name), frozen, with LoRA on the architecture's default projections (Llama:
 q_proj, v_proj). Nothing else is trained (no head).
 
-Data (``task.dataset``), each example a prompt and a target:
+Data (``task.dataset``, see :mod:`pf2lora.data.catalogue`, which also says how an example reads
+as a prompt and a target), each example a prompt and a target:
 
 * ``wordnet-definitions``: ``"bank (noun):"`` -> ``" sloping land beside a body of water"``,
   clients by WordNet topic (lexicographer file: noun.artifact, verb.motion ...);
@@ -27,31 +28,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from pf2lora import lora, metrics, models
-from pf2lora import state as st
-from pf2lora.config import RunConfig, text_dataset
-from pf2lora.data.text import TextDataset
-from pf2lora.tasks.base import Batch, ClientData, Task
-from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, load_dataset, padded_width, warn_truncated
+from pf2lora import metrics, models
+from pf2lora.config import RunConfig
+from pf2lora.data.dataset import TextDataset
+from pf2lora.tasks.base import Batch
+from pf2lora.tasks.text_base import TextTask
+from pf2lora.tasks.text_data import padded_width
 
 IGNORE = -100
-EVAL_CHUNK = 64
 GENERATE_CHUNK = 32
 DEFAULT_MODEL = models.SMOL
-
-
-def prompt_and_target(dataset: str, text: str, target: str) -> tuple[str, str]:
-    """The strings a data set's example is tokenised from (the target follows the prompt directly)."""
-    if dataset == "wordnet-definitions":
-        return f"{text}:", f" {target}"
-    return f"{text}\n", target
 
 
 def encode(
@@ -67,56 +59,35 @@ def encode(
     return full[len(full) - p_keep :], t[: max_length - p_keep], full, True
 
 
-class GenerationTask(Task):
+class GenerationTask(TextTask):
     """A frozen pretrained causal LM with LoRA, generating each client's kind of text."""
 
     primary_metric = "loss"
     higher_is_better = False
     table_columns = ("loss", "perplexity", "bleu", "rouge_l", "global_loss")
+    default_model = DEFAULT_MODEL
+    data_kind = "generation"
+    truncated_what = "examples (prompt + target)"
 
-    def __init__(self, cfg: RunConfig):
-        tc = cfg.task
-        self.cfg = cfg
-        self.model_name = tc.model.strip() or DEFAULT_MODEL
-        self.dataset_name = text_dataset(tc)
-        self.max_length = tc.max_length
-        self.eval_generate = tc.eval_generate
-        self.max_new_tokens = tc.max_new_tokens
-        ds: TextDataset = load_dataset(tc)
-        if ds.targets is None:  # pragma: no cover - the loaders of this kind always give targets
-            raise ValueError(f"{ds.name} has no targets")
-        self.splits: Splits = client_splits(ds, tc)
-        self.name = f"generation:{self.dataset_name}"
+    def __init__(self, cfg: RunConfig, *, double_backward: bool = False):
+        self.eval_generate = cfg.task.eval_generate
+        self.max_new_tokens = cfg.task.max_new_tokens
+        super().__init__(cfg, double_backward=double_backward)
 
-        self.tok = models.load_tokenizer(self.model_name)
-        self.model = models.load_causal_lm(self.model_name)
-        if cfg.pf2lora.estimator == "exact" and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("eager")  # double backward through SDPA fails on CPU
-        self.model.eval()
+    def _use_dataset(self, ds: TextDataset) -> None:
+        self._references = ds.targets
+
+    def _load_model(self) -> torch.nn.Module:
+        return models.load_causal_lm(self.model_name)
+
+    def _prepare_model(self) -> None:
         eos = self.tok.eos_token_id
         if eos is None:
             raise ValueError(f"the tokenizer of {self.model_name} has no end-of-sequence token")
         self.eos = int(eos)
         self.pad = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else eos)
-        targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
-        self.targets = lora.inject(self.model, targets, {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
 
-        self._references = ds.targets
-        self.clients = []
-        cut = total = 0
-        for cs in self.splits.clients:
-            parts: dict[str, Batch] = {}
-            for split, idx in (("train", cs.train), ("test", cs.test)):
-                parts[split], n_cut = self._tensors(ds, idx)
-                cut += n_cut
-                total += len(idx)
-            info: dict[str, Any] = {"train_indices": cs.train, "test_indices": cs.test}
-            if cs.group is not None:
-                info["group"] = cs.group
-            self.clients.append(ClientData(cs.client_id, parts["train"], parts["test"], info=info))
-        self.truncation = warn_truncated(cut, total, tc.max_length, "examples (prompt + target)")
-
-    def _tensors(self, ds: TextDataset, idx: list[int]) -> tuple[Batch, int]:
+    def _encode(self, ds: TextDataset, idx: list[int]) -> tuple[Batch, int]:
         L = self.max_length
         n = len(idx)
         input_ids = torch.full((n, L), self.pad, dtype=torch.long)
@@ -126,7 +97,7 @@ class GenerationTask(Task):
         prompt_mask = torch.zeros((n, L), dtype=torch.long)
         cut = 0
         for row, i in enumerate(idx):
-            prompt, target = prompt_and_target(self.dataset_name, ds.text[i], ds.targets[i])  # type: ignore[index]
+            prompt, target = self.dataset.prompt_and_target(ds.text[i], ds.targets[i])  # type: ignore[index]
             p, t, full, was_cut = encode(self.tok, prompt, target, L, self.eos)
             cut += was_cut
             seq = p + t
@@ -169,7 +140,7 @@ class GenerationTask(Task):
             return {}
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        for _, chunk in length_sorted_chunks(data, EVAL_CHUNK):
+        for _, chunk in self.eval_chunks(data):
             s, c = self._token_losses(params, chunk)
             total += float(s)
             count += int(c)
@@ -225,28 +196,12 @@ class GenerationTask(Task):
             texts.append(self.tok.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def report_notes(self) -> list[str]:
-        sizes = ", ".join(f"{c.client_id} {c.num_train}/{c.num_test}" for c in self.clients)
-        notes = [
-            f"{self.name}: {self.model_name} ({self.model.config.num_hidden_layers} layers, hidden "
-            f"{self.model.config.hidden_size}), LoRA on {', '.join(sorted({t.path.rsplit('.', 1)[-1] for t in self.targets}))}; "
-            f"max_length {self.max_length}; loss = next-token cross-entropy of the target tokens only.",
-            *self.splits.notes,
-            f"Train/test examples per client: {sizes}.",
-            f"bleu (sacrebleu corpus BLEU) and rouge_l (ROUGE-L F1 x 100) score greedy decodes of at most "
-            f"{self.max_new_tokens} tokens for the first {self.eval_generate} test examples of each client.",
-        ]
-        groups = {c.client_id: c.info["group"] for c in self.clients if "group" in c.info}
-        if groups:
-            notes.append("Client groups: " + "; ".join(f"{cid} = {g}" for cid, g in groups.items()) + ".")
-        if self.truncation:
-            notes.append(self.truncation + ".")
-        return notes
+    def _model_note(self) -> str:
+        return f"max_length {self.max_length}; loss = next-token cross-entropy of the target tokens only."
 
-    def write_figures(self, out_dir: str | Path) -> list[str]:
-        """No task-specific figure for generation (the method is here so callers need not check)."""
-        return []
-
+    def _metrics_note(self) -> str:
+        return (f"bleu (sacrebleu corpus BLEU) and rouge_l (ROUGE-L F1 x 100) score greedy decodes of at most "
+                f"{self.max_new_tokens} tokens for the first {self.eval_generate} test examples of each client.")
 
 def _register() -> None:
     from pf2lora.tasks import register_task

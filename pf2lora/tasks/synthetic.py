@@ -43,7 +43,8 @@ class SyntheticRankTask(Task):
     higher_is_better = False
     table_columns = ("test_mse", "rank_matched", "effective_rank", "common_rel_error", "private_norm", "global_test_mse")
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, *, double_backward: bool = False):
+        """``double_backward`` needs nothing here: a linear layer supports it."""
         tc = cfg.task
         self.name = "synthetic-rank"
         self.threshold = cfg.eval.rank_threshold

@@ -8,8 +8,9 @@ ONNX export lacks) are the trained *head*: methods get them from :meth:`init_hea
 keep them private (``lora.head``).
 
 Data: ``task.dataset`` (VADER's 4 domains, Rotten Tomatoes, WordNet noun topics, a GLUE task
-folder, or your own CSV/TSV/JSONL), dealt to clients by ``task.partition`` (see
-:mod:`pf2lora.tasks.text_data`). Each client's examples are tokenised once, padded to
+folder, or your own CSV/TSV/JSONL; see :mod:`pf2lora.data.catalogue`), dealt to clients by
+``task.partition`` (see :mod:`pf2lora.tasks.text_data`; the loading and dealing the text tasks share
+is :class:`~pf2lora.tasks.text_base.TextTask`). Each client's examples are tokenised once, padded to
 ``task.max_length`` (longer texts are cut; how many is counted and warned about once); a batch is
 trimmed to its longest example before the forward pass, so padding costs nothing.
 
@@ -27,15 +28,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pf2lora import lora, metrics, models
+from pf2lora import metrics, models
 from pf2lora import state as st
-from pf2lora.config import RunConfig, text_dataset
+from pf2lora.config import RunConfig
 from pf2lora.data import partition as part
+from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
-from pf2lora.tasks.base import Batch, ClientData, Task
-from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, load_dataset, trim, warn_truncated
+from pf2lora.tasks.base import Batch, ClientData
+from pf2lora.tasks.text_base import TextTask
+from pf2lora.tasks.text_data import trim
 
-EVAL_CHUNK = 64
 DEFAULT_MODEL = models.L6
 
 
@@ -84,33 +86,31 @@ def tokenize(tok: Any, text: list[str], pair: list[str] | None, max_length: int)
     return out, cut
 
 
-class TextClassificationTask(Task):
+class TextClassificationTask(TextTask):
     """A frozen pretrained encoder with LoRA, classifying real heterogeneous text per client."""
 
     primary_metric = "accuracy"
     higher_is_better = True
     table_columns = ("accuracy", "macro_f1", "balanced_accuracy", "global_accuracy")
     reference = ("majority_accuracy", "majority class (reference)")
+    default_model = DEFAULT_MODEL
+    data_kind = "classification"
 
-    def __init__(self, cfg: RunConfig):
-        tc = cfg.task
-        self.cfg = cfg
-        self.model_name = tc.model.strip() or DEFAULT_MODEL
-        self.dataset_name = text_dataset(tc)
-        self.max_length = tc.max_length
-        ds = load_dataset(tc)
-        if ds.labels is None:  # pragma: no cover - the loaders of this kind always give labels
-            raise ValueError(f"{ds.name} has no labels")
-        self.splits: Splits = client_splits(ds, tc)
+    def __init__(self, cfg: RunConfig, *, double_backward: bool = False):
+        super().__init__(cfg, double_backward=double_backward)
+        self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in self.head_names}
+
+    def _use_dataset(self, ds: TextDataset) -> None:
         self.label_names = list(ds.label_names or [])
         self.num_labels = len(self.label_names)
-        self.name = f"text-classification:{self.dataset_name}"
+        self._labels = ds.labels
+        self._label_tensor = torch.tensor(ds.labels, dtype=torch.long)
 
-        tok = models.load_tokenizer(self.model_name)
-        self.model = models.load_classifier(self.model_name, self.num_labels, seed=tc.data_seed)
-        if cfg.pf2lora.estimator == "exact" and hasattr(self.model, "set_attn_implementation"):
-            self.model.set_attn_implementation("eager")  # double backward through SDPA fails on CPU
-        self.model.eval()
+    def _load_model(self) -> torch.nn.Module:
+        return models.load_classifier(self.model_name, self.num_labels, seed=self.cfg.task.data_seed)
+
+    def _prepare_model(self) -> None:
+        """The trained head: what the checkpoint did not provide (read before LoRA renames layers)."""
         try:  # the model directory (for a hub name: its cached snapshot, present once loaded)
             model_dir: Path | None = models.resolve_model(self.model_name)
         except UserError:
@@ -119,34 +119,18 @@ class TextClassificationTask(Task):
         if not self.head_names:
             self.head_names = [n for n, _ in self.model.named_parameters() if n.startswith("classifier.")]
         self.init_std = float(getattr(self.model.config, "initializer_range", 0.02))
-        targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
-        self.targets = lora.inject(self.model, targets, {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
-        self._shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in self.head_names}
 
-        labels = torch.tensor(ds.labels, dtype=torch.long)
-        self.clients = []
-        cut = total = 0
-        for cs in self.splits.clients:
-            parts: dict[str, Batch] = {}
-            for split, idx in (("train", cs.train), ("test", cs.test)):
-                texts = [ds.text[i] for i in idx]
-                pairs = [ds.text_pair[i] for i in idx] if ds.text_pair is not None else None
-                enc, n_cut = tokenize(tok, texts, pairs, tc.max_length)
-                cut += n_cut
-                total += len(idx)
-                enc["labels"] = labels[torch.tensor(idx, dtype=torch.long)]
-                parts[split] = enc
-            majority, maj_acc = metrics.majority_accuracy(parts["train"]["labels"], parts["test"]["labels"], self.num_labels)
-            counts = torch.bincount(parts["train"]["labels"], minlength=self.num_labels).tolist()
-            info = {
-                "majority_label": self.label_names[majority], "majority_accuracy": maj_acc,
-                "train_label_counts": counts, "train_indices": cs.train, "test_indices": cs.test,
-            }
-            if cs.group is not None:
-                info["group"] = cs.group
-            self.clients.append(ClientData(cs.client_id, parts["train"], parts["test"], info=info))
-        self.truncation = warn_truncated(cut, total, tc.max_length)
-        self._labels = ds.labels
+    def _encode(self, ds: TextDataset, idx: list[int]) -> tuple[Batch, int]:
+        texts = [ds.text[i] for i in idx]
+        pairs = [ds.text_pair[i] for i in idx] if ds.text_pair is not None else None
+        enc, cut = tokenize(self.tok, texts, pairs, self.max_length)
+        enc["labels"] = self._label_tensor[torch.tensor(idx, dtype=torch.long)]
+        return enc, cut
+
+    def _client_info(self, parts: dict[str, Batch]) -> dict[str, Any]:
+        majority, maj_acc = metrics.majority_accuracy(parts["train"]["labels"], parts["test"]["labels"], self.num_labels)
+        counts = torch.bincount(parts["train"]["labels"], minlength=self.num_labels).tolist()
+        return {"majority_label": self.label_names[majority], "majority_accuracy": maj_acc, "train_label_counts": counts}
 
     # -- the Task interface ----------------------------------------------------------------------
 
@@ -166,7 +150,7 @@ class TextClassificationTask(Task):
         n = len(labels)
         if n == 0:
             return {}
-        chunks = [(idx, self.logits(params, chunk)) for idx, chunk in length_sorted_chunks(data, EVAL_CHUNK)]
+        chunks = [(idx, self.logits(params, chunk)) for idx, chunk in self.eval_chunks(data)]
         logits = torch.empty(n, chunks[0][1].shape[-1])
         for idx, part in chunks:
             logits[idx] = part
@@ -195,23 +179,15 @@ class TextClassificationTask(Task):
     ) -> dict[str, float | None]:
         return {"majority_accuracy": client.info.get("majority_accuracy")}
 
-    def report_notes(self) -> list[str]:
-        sizes = ", ".join(f"{c.client_id} {c.num_train}/{c.num_test}" for c in self.clients)
-        notes = [
-            f"{self.name}: {self.model_name} ({self.model.config.num_hidden_layers} layers, hidden "
-            f"{self.model.config.hidden_size}), LoRA on {', '.join(sorted({t.path.rsplit('.', 1)[-1] for t in self.targets}))}; "
-            f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}.",
-            *self.splits.notes,
-            f"Train/test examples per client: {sizes}.",
-            "majority_accuracy: always predicting the client's majority training label (the floor to beat); "
-            "mcc is the Matthews correlation (CoLA's metric).",
-        ]
-        groups = {c.client_id: c.info["group"] for c in self.clients if "group" in c.info}
-        if groups and any(cid.split("_")[0] != g.lower() for cid, g in groups.items()):
-            notes.append("Client groups: " + "; ".join(f"{cid} = {g}" for cid, g in groups.items()) + ".")
-        if self.truncation:
-            notes.append(self.truncation + ".")
-        return notes
+    def _model_note(self) -> str:
+        return f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}."
+
+    def _metrics_note(self) -> str:
+        return ("majority_accuracy: always predicting the client's majority training label (the floor to beat); "
+                "mcc is the Matthews correlation (CoLA's metric).")
+
+    def _groups_need_note(self, groups: dict[str, str]) -> bool:
+        return any(cid.split("_")[0] != g.lower() for cid, g in groups.items())
 
     def write_figures(self, out_dir: str | Path) -> list[str]:
         """``label_distribution.png`` (training labels per client) in ``out_dir``; the file names

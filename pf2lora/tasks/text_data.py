@@ -1,8 +1,8 @@
-"""What the real-language tasks share: load ``task.dataset``, deal it to clients, cut and cap splits.
+"""How the real-language tasks deal a data set to clients, cut and cap the splits, and batch text.
 
-Both :mod:`pf2lora.tasks.text_classification` and :mod:`pf2lora.tasks.generation` call
-:func:`client_splits`, which returns, per client, the indices of its training and test examples in
-the loaded :class:`~pf2lora.data.text.TextDataset`:
+:class:`~pf2lora.tasks.text_base.TextTask` calls :func:`client_splits`, which returns, per client,
+the indices of its training and test examples in the loaded
+:class:`~pf2lora.data.dataset.TextDataset` (:func:`pf2lora.data.catalogue.load`):
 
 1. partition the whole data set (``task.partition``: natural groups, Dirichlet label skew,
    s-similarity or i.i.d.; seeded by ``task.data_seed``);
@@ -22,19 +22,16 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pf2lora.config import TaskConfig, text_dataset
+from pf2lora.config import TaskConfig
+from pf2lora.data import catalogue
 from pf2lora.data import partition as part
-from pf2lora.data import text as tx
+from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 from pf2lora.tasks.base import Batch
-
-WORDNET_NOUN_TOPICS_DROPPED = ("noun.Tops",)
-"""noun.Tops holds WordNet's 51 unique beginners (entity, abstraction ...), not a topic."""
 
 
 @dataclass
@@ -48,66 +45,9 @@ class ClientSplit:
 
 @dataclass
 class Splits:
-    dataset: tx.TextDataset
+    dataset: TextDataset
     clients: list[ClientSplit]
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def _path(tc: TaskConfig) -> Path | None:
-    raw = tc.data_path.strip()
-    return Path(raw).expanduser() if raw else None
-
-
-def wordnet_noun_topics(root: Path | None) -> tx.TextDataset:
-    """Noun definitions -> their lexicographer topic: the 25 noun topics (noun.Tops dropped)."""
-    ds = tx.load_wordnet_topics(root)
-    names = ds.label_names or []
-    keep_names = [n for n in names if n.startswith("noun.") and n not in WORDNET_NOUN_TOPICS_DROPPED]
-    new_index = {names.index(n): i for i, n in enumerate(keep_names)}
-    idx = [i for i, y in enumerate(ds.labels or []) if y in new_index]
-    sub = ds.subset(idx, name="wordnet_noun_topics")
-    sub.labels = [new_index[y] for y in sub.labels or []]
-    sub.label_names = keep_names
-    return sub
-
-
-def load_dataset(tc: TaskConfig) -> tx.TextDataset:
-    """The data set ``task.dataset`` names, from ``task.data_path`` or the fetched cache."""
-    name = text_dataset(tc)
-    path = _path(tc)
-    if name == "vader":
-        return tx.load_vader(None, path)
-    if name == "rotten-tomatoes":
-        return tx.load_rotten_tomatoes(path)
-    if name == "wordnet-topics":
-        return wordnet_noun_topics(path)
-    if name.startswith("glue-"):
-        return tx.load_glue(name[len("glue-"):], path)  # type: ignore[arg-type]
-    if name == "wordnet-definitions":
-        return tx.load_wordnet_definitions(path)
-    if name == "shakespeare":
-        return tx.load_shakespeare(path, mode="line", context_lines=1)
-    if name == "e2e":
-        return tx.load_e2e(path, group_attr=tc.group_column.strip() or None)  # type: ignore[arg-type]
-    if name == "webnlg":
-        return tx.load_webnlg(path)  # type: ignore[arg-type]
-    if name in ("csv", "tsv", "jsonl"):
-        classification = tc.kind == "text-classification"
-        return tx.load_table(
-            path,  # type: ignore[arg-type]
-            text=tc.text_column,
-            text_pair=tc.text_pair_column.strip() or None,
-            label=tc.label_column if classification else None,
-            target=None if classification else tc.target_column,
-            client=tc.group_column.strip() or None,
-            label_names=list(tc.label_names) or None,
-            format=name,
-        )
-    raise UserError(f"unknown data set {tc.dataset!r}")  # config validation lists the choices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +65,12 @@ def _group_id(group: str) -> str:
     return slug(group.rsplit("/", 1)[-1] if "/" in group else group)
 
 
-def choose_groups(ds: tx.TextDataset, tc: TaskConfig) -> list[str]:
+def choose_groups(ds: TextDataset, tc: TaskConfig) -> list[str]:
     """``task.groups`` (checked), else the ``num_clients / clients_per_group`` largest groups."""
     if ds.groups is None:
         raise UserError(
             f"natural partition: {ds.name} has no natural client column"
-            + ("; set task.group_column" if text_dataset(tc) in ("csv", "tsv", "jsonl", "e2e") else "; use another task.partition")
+            + ("; set task.group_column" if catalogue.resolve(tc).group_column else "; use another task.partition")
         )
     counts = ds.group_counts()
     what = ds.group_name or "group"
@@ -157,7 +97,7 @@ def _caps(tc: TaskConfig, k: int) -> list[int]:
     return [int(evenly[i]) for i in order]
 
 
-def client_splits(ds: tx.TextDataset, tc: TaskConfig) -> Splits:
+def client_splits(ds: TextDataset, tc: TaskConfig) -> Splits:
     """Partition ``ds`` among clients, then cut and cap each client's train and test split."""
     seed = tc.data_seed
     groups_of: dict[str, str] = {}

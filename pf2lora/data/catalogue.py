@@ -1,0 +1,185 @@
+"""The data catalogue: every data set a text task can load, in one table (:data:`CATALOGUE`).
+
+A row names the data set (``task.dataset``), its loader, the task kinds it serves, whether it
+needs ``task.data_path`` (users' files; the fetched corpora read the cache unless given one) and
+its aliases. Everything that needs data-set names reads this table: config validation
+(:func:`check`, called by :func:`pf2lora.plan.validate`), the text tasks' loading (:func:`load`),
+the error that lists the choices, and the docs (:func:`describe`). Adding a data set is adding a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pf2lora.config import TaskConfig
+from pf2lora.data import corpora, user_files
+from pf2lora.data.dataset import TextDataset
+from pf2lora.errors import UserError
+
+CLASSIFICATION = "text-classification"
+GENERATION = "generation"
+KINDS = (CLASSIFICATION, GENERATION)
+"""The task kinds that load a data set from the catalogue (``task.kind``)."""
+
+Loader = Callable[[TaskConfig, Path | None], TextDataset]
+"""(the task's config, ``task.data_path`` or None) -> the data set."""
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """One row of the catalogue."""
+
+    name: str
+    """What ``task.dataset`` says (lower case, words joined by ``-``)."""
+    load: Loader
+    kinds: tuple[str, ...]
+    """Task kinds it serves: classification needs labels, generation targets."""
+    needs_path: bool
+    """True for users' files (nothing fetched): ``task.data_path`` is required."""
+    path_is: Literal["file", "folder"] = "file"
+    """What ``task.data_path`` names, for messages."""
+    aliases: tuple[str, ...] = ()
+    user_columns: bool = False
+    """A user's own table: ``task.text_column`` etc. name its columns."""
+    group_column: bool = False
+    """``task.group_column`` chooses its natural clients (a column, or E2E's slot)."""
+    prompt_end: str = "\n"
+    """Generation: what ends the prompt, e.g. ``"bank (noun)"`` + ``":"``."""
+    target_start: str = ""
+    """Generation: what starts the target (it follows the prompt directly)."""
+    about: str = ""
+    """One line for the docs."""
+
+    def prompt_and_target(self, text: str, target: str) -> tuple[str, str]:
+        """The strings a generation example is tokenised from."""
+        return f"{text}{self.prompt_end}", f"{self.target_start}{target}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders that read the task's settings
+
+
+def _table(fmt: str) -> Loader:
+    def load_table(tc: TaskConfig, path: Path | None) -> TextDataset:
+        classification = tc.kind == CLASSIFICATION
+        return user_files.load_table(
+            path,  # type: ignore[arg-type]  # check() makes it required
+            text=tc.text_column,
+            text_pair=tc.text_pair_column.strip() or None,
+            label=tc.label_column if classification else None,
+            target=None if classification else tc.target_column,
+            client=tc.group_column.strip() or None,
+            label_names=list(tc.label_names) or None,
+            format=fmt,
+        )
+
+    return load_table
+
+
+def _glue(task: str) -> Loader:
+    return lambda tc, path: user_files.load_glue(task, path)  # type: ignore[arg-type]
+
+
+CATALOGUE: tuple[DataSet, ...] = (
+    # -- fetched corpora (scripts/fetch_data.sh) ------------------------------------------------
+    DataSet("vader", lambda tc, path: corpora.load_vader(None, path), (CLASSIFICATION,), needs_path=False,
+            path_is="folder", about="VADER's human-rated sentiment, 4 domains (movie, tweet, amazon, nyt)"),
+    DataSet("rotten-tomatoes", lambda tc, path: corpora.load_rotten_tomatoes(path), (CLASSIFICATION,),
+            needs_path=False, about="Rotten Tomatoes fresh/rotten review snippets, grouped by movie"),
+    DataSet("wordnet-topics", lambda tc, path: corpora.load_wordnet_noun_topics(path), (CLASSIFICATION,),
+            needs_path=False, path_is="folder", about="WordNet noun definitions -> their topic (25 noun topics)"),
+    # -- users' files: GLUE task folders ----------------------------------------------------------
+    *(
+        DataSet(f"glue-{t}", _glue(t), (CLASSIFICATION,), needs_path=True, path_is="folder",
+                aliases=("glue-sst-2",) if t == "sst2" else (), about=f"GLUE {t.upper()} (its folder of the official TSVs)")
+        for t in user_files.GLUE
+    ),
+    # -- fetched corpora for generation -----------------------------------------------------------
+    DataSet("wordnet-definitions", lambda tc, path: corpora.load_wordnet_definitions(path), (GENERATION,),
+            needs_path=False, path_is="folder", prompt_end=":", target_start=" ",
+            about='WordNet "word (pos):" -> its definition, grouped by topic'),
+    DataSet("shakespeare", lambda tc, path: corpora.load_shakespeare(path, mode="line", context_lines=1),
+            (GENERATION,), needs_path=False, about="the line spoken before -> a role's next line, grouped by role"),
+    # -- users' files -----------------------------------------------------------------------------
+    DataSet("e2e", lambda tc, path: user_files.load_e2e(path, group_attr=tc.group_column.strip() or None),  # type: ignore[arg-type]
+            (GENERATION,), needs_path=True, group_column=True, about="E2E NLG meaning representation -> reference"),
+    DataSet("webnlg", lambda tc, path: user_files.load_webnlg(path), (GENERATION,), needs_path=True,  # type: ignore[arg-type]
+            about="WebNLG triples -> lexicalisation, grouped by category"),
+    *(
+        DataSet(fmt, _table(fmt), KINDS, needs_path=True, aliases=("ndjson",) if fmt == "jsonl" else (),
+                user_columns=True, group_column=True, about=f"your own {fmt.upper()} file (columns: task.*_column)")
+        for fmt in ("csv", "tsv", "jsonl")
+    ),
+)
+"""Every data set, in the order error messages and docs list them."""
+
+DEFAULTS: dict[str, str] = {CLASSIFICATION: "vader", GENERATION: "wordnet-definitions"}
+"""The data set of each kind when ``task.dataset`` is empty."""
+
+_BY_NAME: dict[str, DataSet] = {n: d for d in CATALOGUE for n in (d.name, *d.aliases)}
+assert len(_BY_NAME) == sum(1 + len(d.aliases) for d in CATALOGUE), "a data-set name or alias is used twice"
+assert all(_BY_NAME[n].name == n and k in _BY_NAME[n].kinds for k, n in DEFAULTS.items())
+
+
+def choices(kind: str) -> list[str]:
+    """The data sets of a task kind, in catalogue order."""
+    return [d.name for d in CATALOGUE if kind in d.kinds]
+
+
+def requested(tc: TaskConfig) -> str:
+    """``task.dataset`` as written, normalised (lower case, ``_`` -> ``-``), or the kind's default."""
+    return tc.dataset.strip().lower().replace("_", "-") or DEFAULTS[tc.kind]
+
+
+def resolve(tc: TaskConfig) -> DataSet:
+    """The catalogue's row for ``task.dataset`` (aliases resolved)."""
+    entry = _BY_NAME.get(requested(tc))
+    if entry is None or tc.kind not in entry.kinds:
+        raise UserError(f"key 'task.dataset': {tc.dataset!r} is not a {tc.kind} data set (choose from {', '.join(choices(tc.kind))})")
+    return entry
+
+
+def _problem(tc: TaskConfig) -> str | None:
+    """Why the task could not load its data set (unknown for its kind, no ``task.data_path``
+    where one is needed, an unnamed column), or None."""
+    try:
+        entry = resolve(tc)
+    except UserError as e:
+        return str(e)
+    if entry.needs_path and not tc.data_path.strip():
+        return f"task.dataset = {entry.name!r} needs task.data_path (the data {entry.path_is})"
+    if entry.user_columns:
+        for key, kinds in (("text_column", KINDS), ("label_column", (CLASSIFICATION,)), ("target_column", (GENERATION,))):
+            if tc.kind in kinds and not getattr(tc, key).strip():
+                return f"task.{key} must name a column"
+    return None
+
+
+def check(tc: TaskConfig, source: str) -> None:
+    """A one-line :class:`UserError` naming ``source`` when the task could not load its data set;
+    task kinds that load none pass."""
+    if tc.kind in KINDS and (problem := _problem(tc)):
+        raise UserError(f"{source}: {problem}")
+
+
+def load(tc: TaskConfig) -> TextDataset:
+    """The data set ``task.dataset`` names, from ``task.data_path`` or the fetched cache."""
+    if problem := _problem(tc):  # a config that skipped plan.validate
+        raise UserError(problem)
+    raw = tc.data_path.strip()
+    return resolve(tc).load(tc, Path(raw).expanduser() if raw else None)
+
+
+def describe() -> list[str]:
+    """One line per data set, for the docs: name, kinds, whether it needs task.data_path, aliases."""
+    width = max(len(d.name) for d in CATALOGUE)
+    rows = []
+    for d in CATALOGUE:
+        where = f"task.data_path = its {d.path_is} (required)" if d.needs_path else f"fetched (make assets) or task.data_path = its {d.path_is}"
+        alias = f"; also {', '.join(d.aliases)}" if d.aliases else ""
+        default = "; default" if any(DEFAULTS[k] == d.name for k in d.kinds) else ""
+        rows.append(f"{d.name:<{width}}  {'/'.join(d.kinds)}: {d.about}; {where}{alias}{default}")
+    return rows

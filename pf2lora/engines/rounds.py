@@ -192,11 +192,16 @@ def common_adapter(personal: st.Tensors) -> dict[str, torch.Tensor]:
 
     A method whose adapter A is private (local-only) has no common part.
     """
-    suffix = f".{lora.COMMON}"
-    shared_a = any(st.role_of(k) == st.SHARED and ".lora_A." in k and k.endswith(suffix) for k in personal)
-    if not shared_a:
+    common = {k: v for k, v in personal.items() if lora.is_adapter(k) and _adapter_of(k) == lora.COMMON}
+    if not any(st.has_role(k, st.SHARED) and lora.is_a(k) for k in common):
         return {}
-    return {st.path_of(k): v for k, v in personal.items() if ".lora_" in k and k.endswith(suffix)}
+    return {st.path_of(k): v for k, v in common.items()}
+
+
+def _adapter_of(key: str) -> str | None:
+    """The adapter name (``common`` / ``private``) of a LoRA tensor's key."""
+    parts = lora.split_path(key)
+    return None if parts is None else parts[2]
 
 
 def mean_of(clients: dict[str, dict[str, Any]], metric: str) -> float:

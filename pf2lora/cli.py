@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -135,6 +136,12 @@ def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> lis
         raise UserError(str(e)) from None
 
 
+TEST_HOLD_ENV = "PF2LORA_TEST_HOLD_AFTER"
+"""Test-only: ``METHOD:ROUND``. A local run holds (sleeps until signalled) right after that round is
+checkpointed and says so on stderr, so a test can Ctrl-C or kill it at a known state instead of
+racing it. Never set by pf2lora itself; unset, it costs one string comparison per round."""
+
+
 def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) -> list | None:  # noqa: ANN001
     """The in-process engine with per-round checkpoints; None when interrupted (Ctrl-C)."""
     from dataclasses import asdict
@@ -146,9 +153,15 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
     completed: list[dict] = list(saved["completed"])
     current: dict | None = saved["current"]
 
+    hold = os.environ.get(TEST_HOLD_ENV, "")
+
     def on_state(state: RunState) -> None:
         if cfg.checkpoint:
             checkpoint.save(out, {"completed": completed, "current": asdict(state), "metrics_lines": lines})
+        if hold and hold == f"{state.method}:{state.round}":  # test-only, see TEST_HOLD_ENV
+            print(f"pf2lora: holding after {hold} ({TEST_HOLD_ENV})", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
 
     done = {r["method"] for r in completed}
     running = ""

@@ -321,13 +321,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _validate(cfg: RunConfig, source: str) -> None:
-    from pf2lora.methods import registry  # late: methods import config
-
+    """Checks that need only the config; those that need the methods, the data catalogue or the
+    SecAgg+ rules are :func:`pf2lora.plan.validate`."""
     if not cfg.methods:
         raise UserError(f"{source}: key 'methods' must name at least one method")
-    for m in cfg.methods:
-        if m not in registry():
-            raise UserError(f"{source}: unknown method {m!r} (known: {', '.join(sorted(registry()))})")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise UserError(f"{source}: key 'methods' lists a method twice: {cfg.methods}")
     if any(r < 0 for r in cfg.task.private_ranks) or not cfg.task.private_ranks:
@@ -342,10 +339,6 @@ def _validate(cfg: RunConfig, source: str) -> None:
         raise UserError(f"{source}: task.shared_rank + max(task.private_ranks) exceeds task.dim")
     if cfg.task.kind in ("text-classification", "generation"):
         _validate_text_clients(cfg.task, source)
-    if cfg.server.secure_aggregation:
-        from pf2lora.secagg import check_config
-
-        check_config(cfg, source)
 
 
 def _validate_text_clients(tc: TaskConfig, source: str) -> None:

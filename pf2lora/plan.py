@@ -1,30 +1,34 @@
 """The run plan: checks that span modules, and the task built for the methods that will train on it.
 
 :mod:`pf2lora.config` checks each key on its own (types, ranges) and imports nothing else of
-pf2lora; what needs another module's knowledge (is ``task.dataset`` in the data catalogue? does a
-method need double backward?) is decided here, in one place, before anything is built.
+pf2lora; what needs another module's knowledge (is a method registered? is ``task.dataset`` in the
+data catalogue? may these methods be secure-aggregated? does a method need double backward?) is
+decided here, in one place, before anything is built. The CLI, the benchmarks and the engines
+load configs and build tasks through this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from pf2lora import config
+from pf2lora import config, secagg, tasks
 from pf2lora.config import RunConfig
-
-if TYPE_CHECKING:
-    from pf2lora.tasks import Task
+from pf2lora.data import catalogue
+from pf2lora.errors import UserError
+from pf2lora.methods import registry
+from pf2lora.tasks import Task
 
 
 def validate(cfg: RunConfig, source: str = "config") -> None:
     """One-line :class:`~pf2lora.errors.UserError` (naming ``source``) for a config that no single
     section can judge on its own."""
-    from pf2lora.data import catalogue
-
+    methods = registry()
+    for m in cfg.methods:
+        if m not in methods:
+            raise UserError(f"{source}: unknown method {m!r} (known: {', '.join(sorted(methods))})")
     catalogue.check(cfg.task, source)
-    # The method and SecAgg checks (known methods, which configs SecAgg+ accepts) belong here too.
+    secagg.check_config(cfg, [m for m in cfg.methods if not methods[m].plain_mean_aggregation], source)
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -37,20 +41,11 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
 
 def double_backward(cfg: RunConfig) -> bool:
     """Whether any method of the run differentiates through a gradient (its class says so)."""
-    from pf2lora.methods import registry
-
     methods = registry()
-    for name in cfg.methods:
-        # getattr: Method.needs_double_backward is being added alongside; a plain call once it is in.
-        needs = getattr(methods[name], "needs_double_backward", None)
-        if needs is not None and needs(cfg):
-            return True
-    return False
+    return any(methods[name].needs_double_backward(cfg) for name in cfg.methods)
 
 
 def build_task(cfg: RunConfig) -> Task:
     """The task of ``cfg``, set up for the methods that will train on it (e.g. eager attention
     when one needs double backward)."""
-    from pf2lora import tasks
-
     return tasks.build_task(cfg, double_backward=double_backward(cfg))

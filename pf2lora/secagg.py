@@ -18,12 +18,8 @@ needs the individual uploads:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
+from pf2lora.config import RunConfig
 from pf2lora.errors import UserError
-
-if TYPE_CHECKING:
-    from pf2lora.config import RunConfig
 
 MODULUS_RANGE = 2**32
 """Flower's default mask modulus: the masked sums live in Z / 2**32."""
@@ -49,14 +45,13 @@ def reconstruction_threshold(cfg: RunConfig) -> int | float:
     return _count_or_fraction(cfg.server.secagg_reconstruction_threshold)
 
 
-def check_config(cfg: RunConfig, source: str = "config") -> None:
-    """Raise :class:`UserError` (one line) if ``cfg`` asks for secure aggregation where it cannot run."""
-    from pf2lora.methods import registry  # late: methods import config
-
+def check_config(cfg: RunConfig, not_plain_mean: Sequence[str], source: str = "config") -> None:
+    """Raise :class:`UserError` (one line) if ``cfg`` asks for secure aggregation where it cannot
+    run. ``not_plain_mean``: the run's methods that do not declare ``plain_mean_aggregation``."""
     if not cfg.server.secure_aggregation:
         return
     where = f"{source}: server.secure_aggregation = true"
-    bad = [m for m in cfg.methods if not registry()[m].plain_mean_aggregation]
+    bad = list(not_plain_mean)
     if bad:
         raise UserError(
             f"{where} needs methods whose aggregation is a plain weighted mean of the uploads (the server sees only that "

@@ -27,7 +27,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from pf2lora import lora, robust
+from pf2lora import lora, privacy, robust
 from pf2lora import state as st
 from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
@@ -165,8 +165,6 @@ class Method(ABC):
         DP act on each client's change from it. Per ``cfg.server``: client-level DP (clip, uniform
         mean, Gaussian noise), else optional norm clipping then the mean, median or trimmed mean.
         """
-        from pf2lora import privacy
-
         sc = self.cfg.server
         ref = None
         if reference is not None:

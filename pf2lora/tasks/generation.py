@@ -37,6 +37,7 @@ from torch.func import functional_call
 from pf2lora import metrics, models
 from pf2lora.config import RunConfig
 from pf2lora.data.dataset import TextDataset
+from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch
 from pf2lora.tasks.text_base import TextTask
 from pf2lora.tasks.text_data import padded_width
@@ -59,6 +60,7 @@ def encode(
     return full[len(full) - p_keep :], t[: max_length - p_keep], full, True
 
 
+@register_task("generation")
 class GenerationTask(TextTask):
     """A frozen pretrained causal LM with LoRA, generating each client's kind of text."""
 
@@ -202,11 +204,3 @@ class GenerationTask(TextTask):
     def _metrics_note(self) -> str:
         return (f"bleu (sacrebleu corpus BLEU) and rouge_l (ROUGE-L F1 x 100) score greedy decodes of at most "
                 f"{self.max_new_tokens} tokens for the first {self.eval_generate} test examples of each client.")
-
-def _register() -> None:
-    from pf2lora.tasks import register_task
-
-    register_task("generation")(GenerationTask)
-
-
-_register()

@@ -16,6 +16,7 @@ from torch import nn
 
 from pf2lora import lora
 from pf2lora.config import RunConfig
+from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData, Task
 
 
@@ -38,6 +39,7 @@ def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int | None, l
     return int((s > threshold * s[0]).sum()), s.tolist()
 
 
+@register_task("synthetic")
 class SyntheticRankTask(Task):
     primary_metric = "test_mse"
     higher_is_better = False
@@ -119,12 +121,3 @@ class SyntheticRankTask(Task):
             "common_rel_error = ||common part - true shared component||_F / ||true shared component||_F; "
             "private_norm = ||learned update - common part||_F.",
         ]
-
-
-def _register() -> None:
-    from pf2lora.tasks import register_task
-
-    register_task("synthetic")(SyntheticRankTask)
-
-
-_register()

@@ -34,6 +34,7 @@ from pf2lora.config import RunConfig
 from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
+from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData
 from pf2lora.tasks.text_base import TextTask
 from pf2lora.tasks.text_data import trim
@@ -86,6 +87,7 @@ def tokenize(tok: Any, text: list[str], pair: list[str] | None, max_length: int)
     return out, cut
 
 
+@register_task("text-classification")
 class TextClassificationTask(TextTask):
     """A frozen pretrained encoder with LoRA, classifying real heterogeneous text per client."""
 
@@ -203,12 +205,3 @@ class TextClassificationTask(TextTask):
             warnings.warn(f"label distribution figure not written: {type(e).__name__}: {e}", stacklevel=2)
             return []
         return [name]
-
-
-def _register() -> None:
-    from pf2lora.tasks import register_task
-
-    register_task("text-classification")(TextClassificationTask)
-
-
-_register()

@@ -36,6 +36,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.config import RunConfig
+from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData, Task
 
 PAD, CLS = 0, 1
@@ -56,6 +57,7 @@ def _label_distribution(num_labels: int, g: torch.Generator) -> torch.Tensor:
     return 0.5 / num_labels + 0.5 * (edges[1:] - edges[:-1])
 
 
+@register_task("tiny-text")
 class TinyTextTask(Task):
     """A frozen tiny random BERT with LoRA, classifying the synthetic language above.
 
@@ -208,12 +210,3 @@ def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float
             continue
         scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
-
-
-def _register() -> None:
-    from pf2lora.tasks import register_task
-
-    register_task("tiny-text")(TinyTextTask)
-
-
-_register()

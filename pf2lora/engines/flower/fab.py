@@ -28,9 +28,9 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
     folder = Path(folder)
 
     def load_cfg() -> Any:
-        from pf2lora import config
+        from pf2lora import plan
 
-        return config.load(folder / "run.toml")
+        return plan.load(folder / "run.toml")
 
     settings = json.loads((folder / "settings.json").read_text())
     result_path = settings.get("result_path") or ""
@@ -43,7 +43,7 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
         import torch
 
         from pf2lora.engines.flower.server import FlowerServer
-        from pf2lora.tasks import build_task
+        from pf2lora.plan import build_task
 
         try:
             cfg = load_cfg()

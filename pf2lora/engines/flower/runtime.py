@@ -49,7 +49,7 @@ from pf2lora.engines.rounds import (
 )
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientState, ClientUpdate, Method
-from pf2lora.tasks import build_task
+from pf2lora.plan import build_task
 from pf2lora.tasks.base import ClientData, Task
 
 _TASKS: dict[str, Task] = {}

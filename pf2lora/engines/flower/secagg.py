@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pf2lora import secagg
+from pf2lora.robust import validate_update
 from pf2lora.engines.flower import env, transport
 from pf2lora.engines.flower.channel import Channel
 from pf2lora.engines.flower.common import FlowerEngineError
@@ -104,8 +105,6 @@ def fitins_of(content: RecordDict) -> tuple[dict[str, Any], dict[str, torch.Tens
 def check_upload(upload: Mapping[str, torch.Tensor], spec: Mapping[str, tuple], keys: Sequence[str], clipping_range: float) -> str | None:
     """The client's own check of its upload before masking (the server cannot see it): the
     expected keys and shapes, finite, inside [-clipping_range, clipping_range]. None if fine."""
-    from pf2lora.robust import validate_update
-
     if list(keys) != sorted(spec):
         return "the server's upload key order does not match this client's upload spec"
     reason = validate_update(upload, spec, dtype=None)

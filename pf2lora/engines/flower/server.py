@@ -37,6 +37,7 @@ from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, MalformedReply, TrainIns, TrainReply
 from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, injected_fault, num_bytes
 from pf2lora.methods import registry
+from pf2lora.plan import build_task
 from pf2lora.methods.base import ClientUpdate
 from pf2lora.tasks.base import Task
 
@@ -253,8 +254,6 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from pf2lora.tasks import build_task
-
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         try:

@@ -20,7 +20,8 @@ env.apply()
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.server import ReplyHook, RoundCallback, ServerHook, make_server_app
-from pf2lora.engines.rounds import MethodResult
+from pf2lora.engines.rounds import MethodResult, RoundFailure
+from pf2lora.plan import build_task
 from pf2lora.tasks.base import Task
 
 
@@ -40,8 +41,6 @@ def run_flower_sim(
     from flwr.simulation import run_simulation
 
     if task is None:
-        from pf2lora.tasks import build_task
-
         task = build_task(cfg)
     results: list[MethodResult] = []
     errors: list[BaseException] = []
@@ -78,8 +77,6 @@ def run_flower_sim(
         if isinstance(e, KeyboardInterrupt):
             raise e
         cause = e.__cause__ or e
-        from pf2lora.engines.rounds import RoundFailure
-
         if isinstance(cause, (RoundFailure, FlowerEngineError)):
             raise cause
         raise FlowerEngineError(f"flower-sim failed: {type(cause).__name__}: {cause}") from e

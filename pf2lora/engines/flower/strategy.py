@@ -37,6 +37,7 @@ from pf2lora.engines.flower.messages import claimed_client
 from pf2lora.engines.flower.server import FlowerServer, Sent
 from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, mean_of
 from pf2lora.methods import registry
+from pf2lora.plan import build_task
 from pf2lora.tasks.base import Task
 
 log = logging.getLogger("pf2lora.flower")
@@ -71,8 +72,6 @@ class MethodStrategy(Strategy):
         if cfg.server.secure_aggregation:
             raise ValueError("MethodStrategy does not do server.secure_aggregation; run it with pf2lora run --engine flower-sim|flower-deploy")
         if task is None:
-            from pf2lora.tasks import build_task
-
             task = build_task(cfg)
         self.cfg, self.task = cfg, task
         self.run = MethodRun(cfg, task, registry()[method](cfg, task), on_round=on_round, hold_clients=False)

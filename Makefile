@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets demo demo-synthetic test bench clean
+.PHONY: install assets demo demo-synthetic test test-fast bench clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ demo-synthetic: $(STAMP)
 
 test: $(STAMP) $(ASSETS)
 	$(PY) -m pytest -q
+
+# The suite without the long integration tests (@pytest.mark.slow: Flower's runtimes, long runs).
+test-fast: $(STAMP) $(ASSETS)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py

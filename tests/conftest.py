@@ -1,16 +1,34 @@
-"""Shared fixtures: a tiny synthetic configuration every core test can afford to run many times."""
+"""Shared fixtures and helpers: a tiny synthetic configuration every core test can afford to run
+many times, the CLI as a subprocess, run-directory readers, and waiting on a subprocess for a state
+(a line it prints, a file it writes), never for a fixed time."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-from pf2lora import config
+from pf2lora import config, plan
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.engines.rounds import client_context as engine_context
 from pf2lora.methods import ClientContext, registry
 from pf2lora.tasks.synthetic import SyntheticRankTask
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH_CFG = str(ROOT / "configs" / "synthetic_rank.toml")
+EXE = Path(sys.executable).with_name("pf2lora")
+"""The installed ``pf2lora`` console script of this interpreter's environment."""
 
 # Tiny models run fastest on one thread, and the suite must stay fast on two cores.
 torch.set_num_threads(1)
@@ -38,7 +56,7 @@ ALL_METHODS = sorted(registry())
 
 def small_cfg(*overrides: str) -> RunConfig:
     """The tiny config with ``overrides`` applied after it (later keys win)."""
-    return config.load(None, [*SMALL, *overrides])
+    return plan.load(None, [*SMALL, *overrides])  # as the CLI loads: every cross-module check too
 
 
 def small_task(*overrides: str) -> tuple[RunConfig, SyntheticRankTask]:
@@ -79,3 +97,90 @@ def record_client_updates(monkeypatch, cls, calls: list[dict]) -> None:
         return update, new_state
 
     monkeypatch.setattr(cls, "client_update", wrapper)
+
+
+# -- the CLI as a subprocess, and its run directory ---------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``pf2lora ARGS`` (the installed console script) to completion, output captured as text."""
+    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run directory, one dict per line (per method and round)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def methods_override(names) -> str:
+    """``methods=["a","b"]``: the --set / override that selects ``names``."""
+    return "methods=[" + ",".join(f'"{n}"' for n in names) + "]"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- waiting on a subprocess for a state, never for a fixed time --------------------------------
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
+             proc: subprocess.Popen | None = None, poll: float = 0.05) -> object:
+    """Poll ``condition()`` until it is truthy and return it; fail with ``what`` after ``timeout``
+    seconds (a generous bound for a hung run, not a timing assumption) or as soon as ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            pytest.fail(f"the process exited ({proc.returncode}) before {what}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read ``proc.stderr`` line by line until a line contains ``needle``; the lines read.
+
+    Fails when the process closes stderr (exits) first; a watchdog kills it after ``timeout``."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    seen: list[str] = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if needle in line:
+                return seen
+    finally:
+        watchdog.cancel()
+    proc.wait()
+    pytest.fail(f"the process exited ({proc.returncode}) without printing {needle!r}: {''.join(seen)[-2000:]}")
+
+
+HOLD_ENV = "PF2LORA_TEST_HOLD_AFTER"  # = pf2lora.cli.TEST_HOLD_ENV (a test-only hook)
+
+
+def start_run_holding(args: list[str], hold: str, timeout: float = 120) -> subprocess.Popen:
+    """``python -m pf2lora.cli run ARGS`` in a subprocess, returned once it holds after ``hold``
+    (``METHOD:ROUND``, checkpointed; see ``pf2lora.cli.TEST_HOLD_ENV``): signal it at a known state.
+    It cannot finish meanwhile, however fast the machine. stderr stays a pipe for ``communicate``."""
+    env = {**os.environ, HOLD_ENV: hold}
+    cmd = [sys.executable, "-m", "pf2lora.cli", "run", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_line(proc, f"holding after {hold}", timeout)
+    except BaseException:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
 
 import torch
-from conftest import ALL_METHODS, small_task
+from conftest import ALL_METHODS, SYNTH_CFG, free_port, methods_override, read_summary, small_task, wait_for
 
 from pf2lora import state as st
 from pf2lora.engines.flower import FlowerEngineError
@@ -29,10 +29,6 @@ from pf2lora.engines.local import LocalEngine, RoundFailure
 from pf2lora.engines.rounds import mean_of
 
 TINY = ("rounds=2", "task.num_clients=3", "task.private_ranks=[0,1,2]", "num_threads=1")
-
-
-def _methods(names) -> str:
-    return "methods=[" + ",".join(f'"{n}"' for n in names) + "]"
 
 
 def _local(cfg, task):
@@ -67,16 +63,16 @@ def _assert_close(a, b, tol=1e-5):
 
 
 def test_every_method_matches_the_local_engine(tmp_path):
-    cfg, task = small_task(*TINY, _methods(ALL_METHODS), "eval.every=1", "client_fraction=0.7")
+    cfg, task = small_task(*TINY, methods_override(ALL_METHODS), "eval.every=1", "client_fraction=0.7")
     for a, b in zip(_local(cfg, task), _inprocess(cfg, task, tmp_path), strict=True):
         assert a.rounds == b.rounds, a.method
         _assert_close(a.clients, b.clients, tol=0.0)  # the same float operations: bit for bit
 
 
 @pytest.mark.parametrize("overrides", [
-    (_methods(["pf2lora", "hetlora", "fdlora"]), "task.num_clients=6", "seed=5", "client_fraction=0.8",
+    (methods_override(["pf2lora", "hetlora", "fdlora"]), "task.num_clients=6", "seed=5", "client_fraction=0.8",
      "faults.dropout_prob=0.15", "faults.crash_prob=0.15"),
-    (_methods(["centralized", "perfedavg"]), "client_fraction=0.7"),
+    (methods_override(["centralized", "perfedavg"]), "client_fraction=0.7"),
 ])
 def test_method_strategy_through_flowers_own_start_gives_the_local_numbers(tmp_path, overrides):
     """MethodStrategy is Flower's typed Strategy interface over the same round code: Flower's own
@@ -120,7 +116,7 @@ def test_method_strategy_refuses_secure_aggregation():
     ('faults.poison_clients=["client_0"]', "faults.poison=scale", "server.clip_norm=0.5", "server.aggregator=trimmed-mean"),
 ])
 def test_faults_and_robust_aggregation_match_the_local_engine(tmp_path, overrides):
-    cfg, task = small_task(*TINY, _methods(["pf2lora", "hetlora", "flexlora"]), *overrides)
+    cfg, task = small_task(*TINY, methods_override(["pf2lora", "hetlora", "flexlora"]), *overrides)
     for a, b in zip(_local(cfg, task), _inprocess(cfg, task, tmp_path), strict=True):
         assert a.rounds == b.rounds and a.clients == b.clients and a.privacy == b.privacy, a.method
         assert _faults(a) == _faults(b)
@@ -129,7 +125,7 @@ def test_faults_and_robust_aggregation_match_the_local_engine(tmp_path, override
 def test_a_restarted_node_keeps_its_private_state(tmp_path):
     """A fresh ClientApp (a new process, as a deployed SuperNode runs one per message) for every
     message: the private state lives on disk, so the numbers do not change."""
-    cfg, task = small_task(*TINY, "rounds=3", _methods(["pf2lora", "hetlora"]))
+    cfg, task = small_task(*TINY, "rounds=3", methods_override(["pf2lora", "hetlora"]))
 
     class FreshAppGrid(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -168,7 +164,7 @@ class TamperingGrid(InProcessGrid):
 def test_the_server_rejects_private_keys_wrong_shapes_and_nan_and_carries_on(tmp_path):
     import numpy as np
 
-    cfg, task = small_task(*TINY, "rounds=4", _methods(["pf2lora", "hetlora"]))
+    cfg, task = small_task(*TINY, "rounds=4", methods_override(["pf2lora", "hetlora"]))
 
     def leak(a):
         return {**a, "private:proj.lora_A.private": np.zeros((1, 8), np.float32)}
@@ -197,7 +193,7 @@ def test_the_server_rejects_private_keys_wrong_shapes_and_nan_and_carries_on(tmp
         assert all(math.isfinite(m["test_mse"]) for m in result.clients.values())
 
     # min_clients is enforced on what survives validation
-    cfg3, task3 = small_task(*TINY, _methods(["pf2lora"]), "server.min_clients=3")
+    cfg3, task3 = small_task(*TINY, methods_override(["pf2lora"]), "server.min_clients=3")
     with pytest.raises(RoundFailure, match="fewer than server.min_clients = 3"):
         _inprocess(cfg3, task3, tmp_path / "b", lambda app: TamperingGrid(app, 3, {(1, "client_1"): nan}))
 
@@ -207,10 +203,10 @@ def test_a_rejected_upload_leaves_the_client_state_at_its_last_good_round(tmp_pa
     client poisoned (whose state also never advances)."""
     import numpy as np
 
-    cfg, task = small_task(*TINY, "rounds=3", _methods(["pf2lora"]))
+    cfg, task = small_task(*TINY, "rounds=3", methods_override(["pf2lora"]))
     attacks = {(r, "client_1"): (lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}) for r in (1, 2, 3)}
     flower = _inprocess(cfg, task, tmp_path, lambda app: TamperingGrid(app, len(task.clients), attacks))
-    cfg_p, _ = small_task(*TINY, "rounds=3", _methods(["pf2lora"]), 'faults.poison_clients=["client_1"]')
+    cfg_p, _ = small_task(*TINY, "rounds=3", methods_override(["pf2lora"]), 'faults.poison_clients=["client_1"]')
     (local,) = _local(cfg_p, task)
     assert flower[0].clients == local.clients
 
@@ -218,7 +214,7 @@ def test_a_rejected_upload_leaves_the_client_state_at_its_last_good_round(tmp_pa
 def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatch):
     """client_0 trains in round 2 but its reply never arrives: the same numbers as a local run in
     which client_0 crashed in round 2 (its state stays at round 1)."""
-    cfg, task = small_task(*TINY, "rounds=3", _methods(["pf2lora"]))
+    cfg, task = small_task(*TINY, "rounds=3", methods_override(["pf2lora"]))
 
     class Lossy(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -253,7 +249,7 @@ def test_the_client_gate_stops_a_private_tensor_before_it_leaves(tmp_path, monke
         return update, new_state
 
     monkeypatch.setattr(PF2LoRA, "client_update", leaky)
-    cfg, task = small_task(*TINY, _methods(["pf2lora"]))
+    cfg, task = small_task(*TINY, methods_override(["pf2lora"]))
     received: list = []
 
     class Recording(InProcessGrid):
@@ -301,9 +297,7 @@ def test_deploy_errors_are_one_line(tmp_path):
         busy = s.getsockname()[1]
         with pytest.raises(FlowerEngineError, match=f"port {busy} on 127.0.0.1 is in use"):
             run_flower_deploy(cfg, port=busy, workdir=tmp_path / "a")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     with pytest.raises(FlowerEngineError, match=f"cannot reach a SuperLink at 127.0.0.1:{free}"):
         run_flower_deploy(cfg, superlink=f"127.0.0.1:{free}", workdir=tmp_path / "b")
     with pytest.raises(FlowerEngineError, match="expected HOST:PORT"):
@@ -319,6 +313,7 @@ def _live_children() -> list[int]:
     return [p for p in alive(descendants([os.getpid()])) if p != os.getpid()]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # Ray's notice about accelerator env vars
 def test_flower_sim_matches_local_and_only_shared_tensors_travel():
     """Flower's simulation runtime (Ray), pf2lora and hetlora (heterogeneous ranks), client_2
@@ -326,7 +321,7 @@ def test_flower_sim_matches_local_and_only_shared_tensors_travel():
     received holds only shared tensors, client_2 is rejected each round and the run carries on."""
     from pf2lora.engines.flower import run_flower_sim
 
-    cfg, task = small_task(*TINY, _methods(["pf2lora", "hetlora"]), 'faults.poison_clients=["client_2"]')
+    cfg, task = small_task(*TINY, methods_override(["pf2lora", "hetlora"]), 'faults.poison_clients=["client_2"]')
     before = set(_live_children())
     replies: list = []
     flower = run_flower_sim(cfg, task, on_reply=lambda kind, msg: replies.append((kind, msg)), num_cpus=2)
@@ -344,9 +339,10 @@ def test_flower_sim_matches_local_and_only_shared_tensors_travel():
         assert keys and all(k.startswith(st.SHARED + ":") for k in keys), keys
     ranks = {tuple(m.content["arrays"][k].shape) for m in train for k in m.content["arrays"] if ".lora_A." in k}
     assert len(ranks) > 1  # hetlora's clients uploaded different ranks
-    assert set(_live_children()) <= before  # Ray is shut down
+    wait_for(lambda: set(_live_children()) <= before, "Ray's processes to exit")  # Ray is shut down
 
 
+@pytest.mark.slow
 def test_method_strategy_on_flowers_simulation_runtime(tmp_path):
     """MethodStrategy in a user's own ServerApp on Flower's simulation runtime (Ray): per-round
     records and per-client metrics equal the local engine's, a pooled method included (its
@@ -357,7 +353,7 @@ def test_method_strategy_on_flowers_simulation_runtime(tmp_path):
 
     from pf2lora.engines.flower import MethodStrategy
 
-    cfg, task = small_task(*TINY, _methods(["pf2lora", "centralized"]), "eval.every=1", "client_fraction=0.7")
+    cfg, task = small_task(*TINY, methods_override(["pf2lora", "centralized"]), "eval.every=1", "client_fraction=0.7")
     got: dict = {}
     app = ServerApp()
 
@@ -381,14 +377,14 @@ def test_method_strategy_on_flowers_simulation_runtime(tmp_path):
         mine = got[local.method]
         assert mine.rounds == local.rounds, local.method
         _assert_close(local.clients, mine.clients, tol=0.0)
-    assert set(_live_children()) <= before
+    wait_for(lambda: set(_live_children()) <= before, "Ray's processes to exit")
 
 
 @pytest.mark.slow
 def test_flower_deploy_on_loopback_matches_local_and_leaves_no_process(tmp_path):
     from pf2lora.engines.flower.deploy import alive, run_flower_deploy
 
-    cfg, task = small_task(*TINY, "task.num_clients=2", "task.private_ranks=[0,1]", _methods(["pf2lora"]))
+    cfg, task = small_task(*TINY, "task.num_clients=2", "task.private_ranks=[0,1]", methods_override(["pf2lora"]))
     started: list[int] = []
     rounds: list[dict] = []
     (flower,) = run_flower_deploy(cfg, on_round=rounds.append, started=started, workdir=tmp_path, timeout_s=300)
@@ -397,25 +393,22 @@ def test_flower_deploy_on_loopback_matches_local_and_leaves_no_process(tmp_path)
     assert rounds == flower.rounds and len(rounds) == 2
     assert [r["train_loss"] for r in local.rounds] == pytest.approx([r["train_loss"] for r in flower.rounds], rel=1e-5)
     assert len(started) >= 4  # flwr run, SuperLink, 2 SuperNodes (and what they started)
-    assert alive(started) == []
+    wait_for(lambda: alive(started) == [], f"the started processes to exit: {alive(started)}")
 
 
+@pytest.mark.slow
 def test_cli_flower_sim_gives_the_local_summary(tmp_path):
     """`pf2lora run ... --engine flower-sim` writes the same summary.json as `--engine local`."""
-    import json
-    from pathlib import Path
-
     from pf2lora.cli import main
 
-    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_rank.toml")
-    common = ["run", cfg, "--quiet", "--set", "rounds=2", "--set", "task.num_clients=2", "--set", "task.dim=8",
+    common = ["run", SYNTH_CFG, "--quiet", "--set", "rounds=2", "--set", "task.num_clients=2", "--set", "task.dim=8",
               "--set", "task.shared_rank=2", "--set", "task.private_ranks=[0,1]", "--set", "task.train_samples=32",
               "--set", "task.test_samples=32", "--set", "lora.rank=2", "--set", "lora.alpha=2.0",
               "--set", "lora.private_rank=1", "--set", "lora.private_alpha=1.0", "--set", 'methods=["pf2lora","hetlora"]']
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     assert main([*common, "--engine", "flower-sim", "--out", str(tmp_path / "sim")]) == 0
-    a = json.loads((tmp_path / "local" / "summary.json").read_text())
-    b = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    a = read_summary(tmp_path / "local")
+    b = read_summary(tmp_path / "sim")
     assert b["engine"] == "flower-sim"
     for name in ("pf2lora", "hetlora"):
         for cid, metrics in a["methods"][name]["clients"].items():
@@ -426,12 +419,9 @@ def test_cli_flower_sim_gives_the_local_summary(tmp_path):
 
 @pytest.mark.parametrize("args", [["--engine", "nope"], ["--superlink", "127.0.0.1:1"]])
 def test_cli_engine_errors_are_one_line(tmp_path, capsys, args):
-    from pathlib import Path
-
     from pf2lora.cli import main
 
-    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_rank.toml")
-    assert main(["run", cfg, *args, "--out", str(tmp_path / "x")]) == 2
+    assert main(["run", SYNTH_CFG, *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("engine" in err[0] or "superlink" in err[0])
     assert not (tmp_path / "x").exists()

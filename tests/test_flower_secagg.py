@@ -12,14 +12,13 @@ test runs Flower's simulation runtime (Ray).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
 
 import torch
-from conftest import small_task
+from conftest import SYNTH_CFG, methods_override, small_task
 
 from pf2lora import secagg as sa
 from pf2lora import state as st
@@ -37,10 +36,6 @@ TINY = ("rounds=3", "task.num_clients=3", "task.private_ranks=[0,1,2]", "num_thr
 SECURE = "server.secure_aggregation=true"
 PLAIN_MEAN = sorted(n for n, cls in registry().items() if cls.plain_mean_aggregation)
 C, Q = 8.0, 2**22  # the defaults of server.secagg_clipping_range / secagg_quantization_range
-
-
-def _methods(names) -> str:
-    return "methods=[" + ",".join(f'"{n}"' for n in names) + "]"
 
 
 def _plain(cfg):
@@ -113,7 +108,7 @@ def _check_means(means, cfg):
 
 def test_secagg_mean_equals_the_plain_mean_of_the_same_uploads_for_every_plain_mean_method(tmp_path, monkeypatch):
     methods = [m for m in PLAIN_MEAN if m != "local"]
-    cfg, task = small_task(*TINY, _methods(methods), SECURE)
+    cfg, task = small_task(*TINY, methods_override(methods), SECURE)
     server, results, means = _secure_run(cfg, task, tmp_path, monkeypatch)
     assert {name for name, _ in means} == set(methods) and len(means) == len(methods) * cfg.rounds
     worst = _check_means(means, cfg)
@@ -143,7 +138,7 @@ def test_secagg_mean_equals_the_plain_mean_of_the_same_uploads_for_every_plain_m
 
 
 def test_a_client_crash_is_a_secagg_dropout_and_the_rest_are_averaged(tmp_path, monkeypatch):
-    cfg, task = small_task(*TINY, "task.num_clients=4", "rounds=4", "seed=1", _methods(["pf2lora"]), SECURE,
+    cfg, task = small_task(*TINY, "task.num_clients=4", "rounds=4", "seed=1", methods_override(["pf2lora"]), SECURE,
                            "faults.crash_prob=0.25", "faults.dropout_prob=0.1")
     _, (b,), means = _secure_run(cfg, task, tmp_path, monkeypatch)
     a = LocalEngine(_plain(cfg), task, progress=False).run("pf2lora")
@@ -158,7 +153,7 @@ def test_a_client_crash_is_a_secagg_dropout_and_the_rest_are_averaged(tmp_path, 
 def test_a_malformed_masked_vector_fails_the_round_loudly(tmp_path):
     """A client quantizing a NaN (an attacker: the honest checks are skipped for poison_clients)
     corrupts the masked sum; the server cannot tell whose it was, but the mean leaves [-c, c]."""
-    cfg, task = small_task(*TINY, _methods(["homlora"]), SECURE, 'faults.poison_clients=["client_1"]')
+    cfg, task = small_task(*TINY, methods_override(["homlora"]), SECURE, 'faults.poison_clients=["client_1"]')
     register_task(cfg, task)
     with pytest.raises(RoundFailure, match="0 client update.*rejected: \\['client_0', 'client_1', 'client_2'\\]"):
         FlowerServer(cfg, task, InProcessGrid(make_client_app(cfg, tmp_path), 3)).run()
@@ -169,7 +164,7 @@ def test_a_malformed_masked_vector_fails_the_round_loudly(tmp_path):
 
 
 def test_a_value_outside_the_clipping_range_drops_that_client(tmp_path):
-    cfg, task = small_task(*TINY, "rounds=1", _methods(["homlora"]), SECURE, "server.secagg_clipping_range=1e-4")
+    cfg, task = small_task(*TINY, "rounds=1", methods_override(["homlora"]), SECURE, "server.secagg_clipping_range=1e-4")
     register_task(cfg, task)
     replies = []
     with pytest.raises(RoundFailure, match="crashed: \\['client_0', 'client_1', 'client_2'\\]"):
@@ -182,7 +177,7 @@ def test_a_value_outside_the_clipping_range_drops_that_client(tmp_path):
 def test_a_client_never_sends_its_upload_in_the_clear(tmp_path):
     """A server asking for a plain upload (secure aggregation off on its side) gets errors from
     clients whose config turns it on."""
-    cfg, task = small_task(*TINY, _methods(["pf2lora"]), SECURE)
+    cfg, task = small_task(*TINY, methods_override(["pf2lora"]), SECURE)
     register_task(cfg, task)
     plain = _plain(cfg)
     replies = []
@@ -196,9 +191,9 @@ def test_a_client_never_sends_its_upload_in_the_clear(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    ((_methods(["pf2lora", "hetlora"]),), "not: hetlora"),
-    ((_methods(["flexlora"]),), "not: flexlora"),
-    ((_methods(["centralized"]),), "not: centralized"),
+    ((methods_override(["pf2lora", "hetlora"]),), "not: hetlora"),
+    ((methods_override(["flexlora"]),), "not: flexlora"),
+    ((methods_override(["centralized"]),), "not: centralized"),
     (("server.aggregator=median",), "server.aggregator = 'median'"),
     (("server.aggregator=trimmed-mean",), "server.aggregator = 'trimmed-mean'"),
     (("server.clip_norm=0.5",), "server.clip_norm"),
@@ -219,7 +214,7 @@ def test_secure_aggregation_refuses_what_needs_individual_uploads(overrides, mat
 
 
 def test_the_defaults_and_every_plain_mean_method_load():
-    cfg, _ = small_task(*TINY, SECURE, _methods(PLAIN_MEAN))
+    cfg, _ = small_task(*TINY, SECURE, methods_override(PLAIN_MEAN))
     assert cfg.server.secure_aggregation and sa.num_shares(cfg) == 1.0 and sa.reconstruction_threshold(cfg) == 0.7
     assert {"hetlora", "flexlora", "centralized"}.isdisjoint(PLAIN_MEAN)
 
@@ -238,8 +233,7 @@ def test_the_local_engine_refuses_secure_aggregation():
 def test_cli_refusals_are_one_line(tmp_path, capsys, extra, match):
     from pf2lora.cli import main
 
-    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_rank.toml")
-    assert main(["run", cfg, "--set", SECURE, *extra, "--out", str(tmp_path / "x")]) == 2
+    assert main(["run", SYNTH_CFG, "--set", SECURE, *extra, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "secure_aggregation" in err[0] and match.split(" ")[0] in err[0], err
     assert not (tmp_path / "x").exists()
@@ -262,7 +256,7 @@ def test_flower_sim_secagg_equals_the_plain_mean_run():
     to 1e-4; no reply the server received carries a tensor in the clear."""
     from pf2lora.engines.flower import run_flower_sim
 
-    cfg, task = small_task(*TINY, "rounds=2", _methods(["pf2lora", "homlora"]), SECURE)
+    cfg, task = small_task(*TINY, "rounds=2", methods_override(["pf2lora", "homlora"]), SECURE)
     servers: dict[tuple, dict] = {}
     replies: list = []
     flower = run_flower_sim(cfg, task, num_cpus=2, on_server=lambda m, r, s: servers.__setitem__((m, r), s),

@@ -4,23 +4,19 @@ a full disk. These drive the real CLI (in-process or as a subprocess) on a small
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SYNTH_CFG as CFG
+from conftest import read_metrics, read_summary, start_run_holding
 from pf2lora import checkpoint
 from pf2lora.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-CFG = str(ROOT / "configs" / "synthetic_rank.toml")
 SMALL = [
     "--set", "task.train_samples=64", "--set", "task.test_samples=64", "--set", "task.dim=8",
     "--set", "task.shared_rank=2", "--set", "task.private_ranks=[0,1]", "--set", "task.num_clients=4",
@@ -31,7 +27,7 @@ SMALL = [
 
 def _summary_metrics(path: Path) -> dict:
     """summary.json without what legitimately differs between runs (wall time, machine)."""
-    s = json.loads((path / "summary.json").read_text())
+    s = read_summary(path)
     s.pop("machine", None)
     for m in s["methods"].values():
         m.pop("wall_time_s", None)
@@ -57,6 +53,7 @@ def _run(args: list[str]) -> int:
     return main(["run", CFG, *SMALL, "--quiet", *args])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     """A real `pf2lora run` killed with SIGKILL mid-run resumes to the same summary (1e-6)."""
     methods = '["pf2lora","hetlora","fdlora"]'
@@ -65,31 +62,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert _run(["--set", f"methods={methods}", "--set", f"rounds={rounds}", "--out", str(ref)]) == 0
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pf2lora.cli", "run", CFG, *SMALL, "--quiet", "--set", f"methods={methods}",
-           "--set", f"rounds={rounds}", "--out", str(killed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    try:
-        # Kill once the second method is under way, in the middle of its rounds.
-        while time.time() < deadline:
-            ck = killed / "checkpoint.pt"
-            if ck.exists():
-                try:
-                    state = checkpoint.load(killed)
-                except Exception:  # noqa: BLE001 - the file may be being replaced right now
-                    state = None
-                if state and state["current"] and state["current"]["method"] == "hetlora" and state["current"]["round"] >= 10:
-                    break
-            if proc.poll() is not None:
-                pytest.fail(f"run finished before it could be killed: {proc.stderr.read()}")
-            time.sleep(0.02)
-        else:
-            pytest.fail("checkpoint never reached the kill point")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # The run holds right after checkpointing hetlora's round 10 (the second method, mid-way): the
+    # kill lands at that state, not wherever a timer happens to find the run.
+    proc = start_run_holding([CFG, *SMALL, "--quiet", "--set", f"methods={methods}", "--set", f"rounds={rounds}",
+                              "--out", str(killed)], hold="hetlora:10")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "summary.json").exists()
     assert main(["run", "--resume", str(killed), "--quiet"]) == 0
@@ -102,20 +80,17 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 
 def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pf2lora.cli", "run", CFG, *SMALL, "--quiet", "--set", 'methods=["pf2lora"]',
-           "--set", "rounds=400", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    # Held after round 3 is checkpointed: the run cannot finish before the interrupt lands.
+    proc = start_run_holding([CFG, *SMALL, "--quiet", "--set", 'methods=["pf2lora"]', "--set", "rounds=400",
+                              "--out", str(out)], hold="pf2lora:3")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    err = proc.stderr.read()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert f"pf2lora run --resume {out}" in err
     state = checkpoint.load(out)
-    assert state["current"]["round"] >= 1
+    assert state["current"]["method"] == "pf2lora" and state["current"]["round"] == 3
     assert main(["run", "--resume", str(out), "--quiet", "--set", "rounds=2"]) == 2  # no --set on resume
 
 
@@ -123,19 +98,19 @@ def test_dropout_is_reported_and_run_completes(tmp_path):
     out = tmp_path / "run"
     assert _run(["--set", 'methods=["pf2lora","homlora"]', "--set", "rounds=12", "--set", "faults.dropout_prob=0.3",
                  "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     part = s["methods"]["pf2lora"]["participation"]
     assert len(part) == 12 and min(part) < 4 and all(p >= 1 for p in part)
     dropped = [f for f in s["methods"]["pf2lora"]["faults"] if f["fault"] == "dropped"]
     assert len(dropped) == 12 * 4 - sum(part)
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     assert any("dropped" in r for r in lines)
 
 
 def test_crashing_client_is_recorded_not_averaged(tmp_path):
     out = tmp_path / "run"
     assert _run(["--set", 'methods=["homlora"]', "--set", "rounds=6", "--set", "faults.crash_prob=0.4", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     crashed = [f for f in s["methods"]["homlora"]["faults"] if f["fault"] == "crashed"]
     assert crashed and all("InjectedCrash" in f["reason"] for f in crashed)
     assert sum(s["methods"]["homlora"]["participation"]) == 6 * 4 - len(crashed)
@@ -145,7 +120,7 @@ def test_straggler_beyond_deadline_is_left_out(tmp_path):
     out = tmp_path / "run"
     assert _run(["--set", 'methods=["homlora"]', "--set", "rounds=5", "--set", "faults.straggler_prob=0.5",
                  "--set", "faults.straggler_delay_s=100", "--set", "faults.deadline_s=50", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     late = [f for f in s["methods"]["homlora"]["faults"] if f["fault"] == "late"]
     assert late and sum(s["methods"]["homlora"]["participation"]) == 5 * 4 - len(late)
 
@@ -159,6 +134,7 @@ def test_too_few_clients_fails_loudly_and_keeps_checkpoint(tmp_path, capsys):
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
 def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, aggregator):
     """1 NaN client (rejected by validation) and 1 client scaling its change by 1e6 out of 8."""
@@ -171,12 +147,12 @@ def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, agg
                  "--set", "faults.poison=nan", "--out", str(tmp_path / "nan_only")]) == 0
     assert _run([*common, "--set", f"server.aggregator={aggregator}", "--set", 'faults.poison_clients=["client_1","client_5"]',
                  "--set", "faults.poison=scale", "--out", str(attacked)]) == 0
-    nan_run = json.loads((tmp_path / "nan_only" / "summary.json").read_text())
+    nan_run = read_summary(tmp_path / "nan_only")
     for m in nan_run["methods"].values():
         assert m["rejected_clients"] == ["client_1"]
         assert {f["round"] for f in m["faults"] if f["fault"] == "rejected"} == set(range(1, 16))
-    s_clean = json.loads((clean / "summary.json").read_text())
-    s_att = json.loads((attacked / "summary.json").read_text())
+    s_clean = read_summary(clean)
+    s_att = read_summary(attacked)
     for name in ("homlora", "pf2lora"):
         honest = [c for c in s_att["methods"][name]["clients"] if c not in ("client_1", "client_5")]
         for cid in honest:
@@ -190,7 +166,7 @@ def test_scaled_attacker_breaks_plain_mean_without_defences(tmp_path):
     out = tmp_path / "att"
     assert _run(["--set", "task.num_clients=8", "--set", 'methods=["homlora"]', "--set", "rounds=5",
                  "--set", 'faults.poison_clients=["client_5"]', "--set", "faults.poison=scale", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     assert s["methods"]["homlora"]["mean"]["test_mse"] > 100
 
 
@@ -199,7 +175,7 @@ def test_clipping_defends_the_mean(tmp_path):
     assert _run(["--set", "task.num_clients=8", "--set", 'methods=["homlora"]', "--set", "rounds=15",
                  "--set", 'faults.poison_clients=["client_5"]', "--set", "faults.poison=scale",
                  "--set", "server.clip_norm=0.5", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
+    s = read_summary(out)
     assert s["methods"]["homlora"]["mean"]["test_mse"] < 1.0
 
 
@@ -277,14 +253,15 @@ def test_resume_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "checkpoint" in err[0]
 
 
+@pytest.mark.slow
 def test_client_level_dp_reports_epsilon_per_round(tmp_path):
     out = tmp_path / "dp"
     plain = tmp_path / "plain"
     common = ["--set", 'methods=["homlora","pf2lora"]', "--set", "rounds=6"]
     assert _run([*common, "--set", "server.dp_noise_multiplier=1.0", "--set", "server.dp_clip_norm=0.5", "--out", str(out)]) == 0
     assert _run([*common, "--out", str(plain)]) == 0
-    s = json.loads((out / "summary.json").read_text())
-    p = json.loads((plain / "summary.json").read_text())
+    s = read_summary(out)
+    p = read_summary(plain)
     for name in ("homlora", "pf2lora"):
         priv = s["methods"][name]["privacy"]
         eps = priv["epsilon_per_round"]

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import CORE_METHODS
+from conftest import CORE_METHODS, read_metrics, read_summary, run_cli
+from conftest import SYNTH_CFG as CFG
 from pf2lora import config
 from pf2lora.methods import registry
 from pf2lora.cli import main
 from pf2lora.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-CFG = str(ROOT / "configs" / "synthetic_rank.toml")
-EXE = Path(sys.executable).with_name("pf2lora")
 TINY_RUN = [
     "--set", "rounds=1", "--set", "local_steps=1", "--set", "task.num_clients=2", "--set", "task.dim=8",
     "--set", "task.train_samples=16", "--set", "task.test_samples=16", "--set", 'methods=["homlora"]', "--quiet",
@@ -99,7 +93,7 @@ def test_existing_run_directory_is_refused_and_untouched(capsys, tmp_path):
     # With --overwrite the run replaces them.
     assert main(["run", CFG, *TINY_RUN, "--out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
-    assert "homlora" in json.loads((out / "summary.json").read_text())["methods"]
+    assert "homlora" in read_summary(out)["methods"]
 
 
 def test_output_path_that_is_a_file(capsys, tmp_path):
@@ -128,7 +122,7 @@ def test_diverging_client_among_good_ones_still_finishes(tmp_path):
 
 
 def test_cli_subprocess_error_is_one_line():
-    proc = subprocess.run([str(EXE), "run", CFG, "--set", "rounds=abc"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("run", CFG, "--set", "rounds=abc", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
@@ -136,7 +130,7 @@ def test_cli_subprocess_error_is_one_line():
 
 
 def test_cli_lists_all_methods():
-    proc = subprocess.run([str(EXE), "methods"], capture_output=True, text=True, timeout=120)
+    proc = run_cli("methods", timeout=120)
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
     assert names == sorted(registry())
@@ -184,11 +178,11 @@ def test_end_to_end_run(capsys, tmp_path):
     methods = ["pf2lora", "pf2lora-fo", "homlora", "hetlora", "local"]
     assert cfg.methods == methods
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert len(records) == 2 * 5
     assert [(r["method"], r["round"]) for r in records] == [(m, i) for m in methods for i in (1, 2)]
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out)
     assert summary["task"] == "synthetic-rank"
     assert list(summary["methods"]) == methods
     true_ranks = [4, 4, 4, 5, 5, 5, 6, 6]

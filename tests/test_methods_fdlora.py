@@ -3,15 +3,12 @@ server's outer (Nesterov) SGD, a holdout kept out of training, and end-to-end ru
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import record_client_updates, tiny_task
+from conftest import SYNTH_CFG, read_summary, record_client_updates, run_cli, tiny_task
 
 import pf2lora.methods.base as base_mod
 from pf2lora import config, lora
@@ -25,8 +22,6 @@ from pf2lora.tasks.synthetic import SyntheticRankTask
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
-EXE = Path(sys.executable).with_name("pf2lora")
 
 FDLORA = ("rounds=4", "fdlora.personal_every=2")
 
@@ -334,11 +329,11 @@ def test_end_to_end_local_engine():
 
 def test_cli_run_reports_the_global_adapters_bytes(tmp_path):
     out = tmp_path / "run"
-    cfg_path = ROOT / "configs" / "synthetic_rank.toml"
+    cfg_path = SYNTH_CFG
     args = ["--set", 'methods=["fdlora"]', "--set", "rounds=2", "--set", "task.train_samples=64"]
-    proc = subprocess.run([str(EXE), "run", str(cfg_path), *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_cli("run", cfg_path, *args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out)
     entry = summary["methods"]["fdlora"]
     cfg = config.load(cfg_path, [a for a in args if a != "--set"])
     task = SyntheticRankTask(cfg)

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import client_context, record_client_updates, tiny_task
+from conftest import SYNTH_CFG, client_context, read_summary, record_client_updates, run_cli, tiny_task
 
 import pf2lora.methods.base as base_module
 from pf2lora import config, lora
@@ -25,8 +22,6 @@ from pf2lora.methods.pfedlora import PFedLoRA
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
-EXE = Path(sys.executable).with_name("pf2lora")
 NEW_METHODS = ["ffa-lora", "fedsa-lora", "pfedlora"]
 
 def _keys(task, adapter: str, role: str, which: str) -> set[str]:
@@ -329,14 +324,11 @@ def test_runs_end_to_end_with_finite_mse(name):
 def test_cli_runs_all_three_with_expected_upload_bytes(tmp_path):
     out = tmp_path / "run"
     methods = json.dumps(NEW_METHODS)
-    proc = subprocess.run(
-        [str(EXE), "run", "configs/synthetic_rank.toml", "--set", f"methods={methods}", "--set", "rounds=2",
-         "--set", "task.train_samples=64", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli("run", SYNTH_CFG, "--set", f"methods={methods}", "--set", "rounds=2",
+                   "--set", "task.train_samples=64", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    cfg = config.load(ROOT / "configs/synthetic_rank.toml")
+    summary = read_summary(out)
+    cfg = config.load(SYNTH_CFG)
     r, d = cfg.lora.rank, cfg.task.dim  # one adapted d x d layer, float32
     expected = {"ffa-lora": 4 * r * d, "fedsa-lora": 4 * r * d, "pfedlora": 4 * r * 2 * d}
     assert set(summary["methods"]) == set(NEW_METHODS)

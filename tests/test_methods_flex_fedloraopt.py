@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import record_client_updates, tiny_task
+from conftest import SYNTH_CFG, read_metrics, read_summary, record_client_updates, run_cli, tiny_task
 
 from pf2lora import config, lora
 from pf2lora import state as st
@@ -29,8 +25,6 @@ from pf2lora.methods.fedlora_opt import (
 )
 from pf2lora.methods.flexlora import FlexLoRA, delta_key
 
-ROOT = Path(__file__).resolve().parents[1]
-EXE = Path(sys.executable).with_name("pf2lora")
 
 BASE = ("local_steps=4", "lora.rank=3", "lora.alpha=3.0")
 ALPHA = 3.0
@@ -399,14 +393,11 @@ def test_runs_end_to_end_on_the_synthetic_task(name):
 
 def test_cli_run_reports_each_methods_upload(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [str(EXE), "run", str(ROOT / "configs" / "synthetic_rank.toml"), "--set", 'methods=["flexlora","fedlora-opt"]',
-         "--set", "rounds=2", "--set", "task.train_samples=64", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = run_cli("run", SYNTH_CFG, "--set", 'methods=["flexlora","fedlora-opt"]',
+                   "--set", "rounds=2", "--set", "task.train_samples=64", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = config.load(out / "config.toml")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out)
     assert list(summary["methods"]) == ["flexlora", "fedlora-opt"]
     d, r = cfg.task.dim, cfg.lora.rank
     lo, hi = resolved_rank_range(cfg, cfg.flexlora)
@@ -421,7 +412,7 @@ def test_cli_run_reports_each_methods_upload(tmp_path):
         assert flex["clients"][cid]["client_rank"] == rk
     for entry in (flex, opt):
         assert all(math.isfinite(c["test_mse"]) for c in entry["clients"].values())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [(x["method"], x["round"]) for x in records] == [("flexlora", 1), ("flexlora", 2), ("fedlora-opt", 1), ("fedlora-opt", 2)]
     for x in records:
         assert x["upload_bytes_per_client"] == pytest.approx(flex_bytes if x["method"] == "flexlora" else opt_bytes)

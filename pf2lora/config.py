@@ -11,6 +11,7 @@ import math
 import re
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -290,7 +291,7 @@ def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> An
     for name, value in data.items():
         where = f"{source}: key {prefix + name!r}"
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: expected a table [{prefix + name}], got {value!r}")
             kwargs[name] = _build(tp, value, source, prefix + name + ".")
@@ -379,7 +380,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load ``path`` (or the defaults when None), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
@@ -422,7 +423,12 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], prefix + f.name + ".")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                raise TypeError(f"config key {prefix + f.name} has no default")
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
     return rows
 

@@ -217,6 +217,7 @@ def import_peft(
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg["lora_alpha"])
         peft_scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
         layer = model.get_submodule(path)
+        assert isinstance(layer, lora.LoRALinear)
         ours = layer.alpha[adapter] / rank
         key_a, key_b = lora.adapter_keys(t, adapter, role)
         out[key_a] = A.clone()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -55,7 +55,8 @@ def mixed_hvp(
         return grads(dot, xl)
     if estimator != "finite-difference":
         raise ValueError(f"unknown hypergradient estimator {estimator!r}")
-    v_norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values())).item() if v else 0.0
+    # v is not empty there, so the sum is a tensor (not the start value 0)
+    v_norm = torch.sqrt(cast(torch.Tensor, sum((t.double() ** 2).sum() for t in v.values()))).item() if v else 0.0
     if v_norm == 0.0:
         return {k: torch.zeros_like(t) for k, t in x.items()}
     e = eps / v_norm

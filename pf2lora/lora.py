@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -101,17 +102,19 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base.weight
+        weight = cast(torch.Tensor, base.weight)  # nn.Linear / Conv1D
+        self.in_features: int
+        self.out_features: int
         self.in_features, self.out_features = (
             (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         )
         self.alpha = dict(alphas)
-        empty = dict(dtype=weight.dtype, device=weight.device)
+        dtype, device = weight.dtype, weight.device
         self.lora_A = nn.ParameterDict(
-            {a: nn.Parameter(torch.zeros(0, self.in_features, **empty), requires_grad=False) for a in alphas}
+            {a: nn.Parameter(torch.zeros(0, self.in_features, dtype=dtype, device=device), requires_grad=False) for a in alphas}
         )
         self.lora_B = nn.ParameterDict(
-            {a: nn.Parameter(torch.zeros(self.out_features, 0, **empty), requires_grad=False) for a in alphas}
+            {a: nn.Parameter(torch.zeros(self.out_features, 0, dtype=dtype, device=device), requires_grad=False) for a in alphas}
         )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of scaled ``B @ A`` over the given adapters, shaped (d_out, d_in)."""
-        w = self.base.weight
+        w = cast(torch.Tensor, self.base.weight)
         delta = torch.zeros(self.out_features, self.in_features, dtype=w.dtype, device=w.device)
         for name in A:
             rank = A[name].shape[0]

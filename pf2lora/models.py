@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pf2lora.errors import UserError
 from pf2lora.io import CACHE_ENV, atomic_dir, cache_dir
@@ -118,7 +118,7 @@ def package_file(req: Requirement, filename: str, what: str) -> Path:
     dist = importlib.metadata.distribution(req.dist)
     for f in dist.files or ():
         if f.name == filename:
-            path = Path(dist.locate_file(f)).resolve()
+            path = Path(str(dist.locate_file(f))).resolve()
             if path.is_file():
                 return path
     raise UserError(
@@ -322,7 +322,8 @@ def onnx_outputs(onnx_path: Path, input_ids: Any, attention_mask: Any) -> tuple[
     except ImportError:
         from onnx.reference import ReferenceEvaluator
 
-        return ReferenceEvaluator(model).run(outs, feeds)[0], "onnx.reference"
+        # run returns a list of the outputs (a dict only with intermediate=True)
+        return cast(list[Any], ReferenceEvaluator(model).run(outs, feeds))[0], "onnx.reference"
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return sess.run(outs, feeds)[0], f"onnxruntime {ort.__version__}"
 
@@ -587,10 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.list or not args.prepare:
-            for key in BUILTIN:
-                target = cache_dir() / key
-                ready = L6_PKG.installed() if key == L6 else _read_marker(target) is not None
-                print(f"{key:26s} {'ready' if ready else 'not prepared'}")
+            for builtin in BUILTIN:
+                target = cache_dir() / builtin
+                ready = L6_PKG.installed() if builtin == L6 else _read_marker(target) is not None
+                print(f"{builtin:26s} {'ready' if ready else 'not prepared'}")
             return 0
         names = list(BUILTIN) if "all" in args.prepare else args.prepare
         for raw in names:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -217,7 +218,8 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         raise ValueError("aggregation weights sum to zero")
     out: Tensors = {}
     for k in states[0]:
-        acc = sum((x / total) * _wide(s[k]) for s, x in zip(states, w, strict=True))
+        # states is not empty (checked above), so the sum is a tensor, never the start value 0
+        acc = cast(torch.Tensor, sum((x / total) * _wide(s[k]) for s, x in zip(states, w, strict=True)))
         out[k] = acc.to(states[0][k].dtype)
     return out
 
@@ -272,11 +274,21 @@ def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], trim_fraction: fl
 Aggregator = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float], float], Tensors]
 """``(states, weights, trim_fraction) -> state``; the robust ones ignore ``weights``."""
 
-AGGREGATORS: dict[str, Aggregator] = {
-    "mean": lambda states, weights, trim_fraction=0.0: weighted_mean(states, weights),
-    "median": lambda states, weights, trim_fraction=0.0: coordinate_median(states),
-    "trimmed-mean": lambda states, weights, trim_fraction=0.0: trimmed_mean(states, trim_fraction),
-}
+
+
+def _mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim_fraction: float = 0.0) -> Tensors:
+    return weighted_mean(states, weights)
+
+
+def _median(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim_fraction: float = 0.0) -> Tensors:
+    return coordinate_median(states)
+
+
+def _trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim_fraction: float = 0.0) -> Tensors:
+    return trimmed_mean(states, trim_fraction)
+
+
+AGGREGATORS: dict[str, Aggregator] = {"mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean}
 
 
 def aggregate(name: str, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim_fraction: float = 0.0) -> Tensors:

@@ -11,6 +11,7 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pf2lora.errors import UserError
 
@@ -29,7 +30,7 @@ def existing_file(path: str | Path, what: str) -> Path:
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         opener = bz2.open if path.suffix == ".bz2" else open
-        with opener(path, "rt", encoding=encoding, newline="") as f:  # type: ignore[operator]
+        with opener(path, "rt", encoding=encoding, newline="") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not {encoding} text (byte {e.start}: {e.reason})") from None
@@ -46,7 +47,7 @@ def split_lines(content: str) -> list[str]:
 
 
 
-def csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> list[list[str]]:
+def csv_rows(path: Path, delimiter: str, quoting: Literal[0, 1, 2, 3] = csv.QUOTE_MINIMAL) -> list[list[str]]:
     content = read_text(path)
     try:
         return list(csv.reader(io.StringIO(content, newline=""), delimiter=delimiter, quoting=quoting))

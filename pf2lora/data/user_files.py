@@ -160,14 +160,14 @@ def load_table(
             return v
 
         texts.append(string(text))
-        if pairs is not None:
-            pairs.append(string(text_pair))  # type: ignore[arg-type]
-        if targets is not None:
-            targets.append(string(target))  # type: ignore[arg-type]
-        if labels is not None:
-            labels.append(_label_value(rec[label], label_names, where, label))  # type: ignore[index]
-        if groups is not None:
-            g = rec[client]  # type: ignore[index]
+        if pairs is not None and text_pair is not None:
+            pairs.append(string(text_pair))
+        if targets is not None and target is not None:
+            targets.append(string(target))
+        if labels is not None and label is not None:
+            labels.append(_label_value(rec[label], label_names, where, label))
+        if groups is not None and client is not None:
+            g = rec[client]
             if g is None or isinstance(g, (list, dict)):
                 raise UserError(f"{where}: client column {client!r} holds {g!r}; expected a string or number")
             groups.append(str(g))
@@ -244,8 +244,8 @@ def load_glue(task: str, data_dir: str | Path, split: str = "train") -> TextData
     if not rows:
         raise UserError(f"{p}: the file is empty")
 
-    def column(col: str | int | None, header: list[str]) -> int | None:
-        if col is None or isinstance(col, int):
+    def column(col: str | int, header: list[str]) -> int:
+        if isinstance(col, int):
             return col
         if col not in header:
             raise UserError(f"{p}: no column {col!r} for GLUE {task}; columns are {', '.join(header)}")
@@ -253,16 +253,22 @@ def load_glue(task: str, data_dir: str | Path, split: str = "train") -> TextData
 
     header = rows[0] if spec.header else []
     body = rows[1:] if spec.header else rows
-    ti, pi, li, gi = (column(c, header) for c in (spec.text, spec.text_pair, spec.label, spec.group))
+    ti = column(spec.text, header)
+    pi = None if spec.text_pair is None else column(spec.text_pair, header)
+    li = column(spec.label, header)
+    gi = None if spec.group is None else column(spec.group, header)
     need = max(i for i in (ti, pi, li, gi) if i is not None)
     names = list(spec.label_names)
-    text, pairs, labels, groups = [], [] if pi is not None else None, [], [] if gi is not None else None
+    text: list[str] = []
+    pairs: list[str] | None = [] if pi is not None else None
+    labels: list[int] = []
+    groups: list[str] | None = [] if gi is not None else None
     skipped = 0
     for row in body:
         if len(row) <= need:
             skipped += 1
             continue
-        raw = row[li].strip()  # type: ignore[index]
+        raw = row[li].strip()
         if raw in names:
             y = names.index(raw)
         elif raw.isdigit() and int(raw) < len(names):
@@ -270,12 +276,12 @@ def load_glue(task: str, data_dir: str | Path, split: str = "train") -> TextData
         else:
             skipped += 1
             continue
-        text.append(row[ti])  # type: ignore[index]
+        text.append(row[ti])
         labels.append(y)
-        if pairs is not None:
-            pairs.append(row[pi])  # type: ignore[index]
-        if groups is not None:
-            groups.append(row[gi])  # type: ignore[index]
+        if pairs is not None and pi is not None:
+            pairs.append(row[pi])
+        if groups is not None and gi is not None:
+            groups.append(row[gi])
     if not text:
         raise UserError(f"{p}: no labelled rows for GLUE {task}")
     return TextDataset(

@@ -204,7 +204,7 @@ def _adapter_of(key: str) -> str | None:
     return None if parts is None else parts[2]
 
 
-def mean_of(clients: dict[str, dict[str, Any]], metric: str) -> float:
+def mean_of(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
     """The mean of ``metric`` over the clients that report it (NaN if none does)."""
     values = [c[metric] for c in clients.values() if isinstance(c.get(metric), (int, float))]
     return sum(values) / len(values) if values else float("nan")

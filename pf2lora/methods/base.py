@@ -23,7 +23,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, cast
 
 import torch
 
@@ -321,7 +321,8 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     for s in states[1:]:
         if set(s) != keys:
             raise ValueError("clients sent different key sets")
-    return {k: sum((w / total) * s[k] for s, w in zip(states, weights, strict=True)) for k in states[0]}
+    # states is not empty (states[0] above), so each sum is a tensor (not the start value 0)
+    return {k: cast(torch.Tensor, sum((w / total) * s[k] for s, w in zip(states, weights, strict=True))) for k in states[0]}
 
 
 # -- registry ----------------------------------------------------------------------------------

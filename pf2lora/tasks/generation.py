@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,10 @@ from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch
 from pf2lora.tasks.text_base import TextTask
 from pf2lora.tasks.text_data import padded_width
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
 
 IGNORE = -100
 GENERATE_CHUNK = 32
@@ -77,9 +81,11 @@ class GenerationTask(TextTask):
         super().__init__(cfg, double_backward=double_backward)
 
     def _use_dataset(self, ds: TextDataset) -> None:
-        self._references = ds.targets
+        if ds.targets is None:  # pragma: no cover - TextTask checks the data set's kind first
+            raise ValueError(f"{ds.name} has no targets")
+        self._references: list[str] = ds.targets
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> PreTrainedModel:
         return models.load_causal_lm(self.model_name)
 
     def _prepare_model(self) -> None:
@@ -126,7 +132,10 @@ class GenerationTask(TextTask):
         """Summed target-token cross-entropy and the number of target tokens."""
         inputs = self.model_inputs(batch)
         width = inputs["input_ids"].shape[1]
-        logits = self.forward(params, batch).logits
+        out = cast("CausalLMOutput", self.forward(params, batch))
+        if out.logits is None:  # pragma: no cover - a causal LM always returns logits
+            raise ValueError(f"{self.model_name} returned no logits")
+        logits = out.logits
         labels = batch["labels"][:, 1:width]
         total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
         return total, (labels != IGNORE).sum()

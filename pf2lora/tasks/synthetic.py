@@ -55,8 +55,8 @@ class SyntheticRankTask(Task):
         self.model = _Regressor(d)
         with torch.no_grad():
             self.model.proj.weight.copy_(torch.randn(d, d, generator=g) / d**0.5)
+        w0 = self.model.proj.weight.detach().clone()
         self.targets = lora.inject(self.model, ["proj"], {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
-        w0 = self.model.proj.base.weight.detach().clone()
 
         def spectrum(k: int) -> torch.Tensor:
             return tc.singular_min + (tc.singular_max - tc.singular_min) * torch.rand(k, generator=g)

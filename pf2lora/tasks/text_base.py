@@ -10,10 +10,9 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
 from pf2lora import lora, models
 from pf2lora.config import RunConfig
@@ -21,6 +20,9 @@ from pf2lora.data import catalogue
 from pf2lora.data.dataset import TextDataset
 from pf2lora.tasks.base import Batch, ClientData, Task
 from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, warn_truncated
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EVAL_CHUNK = 64
 """Examples per forward pass when evaluating a whole split."""
@@ -35,6 +37,7 @@ class TextTask(Task):
     """:attr:`TextDataset.kind` the task needs (``classification`` or ``generation``)."""
     truncated_what: ClassVar[str] = "texts"
     """What the truncation warning counts."""
+    model: PreTrainedModel
 
     def __init__(self, cfg: RunConfig, *, double_backward: bool = False):
         """``double_backward``: a method will differentiate through gradients (e.g. PF2LoRA's exact
@@ -81,7 +84,7 @@ class TextTask(Task):
         """Keep what the task needs of the whole data set (label names, references), before the model loads."""
 
     @abstractmethod
-    def _load_model(self) -> nn.Module:
+    def _load_model(self) -> PreTrainedModel:
         """The pretrained model (frozen; LoRA is injected afterwards)."""
 
     def _prepare_model(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData
 from pf2lora.tasks.text_base import TextTask
 from pf2lora.tasks.text_data import trim
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
 
 DEFAULT_MODEL = models.L6
 
@@ -105,10 +109,12 @@ class TextClassificationTask(TextTask):
     def _use_dataset(self, ds: TextDataset) -> None:
         self.label_names = list(ds.label_names or [])
         self.num_labels = len(self.label_names)
-        self._labels = ds.labels
+        if ds.labels is None:  # pragma: no cover - TextTask checks the data set's kind first
+            raise ValueError(f"{ds.name} has no labels")
+        self._labels: list[int] = ds.labels
         self._label_tensor = torch.tensor(ds.labels, dtype=torch.long)
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> PreTrainedModel:
         return models.load_classifier(self.model_name, self.num_labels, seed=self.cfg.task.data_seed)
 
     def _prepare_model(self) -> None:
@@ -141,7 +147,10 @@ class TextClassificationTask(TextTask):
         return {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in b}
 
     def logits(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        return self.forward(params, batch).logits
+        out = cast("SequenceClassifierOutput", self.forward(params, batch))
+        if out.logits is None:  # pragma: no cover - a sequence classifier always returns logits
+            raise ValueError(f"{self.model_name} returned no logits")
+        return out.logits
 
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(params, batch), batch["labels"])

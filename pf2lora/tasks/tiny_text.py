@@ -28,10 +28,12 @@ personalisation matters, and by how much is known in advance.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from pf2lora import lora
 from pf2lora import state as st
@@ -67,6 +69,7 @@ class TinyTextTask(Task):
 
     primary_metric = "accuracy"
     higher_is_better = True
+    model: BertForSequenceClassification
 
     def __init__(
         self,
@@ -97,7 +100,8 @@ class TinyTextTask(Task):
         client_pool = torch.arange(first_client, first_neutral)
         neutral = torch.arange(first_neutral, vocab)
 
-        self.bert_config = BertConfig(
+        # transformers' dataclass_transform __init__ lists no num_labels, which BertConfig accepts
+        self.bert_config = BertConfig(  # type: ignore[call-arg]
             vocab_size=vocab,
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
@@ -163,7 +167,10 @@ class TinyTextTask(Task):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def logits(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        return self.forward(params, batch).logits
+        out = cast(SequenceClassifierOutput, self.forward(params, batch))
+        if out.logits is None:  # pragma: no cover - a sequence classifier always returns logits
+            raise ValueError("the BERT classifier returned no logits")
+        return out.logits
 
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(params, batch), batch["labels"])

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pf2lora import config as config_mod
@@ -234,7 +234,7 @@ def descendants(roots: list[int]) -> set[int]:
     return out
 
 
-def alive(pids: object) -> list[int]:
+def alive(pids: Iterable[int]) -> list[int]:
     """The processes among ``pids`` that still run (zombies count as ended)."""
     table = _proc_table()
     return [p for p in pids if p in table and table[p][1] not in ("Z", "X")]

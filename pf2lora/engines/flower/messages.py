@@ -132,10 +132,16 @@ class TrainReply:
         metrics = transport.loads(str(c.get("metrics", "{}")))
         if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
             raise MalformedReply("malformed metrics in the reply")
-        num = int(c["num_examples"])
+        raw_num = c["num_examples"]
+        if isinstance(raw_num, list):
+            raise TypeError(f"num_examples is a list: {raw_num!r}")
+        num = int(raw_num)
         if num < 0:
             raise MalformedReply(f"negative num_examples {num}")
-        return cls(str(c["client_id"]), upload, num, {k: float(v) for k, v in metrics.items()}, float(c.get("took_s", 0.0)))
+        took_s = c.get("took_s", 0.0)
+        if isinstance(took_s, list):
+            raise TypeError(f"took_s is a list: {took_s!r}")
+        return cls(str(c["client_id"]), upload, num, {k: float(v) for k, v in metrics.items()}, float(took_s))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.server_config import ServerConfig
@@ -135,7 +136,7 @@ class RoundStrategy(Strategy):
     def initialize_parameters(self, client_manager: Any) -> Parameters | None:
         return None
 
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[GridClientProxy, FitIns]]:
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[tuple[ClientProxy, FitIns]]:
         return [(GridClientProxy(node, self.grid, 0), ins) for node, ins in self.fitins.items()]
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Parameters | None, dict]:

@@ -174,7 +174,7 @@ class FlowerServer:
         fields = {cid: TrainIns(method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received).fields()
                   for cid, (received, _) in sent.items()}
         for o in outgoing:  # the injected crash travels as in the normal path
-            fields[o.client_id]["inject_crash"] = bool(o.content["config"]["inject_crash"])  # type: ignore[index]
+            fields[o.client_id]["inject_crash"] = bool(o.content["config"]["inject_crash"])
         got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, fields)
         for cid in ledger.sampled:  # in sampling order, as the normal path records faults
             if cid not in sent:

@@ -73,13 +73,13 @@ def run_flower_sim(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if errors:
-        e = errors[0]
-        if isinstance(e, KeyboardInterrupt):
-            raise e
-        cause = e.__cause__ or e
+        err = errors[0]
+        if isinstance(err, KeyboardInterrupt):
+            raise err
+        cause = err.__cause__ or err
         if isinstance(cause, (RoundFailure, FlowerEngineError)):
             raise cause
-        raise FlowerEngineError(f"flower-sim failed: {type(cause).__name__}: {cause}") from e
+        raise FlowerEngineError(f"flower-sim failed: {type(cause).__name__}: {cause}") from err
     if len(results) != len(cfg.methods):
         raise FlowerEngineError(f"flower-sim ended with results for {len(results)} of {len(cfg.methods)} methods (see the log above)")
     return results

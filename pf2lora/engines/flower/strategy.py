@@ -100,7 +100,9 @@ class MethodStrategy(Strategy):
             self._unevaluated = record  # closed by aggregate_evaluate, with its evaluation
         else:
             self.run.end_round(record)
-        metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return transport.to_record(self.run.server)[0], MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -160,8 +162,8 @@ def _by_client(to_node: Mapping[str, int], replies: Iterable[Message]) -> dict[s
     pooled method's evaluation), by the client the reply names among them. A reply from a node we
     sent nothing to, or naming a client that node was not sent, is ignored (no reply)."""
     clients_of: dict[int, list[str]] = defaultdict(list)
-    for cid, node in to_node.items():
-        clients_of[node].append(cid)
+    for client, node in to_node.items():
+        clients_of[node].append(client)
     out: dict[str, Message] = {}
     for reply in replies:
         candidates = clients_of.get(reply.metadata.src_node_id, [])

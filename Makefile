@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets demo demo-synthetic test test-fast bench clean
+.PHONY: install assets demo demo-synthetic lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ test: $(STAMP) $(ASSETS)
 	$(PY) -m pytest -q
 
 # The suite without the long integration tests (@pytest.mark.slow: Flower's runtimes, long runs).
+# ruff (lint + format check) over the code, mypy over the package; .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pf2lora tests benchmarks
+	$(VENV)/bin/ruff format --check pf2lora tests benchmarks
+	$(VENV)/bin/mypy
+
 test-fast: $(STAMP) $(ASSETS)
 	$(PY) -m pytest -q -m "not slow"
 

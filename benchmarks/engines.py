@@ -94,7 +94,7 @@ class MemorySampler:
             self._sample()
             self._stop.wait(self.period_s)
 
-    def __enter__(self) -> MemorySampler:  # noqa: PYI034
+    def __enter__(self) -> MemorySampler:
         self._sample()
         self._thread.start()
         return self
@@ -147,15 +147,18 @@ def max_metric_diff(a: list, b: list) -> float:
 def runner(cfg, name: str):
     """A function (on_round) -> results running ``cfg`` on engine ``name``."""
     if name == "local":
+
         def run(on_round):
             task = build_task(cfg)
             return [LocalEngine(cfg, task, progress=False).run(m, on_round=on_round) for m in cfg.methods]
     elif name == "flower-sim":
+
         def run(on_round):
             from pf2lora.engines.flower.sim import run_flower_sim
 
             return run_flower_sim(cfg, on_round=on_round, num_cpus=os.cpu_count())
     elif name == "flower-deploy":
+
         def run(on_round):
             from pf2lora.engines.flower.deploy import run_flower_deploy
 
@@ -192,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ranks = [i % 3 for i in range(args.clients)]
     overrides = [
-        f"rounds={args.rounds}", f"task.num_clients={args.clients}", f"task.private_ranks={ranks}",
-        f'methods=["{args.method}"]', "num_threads=1",
+        f"rounds={args.rounds}",
+        f"task.num_clients={args.clients}",
+        f"task.private_ranks={ranks}",
+        f'methods=["{args.method}"]',
+        "num_threads=1",
     ]
     cfg = load(ROOT / "configs" / "synthetic_rank.toml", overrides)
     torch.set_num_threads(1)
@@ -211,8 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in engines:
             runner(cfg, name)  # fail early on an unknown engine
             row_file = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--clients", str(args.clients), "--rounds", str(args.rounds),
-                   "--method", args.method, "--only", name, "--row-file", str(row_file)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--clients",
+                str(args.clients),
+                "--rounds",
+                str(args.rounds),
+                "--method",
+                args.method,
+                "--only",
+                name,
+                "--row-file",
+                str(row_file),
+            ]
             subprocess.run(cmd, check=True, env=env.child_env())
             payload = json.loads(row_file.read_text())
             rows[name], clients[name] = payload["row"], payload["clients"]
@@ -238,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             "round_s[0] runs from the engine call's start to the first round record, so it carries start-up",
             "each engine ran in a fresh Python process started by this command (the 'self' process); the rows were measured there",
             "peak_rss_tree_mb sums RSS over that process and all its descendants (shared pages counted once per process)",
-            ("flower-deploy starts a new ClientApp process (which imports torch) for every message a SuperNode gets, "
-             "which is most of its per-round time on a small model"),
+            (
+                "flower-deploy starts a new ClientApp process (which imports torch) for every message a SuperNode gets, "
+                "which is most of its per-round time on a small model"
+            ),
         ],
     }
     out = Path(args.out)

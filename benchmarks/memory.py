@@ -59,11 +59,20 @@ def measure(clients: int, method: str) -> dict:
 
     torch.set_num_threads(1)
     per_domain = clients // 4
-    cfg = plan.load(ROOT / CONFIG, [
-        f'methods=["{method}"]', "rounds=1", "local_steps=1", "eval.every=0", f"task.num_clients={clients}",
-        f"task.clients_per_group={per_domain}", "task.train_samples=100", "task.train_samples_min=100",
-        "task.test_samples=16",
-    ])
+    cfg = plan.load(
+        ROOT / CONFIG,
+        [
+            f'methods=["{method}"]',
+            "rounds=1",
+            "local_steps=1",
+            "eval.every=0",
+            f"task.num_clients={clients}",
+            f"task.clients_per_group={per_domain}",
+            "task.train_samples=100",
+            "task.train_samples_min=100",
+            "task.test_samples=16",
+        ],
+    )
     task = plan.build_task(cfg)
     gc.collect()
     base = rss()
@@ -95,7 +104,9 @@ def measure(clients: int, method: str) -> dict:
     live = rss()
     model_bytes = sum(p.numel() * p.element_size() for p in task.model.parameters())
     return {
-        "clients": clients, "method": method, "model": cfg.task.model,
+        "clients": clients,
+        "method": method,
+        "model": cfg.task.model,
         "rss_after_task_built_bytes": base,
         "peak_rss_bytes": peak[0],
         "peak_above_task_bytes": peak[0] - base,
@@ -109,17 +120,27 @@ def measure(clients: int, method: str) -> dict:
 
 
 def table(data: dict) -> str:
-    lines = ["| method | clients | RSS, model + data (MB) | peak RSS in the round (MB) | live after the round, above model + data (MB) | state + data per client (KB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | clients | RSS, model + data (MB) | peak RSS in the round (MB) | live after the round, above model + data (MB) | state + data per client (KB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in data["growth"]:
         for r in (x for x in data["runs"] if x["method"] == method):
-            lines.append(f"| {method} | {r['clients']} | {r['rss_after_task_built_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} "
-                         f"| {r['live_after_round_above_task_bytes'] / 1e6:.1f} "
-                         f"| {(r['client_state_bytes_per_client'] + r['client_data_bytes_per_client']) / 1e3:.0f} |")
-    lines += ["", "| method | growth per added client: live (KB) | state + data (KB) | peak RSS (KB) | base model (MB) |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {method} | {r['clients']} | {r['rss_after_task_built_bytes'] / 1e6:.0f} | {r['peak_rss_bytes'] / 1e6:.0f} "
+                f"| {r['live_after_round_above_task_bytes'] / 1e6:.1f} "
+                f"| {(r['client_state_bytes_per_client'] + r['client_data_bytes_per_client']) / 1e3:.0f} |"
+            )
+    lines += [
+        "",
+        "| method | growth per added client: live (KB) | state + data (KB) | peak RSS (KB) | base model (MB) |",
+        "|---|---|---|---|---|",
+    ]
     for method, g in data["growth"].items():
-        lines.append(f"| {method} | {g['live_growth_per_client_bytes'] / 1e3:.0f} | {g['state_plus_data_per_client_bytes'] / 1e3:.0f} "
-                     f"| {g['peak_growth_per_client_bytes'] / 1e3:.0f} | {g['base_model_bytes'] / 1e6:.0f} |")
+        lines.append(
+            f"| {method} | {g['live_growth_per_client_bytes'] / 1e3:.0f} | {g['state_plus_data_per_client_bytes'] / 1e3:.0f} "
+            f"| {g['peak_growth_per_client_bytes'] / 1e3:.0f} | {g['base_model_bytes'] / 1e6:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +167,11 @@ def main() -> int:
                 return 1
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = runs[-1]
-            print(f"{method} {n} clients: peak {r['peak_rss_bytes'] / 1e6:.0f} MB, above model+data "
-                  f"{r['peak_above_task_bytes'] / 1e6:.1f} MB, state/client {r['client_state_bytes_per_client'] / 1e3:.0f} KB", flush=True)
+            print(
+                f"{method} {n} clients: peak {r['peak_rss_bytes'] / 1e6:.0f} MB, above model+data "
+                f"{r['peak_above_task_bytes'] / 1e6:.1f} MB, state/client {r['client_state_bytes_per_client'] / 1e3:.0f} KB",
+                flush=True,
+            )
     lo, hi = args.clients
     growth = {}
     for method in args.methods:
@@ -164,7 +188,8 @@ def main() -> int:
         "command": "python " + " ".join(["benchmarks/memory.py", *sys.argv[1:]]),
         "config": CONFIG + " with 100 training and 16 test examples per client, 1 round x 1 local step",
         "machine": machine(),
-        "runs": runs, "growth": growth,
+        "runs": runs,
+        "growth": growth,
     }
     write_json(args.out, data)
     print(table(data))

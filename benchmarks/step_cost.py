@@ -63,10 +63,7 @@ class FixedBatchContext(ClientContext):
 
 
 def _numel(tensors: dict[str, torch.Tensor], lora_only: bool | None = None) -> int:
-    return sum(
-        v.numel() for k, v in tensors.items()
-        if lora_only is None or ((".lora_" in k) == lora_only)
-    )
+    return sum(v.numel() for k, v in tensors.items() if lora_only is None or ((".lora_" in k) == lora_only))
 
 
 def _nonzero(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -94,8 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = ['task.kind="tiny-text"', "task.num_clients=1", f"task.train_samples={BATCH}", "task.test_samples=1",
-            f"task.seq_len={SEQ_LEN}", f"batch_size={BATCH}", "local_steps=1"]
+    base = [
+        'task.kind="tiny-text"',
+        "task.num_clients=1",
+        f"task.train_samples={BATCH}",
+        "task.test_samples=1",
+        f"task.seq_len={SEQ_LEN}",
+        f"batch_size={BATCH}",
+        "local_steps=1",
+    ]
     cfg0 = load(None, base)
     task = TinyTextTask(cfg0, **MODEL)
     client = task.clients[0]
@@ -109,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         g = torch.Generator().manual_seed(0)
         server = _nonzero(method.init_server(g), g)
         client_state = _nonzero(method.init_client(client.client_id, g), g)
-        ctx = FixedBatchContext(client=client, task=task, generator=torch.Generator().manual_seed(0), round=1,
-                                local_steps=1, batch_size=BATCH, fixed=batch)
+        ctx = FixedBatchContext(
+            client=client, task=task, generator=torch.Generator().manual_seed(0), round=1, local_steps=1, batch_size=BATCH, fixed=batch
+        )
         runs[name] = (method, ctx, server, client_state)
         update, _ = method.client_update(ctx, st.clone(server), client_state)
         params[name] = {
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     names = list(VARIANTS)
     for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate the order
             times[name].append(once(name))
 
     median = {n: statistics.median(t) for n, t in times.items()}

@@ -45,7 +45,9 @@ def run_one(config: str, seed: int, method: str, rounds: int | None) -> dict:
     mse = [c["test_mse"] for c in clients]
     rounds_ = result.rounds
     return {
-        "config": config, "seed": seed, "method": method,
+        "config": config,
+        "seed": seed,
+        "method": method,
         "mean_test_mse": sum(mse) / len(mse),
         "worst_test_mse": max(mse),
         "rank_matched": sum(c["rank_matched"] or 0.0 for c in clients) / len(mse),
@@ -68,10 +70,11 @@ def adapter_params(method: str) -> int:
     cid = task.clients[-1].client_id
     received = m.broadcast(server, cid)
     client = m.init_client(cid, generator(0, "init", cid))
-    tensors = {**{k: v for k, v in received.items() if ":" in k},
-               **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))}}
+    tensors = {
+        **{k: v for k, v in received.items() if ":" in k},
+        **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
+    }
     return int(sum(t.numel() for k, t in tensors.items() if not k.endswith("delta_weight")))
-
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -100,9 +103,12 @@ def summarize(runs: list[dict]) -> dict:
 def table(data: dict) -> str:
     lines = []
     for config, methods in data["results"].items():
-        lines += [f"**{config}** ({data['setup'][config]})", "",
-                  "| method | mean test MSE | worst client MSE | rank matched | adapter params/client | upload B/client/round | wall time (s) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{config}** ({data['setup'][config]})",
+            "",
+            "| method | mean test MSE | worst client MSE | rank matched | adapter params/client | upload B/client/round | wall time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, m in sorted(methods.items(), key=lambda kv: kv[1]["mean_test_mse"]["mean"]):
             lines.append(
                 f"| {name} | {m['mean_test_mse']['mean']:.4f} ± {m['mean_test_mse']['std']:.4f} "
@@ -134,13 +140,18 @@ def main() -> int:
         for i, f in enumerate(futures, 1):
             runs.append(f.result())
             r = runs[-1]
-            print(f"[{i}/{len(jobs)}] {r['config']} seed {r['seed']} {r['method']}: mse {r['mean_test_mse']:.4f} ({r['wall_time_s']:.0f} s)", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] {r['config']} seed {r['seed']} {r['method']}: mse {r['mean_test_mse']:.4f} ({r['wall_time_s']:.0f} s)",
+                flush=True,
+            )
     setup = {}
     for c in CONFIGS:
         cfg = cfg_mod.load(ROOT / c, [f"rounds={args.rounds}"] if args.rounds else [])
-        setup[c] = (f"{cfg.task.num_clients} clients, {cfg.task.train_samples} train samples each, {cfg.rounds} rounds x "
-                    f"{cfg.local_steps} steps, batch {cfg.batch_size}, r={cfg.lora.rank}, r~={cfg.lora.private_rank}, "
-                    f"AdamW lr {cfg.optim.lr:g}, noise floor {cfg.task.noise ** 2:.4f}")
+        setup[c] = (
+            f"{cfg.task.num_clients} clients, {cfg.task.train_samples} train samples each, {cfg.rounds} rounds x "
+            f"{cfg.local_steps} steps, batch {cfg.batch_size}, r={cfg.lora.rank}, r~={cfg.lora.private_rank}, "
+            f"AdamW lr {cfg.optim.lr:g}, noise floor {cfg.task.noise**2:.4f}"
+        )
     data = {
         "benchmark": "synthetic rank recovery: every method, both regimes, several seeds",
         "command": "python " + " ".join(["benchmarks/synthetic_compare.py", *sys.argv[1:]]),

@@ -42,8 +42,10 @@ def trained_params(method, task) -> dict[str, int]:
     cid = task.clients[-1].client_id
     received = method.broadcast(server, cid)
     client = method.init_client(cid, generator(0, "init", cid))
-    tensors = {**{k: v for k, v in received.items() if ":" in k},
-               **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))}}
+    tensors = {
+        **{k: v for k, v in received.items() if ":" in k},
+        **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
+    }
     tensors = {k: v for k, v in tensors.items() if not k.endswith("delta_weight")}
     lora = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
     return {"lora": int(lora), "head": int(sum(t.numel() for t in tensors.values()) - lora)}
@@ -62,8 +64,10 @@ def run_one(config: str, seed: int, method_name: str, overrides: list[str]) -> d
     task = plan.build_task(cfg)
     result = LocalEngine(cfg, task, progress=False).run(method_name)
     clients = result.clients
-    per_client = {cid: {k: c[k] for k in PER_CLIENT if isinstance(c.get(k), (int, float))} | {"num_train": c["num_train"]}
-                  for cid, c in clients.items()}
+    per_client = {
+        cid: {k: c[k] for k in PER_CLIENT if isinstance(c.get(k), (int, float))} | {"num_train": c["num_train"]}
+        for cid, c in clients.items()
+    }
     acc = [c["accuracy"] for c in per_client.values()]
     rounds = result.rounds
 
@@ -72,7 +76,9 @@ def run_one(config: str, seed: int, method_name: str, overrides: list[str]) -> d
         return sum(vals) / len(vals) if vals else None
 
     return {
-        "config": config, "seed": seed, "method": method_name,
+        "config": config,
+        "seed": seed,
+        "method": method_name,
         **{f"mean_{k}": mean(k) for k in PER_CLIENT},
         "worst_accuracy": min(acc),
         "worst_client": min(per_client, key=lambda cid: per_client[cid]["accuracy"]),
@@ -125,8 +131,11 @@ def table(data: dict) -> str:
         )
     majority = next(iter(res.values()))["mean_majority_accuracy"]
     worst_majority = data.get("worst_majority_accuracy")
-    lines.append(f"| *majority class (reference)* | {majority['mean']:.3f} | | | {worst_majority:.3f} | | | | |"
-                 if worst_majority is not None else f"| *majority class (reference)* | {majority['mean']:.3f} | | | | | | | |")
+    lines.append(
+        f"| *majority class (reference)* | {majority['mean']:.3f} | | | {worst_majority:.3f} | | | | |"
+        if worst_majority is not None
+        else f"| *majority class (reference)* | {majority['mean']:.3f} | | | | | | | |"
+    )
     return "\n".join(lines)
 
 
@@ -148,17 +157,22 @@ def main() -> int:
     jobs = [(s, m) for m in order for s in args.seeds]
     tc = cfg.task
     sizes = f"{tc.train_samples_min}..{tc.train_samples}" if tc.train_samples_min > 0 else f"up to {tc.train_samples}"
-    setup = (f"{cfg.task.dataset}, {cfg.task.num_clients} clients ({cfg.task.partition} partition), "
-             f"{sizes} training examples per client, model {cfg.task.model}, "
-             f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}, LoRA r={cfg.lora.rank}, "
-             f"r~={cfg.lora.private_rank}, AdamW lr {cfg.optim.lr:g}, lower-level SGD lr {cfg.optim.lower_lr:g}")
+    setup = (
+        f"{cfg.task.dataset}, {cfg.task.num_clients} clients ({cfg.task.partition} partition), "
+        f"{sizes} training examples per client, model {cfg.task.model}, "
+        f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}, LoRA r={cfg.lora.rank}, "
+        f"r~={cfg.lora.private_rank}, AdamW lr {cfg.optim.lr:g}, lower-level SGD lr {cfg.optim.lower_lr:g}"
+    )
     data: dict = {
         "benchmark": "personalised federated methods on real text, several seeds",
         "command": "python " + " ".join(["benchmarks/text_compare.py", *sys.argv[1:]]),
-        "config": args.config, "overrides": args.set, "setup": setup,
+        "config": args.config,
+        "overrides": args.set,
+        "setup": setup,
         "machine": machine(torch_threads_per_job=1, jobs=args.jobs),
         "tuning": "none per method: config values and each method's documented defaults",
-        "complete": False, "runs": [],
+        "complete": False,
+        "runs": [],
     }
     start = time.time()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -170,8 +184,11 @@ def main() -> int:
             data["results"] = summarize(data["runs"])
             data["total_wall_time_s"] = time.time() - start
             write_json(args.out, data)
-            print(f"[{i}/{len(jobs)}] seed {r['seed']} {r['method']}: accuracy {r['mean_accuracy']:.3f}, "
-                  f"worst {r['worst_accuracy']:.3f} ({r['wall_time_s']:.0f} s)", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] seed {r['seed']} {r['method']}: accuracy {r['mean_accuracy']:.3f}, "
+                f"worst {r['worst_accuracy']:.3f} ({r['wall_time_s']:.0f} s)",
+                flush=True,
+            )
     majority = [c["majority_accuracy"] for c in data["runs"][0]["clients"].values()]
     data["worst_majority_accuracy"] = min(majority)
     data["complete"] = True

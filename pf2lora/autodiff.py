@@ -12,9 +12,7 @@ Tensors = dict[str, torch.Tensor]
 def grads(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False) -> Tensors:
     """Gradient of ``loss`` with respect to each tensor of ``wrt`` (zeros where unused)."""
     keys = list(wrt)
-    gs = torch.autograd.grad(
-        loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph
-    )
+    gs = torch.autograd.grad(loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph)
     return {k: (g if g is not None else torch.zeros_like(wrt[k])) for k, g in zip(keys, gs, strict=True)}
 
 

@@ -39,7 +39,7 @@ def load(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: no checkpoint to resume from")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say so in one line
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so in one line
         raise UserError(f"{path}: not a readable pf2lora checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("version") != VERSION:
         raise UserError(f"{path}: not a pf2lora checkpoint of version {VERSION}")

@@ -45,11 +45,10 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pf2lora import checkpoint, config, report, secagg
+    from pf2lora import checkpoint, config, plan, report, secagg
     from pf2lora.engines import ENGINES
     from pf2lora.engines.local import LocalEngine
     from pf2lora.io import atomic_write
-    from pf2lora import plan
 
     if args.engine not in ENGINES:
         raise UserError(f"unknown engine {args.engine!r} (known: {', '.join(ENGINES)})")
@@ -98,12 +97,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.engine != "local":
         results = _run_flower(args, cfg, task, out, on_round)
     else:
-        results = _run_local(cfg, engine, out, saved, lines, on_round)
-        if results is None:
+        finished = _run_local(cfg, engine, out, saved, lines, on_round)
+        if finished is None:
             return 130
+        results = finished
     extra = {
-        "name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds, "engine": args.engine,
-        "rank_threshold": cfg.eval.rank_threshold, "machine": _machine(),
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "engine": args.engine,
+        "rank_threshold": cfg.eval.rank_threshold,
+        "machine": _machine(),
     }
     summary = report.summarize(task, results, extra)
     report.write_json(out / "summary.json", summary)
@@ -118,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> list:  # noqa: ANN001
+def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> list:
     """The same methods on Flower: simulated (Ray) or deployed (SuperLink + SuperNodes)."""
     from pf2lora.engines.local import RoundFailure
 
@@ -130,7 +134,11 @@ def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> lis
         if args.engine == "flower-sim":
             return flower.run_flower_sim(cfg, task, on_round=on_round, progress=not args.quiet)
         return flower.run_flower_deploy(
-            cfg, args.superlink, on_round=on_round, workdir=out / "flower", root_certificates=args.root_certificates,
+            cfg,
+            args.superlink,
+            on_round=on_round,
+            workdir=out / "flower",
+            root_certificates=args.root_certificates,
         )
     except (flower.FlowerEngineError, RoundFailure) as e:
         raise UserError(str(e)) from None
@@ -142,7 +150,7 @@ checkpointed and says so on stderr, so a test can Ctrl-C or kill it at a known s
 racing it. Never set by pf2lora itself; unset, it costs one string comparison per round."""
 
 
-def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) -> list | None:  # noqa: ANN001
+def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) -> list | None:
     """The in-process engine with per-round checkpoints; None when interrupted (Ctrl-C)."""
     from dataclasses import asdict
 
@@ -177,8 +185,11 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
             if cfg.checkpoint:
                 checkpoint.save(out, {"completed": completed, "current": None, "metrics_lines": lines})
     except KeyboardInterrupt:
-        print(f"\npf2lora: interrupted during {running}; the last completed round is checkpointed in {out}.\n"
-              f"Resume with: pf2lora run --resume {shlex.quote(str(out))}", file=sys.stderr)
+        print(
+            f"\npf2lora: interrupted during {running}; the last completed round is checkpointed in {out}.\n"
+            f"Resume with: pf2lora run --resume {shlex.quote(str(out))}",
+            file=sys.stderr,
+        )
         return None
     except RoundFailure as e:
         kept = f"; the last good round is checkpointed in {out}" if (out / checkpoint.FILENAME).exists() else ""
@@ -192,12 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the methods of a config on the in-process engine")
     run.add_argument("config", nargs="?", help="TOML config file (see configs/)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
-    run.add_argument("--engine", default="local", metavar="ENGINE",
-                     help="local (default, in-process), flower-sim (Flower simulation on Ray) or flower-deploy (SuperLink + SuperNodes)")
-    run.add_argument("--superlink", metavar="HOST:PORT",
-                     help="flower-deploy: submit to this running SuperLink (one SuperNode per client running); default: start a loopback federation here")
-    run.add_argument("--root-certificates", metavar="CA.pem",
-                     help="flower-deploy with --superlink: the CA certificate of a SuperLink that uses TLS (default: insecure)")
+    run.add_argument(
+        "--engine",
+        default="local",
+        metavar="ENGINE",
+        help="local (default, in-process), flower-sim (Flower simulation on Ray) or flower-deploy (SuperLink + SuperNodes)",
+    )
+    run.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        help="flower-deploy: submit to this running SuperLink (one SuperNode per client running); default: start a loopback federation here",
+    )
+    run.add_argument(
+        "--root-certificates",
+        metavar="CA.pem",
+        help="flower-deploy with --superlink: the CA certificate of a SuperLink that uses TLS (default: insecure)",
+    )
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set rounds=2 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="allow replacing an existing run in --out")
@@ -208,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings meant for the user (truncated texts, ...) as one line, without our source line."""
     return f"pf2lora: warning: {message}\n"
 

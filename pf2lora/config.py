@@ -47,13 +47,22 @@ class TaskConfig:
     seq_len: int = _f(16, "tiny-text: tokens per example", min=2)
     data_seed: int = _f(1234, "seed of the data generator (kept apart from the training seed)", min=0, max=2**63 - 1)
     # -- real language tasks (text-classification, generation) ------------------------------------
-    model: str = _f("", "text tasks: model name (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, SmolLM2-135M), a local "
-                    "Hugging Face model directory or a hub name; empty = all-MiniLM-L6-v2 (classification), SmolLM2-135M (generation)")
-    dataset: str = _f("", "text tasks: data set, a name from the data catalogue (pf2lora.data.catalogue; an unknown "
-                      "name's error lists those of the task kind), e.g. vader, glue-sst2, wordnet-definitions, csv; "
-                      "empty = the kind's default (vader / wordnet-definitions)")
-    data_path: str = _f("", "text tasks: the data file or folder (required for glue-*, e2e, webnlg, csv, tsv, jsonl; "
-                        "else overrides the fetched copy in the cache)")
+    model: str = _f(
+        "",
+        "text tasks: model name (all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2, SmolLM2-135M), a local "
+        "Hugging Face model directory or a hub name; empty = all-MiniLM-L6-v2 (classification), SmolLM2-135M (generation)",
+    )
+    dataset: str = _f(
+        "",
+        "text tasks: data set, a name from the data catalogue (pf2lora.data.catalogue; an unknown "
+        "name's error lists those of the task kind), e.g. vader, glue-sst2, wordnet-definitions, csv; "
+        "empty = the kind's default (vader / wordnet-definitions)",
+    )
+    data_path: str = _f(
+        "",
+        "text tasks: the data file or folder (required for glue-*, e2e, webnlg, csv, tsv, jsonl; "
+        "else overrides the fetched copy in the cache)",
+    )
     text_column: str = _f("text", "csv/tsv/jsonl: column of the input text")
     text_pair_column: str = _f("", "csv/tsv/jsonl: column of the second text of a sentence pair (empty = none)")
     label_column: str = _f("label", "csv/tsv/jsonl classification: column of the label (class index, or a name from label_names)")
@@ -61,16 +70,22 @@ class TaskConfig:
     group_column: str = _f("", "csv/tsv/jsonl: column of natural client ids for partition = 'natural' (e2e: the slot, e.g. eatType)")
     label_names: list[str] = _f([], "csv/tsv/jsonl classification: class names in index order (empty = integer labels)")
     partition: Literal["natural", "dirichlet", "s-similarity", "iid"] = _f(
-        "natural", "text tasks: how examples are dealt to clients: by natural group (domain, topic, role), Dirichlet "
-        "label skew, SCAFFOLD's s-similarity, or i.i.d.")
+        "natural",
+        "text tasks: how examples are dealt to clients: by natural group (domain, topic, role), Dirichlet "
+        "label skew, SCAFFOLD's s-similarity, or i.i.d.",
+    )
     groups: list[str] = _f([], "natural partition: the groups to keep, in order (empty = the num_clients / clients_per_group largest)")
     clients_per_group: int = _f(1, "natural partition: clients each group is split into at random", min=1)
     dirichlet_alpha: float = _f(0.5, "dirichlet partition: concentration (small = few labels per client)", gt=0.0)
     min_client_size: int = _f(20, "dirichlet partition: redraw until every client holds at least this many examples", min=2)
     similarity: float = _f(0.5, "s-similarity partition: fraction s dealt i.i.d. (1 = iid, 0 = sorted by label)", min=0.0, max=1.0)
     test_fraction: float = _f(0.2, "text tasks: fraction of each client's examples held out as its test split", gt=0.0, max=0.9)
-    train_samples_min: int = _f(0, "text tasks: when > 0, client training caps are spread evenly over "
-                                "[train_samples_min, train_samples] in a random order (size heterogeneity)", min=0)
+    train_samples_min: int = _f(
+        0,
+        "text tasks: when > 0, client training caps are spread evenly over "
+        "[train_samples_min, train_samples] in a random order (size heterogeneity)",
+        min=0,
+    )
     max_length: int = _f(64, "text tasks: tokens per example; longer texts are truncated (counted, one warning)", min=8)
     eval_generate: int = _f(32, "generation: test examples per client decoded greedily for BLEU / ROUGE-L (0 = none)", min=0)
     max_new_tokens: int = _f(24, "generation: most tokens a greedy decode adds", min=1)
@@ -97,7 +112,9 @@ class OptimConfig:
 
 @dataclass
 class PF2LoRAConfig:
-    estimator: Literal["finite-difference", "exact", "first-order"] = _f("finite-difference", "hypergradient estimator for the mixed Hessian-vector product")
+    estimator: Literal["finite-difference", "exact", "first-order"] = _f(
+        "finite-difference", "hypergradient estimator for the mixed Hessian-vector product"
+    )
     fd_eps: float = _f(1e-3, "finite-difference step e0; the perturbation is e0 / ||v||", gt=0.0)
     fd_one_sided: bool = _f(False, "one-sided difference reusing the lower step's gradient (one backward cheaper)")
 
@@ -146,24 +163,42 @@ class FlexLoRAConfig:
 
 @dataclass
 class ServerConfig:
-    aggregator: Literal["mean", "median", "trimmed-mean"] = _f("mean", "how the server combines client uploads: weighted mean, coordinate-wise median or trimmed mean")
-    trim_fraction: float = _f(0.1, "trimmed-mean: fraction of the largest and of the smallest values dropped per coordinate", min=0.0, max=0.49)
-    clip_norm: float = _f(0.0, "clip each client's change (upload minus what it received) to this L2 norm before aggregating; 0 = off", min=0.0)
+    aggregator: Literal["mean", "median", "trimmed-mean"] = _f(
+        "mean", "how the server combines client uploads: weighted mean, coordinate-wise median or trimmed mean"
+    )
+    trim_fraction: float = _f(
+        0.1, "trimmed-mean: fraction of the largest and of the smallest values dropped per coordinate", min=0.0, max=0.49
+    )
+    clip_norm: float = _f(
+        0.0, "clip each client's change (upload minus what it received) to this L2 norm before aggregating; 0 = off", min=0.0
+    )
     min_clients: int = _f(1, "a round with fewer successful client updates fails the run loudly", min=1)
     dp_noise_multiplier: float = _f(0.0, "client-level DP: Gaussian noise std = multiplier * dp_clip_norm / clients; 0 = off", min=0.0)
     dp_clip_norm: float = _f(1.0, "client-level DP: each client's change is clipped to this L2 norm", gt=0.0)
     dp_delta: float = _f(1e-5, "client-level DP: the delta of the reported (epsilon, delta)", gt=0.0, max=1.0)
     # -- secure aggregation (Flower SecAgg+; checked by pf2lora.secagg, see docs/flower.md) --------
-    secure_aggregation: bool = _f(False, "flower engines: aggregate uploads with Flower's SecAgg+, so the server sees only their "
-                                  "weighted mean; for plain-mean methods only, without robust aggregators, clipping or DP")
-    secagg_num_shares: float = _f(1.0, "secure aggregation: shares of each client's secrets, a fraction (<= 1) of the round's "
-                                  "clients or a count (an integer >= 3)", gt=0.0)
-    secagg_reconstruction_threshold: float = _f(0.7, "secure aggregation: shares needed to rebuild a secret, a fraction (<= 1) "
-                                                "of the shares or a count (>= 2); shares - threshold clients may drop out", gt=0.0)
-    secagg_clipping_range: float = _f(8.0, "secure aggregation: every uploaded value must lie in [-c, c]; a client with a "
-                                      "value outside drops out of the round", gt=0.0)
-    secagg_quantization_range: int = _f(2**22, "secure aggregation: integer levels over [-c, c] (step 2c / levels); "
-                                        "levels x clients per round must stay below 2**32", min=2)
+    secure_aggregation: bool = _f(
+        False,
+        "flower engines: aggregate uploads with Flower's SecAgg+, so the server sees only their "
+        "weighted mean; for plain-mean methods only, without robust aggregators, clipping or DP",
+    )
+    secagg_num_shares: float = _f(
+        1.0,
+        "secure aggregation: shares of each client's secrets, a fraction (<= 1) of the round's clients or a count (an integer >= 3)",
+        gt=0.0,
+    )
+    secagg_reconstruction_threshold: float = _f(
+        0.7,
+        "secure aggregation: shares needed to rebuild a secret, a fraction (<= 1) "
+        "of the shares or a count (>= 2); shares - threshold clients may drop out",
+        gt=0.0,
+    )
+    secagg_clipping_range: float = _f(
+        8.0, "secure aggregation: every uploaded value must lie in [-c, c]; a client with a value outside drops out of the round", gt=0.0
+    )
+    secagg_quantization_range: int = _f(
+        2**22, "secure aggregation: integer levels over [-c, c] (step 2c / levels); levels x clients per round must stay below 2**32", min=2
+    )
 
 
 @dataclass
@@ -187,9 +222,16 @@ class EvalConfig:
 @dataclass
 class FlowerConfig:
     client_cpus: float = _f(1.0, "flower-sim: CPU cores Ray reserves per simulated client (how many clients train at once)", gt=0.0)
-    round_timeout_s: float = _f(0.0, "flower: seconds the server waits for a round's replies; a client that has not replied is recorded as crashed (0 = wait for all)", min=0.0)
+    round_timeout_s: float = _f(
+        0.0,
+        "flower: seconds the server waits for a round's replies; a client that has not replied is recorded as crashed (0 = wait for all)",
+        min=0.0,
+    )
     node_wait_s: float = _f(120.0, "flower: seconds the server waits for every client's SuperNode to connect", gt=0.0)
-    state_dir: str = _f("", "flower: folder where client nodes keep their private state between rounds (one file per client); empty = a temporary folder per run")
+    state_dir: str = _f(
+        "",
+        "flower: folder where client nodes keep their private state between rounds (one file per client); empty = a temporary folder per run",
+    )
 
 
 @dataclass
@@ -431,4 +473,3 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
                 raise TypeError(f"config key {prefix + f.name} has no default")
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
     return rows
-

@@ -40,8 +40,15 @@ def _axpy(a: float, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]
 
 
 def mixed_hvp(
-    loss_fn: LossFn, x: Tensors, y: Tensors, v: Tensors, batch: Batch, estimator: Estimator,
-    eps: float = 1e-3, one_sided: bool = False, grad_x_at_y: Tensors | None = None,
+    loss_fn: LossFn,
+    x: Tensors,
+    y: Tensors,
+    v: Tensors,
+    batch: Batch,
+    estimator: Estimator,
+    eps: float = 1e-3,
+    one_sided: bool = False,
+    grad_x_at_y: Tensors | None = None,
 ) -> Tensors:
     """``H_xy v = grad_x <grad_y f(x, y; batch), v>`` by the chosen estimator."""
     if estimator == "first-order":
@@ -74,8 +81,15 @@ def mixed_hvp(
 
 
 def bilevel_step(
-    loss_fn: LossFn, x: Tensors, y: Tensors, xi: Batch, zeta: Batch, lower_lr: float,
-    estimator: Estimator = "finite-difference", eps: float = 1e-3, one_sided: bool = False,
+    loss_fn: LossFn,
+    x: Tensors,
+    y: Tensors,
+    xi: Batch,
+    zeta: Batch,
+    lower_lr: float,
+    estimator: Estimator = "finite-difference",
+    eps: float = 1e-3,
+    one_sided: bool = False,
 ) -> StepResult:
     xl, yl = leaves(x), leaves(y)
     loss_xi = loss_fn(xl, yl, xi)
@@ -86,7 +100,14 @@ def bilevel_step(
     g_zeta = grads(loss_fn(xl2, yl2, zeta), {**xl2, **yl2})
     v = {k: g_zeta[k] for k in y}
     hv = mixed_hvp(
-        loss_fn, x, y, v, xi, estimator, eps=eps, one_sided=one_sided,
+        loss_fn,
+        x,
+        y,
+        v,
+        xi,
+        estimator,
+        eps=eps,
+        one_sided=one_sided,
         grad_x_at_y={k: g_xi[k] for k in x},
     )
     hypergrad = {k: (g_zeta[k] - lower_lr * hv[k]).detach() for k in x}

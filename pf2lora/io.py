@@ -46,9 +46,7 @@ def _open_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
-def atomic_write(
-    path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any], *, fsync: bool = True
-) -> Path:
+def atomic_write(path: str | Path, data: str | bytes | Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically and return ``path``.
 
     ``data`` is text (written as UTF-8), bytes, or a function given the open binary file to write

@@ -105,9 +105,7 @@ class LoRALinear(nn.Module):
         weight = cast(torch.Tensor, base.weight)  # nn.Linear / Conv1D
         self.in_features: int
         self.out_features: int
-        self.in_features, self.out_features = (
-            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         self.alpha = dict(alphas)
         dtype, device = weight.dtype, weight.device
         self.lora_A = nn.ParameterDict(
@@ -156,9 +154,7 @@ def default_targets(model_type: str) -> tuple[str, ...]:
         ) from None
 
 
-def inject(
-    model: nn.Module, target_names: Iterable[str], alphas: Mapping[str, float]
-) -> list[LoRATarget]:
+def inject(model: nn.Module, target_names: Iterable[str], alphas: Mapping[str, float]) -> list[LoRATarget]:
     """Wrap every linear module whose last name component is in ``target_names``.
 
     Freezes the whole model first: only tensors passed in at call time are trained.
@@ -188,9 +184,7 @@ def adapter_keys(target: LoRATarget, adapter: str, role: str) -> tuple[str, str]
     return st.key(role, a_path(target.path, adapter)), st.key(role, b_path(target.path, adapter))
 
 
-def init_adapter(
-    targets: Iterable[LoRATarget], adapter: str, role: str, rank: int, generator: torch.Generator
-) -> st.Tensors:
+def init_adapter(targets: Iterable[LoRATarget], adapter: str, role: str, rank: int, generator: torch.Generator) -> st.Tensors:
     """Standard LoRA init: A ~ Kaiming-uniform (a = sqrt 5, as nn.Linear and peft), B = 0."""
     out: st.Tensors = {}
     for t in targets:
@@ -207,11 +201,7 @@ def delta_weights(model: nn.Module, targets: Iterable[LoRATarget], params: Mappi
     for t in targets:
         layer = model.get_submodule(t.path)
         assert isinstance(layer, LoRALinear)
-        A = {
-            a: params[a_path(t.path, a)]
-            for a in layer.alpha
-            if a_path(t.path, a) in params and b_path(t.path, a) in params
-        }
+        A = {a: params[a_path(t.path, a)] for a in layer.alpha if a_path(t.path, a) in params and b_path(t.path, a) in params}
         B = {a: params[b_path(t.path, a)] for a in A}
         deltas[t.path] = layer.delta_weight(A, B).detach()
     return deltas

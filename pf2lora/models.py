@@ -82,8 +82,7 @@ class Requirement:
 
     def missing_error(self, what: str) -> UserError:
         return UserError(
-            f"{what} needs the package {self.dist}, which is not installed: run {ASSETS_HINT} "
-            f"(or `{_python()} -m pip install {self.pip}`)"
+            f"{what} needs the package {self.dist}, which is not installed: run {ASSETS_HINT} (or `{_python()} -m pip install {self.pip}`)"
         )
 
 
@@ -274,7 +273,7 @@ def onnx_to_bert_state(tensors: Mapping[str, Any], num_layers: int, graph: Any =
     return state
 
 
-def _bert_config_from_state(state: Mapping[str, Any], num_layers: int, num_heads: int, eps: float):  # noqa: ANN202
+def _bert_config_from_state(state: Mapping[str, Any], num_layers: int, num_heads: int, eps: float):
     from transformers import BertConfig
 
     vocab, hidden = state["embeddings.word_embeddings.weight"].shape
@@ -423,7 +422,8 @@ def build_smollm2(out: Path) -> dict[str, Any]:
     return {
         "model": SMOL,
         "source": f"{SMOL_PKG.dist}=={importlib.metadata.version(SMOL_PKG.dist)}:{SMOL_GGUF}",
-        "checked_with": "reload of the saved directory", "max_abs_diff": err,
+        "checked_with": "reload of the saved directory",
+        "max_abs_diff": err,
     }
 
 
@@ -537,7 +537,7 @@ def _from_pretrained(loader: Callable[..., Any], name: str, **kwargs: Any) -> An
         raise _not_available(src, e) from None
 
 
-def load_classifier(name: str, num_labels: int, *, seed: int | None = 0):  # noqa: ANN201
+def load_classifier(name: str, num_labels: int, *, seed: int | None = 0):
     """``AutoModelForSequenceClassification`` for ``name`` in float32 and eval mode.
 
     Weights the checkpoint lacks (the classifier head; for paraphrase-MiniLM-L3-v2 also the pooler)
@@ -552,13 +552,11 @@ def load_classifier(name: str, num_labels: int, *, seed: int | None = 0):  # noq
     with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        model = _from_pretrained(
-            AutoModelForSequenceClassification.from_pretrained, name, num_labels=int(num_labels), dtype=torch.float32
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=int(num_labels), dtype=torch.float32)
     return model.eval()
 
 
-def load_causal_lm(name: str):  # noqa: ANN201
+def load_causal_lm(name: str):
     """``AutoModelForCausalLM`` for ``name`` in float32 and eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -566,7 +564,7 @@ def load_causal_lm(name: str):  # noqa: ANN201
     return _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=torch.float32).eval()
 
 
-def load_tokenizer(name: str):  # noqa: ANN201
+def load_tokenizer(name: str):
     """The tokenizer of ``name``; a tokenizer without a pad token pads with its end-of-sequence token."""
     from transformers import AutoTokenizer
 

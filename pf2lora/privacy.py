@@ -156,9 +156,11 @@ class PrivacyAccountant:
             ok = isinstance(entry, (list, tuple)) and len(entry) == 3
             if ok:
                 z, q, n = entry
-                ok = (_finite(z) and z > 0 and _finite(q) and 0 < q <= 1 and isinstance(n, int) and not isinstance(n, bool) and n >= 1)
+                ok = _finite(z) and z > 0 and _finite(q) and 0 < q <= 1 and isinstance(n, int) and not isinstance(n, bool) and n >= 1
             if not ok:
-                raise ValueError(f"privacy accountant history entry {i} is not [noise_multiplier > 0, sample_rate in (0, 1], steps >= 1]: {entry!r}")
+                raise ValueError(
+                    f"privacy accountant history entry {i} is not [noise_multiplier > 0, sample_rate in (0, 1], steps >= 1]: {entry!r}"
+                )
             restored.append((float(z), float(q), int(n)))
         self._accountant.history = restored
 
@@ -183,8 +185,11 @@ def charge_round(accountant: PrivacyAccountant | None, record: dict[str, Any]) -
 def report(server: ServerConfig, accountant: PrivacyAccountant, rounds: Sequence[Mapping[str, Any]], num_rounds: int) -> dict[str, Any]:
     """The ``privacy`` entry of a method's result: the budget spent and how it was spent."""
     return {
-        "epsilon": accountant.epsilon(), "delta": server.dp_delta,
-        "noise_multiplier": server.dp_noise_multiplier, "clip_norm": server.dp_clip_norm,
-        "sample_rate": accountant.sample_rate, "rounds": num_rounds,
+        "epsilon": accountant.epsilon(),
+        "delta": server.dp_delta,
+        "noise_multiplier": server.dp_noise_multiplier,
+        "clip_norm": server.dp_clip_norm,
+        "sample_rate": accountant.sample_rate,
+        "rounds": num_rounds,
         "epsilon_per_round": [r.get("dp_epsilon") for r in rounds],
     }

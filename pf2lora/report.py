@@ -29,8 +29,8 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: already holds a run; choose another --out or pass --overwrite")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True):
+            pass
     except OSError as e:
         raise UserError(f"{path}: cannot write the run directory ({e.strerror})") from None
 
@@ -107,7 +107,10 @@ def _fmt(v: Any) -> str:
 
 
 def results_table(
-    summary: dict[str, Any], columns: tuple[str, ...] = (), primary: str | None = None, higher_is_better: bool = False,
+    summary: dict[str, Any],
+    columns: tuple[str, ...] = (),
+    primary: str | None = None,
+    higher_is_better: bool = False,
     reference: tuple[str, str] | None = None,
 ) -> str:
     """Markdown table: one row per method, the mean over clients of each metric, and the worst
@@ -175,10 +178,17 @@ def write_report(out: Path, task: Task, summary: dict[str, Any], figures: list[s
         "",
     ]
     if any("effective_rank" in c for m in summary["methods"].values() for c in m["clients"].values()):
-        parts += ["## Per client: effective rank (true rank in the second column)", "",
-                  per_client_table(summary, "effective_rank", ("true_rank",)), ""]
-    worst = [f"- {n}: worst client {metric} = {_fmt(m['stats'][metric]['max' if not task.higher_is_better else 'min'])}"
-             for n, m in summary["methods"].items() if metric in m["stats"]]
+        parts += [
+            "## Per client: effective rank (true rank in the second column)",
+            "",
+            per_client_table(summary, "effective_rank", ("true_rank",)),
+            "",
+        ]
+    worst = [
+        f"- {n}: worst client {metric} = {_fmt(m['stats'][metric]['max' if not task.higher_is_better else 'min'])}"
+        for n, m in summary["methods"].items()
+        if metric in m["stats"]
+    ]
     parts += ["## Worst client", "", *worst, ""]
     notes = task.report_notes()
     if notes:
@@ -295,8 +305,15 @@ def _metric_figures(out: Path, task: Task, summary: dict[str, Any], results: lis
         ax.bar(xs, [m["clients"][c].get(metric, float("nan")) for c in client_ids], width, label=name)
     reference = next(iter(methods.values()))["clients"]
     if all("majority_accuracy" in reference[c] for c in client_ids) and metric == "accuracy":
-        ax.scatter(range(len(client_ids)), [reference[c]["majority_accuracy"] for c in client_ids],
-                   marker="_", s=400, color="k", zorder=3, label="majority class")
+        ax.scatter(
+            range(len(client_ids)),
+            [reference[c]["majority_accuracy"] for c in client_ids],
+            marker="_",
+            s=400,
+            color="k",
+            zorder=3,
+            label="majority class",
+        )
     ax.set_xticks(range(len(client_ids)))
     ax.set_xticklabels(client_ids, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"personalised {label}")

@@ -135,7 +135,9 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
 
 
-def screen(uploads: Sequence[Mapping[str, torch.Tensor]], spec: Spec, dtype: torch.dtype | None = torch.float32) -> tuple[list[int], dict[int, str]]:
+def screen(
+    uploads: Sequence[Mapping[str, torch.Tensor]], spec: Spec, dtype: torch.dtype | None = torch.float32
+) -> tuple[list[int], dict[int, str]]:
     """Indices of the valid uploads, and index -> reason for the rejected ones."""
     accepted: list[int] = []
     rejected: dict[int, str] = {}
@@ -169,9 +171,7 @@ def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-def clip_update(
-    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
-) -> tuple[Tensors, float]:
+def clip_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float) -> tuple[Tensors, float]:
     """Clip the delta ``update - reference`` to global L2 norm ``max_norm``.
 
     Returns ``(reference + delta * min(1, max_norm / ||delta||), ||delta||)`` as new tensors; an
@@ -273,7 +273,6 @@ def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], trim_fraction: fl
 
 Aggregator = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float], float], Tensors]
 """``(states, weights, trim_fraction) -> state``; the robust ones ignore ``weights``."""
-
 
 
 def _mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], trim_fraction: float = 0.0) -> Tensors:

@@ -18,6 +18,7 @@ needs the individual uploads:
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from pf2lora.config import RunConfig
 from pf2lora.errors import UserError
 

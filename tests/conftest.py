@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pf2lora import config, plan
+from pf2lora import plan
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.engines.rounds import client_context as engine_context
@@ -78,8 +78,7 @@ def tiny_task(*overrides: str) -> tuple[RunConfig, SyntheticRankTask]:
     return small_task(*TINY, *overrides)
 
 
-def client_context(cfg: RunConfig, task, k: int = 0, round_: int = 1, steps: int | None = None,
-                   purpose: str = "train") -> ClientContext:
+def client_context(cfg: RunConfig, task, k: int = 0, round_: int = 1, steps: int | None = None, purpose: str = "train") -> ClientContext:
     """Client ``k``'s context for ``round_``, as the engines make it."""
     return engine_context(cfg, task, task.clients[k], round_, purpose, cfg.local_steps if steps is None else steps)
 
@@ -92,8 +91,16 @@ def record_client_updates(monkeypatch, cls, calls: list[dict]) -> None:
     def wrapper(self, ctx, received, client_state):
         before_received, before_state = st.clone(received), st.clone(client_state)
         update, new_state = original(self, ctx, received, client_state)
-        calls.append({"round": ctx.round, "client": ctx.client.client_id, "received": before_received,
-                      "state": before_state, "update": update, "new_state": st.clone(new_state)})
+        calls.append(
+            {
+                "round": ctx.round,
+                "client": ctx.client.client_id,
+                "received": before_received,
+                "state": before_state,
+                "update": update,
+                "new_state": st.clone(new_state),
+            }
+        )
         return update, new_state
 
     monkeypatch.setattr(cls, "client_update", wrapper)
@@ -131,8 +138,9 @@ def free_port() -> int:
 # -- waiting on a subprocess for a state, never for a fixed time --------------------------------
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 120,
-             proc: subprocess.Popen | None = None, poll: float = 0.05) -> object:
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = 120, proc: subprocess.Popen | None = None, poll: float = 0.05
+) -> object:
     """Poll ``condition()`` until it is truthy and return it; fail with ``what`` after ``timeout``
     seconds (a generous bound for a hung run, not a timing assumption) or as soon as ``proc`` exits."""
     deadline = time.monotonic() + timeout

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import CORE_METHODS, read_metrics, read_summary, run_cli
 from conftest import SYNTH_CFG as CFG
 from pf2lora import config
-from pf2lora.methods import registry
 from pf2lora.cli import main
 from pf2lora.errors import UserError
+from pf2lora.methods import registry
 
 TINY_RUN = [
-    "--set", "rounds=1", "--set", "local_steps=1", "--set", "task.num_clients=2", "--set", "task.dim=8",
-    "--set", "task.train_samples=16", "--set", "task.test_samples=16", "--set", 'methods=["homlora"]', "--quiet",
+    "--set",
+    "rounds=1",
+    "--set",
+    "local_steps=1",
+    "--set",
+    "task.num_clients=2",
+    "--set",
+    "task.dim=8",
+    "--set",
+    "task.train_samples=16",
+    "--set",
+    "task.test_samples=16",
+    "--set",
+    'methods=["homlora"]',
+    "--quiet",
 ]
 
 
@@ -107,7 +119,9 @@ def test_diverging_run_fails_loudly_in_one_line(capsys, tmp_path):
     """Every client diverges (NaN loss): each update is rejected, and a round without a single
     good update stops the run with one line (not a traceback, not a silent NaN summary)."""
     out = tmp_path / "run"
-    rc = main(["run", CFG, *TINY_RUN, "--set", 'methods=["pf2lora"]', "--set", "local_steps=3", "--set", "optim.lower_lr=1e20", "--out", str(out)])
+    rc = main(
+        ["run", CFG, *TINY_RUN, "--set", 'methods=["pf2lora"]', "--set", "local_steps=3", "--set", "optim.lower_lr=1e20", "--out", str(out)]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "min_clients" in err[0] and "rejected" in err[0]

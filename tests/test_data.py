@@ -13,9 +13,8 @@ import pytest
 
 from pf2lora import config, plan
 from pf2lora.config import TaskConfig
-from pf2lora.data import assets, catalogue
+from pf2lora.data import assets, catalogue, corpora, user_files
 from pf2lora.data import partition as part
-from pf2lora.data import corpora, user_files
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 
@@ -187,7 +186,7 @@ def _glue_fixture(root: Path) -> Path:
 def test_glue_loaders_read_official_tsv_layouts(tmp_path):
     root = _glue_fixture(tmp_path)
     sst = user_files.load_glue("SST-2", root / "SST-2")
-    assert sst.text == ['it \'s a charming " journey ', "bad movie"] and sst.labels == [1, 0]
+    assert sst.text == ["it 's a charming \" journey ", "bad movie"] and sst.labels == [1, 0]
     assert sst.label_names == ["negative", "positive"] and sst.text_pair is None
     cola = user_files.load_glue("cola", root / "CoLA")
     assert cola.text[1] == "They drank the pub." and cola.labels == [1, 0]
@@ -223,16 +222,26 @@ def test_glue_errors(tmp_path):
 def test_e2e_and_webnlg(tmp_path):
     e2e = write_csv(
         tmp_path / "trainset.csv",
-        [["mr", "ref"], ["name[The Vaults], eatType[pub], food[French]", "The Vaults is a French pub."],
-         ["name[Alimentum], area[city centre]", "Alimentum is in the city centre."]],
+        [
+            ["mr", "ref"],
+            ["name[The Vaults], eatType[pub], food[French]", "The Vaults is a French pub."],
+            ["name[Alimentum], area[city centre]", "Alimentum is in the city centre."],
+        ],
     )
     ds = user_files.load_e2e(e2e, group_attr="eatType")
     assert ds.targets[0] == "The Vaults is a French pub." and ds.groups == ["pub", "none"]
     assert user_files.parse_mr(ds.text[1]) == {"name": "Alimentum", "area": "city centre"}
     hf_record = {
-        "category": "Astronaut", "size": 2, "eid": "Id1",
+        "category": "Astronaut",
+        "size": 2,
+        "eid": "Id1",
         "modified_triple_sets": {"mtriple_set": [["Alan_Bean | birthPlace | Wheeler,_Texas", "Alan_Bean | occupation | Test_pilot"]]},
-        "lex": {"comment": ["good", "good"], "lid": ["Id1", "Id2"], "text": ["Alan Bean, born in Wheeler, was a test pilot.", "Test pilot Alan Bean was born in Texas."], "lang": ["", ""]},
+        "lex": {
+            "comment": ["good", "good"],
+            "lid": ["Id1", "Id2"],
+            "text": ["Alan Bean, born in Wheeler, was a test pilot.", "Test pilot Alan Bean was born in Texas."],
+            "lang": ["", ""],
+        },
     }
     simple = {"category": "Food", "triples": [["Bacon", "ingredient", "Pork"]], "lexicalisations": ["Bacon is made of pork."]}
     web = write_jsonl(tmp_path / "webnlg.jsonl", [hf_record, simple])
@@ -274,8 +283,12 @@ def test_loaders_find_data_in_the_env_cache(tmp_path, monkeypatch):
 
 def test_rotten_tomatoes_format(tmp_path):
     f = tmp_path / "rt.csv.bz2"
-    rows = [["category", "text", "movie_name", "has_plot_and_reviews"], ["plot", "A plot,\nlong.", "m1", "True"],
-            ["fresh", "Loved it.", "m1", "True"], ["rotten", "Hated it.", "m2", "False"]]
+    rows = [
+        ["category", "text", "movie_name", "has_plot_and_reviews"],
+        ["plot", "A plot,\nlong.", "m1", "True"],
+        ["fresh", "Loved it.", "m1", "True"],
+        ["rotten", "Hated it.", "m2", "False"],
+    ]
     with bz2.open(f, "wt", newline="", encoding="utf-8") as h:
         csv.writer(h).writerows(rows)
     ds = corpora.load_rotten_tomatoes(f)
@@ -293,8 +306,12 @@ def _wordnet_fixture(root: Path) -> Path:
         + '"the dog barked all night"; "a good dog"  \n'
     )
     (root / "data.verb").write_text(header + "00001740 29 v 01 breathe 0 000 01 + 02 00 | draw air into, and expel out of, the lungs  \n")
-    (root / "data.adj").write_text(header + '00001740 00 a 01 able(a) 0 000 | (usually followed by `to\') having the necessary means; "able to swim"  \n')
-    (root / "data.adv").write_text(header + '00001740 02 r 01 a_cappella 0 000 | without musical accompaniment; "they performed a cappella"  \n')
+    (root / "data.adj").write_text(
+        header + '00001740 00 a 01 able(a) 0 000 | (usually followed by `to\') having the necessary means; "able to swim"  \n'
+    )
+    (root / "data.adv").write_text(
+        header + '00001740 02 r 01 a_cappella 0 000 | without musical accompaniment; "they performed a cappella"  \n'
+    )
     return root
 
 
@@ -448,7 +465,7 @@ def test_dirichlet_skew_min_size_and_determinism():
     skewed = part.label_counts(p, y, 4)
     flat = part.label_counts(part.dirichlet(y, 6, alpha=1000.0, min_size=1, seed=3), y, 4)
     # small alpha: clients dominated by few labels; huge alpha: near the global mix
-    dom = lambda m: np.mean(m.max(1) / m.sum(1))  # noqa: E731
+    dom = lambda m: np.mean(m.max(1) / m.sum(1))
     assert dom(skewed) > 0.6 > 0.35 > dom(flat)
     with pytest.raises(UserError) as e:
         part.dirichlet(y, 6, alpha=0.5, min_size=101)
@@ -467,7 +484,7 @@ def test_s_similarity_extremes_for_binary_labels():
         _covers(p, 400)
         assert {len(v) for v in p.values()} == {50}
     pos_rate = np.mean(y)
-    frac = lambda p: part.label_counts(p, y, 2)[:, 1] / 50  # noqa: E731
+    frac = lambda p: part.label_counts(p, y, 2)[:, 1] / 50
     assert np.all(np.abs(frac(iid_like) - pos_rate) < 0.25)
     purity = part.label_counts(sorted_, y, 2).max(1) / 50
     assert (purity == 1.0).sum() >= 7  # all clients but the one holding the label boundary are single-label
@@ -567,8 +584,19 @@ def test_catalogue_is_one_table():
     names = [d.name for d in catalogue.CATALOGUE]
     assert len(set(names)) == len(names)
     assert catalogue.choices("text-classification") == [
-        "vader", "rotten-tomatoes", "wordnet-topics", "glue-sst2", "glue-cola", "glue-mnli", "glue-qnli", "glue-qqp",
-        "glue-rte", "glue-mrpc", "csv", "tsv", "jsonl",
+        "vader",
+        "rotten-tomatoes",
+        "wordnet-topics",
+        "glue-sst2",
+        "glue-cola",
+        "glue-mnli",
+        "glue-qnli",
+        "glue-qqp",
+        "glue-rte",
+        "glue-mrpc",
+        "csv",
+        "tsv",
+        "jsonl",
     ]
     assert catalogue.choices("generation") == ["wordnet-definitions", "shakespeare", "e2e", "webnlg", "csv", "tsv", "jsonl"]
     needs = {d.name for d in catalogue.CATALOGUE if d.needs_path}
@@ -583,12 +611,15 @@ def test_catalogue_is_one_table():
     assert len(lines) == len(names) and all(line.startswith(n) for line, n in zip(lines, names))
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (['task.dataset="csv"'], "defaults (with --set): task.dataset = 'csv' needs task.data_path (the data file)"),
-    (['task.dataset="glue-rte"'], "task.dataset = 'glue-rte' needs task.data_path (the data folder)"),
-    (['task.dataset="shakespeare"'], "key 'task.dataset': 'shakespeare' is not a text-classification data set (choose from vader,"),
-    (['task.dataset="csv"', 'task.data_path="x.csv"', 'task.label_column=" "'], "task.label_column must name a column"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (['task.dataset="csv"'], "defaults (with --set): task.dataset = 'csv' needs task.data_path (the data file)"),
+        (['task.dataset="glue-rte"'], "task.dataset = 'glue-rte' needs task.data_path (the data folder)"),
+        (['task.dataset="shakespeare"'], "key 'task.dataset': 'shakespeare' is not a text-classification data set (choose from vader,"),
+        (['task.dataset="csv"', 'task.data_path="x.csv"', 'task.label_column=" "'], "task.label_column must name a column"),
+    ],
+)
 def test_plan_checks_the_data_set(overrides, needle):
     with pytest.raises(UserError) as e:
         plan.load(None, ['task.kind="text-classification"', *overrides])

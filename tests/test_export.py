@@ -29,14 +29,28 @@ ATOL = 1e-5
 
 
 def _bert():
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return BertForSequenceClassification(cfg), ("query", "value")
 
 
 def _llama():
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(cfg), ("q_proj", "v_proj")
 
 

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
 
 import torch
-from conftest import ALL_METHODS, SYNTH_CFG, free_port, methods_override, read_summary, small_task, wait_for
 
+from conftest import ALL_METHODS, SYNTH_CFG, free_port, methods_override, read_summary, small_task, wait_for
 from pf2lora import state as st
 from pf2lora.engines.flower import FlowerEngineError
 from pf2lora.engines.flower.client import make_client_app
@@ -69,11 +69,20 @@ def test_every_method_matches_the_local_engine(tmp_path):
         _assert_close(a.clients, b.clients, tol=0.0)  # the same float operations: bit for bit
 
 
-@pytest.mark.parametrize("overrides", [
-    (methods_override(["pf2lora", "hetlora", "fdlora"]), "task.num_clients=6", "seed=5", "client_fraction=0.8",
-     "faults.dropout_prob=0.15", "faults.crash_prob=0.15"),
-    (methods_override(["centralized", "perfedavg"]), "client_fraction=0.7"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (
+            methods_override(["pf2lora", "hetlora", "fdlora"]),
+            "task.num_clients=6",
+            "seed=5",
+            "client_fraction=0.8",
+            "faults.dropout_prob=0.15",
+            "faults.crash_prob=0.15",
+        ),
+        (methods_override(["centralized", "perfedavg"]), "client_fraction=0.7"),
+    ],
+)
 def test_method_strategy_through_flowers_own_start_gives_the_local_numbers(tmp_path, overrides):
     """MethodStrategy is Flower's typed Strategy interface over the same round code: Flower's own
     ``Strategy.start`` drives it, and every method's rounds, faults and per-client metrics equal
@@ -109,12 +118,24 @@ def test_method_strategy_refuses_secure_aggregation():
         MethodStrategy(cfg, "homlora", task)
 
 
-@pytest.mark.parametrize("overrides", [
-    ("task.num_clients=6", "seed=5", "rounds=4", "faults.dropout_prob=0.15", "faults.crash_prob=0.15", "faults.straggler_prob=0.2",
-     "faults.straggler_delay_s=5.0", "faults.deadline_s=2.0", 'faults.poison_clients=["client_1"]'),
-    ("server.dp_noise_multiplier=0.5", "server.aggregator=median"),
-    ('faults.poison_clients=["client_0"]', "faults.poison=scale", "server.clip_norm=0.5", "server.aggregator=trimmed-mean"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (
+            "task.num_clients=6",
+            "seed=5",
+            "rounds=4",
+            "faults.dropout_prob=0.15",
+            "faults.crash_prob=0.15",
+            "faults.straggler_prob=0.2",
+            "faults.straggler_delay_s=5.0",
+            "faults.deadline_s=2.0",
+            'faults.poison_clients=["client_1"]',
+        ),
+        ("server.dp_noise_multiplier=0.5", "server.aggregator=median"),
+        ('faults.poison_clients=["client_0"]', "faults.poison=scale", "server.clip_norm=0.5", "server.aggregator=trimmed-mean"),
+    ],
+)
 def test_faults_and_robust_aggregation_match_the_local_engine(tmp_path, overrides):
     cfg, task = small_task(*TINY, methods_override(["pf2lora", "hetlora", "flexlora"]), *overrides)
     for a, b in zip(_local(cfg, task), _inprocess(cfg, task, tmp_path), strict=True):
@@ -220,8 +241,15 @@ def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatc
         def send_and_receive(self, messages, *, timeout=None):
             replies = super().send_and_receive(messages, timeout=timeout)
             sent = {m.metadata.dst_node_id: m.content["config"] for m in messages}
-            return [r for r in replies if not (r.metadata.message_type == "train" and sent[r.metadata.src_node_id]["client_id"] == "client_0"
-                                               and int(sent[r.metadata.src_node_id]["round"]) == 2)]
+            return [
+                r
+                for r in replies
+                if not (
+                    r.metadata.message_type == "train"
+                    and sent[r.metadata.src_node_id]["client_id"] == "client_0"
+                    and int(sent[r.metadata.src_node_id]["round"]) == 2
+                )
+            ]
 
     (flower,) = _inprocess(cfg, task, tmp_path, lambda app: Lossy(app, len(task.clients)))
     from pf2lora.engines import local as local_engine
@@ -401,10 +429,35 @@ def test_cli_flower_sim_gives_the_local_summary(tmp_path):
     """`pf2lora run ... --engine flower-sim` writes the same summary.json as `--engine local`."""
     from pf2lora.cli import main
 
-    common = ["run", SYNTH_CFG, "--quiet", "--set", "rounds=2", "--set", "task.num_clients=2", "--set", "task.dim=8",
-              "--set", "task.shared_rank=2", "--set", "task.private_ranks=[0,1]", "--set", "task.train_samples=32",
-              "--set", "task.test_samples=32", "--set", "lora.rank=2", "--set", "lora.alpha=2.0",
-              "--set", "lora.private_rank=1", "--set", "lora.private_alpha=1.0", "--set", 'methods=["pf2lora","hetlora"]']
+    common = [
+        "run",
+        SYNTH_CFG,
+        "--quiet",
+        "--set",
+        "rounds=2",
+        "--set",
+        "task.num_clients=2",
+        "--set",
+        "task.dim=8",
+        "--set",
+        "task.shared_rank=2",
+        "--set",
+        "task.private_ranks=[0,1]",
+        "--set",
+        "task.train_samples=32",
+        "--set",
+        "task.test_samples=32",
+        "--set",
+        "lora.rank=2",
+        "--set",
+        "lora.alpha=2.0",
+        "--set",
+        "lora.private_rank=1",
+        "--set",
+        "lora.private_alpha=1.0",
+        "--set",
+        'methods=["pf2lora","hetlora"]',
+    ]
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     assert main([*common, "--engine", "flower-sim", "--out", str(tmp_path / "sim")]) == 0
     a = read_summary(tmp_path / "local")

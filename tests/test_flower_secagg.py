@@ -18,8 +18,8 @@ import pytest
 pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
 
 import torch
-from conftest import SYNTH_CFG, methods_override, small_task
 
+from conftest import SYNTH_CFG, methods_override, small_task
 from pf2lora import secagg as sa
 from pf2lora import state as st
 from pf2lora.engines.flower import secagg as flower_secagg
@@ -93,8 +93,7 @@ def _check_means(means, cfg):
     for (name, round_), (got, uploads) in means.items():
         assert sorted(uploads) == sorted(got.included) and got.mean is not None, (name, round_)
         weights = [float(uploads[c][1]) for c in got.included]
-        exact = {k: sum(w * uploads[c][0][k].double() for c, w in zip(got.included, weights, strict=True)) / sum(weights)
-                 for k in got.mean}
+        exact = {k: sum(w * uploads[c][0][k].double() for c, w in zip(got.included, weights, strict=True)) / sum(weights) for k in got.mean}
         diff = _max_diff(got.mean, exact)
         bound = sa.error_bound(cfg.server.secagg_clipping_range, cfg.server.secagg_quantization_range, weights)
         bound += 2.0**-23 * max(float(v.abs().max()) for v in exact.values())  # the mean is stored as float32
@@ -138,8 +137,16 @@ def test_secagg_mean_equals_the_plain_mean_of_the_same_uploads_for_every_plain_m
 
 
 def test_a_client_crash_is_a_secagg_dropout_and_the_rest_are_averaged(tmp_path, monkeypatch):
-    cfg, task = small_task(*TINY, "task.num_clients=4", "rounds=4", "seed=1", methods_override(["pf2lora"]), SECURE,
-                           "faults.crash_prob=0.25", "faults.dropout_prob=0.1")
+    cfg, task = small_task(
+        *TINY,
+        "task.num_clients=4",
+        "rounds=4",
+        "seed=1",
+        methods_override(["pf2lora"]),
+        SECURE,
+        "faults.crash_prob=0.25",
+        "faults.dropout_prob=0.1",
+    )
     _, (b,), means = _secure_run(cfg, task, tmp_path, monkeypatch)
     a = LocalEngine(_plain(cfg), task, progress=False).run("pf2lora")
     faults = [(f["round"], f["client"], f["fault"]) for f in b.faults]
@@ -190,23 +197,26 @@ def test_a_client_never_sends_its_upload_in_the_clear(tmp_path):
 # -- refusals ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("overrides", "match"), [
-    ((methods_override(["pf2lora", "hetlora"]),), "not: hetlora"),
-    ((methods_override(["flexlora"]),), "not: flexlora"),
-    ((methods_override(["centralized"]),), "not: centralized"),
-    (("server.aggregator=median",), "server.aggregator = 'median'"),
-    (("server.aggregator=trimmed-mean",), "server.aggregator = 'trimmed-mean'"),
-    (("server.clip_norm=0.5",), "server.clip_norm"),
-    (("server.dp_noise_multiplier=1.0",), "server.dp_noise_multiplier"),
-    (("faults.deadline_s=1.0",), "faults.deadline_s"),
-    (("task.num_clients=1",), "at least 2 clients per round"),
-    (("task.num_clients=4", "client_fraction=0.25"), "at least 2 clients per round"),
-    (("server.secagg_num_shares=2",), "secagg_num_shares"),
-    (("server.secagg_num_shares=5",), "secagg_num_shares"),
-    (("server.secagg_num_shares=3", "server.secagg_reconstruction_threshold=3"), "must be below"),
-    (("server.secagg_reconstruction_threshold=2.5",), "must be an integer"),
-    (("server.secagg_quantization_range=2000000000",), "below 2\\*\\*32"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ((methods_override(["pf2lora", "hetlora"]),), "not: hetlora"),
+        ((methods_override(["flexlora"]),), "not: flexlora"),
+        ((methods_override(["centralized"]),), "not: centralized"),
+        (("server.aggregator=median",), "server.aggregator = 'median'"),
+        (("server.aggregator=trimmed-mean",), "server.aggregator = 'trimmed-mean'"),
+        (("server.clip_norm=0.5",), "server.clip_norm"),
+        (("server.dp_noise_multiplier=1.0",), "server.dp_noise_multiplier"),
+        (("faults.deadline_s=1.0",), "faults.deadline_s"),
+        (("task.num_clients=1",), "at least 2 clients per round"),
+        (("task.num_clients=4", "client_fraction=0.25"), "at least 2 clients per round"),
+        (("server.secagg_num_shares=2",), "secagg_num_shares"),
+        (("server.secagg_num_shares=5",), "secagg_num_shares"),
+        (("server.secagg_num_shares=3", "server.secagg_reconstruction_threshold=3"), "must be below"),
+        (("server.secagg_reconstruction_threshold=2.5",), "must be an integer"),
+        (("server.secagg_quantization_range=2000000000",), "below 2\\*\\*32"),
+    ],
+)
 def test_secure_aggregation_refuses_what_needs_individual_uploads(overrides, match):
     with pytest.raises(UserError, match=match) as e:
         small_task(*TINY, SECURE, *overrides)
@@ -225,11 +235,14 @@ def test_the_local_engine_refuses_secure_aggregation():
         LocalEngine(cfg, task, progress=False).run("pf2lora")
 
 
-@pytest.mark.parametrize(("extra", "match"), [
-    ([], "needs --engine flower-sim or flower-deploy"),
-    (["--engine", "flower-sim", "--set", 'methods=["hetlora"]'], "not: hetlora"),
-    (["--engine", "flower-sim", "--set", 'methods=["pf2lora"]', "--set", "server.aggregator=median"], "server.aggregator"),
-])
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ([], "needs --engine flower-sim or flower-deploy"),
+        (["--engine", "flower-sim", "--set", 'methods=["hetlora"]'], "not: hetlora"),
+        (["--engine", "flower-sim", "--set", 'methods=["pf2lora"]', "--set", "server.aggregator=median"], "server.aggregator"),
+    ],
+)
 def test_cli_refusals_are_one_line(tmp_path, capsys, extra, match):
     from pf2lora.cli import main
 
@@ -259,8 +272,13 @@ def test_flower_sim_secagg_equals_the_plain_mean_run():
     cfg, task = small_task(*TINY, "rounds=2", methods_override(["pf2lora", "homlora"]), SECURE)
     servers: dict[tuple, dict] = {}
     replies: list = []
-    flower = run_flower_sim(cfg, task, num_cpus=2, on_server=lambda m, r, s: servers.__setitem__((m, r), s),
-                            on_reply=lambda kind, msg: replies.append((kind, msg)))
+    flower = run_flower_sim(
+        cfg,
+        task,
+        num_cpus=2,
+        on_server=lambda m, r, s: servers.__setitem__((m, r), s),
+        on_reply=lambda kind, msg: replies.append((kind, msg)),
+    )
     engine = LocalEngine(_plain(cfg), task, progress=False)
     weights = [float(c.num_train) for c in task.clients]
     bound = sa.error_bound(C, Q, weights) + 1e-7

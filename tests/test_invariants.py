@@ -60,10 +60,19 @@ def _recording(monkeypatch, cls, calls: list[dict]):
         before_state = {k: v.detach().clone() for k, v in client_state.items()}
         in_ptrs = {t.data_ptr() for t in [*_tensors(received), *_tensors(client_state)]}
         update, new_state = original(self, ctx, received, client_state)
-        calls.append(dict(
-            round=ctx.round, client=ctx.client.client_id, received=received, before_received=before_received,
-            state=client_state, before_state=before_state, update=update, new_state=new_state, in_ptrs=in_ptrs,
-        ))
+        calls.append(
+            dict(
+                round=ctx.round,
+                client=ctx.client.client_id,
+                received=received,
+                before_received=before_received,
+                state=client_state,
+                before_state=before_state,
+                update=update,
+                new_state=new_state,
+                in_ptrs=in_ptrs,
+            )
+        )
         return update, new_state
 
     monkeypatch.setattr(cls, "client_update", wrapper)

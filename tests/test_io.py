@@ -83,10 +83,9 @@ def test_atomic_dir_swaps_in_and_keeps_the_old_one_on_error(tmp_path):
         assert d.parent == out.parent and not out.exists()
         (d / "v").write_text("1")
     assert (out / "v").read_text() == "1"
-    with pytest.raises(RuntimeError):
-        with io.atomic_dir(out) as d:
-            (d / "v").write_text("2")
-            raise RuntimeError("build failed")
+    with pytest.raises(RuntimeError), io.atomic_dir(out) as d:
+        (d / "v").write_text("2")
+        raise RuntimeError("build failed")
     assert (out / "v").read_text() == "1"
     with io.atomic_dir(out) as d:  # replaces an existing directory; the old one is deleted
         (d / "w").write_text("2")

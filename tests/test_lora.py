@@ -46,7 +46,9 @@ def test_init_adapter_and_keys():
     net = _Net()
     targets = lora.inject(net, ["proj", "other"], {lora.COMMON: 1.0})
     ad = lora.init_adapter(targets, lora.COMMON, st.SHARED, 3, torch.Generator().manual_seed(0))
-    assert sorted(ad) == sorted([*lora.adapter_keys(targets[0], lora.COMMON, st.SHARED), *lora.adapter_keys(targets[1], lora.COMMON, st.SHARED)])
+    assert sorted(ad) == sorted(
+        [*lora.adapter_keys(targets[0], lora.COMMON, st.SHARED), *lora.adapter_keys(targets[1], lora.COMMON, st.SHARED)]
+    )
     a, b = lora.adapter_keys(targets[0], lora.COMMON, st.SHARED)
     assert a == "shared:proj.lora_A.common" and b == "shared:proj.lora_B.common"
     assert ad[a].shape == (3, 6) and ad[b].shape == (4, 3)

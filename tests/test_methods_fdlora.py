@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import SYNTH_CFG, read_summary, record_client_updates, run_cli, tiny_task
 
 import pf2lora.methods.base as base_mod
+from conftest import SYNTH_CFG, read_summary, record_client_updates, run_cli, tiny_task
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
@@ -84,7 +84,7 @@ def test_fusion_search_finds_an_interior_optimum_and_respects_the_budget():
     for budget in (1, 2, 5, 13, 60):
         calls = []
 
-        def objective(w1, w2):
+        def objective(w1, w2, calls=calls):
             calls.append((w1, w2))
             return (w1 - 0.3) ** 2 + 2 * (w2 + 0.8) ** 2 + 0.5 * w1 * w2
 
@@ -209,8 +209,10 @@ def test_client_update_does_not_mutate_inputs():
 
 def _updates(server, seed, counts=(40, 21, 13)):
     g = torch.Generator().manual_seed(seed)
-    return [ClientUpdate(f"c{i}", st.outgoing({k: v + torch.randn(v.shape, generator=g) for k, v in server.items()}), n)
-            for i, n in enumerate(counts)]
+    return [
+        ClientUpdate(f"c{i}", st.outgoing({k: v + torch.randn(v.shape, generator=g) for k, v in server.items()}), n)
+        for i, n in enumerate(counts)
+    ]
 
 
 def test_outer_sgd_without_momentum_and_lr_1_is_fedavg():

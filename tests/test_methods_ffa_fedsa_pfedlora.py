@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import SYNTH_CFG, client_context, read_summary, record_client_updates, run_cli, tiny_task
 
 import pf2lora.methods.base as base_module
+from conftest import SYNTH_CFG, client_context, read_summary, record_client_updates, run_cli, tiny_task
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine, generator
@@ -23,6 +23,7 @@ from pf2lora.methods.pfedlora import PFedLoRA
 torch.set_num_threads(1)
 
 NEW_METHODS = ["ffa-lora", "fedsa-lora", "pfedlora"]
+
 
 def _keys(task, adapter: str, role: str, which: str) -> set[str]:
     """The A (which="A") or B keys of ``adapter`` held with ``role`` on every target."""
@@ -222,9 +223,9 @@ def test_pfedlora_phases_freeze_the_other_part(monkeypatch):
     assert steps == [private_keys] * n1 + [shared_keys] * n2
     assert len(losses) == n1 + n2
     after_phase1 = {k: new_state[k] for k in private_keys}
-    for shared, private in losses[:n1]:  # phase 1: shared frozen at what was received
+    for shared, _ in losses[:n1]:  # phase 1: shared frozen at what was received
         assert all(torch.equal(shared[k], received[k]) for k in shared_keys)
-    for shared, private in losses[n1:]:  # phase 2: private frozen at phase 1's result
+    for _, private in losses[n1:]:  # phase 2: private frozen at phase 1's result
         assert all(torch.equal(private[k], after_phase1[k]) for k in private_keys)
     assert any(not torch.equal(after_phase1[k], state[k]) for k in private_keys), "phase 1 trained nothing"
     # only the shared adapter goes up, and it is phase 2's result (changed from what was received)
@@ -281,8 +282,17 @@ def test_pfedlora_private_state_persists_and_is_never_uploaded(monkeypatch):
 def text_tasks():
     from pf2lora.tasks import build_task
 
-    base = ['task.kind="tiny-text"', "task.num_clients=2", "task.train_samples=32", "task.test_samples=16",
-            "task.seq_len=12", "batch_size=8", "local_steps=2", "lora.rank=2", "lora.private_rank=1"]
+    base = [
+        'task.kind="tiny-text"',
+        "task.num_clients=2",
+        "task.train_samples=32",
+        "task.test_samples=16",
+        "task.seq_len=12",
+        "batch_size=8",
+        "local_steps=2",
+        "lora.rank=2",
+        "lora.private_rank=1",
+    ]
     out = {}
     for head in ("shared", "private"):
         cfg = config.load(None, [*base, f'lora.head="{head}"'])
@@ -324,8 +334,9 @@ def test_runs_end_to_end_with_finite_mse(name):
 def test_cli_runs_all_three_with_expected_upload_bytes(tmp_path):
     out = tmp_path / "run"
     methods = json.dumps(NEW_METHODS)
-    proc = run_cli("run", SYNTH_CFG, "--set", f"methods={methods}", "--set", "rounds=2",
-                   "--set", "task.train_samples=64", "--out", str(out))
+    proc = run_cli(
+        "run", SYNTH_CFG, "--set", f"methods={methods}", "--set", "rounds=2", "--set", "task.train_samples=64", "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(out)
     cfg = config.load(SYNTH_CFG)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import SYNTH_CFG, read_metrics, read_summary, record_client_updates, run_cli, tiny_task
 
+from conftest import SYNTH_CFG, read_metrics, read_summary, record_client_updates, run_cli, tiny_task
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.config import resolved_rank_range
@@ -24,7 +24,6 @@ from pf2lora.methods.fedlora_opt import (
     part_key,
 )
 from pf2lora.methods.flexlora import FlexLoRA, delta_key
-
 
 BASE = ("local_steps=4", "lora.rank=3", "lora.alpha=3.0")
 ALPHA = 3.0
@@ -393,8 +392,19 @@ def test_runs_end_to_end_on_the_synthetic_task(name):
 
 def test_cli_run_reports_each_methods_upload(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("run", SYNTH_CFG, "--set", 'methods=["flexlora","fedlora-opt"]',
-                   "--set", "rounds=2", "--set", "task.train_samples=64", "--out", str(out), "--quiet")
+    proc = run_cli(
+        "run",
+        SYNTH_CFG,
+        "--set",
+        'methods=["flexlora","fedlora-opt"]',
+        "--set",
+        "rounds=2",
+        "--set",
+        "task.train_samples=64",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = config.load(out / "config.toml")
     summary = read_summary(out)

@@ -43,8 +43,12 @@ def _tiny_bert(num_layers: int = 2):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=50, hidden_size=8, num_hidden_layers=num_layers, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16,
+        vocab_size=50,
+        hidden_size=8,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=16,
     )
     torch.manual_seed(0)
     return BertModel(cfg, add_pooling_layer=False)
@@ -80,7 +84,9 @@ def _synthetic_onnx(bert, *, swap: bool = False):
             inputs = [bias, out] if slot % 2 else [out, bias]  # either operand order
             nodes.append(helper.make_node("Add", inputs, [f"add_{layer}_{slot}"]))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
         [helper.make_tensor_value_info(f"add_{bert.config.num_hidden_layers - 1}_5", TensorProto.FLOAT, [1, 8])],
         initializer=inits,
     )
@@ -323,7 +329,8 @@ def test_local_bert_dir_loads_with_a_seeded_head(tiny_bert_dir):
 
 
 def test_local_llama_dir_loads_and_pads_with_eos(tmp_path):
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tmodels
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}

@@ -136,15 +136,29 @@ def test_state_dict_round_trip_through_json():
 
 
 def test_accountant_validates():
-    for args in [(0.0, 0.1, 1e-5), (-1.0, 0.1, 1e-5), (float("nan"), 0.1, 1e-5), (1.0, 0.0, 1e-5), (1.0, 1.5, 1e-5),
-                 (1.0, 0.1, 0.0), (1.0, 0.1, 1.0), (True, 0.1, 1e-5)]:
+    for args in [
+        (0.0, 0.1, 1e-5),
+        (-1.0, 0.1, 1e-5),
+        (float("nan"), 0.1, 1e-5),
+        (1.0, 0.0, 1e-5),
+        (1.0, 1.5, 1e-5),
+        (1.0, 0.1, 0.0),
+        (1.0, 0.1, 1.0),
+        (True, 0.1, 1e-5),
+    ]:
         with pytest.raises(ValueError):
             PrivacyAccountant(*args)
     acc = PrivacyAccountant(1.0, 0.1, 1e-5)
     with pytest.raises(ValueError, match="delta"):
         acc.epsilon(delta=2.0)
-    for bad in [None, {}, {"history": 3}, {"history": [[1.0, 0.1]]}, {"history": [[1.0, 0.1, 0]]},
-                {"history": [[1.0, 2.0, 1]]}, {"history": [], "mechanism": "gdp"}]:
+    for bad in [
+        None,
+        {},
+        {"history": 3},
+        {"history": [[1.0, 0.1]]},
+        {"history": [[1.0, 0.1, 0]]},
+        {"history": [[1.0, 2.0, 1]]},
+        {"history": [], "mechanism": "gdp"},
+    ]:
         with pytest.raises(ValueError):
             acc.load_state_dict(bad)
-

@@ -38,8 +38,15 @@ junk_keys = hs.one_of(
     hs.tuples(hs.integers(), hs.text(max_size=3)),
     hs.none(),
 )
-non_tensors = hs.one_of(hs.none(), hs.integers(), hs.floats(), hs.text(max_size=5), hs.lists(hs.floats(), max_size=3),
-                        hs.just(np.zeros((2, 2), dtype=np.float32)), hs.just(object()))
+non_tensors = hs.one_of(
+    hs.none(),
+    hs.integers(),
+    hs.floats(),
+    hs.text(max_size=5),
+    hs.lists(hs.floats(), max_size=3),
+    hs.just(np.zeros((2, 2), dtype=np.float32)),
+    hs.just(object()),
+)
 
 
 @hs.composite
@@ -114,8 +121,11 @@ finite32 = hs.floats(allow_nan=False, allow_infinity=False, width=32)
 
 @hs.composite
 def state_lists(draw):
-    shapes = draw(hs.dictionaries(hs.integers(0, 3).map(lambda i: f"shared:k{i}"),
-                                  hs.lists(hs.integers(1, 3), max_size=2).map(tuple), min_size=1, max_size=3))
+    shapes = draw(
+        hs.dictionaries(
+            hs.integers(0, 3).map(lambda i: f"shared:k{i}"), hs.lists(hs.integers(1, 3), max_size=2).map(tuple), min_size=1, max_size=3
+        )
+    )
     n = draw(hs.integers(1, 6))
     states = []
     for _ in range(n):
@@ -156,9 +166,37 @@ override_keys = hs.one_of(
 toml_atoms = hs.one_of(
     hs.integers(-(10**300), 10**300).map(str),  # huge integers: see test_huge_integer_for_float_key
     hs.floats().map(repr),
-    hs.sampled_from(["true", "false", "inf", "-inf", "nan", "0x1f", "1_000", "1979-05-27", "07:32:00", "1e999",
-                     '"exact"', "'homlora'", '"tiny-text"', "synthetic", "private", "[]", "{}", "[1,2]", "[0,1,2]",
-                     '["homlora","hetlora"]', '["pf2lora"]', '["nope"]', "{a=1}", "[[1]]", '"""x"""', "x y", ""]),
+    hs.sampled_from(
+        [
+            "true",
+            "false",
+            "inf",
+            "-inf",
+            "nan",
+            "0x1f",
+            "1_000",
+            "1979-05-27",
+            "07:32:00",
+            "1e999",
+            '"exact"',
+            "'homlora'",
+            '"tiny-text"',
+            "synthetic",
+            "private",
+            "[]",
+            "{}",
+            "[1,2]",
+            "[0,1,2]",
+            '["homlora","hetlora"]',
+            '["pf2lora"]',
+            '["nope"]',
+            "{a=1}",
+            "[[1]]",
+            '"""x"""',
+            "x y",
+            "",
+        ]
+    ),
     hs.text(max_size=8),
 )
 toml_values = hs.one_of(toml_atoms, hs.lists(toml_atoms, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"))

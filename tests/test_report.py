@@ -43,8 +43,10 @@ def test_client_stats_unweighted_without_num_train_and_single_client():
 
 def test_results_table_reference_row_and_per_client_column():
     """The majority-class floor is shown as its own row (mean and worst client) and per client."""
-    clients = {"a": {"accuracy": 0.9, "majority_accuracy": 0.6, "num_train": 10},
-               "b": {"accuracy": 0.7, "majority_accuracy": 0.8, "num_train": 30}}
+    clients = {
+        "a": {"accuracy": 0.9, "majority_accuracy": 0.6, "num_train": 10},
+        "b": {"accuracy": 0.7, "majority_accuracy": 0.8, "num_train": 30},
+    }
     entry = {"clients": clients, "stats": report.client_stats(clients), "upload_bytes_per_client_per_round": 12.0}
     entry["mean"] = {m: s["mean"] for m, s in entry["stats"].items()}
     summary = {"methods": {"m1": entry}}

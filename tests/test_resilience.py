@@ -18,10 +18,30 @@ from pf2lora import checkpoint
 from pf2lora.cli import main
 
 SMALL = [
-    "--set", "task.train_samples=64", "--set", "task.test_samples=64", "--set", "task.dim=8",
-    "--set", "task.shared_rank=2", "--set", "task.private_ranks=[0,1]", "--set", "task.num_clients=4",
-    "--set", "lora.rank=2", "--set", "lora.alpha=2.0", "--set", "lora.private_rank=1",
-    "--set", "lora.private_alpha=1.0", "--set", "batch_size=16", "--set", "local_steps=3",
+    "--set",
+    "task.train_samples=64",
+    "--set",
+    "task.test_samples=64",
+    "--set",
+    "task.dim=8",
+    "--set",
+    "task.shared_rank=2",
+    "--set",
+    "task.private_ranks=[0,1]",
+    "--set",
+    "task.num_clients=4",
+    "--set",
+    "lora.rank=2",
+    "--set",
+    "lora.alpha=2.0",
+    "--set",
+    "lora.private_rank=1",
+    "--set",
+    "lora.private_alpha=1.0",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "local_steps=3",
 ]
 
 
@@ -64,8 +84,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     # The run holds right after checkpointing hetlora's round 10 (the second method, mid-way): the
     # kill lands at that state, not wherever a timer happens to find the run.
-    proc = start_run_holding([CFG, *SMALL, "--quiet", "--set", f"methods={methods}", "--set", f"rounds={rounds}",
-                              "--out", str(killed)], hold="hetlora:10")
+    proc = start_run_holding(
+        [CFG, *SMALL, "--quiet", "--set", f"methods={methods}", "--set", f"rounds={rounds}", "--out", str(killed)], hold="hetlora:10"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -81,8 +102,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
     out = tmp_path / "run"
     # Held after round 3 is checkpointed: the run cannot finish before the interrupt lands.
-    proc = start_run_holding([CFG, *SMALL, "--quiet", "--set", 'methods=["pf2lora"]', "--set", "rounds=400",
-                              "--out", str(out)], hold="pf2lora:3")
+    proc = start_run_holding(
+        [CFG, *SMALL, "--quiet", "--set", 'methods=["pf2lora"]', "--set", "rounds=400", "--out", str(out)], hold="pf2lora:3"
+    )
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     err = proc.stderr.read()
@@ -96,8 +118,9 @@ def test_ctrl_c_checkpoints_and_prints_how_to_resume(tmp_path):
 
 def test_dropout_is_reported_and_run_completes(tmp_path):
     out = tmp_path / "run"
-    assert _run(["--set", 'methods=["pf2lora","homlora"]', "--set", "rounds=12", "--set", "faults.dropout_prob=0.3",
-                 "--out", str(out)]) == 0
+    assert (
+        _run(["--set", 'methods=["pf2lora","homlora"]', "--set", "rounds=12", "--set", "faults.dropout_prob=0.3", "--out", str(out)]) == 0
+    )
     s = read_summary(out)
     part = s["methods"]["pf2lora"]["participation"]
     assert len(part) == 12 and min(part) < 4 and all(p >= 1 for p in part)
@@ -118,8 +141,25 @@ def test_crashing_client_is_recorded_not_averaged(tmp_path):
 
 def test_straggler_beyond_deadline_is_left_out(tmp_path):
     out = tmp_path / "run"
-    assert _run(["--set", 'methods=["homlora"]', "--set", "rounds=5", "--set", "faults.straggler_prob=0.5",
-                 "--set", "faults.straggler_delay_s=100", "--set", "faults.deadline_s=50", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--set",
+                'methods=["homlora"]',
+                "--set",
+                "rounds=5",
+                "--set",
+                "faults.straggler_prob=0.5",
+                "--set",
+                "faults.straggler_delay_s=100",
+                "--set",
+                "faults.deadline_s=50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = read_summary(out)
     late = [f for f in s["methods"]["homlora"]["faults"] if f["fault"] == "late"]
     assert late and sum(s["methods"]["homlora"]["participation"]) == 5 * 4 - len(late)
@@ -127,8 +167,20 @@ def test_straggler_beyond_deadline_is_left_out(tmp_path):
 
 def test_too_few_clients_fails_loudly_and_keeps_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = _run(["--set", 'methods=["homlora"]', "--set", "rounds=30", "--set", "faults.dropout_prob=0.6",
-               "--set", "server.min_clients=4", "--out", str(out)])
+    rc = _run(
+        [
+            "--set",
+            'methods=["homlora"]',
+            "--set",
+            "rounds=30",
+            "--set",
+            "faults.dropout_prob=0.6",
+            "--set",
+            "server.min_clients=4",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "min_clients" in err[0] and "round" in err[0]
     assert not (out / "summary.json").exists()
@@ -138,15 +190,51 @@ def test_too_few_clients_fails_loudly_and_keeps_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
 def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, aggregator):
     """1 NaN client (rejected by validation) and 1 client scaling its change by 1e6 out of 8."""
-    common = ["--set", "task.num_clients=8", "--set", 'methods=["homlora","pf2lora"]', "--set", "rounds=15",
-              "--set", "server.trim_fraction=0.25"]  # trims 2 of 8 per side; 0.1 would trim nothing
+    common = [
+        "--set",
+        "task.num_clients=8",
+        "--set",
+        'methods=["homlora","pf2lora"]',
+        "--set",
+        "rounds=15",
+        "--set",
+        "server.trim_fraction=0.25",
+    ]  # trims 2 of 8 per side; 0.1 would trim nothing
     clean = tmp_path / "clean"
     assert _run([*common, "--set", f"server.aggregator={aggregator}", "--out", str(clean)]) == 0
     attacked = tmp_path / "attacked"
-    assert _run([*common, "--set", f"server.aggregator={aggregator}", "--set", 'faults.poison_clients=["client_1"]',
-                 "--set", "faults.poison=nan", "--out", str(tmp_path / "nan_only")]) == 0
-    assert _run([*common, "--set", f"server.aggregator={aggregator}", "--set", 'faults.poison_clients=["client_1","client_5"]',
-                 "--set", "faults.poison=scale", "--out", str(attacked)]) == 0
+    assert (
+        _run(
+            [
+                *common,
+                "--set",
+                f"server.aggregator={aggregator}",
+                "--set",
+                'faults.poison_clients=["client_1"]',
+                "--set",
+                "faults.poison=nan",
+                "--out",
+                str(tmp_path / "nan_only"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        _run(
+            [
+                *common,
+                "--set",
+                f"server.aggregator={aggregator}",
+                "--set",
+                'faults.poison_clients=["client_1","client_5"]',
+                "--set",
+                "faults.poison=scale",
+                "--out",
+                str(attacked),
+            ]
+        )
+        == 0
+    )
     nan_run = read_summary(tmp_path / "nan_only")
     for m in nan_run["methods"].values():
         assert m["rejected_clients"] == ["client_1"]
@@ -164,17 +252,52 @@ def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, agg
 def test_scaled_attacker_breaks_plain_mean_without_defences(tmp_path):
     """The attack above is real: with the plain mean the honest clients' error explodes."""
     out = tmp_path / "att"
-    assert _run(["--set", "task.num_clients=8", "--set", 'methods=["homlora"]', "--set", "rounds=5",
-                 "--set", 'faults.poison_clients=["client_5"]', "--set", "faults.poison=scale", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--set",
+                "task.num_clients=8",
+                "--set",
+                'methods=["homlora"]',
+                "--set",
+                "rounds=5",
+                "--set",
+                'faults.poison_clients=["client_5"]',
+                "--set",
+                "faults.poison=scale",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = read_summary(out)
     assert s["methods"]["homlora"]["mean"]["test_mse"] > 100
 
 
 def test_clipping_defends_the_mean(tmp_path):
     out = tmp_path / "clip"
-    assert _run(["--set", "task.num_clients=8", "--set", 'methods=["homlora"]', "--set", "rounds=15",
-                 "--set", 'faults.poison_clients=["client_5"]', "--set", "faults.poison=scale",
-                 "--set", "server.clip_norm=0.5", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "--set",
+                "task.num_clients=8",
+                "--set",
+                'methods=["homlora"]',
+                "--set",
+                "rounds=15",
+                "--set",
+                'faults.poison_clients=["client_5"]',
+                "--set",
+                "faults.poison=scale",
+                "--set",
+                "server.clip_norm=0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = read_summary(out)
     assert s["methods"]["homlora"]["mean"]["test_mse"] < 1.0
 

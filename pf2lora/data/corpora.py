@@ -18,7 +18,6 @@ from pf2lora.data.dataset import TextDataset
 from pf2lora.data.files import csv_rows, existing_file, read_text, split_lines
 from pf2lora.errors import UserError
 
-
 # ---------------------------------------------------------------------------------------------
 # VADER ground truth (4 domains)
 
@@ -334,8 +333,7 @@ def parse_shakespeare(text: str) -> list[SpokenLine]:
                 speaker = None
                 continue
             m = _SPEAKER.match(line)
-            if m and (len(m.group(1)) == base or (base == 2 and len(m.group(1)) == 1)) \
-                    and m.group(2).split()[0] not in _NOT_SPEAKERS:
+            if m and (len(m.group(1)) == base or (base == 2 and len(m.group(1)) == 1)) and m.group(2).split()[0] not in _NOT_SPEAKERS:
                 speaker = m.group(2)
                 spoken = _clean_spoken(m.group(3))
             elif speaker is not None and base < indent <= base + 8:
@@ -386,8 +384,7 @@ def load_shakespeare(
         for i, s in enumerate(spoken):
             if role_of[i] not in keep or i == 0:
                 continue
-            ctx = [spoken[j].text for j in range(max(0, i - context_lines), i)
-                   if spoken[j].play == s.play and spoken[j].scene == s.scene]
+            ctx = [spoken[j].text for j in range(max(0, i - context_lines), i) if spoken[j].play == s.play and spoken[j].scene == s.scene]
             if not ctx:
                 continue
             text.append("\n".join(ctx))
@@ -410,8 +407,11 @@ def load_shakespeare(
                 groups.append(role)
                 plays.append(play_of[role])
     return TextDataset(
-        f"shakespeare_{mode}", text, targets=targets, groups=groups, group_name="role",
-        extra={"play": plays}, info={"roles": len(keep), "roles_found": len(counts), "spoken_lines": len(spoken)},
+        f"shakespeare_{mode}",
+        text,
+        targets=targets,
+        groups=groups,
+        group_name="role",
+        extra={"play": plays},
+        info={"roles": len(keep), "roles_found": len(counts), "spoken_lines": len(spoken)},
     )
-
-

@@ -116,4 +116,3 @@ class TextDataset:
         if self.groups is not None:
             parts.append(f"{len(set(self.groups))} {self.group_name or 'group'}s")
         return "; ".join(parts)
-

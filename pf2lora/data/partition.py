@@ -232,9 +232,7 @@ def make_partition(
 # Per-client cuts
 
 
-def train_test_split_per_client(
-    partition: Mapping[str, Sequence[int]], test_fraction: float, seed: int = 0
-) -> tuple[Partition, Partition]:
+def train_test_split_per_client(partition: Mapping[str, Sequence[int]], test_fraction: float, seed: int = 0) -> tuple[Partition, Partition]:
     """Each client's examples cut into (train, test) at random; test gets ``round(fraction * n)``,
     at least 1. A client that would end with an empty train or test share raises, naming it."""
     if not 0.0 < test_fraction < 1.0:
@@ -245,9 +243,7 @@ def train_test_split_per_client(
     for name, idx in partition.items():
         k = max(1, int(round(test_fraction * len(idx))))
         if len(idx) - k < 1:
-            raise UserError(
-                f"client {name!r} has {len(idx)} example(s): too few to split into train and test (fraction {test_fraction})"
-            )
+            raise UserError(f"client {name!r} has {len(idx)} example(s): too few to split into train and test (fraction {test_fraction})")
         perm = rng.permutation(np.asarray(idx, dtype=np.int64))
         test[name] = sorted(perm[:k].tolist())
         train[name] = sorted(perm[k:].tolist())

@@ -20,7 +20,6 @@ from pf2lora.data.dataset import TextDataset
 from pf2lora.data.files import csv_rows, existing_file, read_text, split_lines
 from pf2lora.errors import UserError
 
-
 # ---------------------------------------------------------------------------------------------
 # Delimited files and JSON lines
 
@@ -74,12 +73,18 @@ def _label_value(value: Any, label_names: Sequence[str] | None, where: str, colu
     else:
         ok = False
     if not ok:
-        hint = f"one of {', '.join(label_names)}" if label_names is not None else "an integer class index (or pass label_names to map class names)"
+        hint = (
+            f"one of {', '.join(label_names)}"
+            if label_names is not None
+            else "an integer class index (or pass label_names to map class names)"
+        )
         raise UserError(f"{where}: label column {column!r} holds {value!r}; expected {hint}")
     if value < 0:
         raise UserError(f"{where}: label column {column!r} holds {value}; class indices start at 0")
     if label_names is not None and value >= len(label_names):
-        raise UserError(f"{where}: label column {column!r} holds {value}; expected 0..{len(label_names) - 1} ({len(label_names)} label_names)")
+        raise UserError(
+            f"{where}: label column {column!r} holds {value}; expected 0..{len(label_names) - 1} ({len(label_names)} label_names)"
+        )
     return int(value)
 
 
@@ -153,7 +158,7 @@ def load_table(
             if col not in rec:
                 raise UserError(f"{where}: no column {col!r}; columns are {', '.join(map(str, rec))}")
 
-        def string(col: str) -> str:
+        def string(col: str, rec: dict = rec, where: str = where) -> str:  # bound now: called in this iteration only
             v = rec[col]
             if not isinstance(v, str):
                 raise UserError(f"{where}: column {col!r} holds {v!r}; expected a string")
@@ -175,8 +180,15 @@ def load_table(
     if labels is not None and names is None:
         names = [str(i) for i in range(max(labels) + 1)]
     return TextDataset(
-        name or p.stem, texts, text_pair=pairs, labels=labels, targets=targets, groups=groups,
-        label_names=names, group_name=client, info={"source": str(p)},
+        name or p.stem,
+        texts,
+        text_pair=pairs,
+        labels=labels,
+        targets=targets,
+        groups=groups,
+        label_names=names,
+        group_name=client,
+        info={"source": str(p)},
     )
 
 
@@ -285,8 +297,14 @@ def load_glue(task: str, data_dir: str | Path, split: str = "train") -> TextData
     if not text:
         raise UserError(f"{p}: no labelled rows for GLUE {task}")
     return TextDataset(
-        f"glue_{key}_{split}", text, text_pair=pairs, labels=labels, groups=groups, label_names=names,
-        group_name=spec.group, info={"source": str(p), "skipped": skipped},
+        f"glue_{key}_{split}",
+        text,
+        text_pair=pairs,
+        labels=labels,
+        groups=groups,
+        label_names=names,
+        group_name=spec.group,
+        info={"source": str(p), "skipped": skipped},
     )
 
 

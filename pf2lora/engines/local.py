@@ -37,8 +37,17 @@ from pf2lora.methods.base import ClientState, Method
 from pf2lora.tasks.base import Task
 
 __all__ = [  # the shared names are re-exported: callers import them from here
-    "InjectedCrash", "LocalEngine", "MethodResult", "RoundCallback", "RoundFailure", "RunState", "StateCallback",
-    "common_adapter", "generator", "mean_of", "sample_clients",
+    "InjectedCrash",
+    "LocalEngine",
+    "MethodResult",
+    "RoundCallback",
+    "RoundFailure",
+    "RunState",
+    "StateCallback",
+    "common_adapter",
+    "generator",
+    "mean_of",
+    "sample_clients",
 ]
 
 
@@ -56,7 +65,10 @@ class LocalEngine:
         self.progress = progress
 
     def run(
-        self, method_name: str, on_round: RoundCallback | None = None, resume: RunState | None = None,
+        self,
+        method_name: str,
+        on_round: RoundCallback | None = None,
+        resume: RunState | None = None,
         on_state: StateCallback | None = None,
     ) -> MethodResult:
         """Run ``method_name`` to the end (from ``resume`` if given); ``on_state`` gets the state
@@ -84,9 +96,16 @@ class LocalEngine:
                 if kind == "crash":
                     raise InjectedCrash("injected crash")
                 update, new_state, took = train_client(
-                    cfg, task, method, run.trainers[cid], run.local_steps, round_, received, run.clients[cid],
+                    cfg,
+                    task,
+                    method,
+                    run.trainers[cid],
+                    run.local_steps,
+                    round_,
+                    received,
+                    run.clients[cid],
                 )
-            except Exception as e:  # a failing client is recorded, never takes the federation down
+            except Exception as e:  # noqa: BLE001 - a failing client is recorded, never takes the federation down
                 ledger.crashed(cid, f"{type(e).__name__}: {e}")
                 continue
             if ledger.missed_deadline(cid, took + delay):

@@ -99,8 +99,12 @@ def initial_client(cfg: RunConfig, method: Method, client_id: str) -> ClientStat
 def client_context(cfg: RunConfig, task: Task, client: ClientData, round_: int, purpose: str, steps: int) -> ClientContext:
     """What ``method.client_update`` / ``personalized`` get: the client's own stream for ``purpose``."""
     return ClientContext(
-        client=client, task=task, generator=generator(cfg.seed, purpose, client.client_id, round_),
-        round=round_, local_steps=steps, batch_size=cfg.batch_size,
+        client=client,
+        task=task,
+        generator=generator(cfg.seed, purpose, client.client_id, round_),
+        round=round_,
+        local_steps=steps,
+        batch_size=cfg.batch_size,
     )
 
 
@@ -134,8 +138,10 @@ def injected_poison(cfg: RunConfig, cid: str, update: ClientUpdate, received: st
     if f.poison == "nan":
         shared = {k: torch.full_like(v, float("nan")) for k, v in update.shared.items()}
     else:
-        shared = {k: received[k] + f.poison_scale * (v - received[k]) if k in received and received[k].shape == v.shape else f.poison_scale * v
-                  for k, v in update.shared.items()}
+        shared = {
+            k: received[k] + f.poison_scale * (v - received[k]) if k in received and received[k].shape == v.shape else f.poison_scale * v
+            for k, v in update.shared.items()
+        }
     return ClientUpdate(update.client_id, shared, update.num_examples, update.metrics)
 
 
@@ -143,7 +149,13 @@ def injected_poison(cfg: RunConfig, cid: str, update: ClientUpdate, received: st
 
 
 def train_client(
-    cfg: RunConfig, task: Task, method: Method, client: ClientData, steps: int, round_: int, received: st.Tensors,
+    cfg: RunConfig,
+    task: Task,
+    method: Method,
+    client: ClientData,
+    steps: int,
+    round_: int,
+    received: st.Tensors,
     state: ClientState,
 ) -> tuple[ClientUpdate, ClientState, float]:
     """One client's training in ``round_``: (its update, its new state, seconds it took)."""
@@ -167,8 +179,14 @@ def upload_problem(method: Method, update: ClientUpdate, received: st.Tensors) -
 
 @torch.no_grad()
 def evaluate_client(
-    cfg: RunConfig, task: Task, method: Method, client: ClientData, received: st.Tensors, state: ClientState,
-    round_: int, server: st.Tensors | None = None,
+    cfg: RunConfig,
+    task: Task,
+    method: Method,
+    client: ClientData,
+    received: st.Tensors,
+    state: ClientState,
+    round_: int,
+    server: st.Tensors | None = None,
 ) -> dict[str, Any]:
     """Personalised metrics (the client's own model) and global metrics (the server model) of one
     client, from what the server broadcast to it. ``server`` is what ``describe_client`` gets
@@ -346,8 +364,15 @@ class MethodRun:
     """
 
     def __init__(
-        self, cfg: RunConfig, task: Task, method: Method, *, resume: RunState | None = None,
-        on_round: RoundCallback | None = None, on_state: StateCallback | None = None, progress: bool = False,
+        self,
+        cfg: RunConfig,
+        task: Task,
+        method: Method,
+        *,
+        resume: RunState | None = None,
+        on_round: RoundCallback | None = None,
+        on_state: StateCallback | None = None,
+        progress: bool = False,
         hold_clients: bool = True,
     ):
         self.cfg, self.task, self.method = cfg, task, method
@@ -369,9 +394,14 @@ class MethodRun:
                 self.accountant.load_state_dict(resume.accountant)
         self._start = time.perf_counter() - self.state.elapsed_s
         self._bar = tqdm(
-            range(self.state.round + 1, cfg.rounds + 1), desc=f"{method.name:>12}", disable=not progress,
-            leave=True, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 15.0,
-            initial=self.state.round, total=cfg.rounds,
+            range(self.state.round + 1, cfg.rounds + 1),
+            desc=f"{method.name:>12}",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 15.0,
+            initial=self.state.round,
+            total=cfg.rounds,
         )
 
     @property

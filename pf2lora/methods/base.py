@@ -137,9 +137,7 @@ class Method(ABC):
     # -- the algorithm -------------------------------------------------------------------------
 
     @abstractmethod
-    def client_update(
-        self, ctx: ClientContext, received: st.Tensors, client_state: ClientState
-    ) -> tuple[ClientUpdate, ClientState]: ...
+    def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]: ...
 
     def aggregate(self, server: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> st.Tensors:
         """FedAvg weighted by the clients' numbers of training examples."""
@@ -156,7 +154,9 @@ class Method(ABC):
         self._combine_calls = 0
 
     def combine(
-        self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        self,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
         reference: Mapping[str, torch.Tensor] | None = None,
     ) -> st.Tensors:
         """Combine same-keyed client states into one (what every method's aggregate builds on).
@@ -168,7 +168,9 @@ class Method(ABC):
         sc = self.cfg.server
         ref = None
         if reference is not None:
-            ref = {k: reference[k] if k in reference and reference[k].shape == v.shape else torch.zeros_like(v) for k, v in states[0].items()}
+            ref = {
+                k: reference[k] if k in reference and reference[k].shape == v.shape else torch.zeros_like(v) for k, v in states[0].items()
+            }
         if sc.dp_noise_multiplier > 0:
             calls = getattr(self, "_combine_calls", 0)
             self._combine_calls = calls + 1
@@ -228,7 +230,9 @@ class Method(ABC):
         o = self.cfg.optim
         return adamw(params, gradients, opt, o.lr, (o.beta1, o.beta2), weight_decay=o.weight_decay)
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """One local step: new ``trained`` and ``opt``, and the step's loss (detached, a tensor).
 
         Default: one AdamW step on a fresh mini-batch (:func:`adamw_step`). A method whose step is
@@ -238,7 +242,11 @@ class Method(ABC):
         return adamw_step(self, ctx.batch(), trained, fixed, opt)
 
     def train_steps(
-        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors,
+        self,
+        ctx: ClientContext,
+        trained: st.Tensors,
+        fixed: Mapping[str, torch.Tensor],
+        opt: st.Tensors,
         step: LocalStep | None = None,
     ) -> Trained:
         """``ctx.local_steps`` local steps (``step``, default :meth:`local_step`) on ``trained``
@@ -251,7 +259,11 @@ class Method(ABC):
         return Trained(trained, opt, losses)
 
     def upload(
-        self, ctx: ClientContext, shared: Mapping[str, torch.Tensor], metrics: dict[str, float], num_examples: int | None = None,
+        self,
+        ctx: ClientContext,
+        shared: Mapping[str, torch.Tensor],
+        metrics: dict[str, float],
+        num_examples: int | None = None,
     ) -> ClientUpdate:
         """The client's message: ``shared`` through :func:`pf2lora.state.outgoing` (the one gate for
         client-to-server tensors), weighted by ``num_examples`` (default: its training examples)."""
@@ -260,8 +272,13 @@ class Method(ABC):
 
 
 def adamw_step(
-    method: Method, batch: Batch, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors,
-    objective: Objective | None = None, regulariser: Regulariser | None = None,
+    method: Method,
+    batch: Batch,
+    trained: st.Tensors,
+    fixed: Mapping[str, torch.Tensor],
+    opt: st.Tensors,
+    objective: Objective | None = None,
+    regulariser: Regulariser | None = None,
 ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
     """One AdamW step on ``trained`` at ``batch``, ``fixed`` held constant; the loss, detached.
 
@@ -340,4 +357,3 @@ def register(cls: type[Method]) -> type[Method]:
 
 def registry() -> dict[str, type[Method]]:
     return dict(_REGISTRY)
-

@@ -258,7 +258,10 @@ class FDLoRA(Method):
 
     @torch.no_grad()
     def fit_fusion(
-        self, holdout: Batch, global_: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor],
+        self,
+        holdout: Batch,
+        global_: Mapping[str, torch.Tensor],
+        personal: Mapping[str, torch.Tensor],
         start: tuple[float, float] = (1.0, 1.0),
     ) -> FusionResult:
         """Fusion weights minimising holdout loss + l1 (|w1| + |w2|). ``personal``: slot units."""
@@ -278,7 +281,9 @@ class FDLoRA(Method):
 
     # -- the algorithm -------------------------------------------------------------------------
 
-    def personal_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def personal_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """AdamW on the personal adapter in training units (the model sees it in slot units)."""
         return adamw_step(self, ctx.batch(), trained, fixed, opt, objective=lambda b, p, f: self.loss(b, f, self._to_slot(p)))
 
@@ -305,10 +310,15 @@ class FDLoRA(Method):
             p_run = self.train_steps(tctx, self._from_slot(personal), fixed, opt_state(client_state, "personal"), self.personal_step)
             personal = self._to_slot(p_run.params)
             fit = self.fit_fusion(holdout, fixed, personal, self._start(client_state))
-            new_state.update({
-                **personal, **with_opt_state("personal", p_run.opt),
-                W1: torch.tensor(fit.w1), W2: torch.tensor(fit.w2), LAST_REFRESH: torch.tensor(ctx.round),
-            })
+            new_state.update(
+                {
+                    **personal,
+                    **with_opt_state("personal", p_run.opt),
+                    W1: torch.tensor(fit.w1),
+                    W2: torch.tensor(fit.w2),
+                    LAST_REFRESH: torch.tensor(ctx.round),
+                }
+            )
             metrics.update({"refreshed": 1.0, "personal_loss": p_run.loss, "fusion_w1": fit.w1, "fusion_w2": fit.w2})
         else:  # carried over unchanged
             personal_opt = st.opt_prefix("personal")

@@ -160,7 +160,9 @@ class FedLoRAOptimizer(Method):
         local = min(local, local_steps)
         return local_steps - local, local
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """AdamW, then the directions back onto the unit sphere (nothing to do in the local stage)."""
         trained, opt, loss = adamw_step(self, ctx.batch(), trained, fixed, opt)
         return self.normalise(trained), opt, loss
@@ -179,11 +181,15 @@ class FedLoRAOptimizer(Method):
         shared, opt_g, losses_g = self.global_stage(ctx, shared, private, opt_state(client_state, "global"), n_global)
         private, opt_l, losses_l = self.local_stage(ctx, shared, private, opt_state(client_state, "local"), n_local)
         losses = losses_g + losses_l
-        update = self.upload(ctx, shared, {
-            "train_loss": sum(losses) / len(losses),
-            "global_stage_loss": sum(losses_g) / max(1, len(losses_g)),
-            "local_stage_loss": sum(losses_l) / max(1, len(losses_l)),
-        })
+        update = self.upload(
+            ctx,
+            shared,
+            {
+                "train_loss": sum(losses) / len(losses),
+                "global_stage_loss": sum(losses_g) / max(1, len(losses_g)),
+                "local_stage_loss": sum(losses_l) / max(1, len(losses_l)),
+            },
+        )
         new_state = {**private, **with_opt_state("global", opt_g), **with_opt_state("local", opt_l)}
         return update, new_state
 

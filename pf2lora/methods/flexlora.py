@@ -150,8 +150,10 @@ class FlexLoRA(HeterogeneousRanks):
         weights = [float(u.num_examples) for u in updates]
         # Each client's dense update (and shared head), combined by the configured aggregator.
         dense = [
-            {**{delta_key(t): self.client_delta(u.shared, t) for t in self.task.targets},
-             **{k: v for k, v in u.shared.items() if not lora.is_adapter(k)}}
+            {
+                **{delta_key(t): self.client_delta(u.shared, t) for t in self.task.targets},
+                **{k: v for k, v in u.shared.items() if not lora.is_adapter(k)},
+            }
             for u in updates
         ]
         out: st.Tensors = self.combine(dense, weights, server)

@@ -130,7 +130,9 @@ class HETLoRA(HeterogeneousRanks):
         """t = floor(gamma r), at least 1: the ranks from t on are regularised, then pruned."""
         return max(1, int(self.cfg.hetlora.gamma * rank))
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """AdamW on the loss plus ``lambda * sum ||B[:, t:]|| ||A[t:, :]||`` (the loss reported is without it)."""
         rank = lora.rank_of(trained)
         cut = self.cut(rank)

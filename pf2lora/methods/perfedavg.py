@@ -25,7 +25,9 @@ class PerFedAvg(HOMLoRA):
         loss = self.loss(ctx.batch(), wl, fixed)
         return sgd(w, grads(loss, wl), self.cfg.perfedavg.inner_lr), loss.detach()
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """First order: the gradient at the adapted w' (on a second batch) applied to w."""
         adapted, loss = self._adapt(ctx, trained, fixed)
         al = leaves(adapted)

@@ -34,14 +34,24 @@ class PF2LoRA(Method):
             **self.private_head(generator),
         }
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """The bilevel step on ``trained`` = common (``shared:``, x) + private (``private:``, y):
         an SGD step on y and an AdamW step on x along the hypergradient, on two mini-batches."""
         o, p = self.cfg.optim, self.cfg.pf2lora
         x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
         xi, zeta = ctx.batch(), ctx.batch()
         step = bilevel_step(
-            lambda x_, y_, batch: self.loss(batch, x_, y_, fixed), x, y, xi, zeta, o.lower_lr, p.estimator, p.fd_eps, p.fd_one_sided,
+            lambda x_, y_, batch: self.loss(batch, x_, y_, fixed),
+            x,
+            y,
+            xi,
+            zeta,
+            o.lower_lr,
+            p.estimator,
+            p.fd_eps,
+            p.fd_one_sided,
         )
         x, opt = self.adamw_update(x, step.hypergrad, opt)
         return {**x, **step.y_next}, opt, step.loss

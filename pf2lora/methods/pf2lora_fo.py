@@ -24,7 +24,9 @@ class PF2LoRAFirstOrder(PF2LoRA):
     def needs_double_backward(cls, cfg: RunConfig) -> bool:
         return False  # plain gradients, whatever pf2lora.estimator says
 
-    def local_step(self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
+    def local_step(
+        self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """One joint step at one mini-batch: SGD on the private adapter, AdamW on the common one."""
         x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
         xl, yl = leaves(x), leaves(y)

@@ -46,14 +46,18 @@ class PFedLoRA(Method):
         first = min(first, local_steps)
         return first, local_steps - first
 
-    def train_private(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, float | None]:
+    def train_private(
+        self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, float | None]:
         """Phase 1: ``ctx.local_steps`` AdamW steps on the private part, ``shared`` frozen."""
         if ctx.local_steps == 0:
             return private, opt, None
         run = self.train_steps(ctx, private, shared, opt)
         return run.params, run.opt, run.loss
 
-    def train_shared(self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors) -> tuple[st.Tensors, st.Tensors, float | None]:
+    def train_shared(
+        self, ctx: ClientContext, shared: st.Tensors, private: st.Tensors, opt: st.Tensors
+    ) -> tuple[st.Tensors, st.Tensors, float | None]:
         """Phase 2: ``ctx.local_steps`` AdamW steps on the shared adapter, ``private`` frozen."""
         if ctx.local_steps == 0:
             return shared, opt, None
@@ -63,8 +67,12 @@ class PFedLoRA(Method):
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         n_private, n_shared = self.phase_steps(ctx.local_steps)
         shared, private = dict(received), params_of(client_state)
-        private, opt_p, loss_p = self.train_private(dataclasses.replace(ctx, local_steps=n_private), shared, private, opt_state(client_state, "private"))
-        shared, opt_s, loss_s = self.train_shared(dataclasses.replace(ctx, local_steps=n_shared), shared, private, opt_state(client_state, "shared"))
+        private, opt_p, loss_p = self.train_private(
+            dataclasses.replace(ctx, local_steps=n_private), shared, private, opt_state(client_state, "private")
+        )
+        shared, opt_s, loss_s = self.train_shared(
+            dataclasses.replace(ctx, local_steps=n_shared), shared, private, opt_state(client_state, "shared")
+        )
         phases = [(n, loss) for n, loss in ((n_private, loss_p), (n_shared, loss_s)) if loss is not None]
         metrics = {"train_loss": sum(n * loss for n, loss in phases) / sum(n for n, _ in phases)}
         if loss_p is not None:

@@ -51,9 +51,7 @@ GENERATE_CHUNK = 32
 DEFAULT_MODEL = models.SMOL
 
 
-def encode(
-    tok: Any, prompt: str, target: str, max_length: int, eos: int
-) -> tuple[list[int], list[int], list[int], bool]:
+def encode(tok: Any, prompt: str, target: str, max_length: int, eos: int) -> tuple[list[int], list[int], list[int], bool]:
     """(prompt ids, target ids ending in ``eos``, the whole prompt's ids, whether anything was cut):
     prompt + target fit in ``max_length``."""
     full = tok(prompt, add_special_tokens=True)["input_ids"]
@@ -117,8 +115,12 @@ class GenerationTask(TextTask):
             prompt_ids[row, L - len(q) :] = torch.tensor(q)
             prompt_mask[row, L - len(q) :] = 1
         batch = {
-            "input_ids": input_ids, "attention_mask": attention, "labels": labels,
-            "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "ref_index": torch.tensor(idx, dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "labels": labels,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "ref_index": torch.tensor(idx, dtype=torch.long),
         }
         return batch, cut
 
@@ -211,5 +213,7 @@ class GenerationTask(TextTask):
         return f"max_length {self.max_length}; loss = next-token cross-entropy of the target tokens only."
 
     def _metrics_note(self) -> str:
-        return (f"bleu (sacrebleu corpus BLEU) and rouge_l (ROUGE-L F1 x 100) score greedy decodes of at most "
-                f"{self.max_new_tokens} tokens for the first {self.eval_generate} test examples of each client.")
+        return (
+            f"bleu (sacrebleu corpus BLEU) and rouge_l (ROUGE-L F1 x 100) score greedy decodes of at most "
+            f"{self.max_new_tokens} tokens for the first {self.eval_generate} test examples of each client."
+        )

@@ -78,9 +78,7 @@ class SyntheticRankTask(Task):
             y = u @ w_k.T + tc.noise * torch.randn(n, d, generator=g)
             train = {"inputs": u[: tc.train_samples], "targets": y[: tc.train_samples]}
             test = {"inputs": u[tc.train_samples :], "targets": y[tc.train_samples :]}
-            self.clients.append(
-                ClientData(f"client_{k}", train, test, info={"true_rank": rc + s_k, "private_rank": s_k})
-            )
+            self.clients.append(ClientData(f"client_{k}", train, test, info={"true_rank": rc + s_k, "private_rank": s_k}))
         self.noise_floor = tc.noise**2
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -107,9 +105,7 @@ class SyntheticRankTask(Task):
             "effective_rank": rank,
             "true_rank": client.info["true_rank"],
             "rank_matched": None if rank is None else float(rank == client.info["true_rank"]),
-            "common_rel_error": (
-                float((common_delta - self.shared_delta).norm() / self.shared_delta.norm()) if has_common else None
-            ),
+            "common_rel_error": (float((common_delta - self.shared_delta).norm() / self.shared_delta.norm()) if has_common else None),
             "private_norm": float(rest.norm()),
             "spectrum": spectrum,
         }

@@ -74,7 +74,7 @@ def fresh_parameters(model: torch.nn.Module, stored: set[str] | None) -> list[st
     prefix = getattr(model, "base_model_prefix", "") + "."
     fresh = []
     for n in names:
-        alt = n[len(prefix):] if n.startswith(prefix) else prefix + n
+        alt = n[len(prefix) :] if n.startswith(prefix) else prefix + n
         if n not in stored and alt not in stored:
             fresh.append(n)
     return fresh
@@ -163,8 +163,8 @@ class TextClassificationTask(TextTask):
             return {}
         chunks = [(idx, self.logits(params, chunk)) for idx, chunk in self.eval_chunks(data)]
         logits = torch.empty(n, chunks[0][1].shape[-1])
-        for idx, part in chunks:
-            logits[idx] = part
+        for idx, chunk_logits in chunks:
+            logits[idx] = chunk_logits
         pred = logits.argmax(dim=-1)
         out = metrics.classification_metrics(pred, labels, self.num_labels)
         out["loss"] = float(F.cross_entropy(logits, labels))
@@ -194,8 +194,10 @@ class TextClassificationTask(TextTask):
         return f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}."
 
     def _metrics_note(self) -> str:
-        return ("majority_accuracy: always predicting the client's majority training label (the floor to beat); "
-                "mcc is the Matthews correlation (CoLA's metric).")
+        return (
+            "majority_accuracy: always predicting the client's majority training label (the floor to beat); "
+            "mcc is the Matthews correlation (CoLA's metric)."
+        )
 
     def _groups_need_note(self, groups: dict[str, str]) -> bool:
         return any(cid.split("_")[0] != g.lower() for cid, g in groups.items())

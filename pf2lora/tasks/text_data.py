@@ -116,8 +116,14 @@ def client_splits(ds: TextDataset, tc: TaskConfig) -> Splits:
             groups_of[cid] = group
     else:
         partition = part.make_partition(
-            tc.partition, labels=ds.labels, n=len(ds), num_clients=tc.num_clients, seed=seed,
-            alpha=tc.dirichlet_alpha, min_size=tc.min_client_size, s=tc.similarity,
+            tc.partition,
+            labels=ds.labels,
+            n=len(ds),
+            num_clients=tc.num_clients,
+            seed=seed,
+            alpha=tc.dirichlet_alpha,
+            min_size=tc.min_client_size,
+            s=tc.similarity,
         )
     train, test = part.train_test_split_per_client(partition, tc.test_fraction, seed + 1)
     caps = _caps(tc, len(train))
@@ -175,4 +181,3 @@ def length_sorted_chunks(data: Batch, size: int) -> Iterator[tuple[torch.Tensor,
     for i in range(0, len(order), size):
         idx = order[i : i + size]
         yield idx, {k: v[idx] for k, v in data.items()}
-

@@ -156,7 +156,9 @@ class TinyTextTask(Task):
             test = {key: v[tr:] for key, v in data.items()}
             self.clients.append(
                 ClientData(
-                    f"client_{k}", train, test,
+                    f"client_{k}",
+                    train,
+                    test,
                     info={"label_distribution": prior.tolist(), "client_cues": client_cues.tolist()},
                 )
             )
@@ -178,9 +180,7 @@ class TinyTextTask(Task):
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:
         n = len(data["labels"])
-        logits = torch.cat(
-            [self.logits(params, {k: v[i : i + EVAL_CHUNK] for k, v in data.items()}) for i in range(0, n, EVAL_CHUNK)]
-        )
+        logits = torch.cat([self.logits(params, {k: v[i : i + EVAL_CHUNK] for k, v in data.items()}) for i in range(0, n, EVAL_CHUNK)])
         labels = data["labels"]
         pred = logits.argmax(dim=-1)
         return {

@@ -15,8 +15,15 @@ from pf2lora.engines.flower import env
 env.apply()
 
 __all__ = [
-    "ENGINES", "FlowerEngineError", "FlowerServer", "MethodStrategy", "available", "make_client_app", "make_server_app",
-    "run_flower_deploy", "run_flower_sim",
+    "ENGINES",
+    "FlowerEngineError",
+    "FlowerServer",
+    "MethodStrategy",
+    "available",
+    "make_client_app",
+    "make_server_app",
+    "run_flower_deploy",
+    "run_flower_sim",
 ]
 
 ENGINES = ("local", "flower-sim", "flower-deploy")

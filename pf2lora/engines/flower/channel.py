@@ -97,7 +97,9 @@ class Channel:
                 raise FlowerEngineError(f"SuperNode {n} has partition-id {partition}, outside 0..{want - 1} (task.num_clients = {want})")
             for cid in [client_ids[partition], *extra(partition)]:
                 if cid in node_of:
-                    raise FlowerEngineError(f"two SuperNodes ({node_of[cid]} and {n}) have partition-id {partition}: give each a distinct one")
+                    raise FlowerEngineError(
+                        f"two SuperNodes ({node_of[cid]} and {n}) have partition-id {partition}: give each a distinct one"
+                    )
                 node_of[cid] = n
         missing = [c for c in client_ids if c not in node_of]
         if missing:

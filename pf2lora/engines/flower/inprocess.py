@@ -25,8 +25,11 @@ class InProcessGrid:
         self.app = client_app
         self.contexts = {
             1000 + i: Context(
-                run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
-                state=RecordDict(), run_config={},
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                state=RecordDict(),
+                run_config={},
             )
             for i in range(num_nodes)
         }

@@ -52,7 +52,10 @@ class Instruction:
     def fields(self) -> dict[str, Any]:
         """The scalar fields (SecAgg+ carries them in its legacy FitIns config)."""
         return {
-            "method": self.method, "run_key": self.run_key, "client_id": self.client_id, "round": self.round,
+            "method": self.method,
+            "run_key": self.run_key,
+            "client_id": self.client_id,
+            "round": self.round,
             "accepted_round": self.accepted_round,
         }
 
@@ -63,8 +66,11 @@ class Instruction:
     @staticmethod
     def _read(c: Mapping[str, Any]) -> dict[str, Any]:
         return {
-            "method": str(c["method"]), "run_key": str(c["run_key"]), "client_id": str(c["client_id"]),
-            "round": int(c["round"]), "accepted_round": int(c.get("accepted_round", -1)),
+            "method": str(c["method"]),
+            "run_key": str(c["run_key"]),
+            "client_id": str(c["client_id"]),
+            "round": int(c["round"]),
+            "accepted_round": int(c.get("accepted_round", -1)),
         }
 
 
@@ -119,10 +125,20 @@ class TrainReply:
 
     def content(self) -> RecordDict:
         arrays, dtypes = transport.to_record(st.outgoing(self.upload))  # the one gate: raises on any private tensor
-        return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({
-            "client_id": self.client_id, "num_examples": int(self.num_examples), "took_s": float(self.took_s),
-            "metrics": transport.dumps(self.metrics), "dtypes": dtypes,
-        })})
+        return RecordDict(
+            {
+                ARRAYS: arrays,
+                CONFIG: ConfigRecord(
+                    {
+                        "client_id": self.client_id,
+                        "num_examples": int(self.num_examples),
+                        "took_s": float(self.took_s),
+                        "metrics": transport.dumps(self.metrics),
+                        "dtypes": dtypes,
+                    }
+                ),
+            }
+        )
 
     @classmethod
     def parse(cls, content: RecordDict) -> TrainReply:

@@ -37,7 +37,6 @@ env.apply()
 from flwr.app import Message
 
 from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, Instruction, TrainIns, TrainReply
-
 from pf2lora.engines.rounds import (
     InjectedCrash,
     divergence,

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from pf2lora import secagg
-from pf2lora.robust import validate_update
 from pf2lora.engines.flower import env, transport
 from pf2lora.engines.flower.channel import Channel
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.rounds import trainers
+from pf2lora.robust import validate_update
 
 env.apply()
 
@@ -114,8 +114,10 @@ def check_upload(upload: Mapping[str, torch.Tensor], spec: Mapping[str, tuple], 
     for k in keys:
         top = float(upload[k].detach().abs().max()) if upload[k].numel() else 0.0
         if top > clipping_range:
-            return (f"value {top:.4g} in {k!r} is outside server.secagg_clipping_range = {clipping_range:g} "
-                    f"(SecAgg+ would clip it): raise server.secagg_clipping_range")
+            return (
+                f"value {top:.4g} in {k!r} is outside server.secagg_clipping_range = {clipping_range:g} "
+                f"(SecAgg+ would clip it): raise server.secagg_clipping_range"
+            )
     return None
 
 
@@ -203,7 +205,11 @@ class SecureRound:
 
 
 def secure_round(
-    server: FlowerServer, method: Any, round_: int, sent: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict[str, Any]],
+    server: FlowerServer,
+    method: Any,
+    round_: int,
+    sent: dict[str, dict[str, torch.Tensor]],
+    configs: dict[str, dict[str, Any]],
 ) -> SecureRound:
     """Run one SecAgg+ round over the clients of ``sent`` (client id -> what the method broadcast
     to it; ``configs``: pf2lora's per-client message fields). Returns the weighted mean of their
@@ -223,21 +229,29 @@ def secure_round(
     for cid, received in sent.items():
         keys = sorted(received)
         c = {
-            **configs[cid], "keys": json.dumps(keys), "upload_keys": json.dumps(upload_keys), "dtypes": json.dumps(transport.upcast(received)),
-            "secagg_clipping_range": float(cfg.server.secagg_clipping_range), "secagg_max_weight": float(max_weight),
+            **configs[cid],
+            "keys": json.dumps(keys),
+            "upload_keys": json.dumps(upload_keys),
+            "dtypes": json.dumps(transport.upcast(received)),
+            "secagg_clipping_range": float(cfg.server.secagg_clipping_range),
+            "secagg_max_weight": float(max_weight),
         }
         fitins[server.node_of[cid]] = FitIns(to_parameters(received, keys), c)
     strategy = RoundStrategy(fitins, server.grid)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy,
+        config=ServerConfig(num_rounds=cfg.rounds),
+        strategy=strategy,
     )
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = SecAggPlusWorkflow(
-        num_shares=secagg.num_shares(cfg), reconstruction_threshold=secagg.reconstruction_threshold(cfg),
-        max_weight=max_weight, clipping_range=float(cfg.server.secagg_clipping_range),
-        quantization_range=int(cfg.server.secagg_quantization_range), modulus_range=secagg.MODULUS_RANGE,
+        num_shares=secagg.num_shares(cfg),
+        reconstruction_threshold=secagg.reconstruction_threshold(cfg),
+        max_weight=max_weight,
+        clipping_range=float(cfg.server.secagg_clipping_range),
+        quantization_range=int(cfg.server.secagg_quantization_range),
+        modulus_range=secagg.MODULUS_RANGE,
         timeout=cfg.flower.round_timeout_s or None,
     )
     flwr_log = logging.getLogger("flwr")
@@ -268,7 +282,9 @@ def secure_round(
         mean = from_parameters(strategy.mean, upload_keys, reference)
         for k in upload_keys:
             if tuple(mean[k].shape) != tuple(spec[k]):
-                raise FlowerEngineError(f"{method.name} round {round_}: the secure aggregate of {k!r} has shape {tuple(mean[k].shape)}, expected {spec[k]}")
+                raise FlowerEngineError(
+                    f"{method.name} round {round_}: the secure aggregate of {k!r} has shape {tuple(mean[k].shape)}, expected {spec[k]}"
+                )
         out.mean = mean
     return out
 

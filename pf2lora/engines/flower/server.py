@@ -37,8 +37,8 @@ from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, MalformedReply, TrainIns, TrainReply
 from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, injected_fault, num_bytes
 from pf2lora.methods import registry
-from pf2lora.plan import build_task
 from pf2lora.methods.base import ClientUpdate
+from pf2lora.plan import build_task
 from pf2lora.tasks.base import Task
 
 log = logging.getLogger("pf2lora.flower")
@@ -56,8 +56,15 @@ class FlowerServer:
     """Runs ``cfg.methods`` (or ``methods``) over the nodes of ``grid``; returns MethodResults."""
 
     def __init__(
-        self, cfg: RunConfig, task: Task, grid: GridLike, *, on_round: RoundCallback | None = None,
-        on_reply: ReplyHook | None = None, progress: bool = False, on_server: ServerHook | None = None,
+        self,
+        cfg: RunConfig,
+        task: Task,
+        grid: GridLike,
+        *,
+        on_round: RoundCallback | None = None,
+        on_reply: ReplyHook | None = None,
+        progress: bool = False,
+        on_server: ServerHook | None = None,
     ):
         self.cfg = cfg
         self.task = task
@@ -95,7 +102,9 @@ class FlowerServer:
 
     def start(self, name: str, on_round: RoundCallback | None = None, progress: bool = False) -> MethodRun:
         """A fresh run of method ``name`` whose client states live on the nodes."""
-        return MethodRun(self.cfg, self.task, registry()[name](self.cfg, self.task), on_round=on_round, progress=progress, hold_clients=False)
+        return MethodRun(
+            self.cfg, self.task, registry()[name](self.cfg, self.task), on_round=on_round, progress=progress, hold_clients=False
+        )
 
     def run_method(self, name: str) -> MethodResult:
         run = self.start(name, self.on_round, self.progress)
@@ -171,8 +180,10 @@ class FlowerServer:
 
         method, round_ = run.method, ledger.round
         ledger.secure = True
-        fields = {cid: TrainIns(method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received).fields()
-                  for cid, (received, _) in sent.items()}
+        fields = {
+            cid: TrainIns(method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received).fields()
+            for cid, (received, _) in sent.items()
+        }
         for o in outgoing:  # the injected crash travels as in the normal path
             fields[o.client_id]["inject_crash"] = bool(o.content["config"]["inject_crash"])
         got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, fields)
@@ -243,9 +254,15 @@ class FlowerServer:
 
 
 def make_server_app(
-    cfg: RunConfig, task: Task | None = None, *, results: list[MethodResult] | None = None,
-    on_round: RoundCallback | None = None, on_reply: ReplyHook | None = None, progress: bool = False,
-    on_done: Callable[[list[MethodResult]], None] | None = None, on_server: ServerHook | None = None,
+    cfg: RunConfig,
+    task: Task | None = None,
+    *,
+    results: list[MethodResult] | None = None,
+    on_round: RoundCallback | None = None,
+    on_reply: ReplyHook | None = None,
+    progress: bool = False,
+    on_done: Callable[[list[MethodResult]], None] | None = None,
+    on_server: ServerHook | None = None,
     on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``cfg.methods``. Results are appended to ``results`` (in-process
@@ -258,7 +275,12 @@ def make_server_app(
             torch.set_num_threads(cfg.num_threads)
         try:
             server = FlowerServer(
-                cfg, task if task is not None else build_task(cfg), grid, on_round=on_round, on_reply=on_reply, progress=progress,
+                cfg,
+                task if task is not None else build_task(cfg),
+                grid,
+                on_round=on_round,
+                on_reply=on_reply,
+                progress=progress,
                 on_server=on_server,
             )
             out = server.run()

@@ -26,9 +26,15 @@ from pf2lora.tasks.base import Task
 
 
 def run_flower_sim(
-    cfg: RunConfig, task: Task | None = None, *, on_round: RoundCallback | None = None,
-    on_reply: ReplyHook | None = None, progress: bool = False, num_cpus: int | None = None,
-    verbose: bool = False, on_server: ServerHook | None = None,
+    cfg: RunConfig,
+    task: Task | None = None,
+    *,
+    on_round: RoundCallback | None = None,
+    on_reply: ReplyHook | None = None,
+    progress: bool = False,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    on_server: ServerHook | None = None,
 ) -> list[MethodResult]:
     """Run ``cfg.methods`` on a simulated federation (one virtual SuperNode per client).
 

@@ -70,7 +70,9 @@ class MethodStrategy(Strategy):
 
     def __init__(self, cfg: RunConfig, method: str, task: Task | None = None, on_round: RoundCallback | None = None):
         if cfg.server.secure_aggregation:
-            raise ValueError("MethodStrategy does not do server.secure_aggregation; run it with pf2lora run --engine flower-sim|flower-deploy")
+            raise ValueError(
+                "MethodStrategy does not do server.secure_aggregation; run it with pf2lora run --engine flower-sim|flower-deploy"
+            )
         if task is None:
             task = build_task(cfg)
         self.cfg, self.task = cfg, task

@@ -168,8 +168,8 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
             checkpoint.save(out, {"completed": completed, "current": asdict(state), "metrics_lines": lines})
         if hold and hold == f"{state.method}:{state.round}":  # test-only, see TEST_HOLD_ENV
             print(f"pf2lora: holding after {hold} ({TEST_HOLD_ENV})", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(60)
+            while True:  # short sleeps: a signal handled by another thread does not end a long sleep early
+                time.sleep(0.05)
 
     done = {r["method"] for r in completed}
     running = ""

@@ -128,6 +128,11 @@ def methods_override(names) -> str:
     return "methods=[" + ",".join(f'"{n}"' for n in names) + "]"
 
 
+def sets(*overrides: str) -> list[str]:
+    """``--set A --set B ...``: command-line overrides, one ``--set`` each."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CORE_METHODS, read_metrics, read_summary, run_cli
+from conftest import CORE_METHODS, read_metrics, read_summary, run_cli, sets
 from conftest import SYNTH_CFG as CFG
 from pf2lora import config
 from pf2lora.cli import main
@@ -12,20 +12,15 @@ from pf2lora.errors import UserError
 from pf2lora.methods import registry
 
 TINY_RUN = [
-    "--set",
-    "rounds=1",
-    "--set",
-    "local_steps=1",
-    "--set",
-    "task.num_clients=2",
-    "--set",
-    "task.dim=8",
-    "--set",
-    "task.train_samples=16",
-    "--set",
-    "task.test_samples=16",
-    "--set",
-    'methods=["homlora"]',
+    *sets(
+        "rounds=1",
+        "local_steps=1",
+        "task.num_clients=2",
+        "task.dim=8",
+        "task.train_samples=16",
+        "task.test_samples=16",
+        'methods=["homlora"]',
+    ),
     "--quiet",
 ]
 

@@ -17,7 +17,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 
 import torch
 
-from conftest import ALL_METHODS, SYNTH_CFG, free_port, methods_override, read_summary, small_task, wait_for
+from conftest import ALL_METHODS, SYNTH_CFG, free_port, methods_override, read_summary, sets, small_task, wait_for
 from pf2lora import state as st
 from pf2lora.engines.flower import FlowerEngineError
 from pf2lora.engines.flower.client import make_client_app
@@ -433,30 +433,20 @@ def test_cli_flower_sim_gives_the_local_summary(tmp_path):
         "run",
         SYNTH_CFG,
         "--quiet",
-        "--set",
-        "rounds=2",
-        "--set",
-        "task.num_clients=2",
-        "--set",
-        "task.dim=8",
-        "--set",
-        "task.shared_rank=2",
-        "--set",
-        "task.private_ranks=[0,1]",
-        "--set",
-        "task.train_samples=32",
-        "--set",
-        "task.test_samples=32",
-        "--set",
-        "lora.rank=2",
-        "--set",
-        "lora.alpha=2.0",
-        "--set",
-        "lora.private_rank=1",
-        "--set",
-        "lora.private_alpha=1.0",
-        "--set",
-        'methods=["pf2lora","hetlora"]',
+        *sets(
+            "rounds=2",
+            "task.num_clients=2",
+            "task.dim=8",
+            "task.shared_rank=2",
+            "task.private_ranks=[0,1]",
+            "task.train_samples=32",
+            "task.test_samples=32",
+            "lora.rank=2",
+            "lora.alpha=2.0",
+            "lora.private_rank=1",
+            "lora.private_alpha=1.0",
+            'methods=["pf2lora","hetlora"]',
+        ),
     ]
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     assert main([*common, "--engine", "flower-sim", "--out", str(tmp_path / "sim")]) == 0

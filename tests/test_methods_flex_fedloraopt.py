@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import SYNTH_CFG, read_metrics, read_summary, record_client_updates, run_cli, tiny_task
+from conftest import SYNTH_CFG, read_metrics, read_summary, record_client_updates, run_cli, sets, tiny_task
 from pf2lora import config, lora
 from pf2lora import state as st
 from pf2lora.config import resolved_rank_range
@@ -395,12 +395,7 @@ def test_cli_run_reports_each_methods_upload(tmp_path):
     proc = run_cli(
         "run",
         SYNTH_CFG,
-        "--set",
-        'methods=["flexlora","fedlora-opt"]',
-        "--set",
-        "rounds=2",
-        "--set",
-        "task.train_samples=64",
+        *sets('methods=["flexlora","fedlora-opt"]', "rounds=2", "task.train_samples=64"),
         "--out",
         str(out),
         "--quiet",

@@ -13,36 +13,25 @@ import pytest
 import torch
 
 from conftest import SYNTH_CFG as CFG
-from conftest import read_metrics, read_summary, start_run_holding
+from conftest import read_metrics, read_summary, sets, start_run_holding
 from pf2lora import checkpoint
 from pf2lora.cli import main
 
-SMALL = [
-    "--set",
+SMALL_OVERRIDES = [
     "task.train_samples=64",
-    "--set",
     "task.test_samples=64",
-    "--set",
     "task.dim=8",
-    "--set",
     "task.shared_rank=2",
-    "--set",
     "task.private_ranks=[0,1]",
-    "--set",
     "task.num_clients=4",
-    "--set",
     "lora.rank=2",
-    "--set",
     "lora.alpha=2.0",
-    "--set",
     "lora.private_rank=1",
-    "--set",
     "lora.private_alpha=1.0",
-    "--set",
     "batch_size=16",
-    "--set",
     "local_steps=3",
 ]
+SMALL = sets(*SMALL_OVERRIDES)
 
 
 def _summary_metrics(path: Path) -> dict:
@@ -144,16 +133,9 @@ def test_straggler_beyond_deadline_is_left_out(tmp_path):
     assert (
         _run(
             [
-                "--set",
-                'methods=["homlora"]',
-                "--set",
-                "rounds=5",
-                "--set",
-                "faults.straggler_prob=0.5",
-                "--set",
-                "faults.straggler_delay_s=100",
-                "--set",
-                "faults.deadline_s=50",
+                *sets(
+                    'methods=["homlora"]', "rounds=5", "faults.straggler_prob=0.5", "faults.straggler_delay_s=100", "faults.deadline_s=50"
+                ),
                 "--out",
                 str(out),
             ]
@@ -169,14 +151,7 @@ def test_too_few_clients_fails_loudly_and_keeps_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     rc = _run(
         [
-            "--set",
-            'methods=["homlora"]',
-            "--set",
-            "rounds=30",
-            "--set",
-            "faults.dropout_prob=0.6",
-            "--set",
-            "server.min_clients=4",
+            *sets('methods=["homlora"]', "rounds=30", "faults.dropout_prob=0.6", "server.min_clients=4"),
             "--out",
             str(out),
         ]
@@ -191,14 +166,7 @@ def test_too_few_clients_fails_loudly_and_keeps_checkpoint(tmp_path, capsys):
 def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, aggregator):
     """1 NaN client (rejected by validation) and 1 client scaling its change by 1e6 out of 8."""
     common = [
-        "--set",
-        "task.num_clients=8",
-        "--set",
-        'methods=["homlora","pf2lora"]',
-        "--set",
-        "rounds=15",
-        "--set",
-        "server.trim_fraction=0.25",
+        *sets("task.num_clients=8", 'methods=["homlora","pf2lora"]', "rounds=15", "server.trim_fraction=0.25"),
     ]  # trims 2 of 8 per side; 0.1 would trim nothing
     clean = tmp_path / "clean"
     assert _run([*common, "--set", f"server.aggregator={aggregator}", "--out", str(clean)]) == 0
@@ -207,12 +175,7 @@ def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, agg
         _run(
             [
                 *common,
-                "--set",
-                f"server.aggregator={aggregator}",
-                "--set",
-                'faults.poison_clients=["client_1"]',
-                "--set",
-                "faults.poison=nan",
+                *sets(f"server.aggregator={aggregator}", 'faults.poison_clients=["client_1"]', "faults.poison=nan"),
                 "--out",
                 str(tmp_path / "nan_only"),
             ]
@@ -223,12 +186,7 @@ def test_nan_and_scaled_attackers_do_not_poison_the_shared_adapter(tmp_path, agg
         _run(
             [
                 *common,
-                "--set",
-                f"server.aggregator={aggregator}",
-                "--set",
-                'faults.poison_clients=["client_1","client_5"]',
-                "--set",
-                "faults.poison=scale",
+                *sets(f"server.aggregator={aggregator}", 'faults.poison_clients=["client_1","client_5"]', "faults.poison=scale"),
                 "--out",
                 str(attacked),
             ]
@@ -255,16 +213,7 @@ def test_scaled_attacker_breaks_plain_mean_without_defences(tmp_path):
     assert (
         _run(
             [
-                "--set",
-                "task.num_clients=8",
-                "--set",
-                'methods=["homlora"]',
-                "--set",
-                "rounds=5",
-                "--set",
-                'faults.poison_clients=["client_5"]',
-                "--set",
-                "faults.poison=scale",
+                *sets("task.num_clients=8", 'methods=["homlora"]', "rounds=5", 'faults.poison_clients=["client_5"]', "faults.poison=scale"),
                 "--out",
                 str(out),
             ]
@@ -280,18 +229,14 @@ def test_clipping_defends_the_mean(tmp_path):
     assert (
         _run(
             [
-                "--set",
-                "task.num_clients=8",
-                "--set",
-                'methods=["homlora"]',
-                "--set",
-                "rounds=15",
-                "--set",
-                'faults.poison_clients=["client_5"]',
-                "--set",
-                "faults.poison=scale",
-                "--set",
-                "server.clip_norm=0.5",
+                *sets(
+                    "task.num_clients=8",
+                    'methods=["homlora"]',
+                    "rounds=15",
+                    'faults.poison_clients=["client_5"]',
+                    "faults.poison=scale",
+                    "server.clip_norm=0.5",
+                ),
                 "--out",
                 str(out),
             ]
@@ -308,7 +253,7 @@ def test_diverging_client_is_excluded_and_restored(tmp_path):
     from pf2lora.engines.local import LocalEngine
     from pf2lora.tasks.synthetic import SyntheticRankTask
 
-    cfg = config.load(CFG, [*SMALL[1::2], "rounds=3", 'methods=["pf2lora"]'])
+    cfg = config.load(CFG, [*SMALL_OVERRIDES, "rounds=3", 'methods=["pf2lora"]'])
     task = SyntheticRankTask(cfg)
     task.clients[2].train["targets"][:, 0] = float("nan")  # client_2 diverges: every batch has a NaN target
     engine = LocalEngine(cfg, task, progress=False)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import sets
 from pf2lora import config, lora, metrics, plan
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
@@ -569,22 +570,16 @@ def test_vader_domains_config_end_to_end(tmp_path):
                 "--out",
                 str(out),
                 "--quiet",
-                "--set",
-                "rounds=1",
-                "--set",
-                "local_steps=1",
-                "--set",
-                "batch_size=4",
-                "--set",
-                "task.train_samples=24",
-                "--set",
-                "task.train_samples_min=8",
-                "--set",
-                "task.test_samples=8",
-                "--set",
-                "task.max_length=32",
-                "--set",
-                "checkpoint=false",
+                *sets(
+                    "rounds=1",
+                    "local_steps=1",
+                    "batch_size=4",
+                    "task.train_samples=24",
+                    "task.train_samples_min=8",
+                    "task.test_samples=8",
+                    "task.max_length=32",
+                    "checkpoint=false",
+                ),
             ]
         )
     assert rc == 0

@@ -301,6 +301,9 @@ class HeterogeneousRanks(Method):
     range); every client's adapter keeps the common ``lora.alpha``, so its scale is ``alpha / r_k``.
     """
 
+    RANK: ClassVar[str] = st.meta_key("rank")
+    """Client-state key of the client's current rank."""
+
     def __init__(self, cfg: RunConfig, task: Task):
         super().__init__(cfg, task)
         self.rank_min, self.rank_max = resolved_rank_range(cfg, self.rank_config(cfg))
@@ -314,6 +317,13 @@ class HeterogeneousRanks(Method):
     def assigned_rank(self, client_id: str) -> int:
         """The rank a client's resources allow: drawn once per client from the seed, not the data."""
         return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
+
+    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
+        """A private head (if any) and the client's assigned rank."""
+        return {**self.private_head(generator), self.RANK: torch.tensor(self.assigned_rank(client_id))}
+
+    def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
+        return {"client_rank": int(client_state[self.RANK])} if self.RANK in client_state else {}
 
     def client_delta(self, adapter: Mapping[str, torch.Tensor], target: lora.LoRATarget) -> torch.Tensor:
         """The update a client's common adapter applies on ``target``: ``(alpha / r_k) B_k A_k``

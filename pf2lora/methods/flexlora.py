@@ -66,7 +66,7 @@ from pf2lora.methods.base import (
     with_opt_state,
 )
 
-_RANK = st.meta_key("rank")
+_RANK = HeterogeneousRanks.RANK
 _INIT = st.meta_key("init_A/")
 
 
@@ -94,13 +94,6 @@ class FlexLoRA(HeterogeneousRanks):
             out[_INIT + t.path] = init[lora.adapter_keys(t, lora.COMMON, st.SHARED)[0]]
         head = self.shared_head(generator)
         return {**out, **head}
-
-    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.private_head(generator)
-        return {**head, _RANK: torch.tensor(self.assigned_rank(client_id))}
-
-    def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
-        return {"client_rank": int(client_state[_RANK])} if _RANK in client_state else {}
 
     # -- server -> client: truncated SVD at the client's rank ------------------------------------
 

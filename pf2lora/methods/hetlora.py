@@ -36,7 +36,7 @@ from pf2lora.methods.base import (
     with_opt_state,
 )
 
-_RANK = st.meta_key("rank")
+_RANK = HeterogeneousRanks.RANK
 _TAIL = st.meta_key("tail_norm")
 
 
@@ -99,10 +99,6 @@ class HETLoRA(HeterogeneousRanks):
             **(self.shared_head(generator)),
         }
 
-    def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        head = self.private_head(generator)
-        return {**head, _RANK: torch.tensor(self.assigned_rank(client_id))}
-
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
         rank = server.get(f"{_RANK}/{client_id}")
         return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
@@ -110,9 +106,6 @@ class HETLoRA(HeterogeneousRanks):
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""
         return robust.rank_wildcard_spec(received)
-
-    def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
-        return {"client_rank": int(client_state[_RANK])}
 
     def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
         """(sum of ||B_tail|| ||A_tail|| over modules, share of the tail in ||Delta W||_F)."""

@@ -48,8 +48,8 @@ __all__ = ["FlowerServer", "GridLike", "ReplyHook", "RoundCallback", "ServerHook
 ServerHook = Callable[[str, int, st.Tensors], None]
 """Called with (method, round, server state) after every round's aggregation (tests, debugging)."""
 
-Sent = Mapping[str, tuple[st.Tensors, float]]
-"""Client id -> (what the server broadcast to it, its injected delay in seconds)."""
+Sent = Mapping[str, tuple[TrainIns, float]]
+"""Client id -> (its train instruction, holding what the server broadcast to it; its injected delay in seconds)."""
 
 
 class FlowerServer:
@@ -119,19 +119,19 @@ class FlowerServer:
         """One round: broadcast to every sampled client that did not drop out, one exchange, then
         the replies in sampling order through the ledger (as the local engine reports them)."""
         ledger, sent, outgoing = self.prepare_round(run, round_)
-        if self.cfg.server.secure_aggregation and any(run.method.upload_spec(r) for r, _ in sent.values()):
-            return self._secure_round(run, ledger, sent, outgoing)
+        if self.cfg.server.secure_aggregation and any(run.method.upload_spec(ins.received) for ins, _ in sent.values()):
+            return self._secure_round(run, ledger, sent)
         return self.collect_round(run, ledger, sent, self.channel.exchange("train", outgoing, self._timeout()))
 
     def _timeout(self) -> float | None:
         return self.cfg.flower.round_timeout_s or None
 
-    def prepare_round(self, run: MethodRun, round_: int) -> tuple[RoundLedger, dict[str, tuple[st.Tensors, float]], list[Outgoing]]:
+    def prepare_round(self, run: MethodRun, round_: int) -> tuple[RoundLedger, dict[str, tuple[TrainIns, float]], list[Outgoing]]:
         """The first half of a round: (its ledger, what each client that did not drop out is sent
         with its injected delay, the train messages)."""
         ledger = run.open_round(round_)
         plays = self.plays(run.trainers)
-        sent: dict[str, tuple[st.Tensors, float]] = {}
+        sent: dict[str, tuple[TrainIns, float]] = {}
         outgoing = []
         for cid in ledger.sampled:
             kind, delay = injected_fault(self.cfg, cid, round_)
@@ -139,8 +139,8 @@ class FlowerServer:
                 continue  # recorded by collect_round, in sampling order
             received = st.clone(run.method.broadcast(run.server, cid))
             ledger.sent(received)
-            sent[cid] = (received, delay)
             ins = TrainIns(run.method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received, inject_crash=kind == "crash")
+            sent[cid] = (ins, delay)
             outgoing.append(Outgoing(cid, plays[cid], ins.content()))
         return ledger, sent, outgoing
 
@@ -152,7 +152,7 @@ class FlowerServer:
             if cid not in sent:
                 ledger.dropped(cid)
                 continue
-            received, delay = sent[cid]
+            ins, delay = sent[cid]
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
@@ -165,7 +165,7 @@ class FlowerServer:
                 run.counted(cid, round_)  # it did train; only the server ignores its late upload
                 continue
             else:
-                reason = ledger.offer(cid, update, received)
+                reason = ledger.offer(cid, update, ins.received)
             if reason is not None:
                 log.warning("%s round %d: rejected the upload of client %s: %s", name, round_, cid, reason)
                 continue  # its state stays at the last good round
@@ -173,20 +173,15 @@ class FlowerServer:
         run.server, record = ledger.finish(run.server)
         return record
 
-    def _secure_round(self, run: MethodRun, ledger: RoundLedger, sent: Sent, outgoing: list[Outgoing]) -> dict[str, Any]:
+    def _secure_round(self, run: MethodRun, ledger: RoundLedger, sent: Sent) -> dict[str, Any]:
         """One round through Flower's SecAgg+ (:mod:`.secagg`): the server gets only the weighted
         mean of the uploads and hands it to the method's ``aggregate`` as a single update."""
         from pf2lora.engines.flower import secagg  # SecAgg+ pulls in Flower's legacy server API: only when asked for
 
         method, round_ = run.method, ledger.round
         ledger.secure = True
-        fields = {
-            cid: TrainIns(method.name, self.run_key, cid, round_, run.accepted.get(cid, -1), received).fields()
-            for cid, (received, _) in sent.items()
-        }
-        for o in outgoing:  # the injected crash travels as in the normal path
-            fields[o.client_id]["inject_crash"] = bool(o.content["config"]["inject_crash"])
-        got = secagg.secure_round(self, method, round_, {cid: r for cid, (r, _) in sent.items()}, fields)
+        fields = {cid: ins.fields() for cid, (ins, _) in sent.items()}  # the FitIns config carries them
+        got = secagg.secure_round(self, method, round_, {cid: ins.received for cid, (ins, _) in sent.items()}, fields)
         for cid in ledger.sampled:  # in sampling order, as the normal path records faults
             if cid not in sent:
                 ledger.dropped(cid)

@@ -1,5 +1,5 @@
 """Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR]``, ``pf2lora methods``,
-``pf2lora config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
+``pf2lora datasets``, ``pf2lora config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def cmd_methods(_: argparse.Namespace) -> int:
     width = max(len(n) for n in registry())
     for name, cls in sorted(registry().items()):
         print(f"{name:<{width}}  {cls.description}")
+    return 0
+
+
+def cmd_datasets(_: argparse.Namespace) -> int:
+    from pf2lora.data import catalogue
+
+    print("\n".join(catalogue.describe()))
     return 0
 
 
@@ -225,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the available methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", help="list the data sets of the text tasks (task.dataset)").set_defaults(func=cmd_datasets)
     sub.add_parser("config-keys", help="list every config key with its default and help").set_defaults(func=cmd_config_keys)
     return parser
 
@@ -247,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pf2lora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`pf2lora datasets | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 0
     except OSError as e:  # e.g. a full disk while writing a report: one line, not a traceback
         print(f"pf2lora: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2

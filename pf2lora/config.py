@@ -54,8 +54,8 @@ class TaskConfig:
     )
     dataset: str = _f(
         "",
-        "text tasks: data set, a name from the data catalogue (pf2lora.data.catalogue; an unknown "
-        "name's error lists those of the task kind), e.g. vader, glue-sst2, wordnet-definitions, csv; "
+        "text tasks: data set, a name from the data catalogue (`pf2lora datasets` lists them), "
+        "e.g. vader, glue-sst2, wordnet-definitions, csv; "
         "empty = the kind's default (vader / wordnet-definitions)",
     )
     data_path: str = _f(

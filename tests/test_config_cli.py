@@ -146,6 +146,14 @@ def test_cli_lists_all_methods():
     assert set(CORE_METHODS) <= set(names)
 
 
+def test_datasets_lists_the_catalogue(capsys):
+    from pf2lora.data import catalogue
+
+    assert main(["datasets"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == [d.name for d in catalogue.CATALOGUE]
+
+
 def test_config_keys_lists_every_key(capsys):
     assert main(["config-keys"]) == 0
     out = capsys.readouterr().out

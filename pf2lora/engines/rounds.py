@@ -393,8 +393,7 @@ class MethodRun:
             if self.accountant is not None and resume.accountant is not None:
                 self.accountant.load_state_dict(resume.accountant)
         self._start = time.perf_counter() - self.state.elapsed_s
-        self._bar = tqdm(
-            range(self.state.round + 1, cfg.rounds + 1),
+        self._bar = tqdm(  # advanced by end_round
             desc=f"{method.name:>12}",
             disable=not progress,
             leave=True,

@@ -422,13 +422,17 @@ def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
+def source_of(path: str | Path | None, overrides: Sequence[str] = ()) -> str:
+    """How error messages name a config loaded from ``path`` with ``overrides``."""
+    source = "defaults" if path is None else str(Path(path))
+    return f"{source} (with --set)" if overrides else source
+
+
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Load ``path`` (or the defaults when None), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
         p = Path(path)
-        source = str(p)
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
         try:
@@ -446,7 +450,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
                 raise UserError(f"--set {item!r}: {k!r} is not a table")
             node = nxt
         node[keys[-1]] = value
-    return from_dict(data, source if not overrides else f"{source} (with --set)")
+    return from_dict(data, source_of(path, overrides))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -33,9 +33,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """:func:`pf2lora.config.load` and :func:`validate`: a config ready to run."""
-    cfg = config.load(path, list(overrides))
-    source = "defaults" if path is None else str(Path(path))  # named as config.load names it
-    validate(cfg, source if not overrides else f"{source} (with --set)")
+    cfg = config.load(path, overrides)
+    validate(cfg, config.source_of(path, overrides))
     return cfg
 
 

@@ -182,12 +182,22 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
 HOLD_ENV = "PF2LORA_TEST_HOLD_AFTER"  # = pf2lora.cli.TEST_HOLD_ENV (a test-only hook)
 
 
+CTRL_C_LIVE = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'pf2lora'; runpy.run_module('pf2lora.cli', run_name='__main__')"
+)
+"""``python -c`` code running the CLI with Ctrl-C raising KeyboardInterrupt even when this test
+process was started with SIGINT ignored (a background job of a non-interactive shell, as a CI
+runner may start it): Python leaves an inherited ignored SIGINT ignored, and the Ctrl-C test would
+then wait forever."""
+
+
 def start_run_holding(args: list[str], hold: str, timeout: float = 120) -> subprocess.Popen:
-    """``python -m pf2lora.cli run ARGS`` in a subprocess, returned once it holds after ``hold``
+    """``pf2lora run ARGS`` in a subprocess (see :data:`CTRL_C_LIVE`), returned once it holds after ``hold``
     (``METHOD:ROUND``, checkpointed; see ``pf2lora.cli.TEST_HOLD_ENV``): signal it at a known state.
     It cannot finish meanwhile, however fast the machine. stderr stays a pipe for ``communicate``."""
     env = {**os.environ, HOLD_ENV: hold}
-    cmd = [sys.executable, "-m", "pf2lora.cli", "run", *args]
+    cmd = [sys.executable, "-c", CTRL_C_LIVE, "run", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for_line(proc, f"holding after {hold}", timeout)

@@ -244,6 +244,20 @@ class RunConfig:
     client_fraction: float = _f(1.0, "fraction of clients sampled each round", gt=0.0, max=1.0)
     batch_size: int = _f(32, "mini-batch size", min=1)
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); tiny models run fastest on 1", min=0)
+    device: str = _f(
+        "auto",
+        "where the model, adapters, optimizer state and batches live: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps",
+        pattern=r"auto|cpu|cuda(:[0-9]+)?|mps",
+    )
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", "fp32, or bf16: the frozen base computes in bfloat16 autocast; adapters and optimizer moments stay float32"
+    )
+    parallel_clients: int = _f(
+        1,
+        "clients of a round trained together in lockstep, one forward/backward per step (in-process engine); "
+        "1 = one after another, 0 = auto (batch where it pays: the synthetic task, or any task on a GPU)",
+        min=0,
+    )
     checkpoint: bool = _f(True, "write an atomic checkpoint after every round (resume with `pf2lora run --resume DIR`)")
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -310,6 +324,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _check_range(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
     values = value if isinstance(value, list) else [value]
     for v in values:
+        if isinstance(v, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], v):
+            raise UserError(f"{where}: must match {meta['pattern']}, got {v!r}")
         if not isinstance(v, (int, float)):
             return
         if isinstance(v, float) and not math.isfinite(v):

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "pf2lora"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("pf2lora.errors", "pf2lora.io", "pf2lora.config", "pf2lora.state", "pf2lora.autodiff"),
+    ("pf2lora.errors", "pf2lora.io", "pf2lora.config", "pf2lora.state", "pf2lora.autodiff", "pf2lora.batching"),
     ("pf2lora.lora", "pf2lora.optim", "pf2lora.hypergrad", "pf2lora.robust", "pf2lora.privacy", "pf2lora.metrics", "pf2lora.secagg"),
     ("pf2lora.data", "pf2lora.models", "pf2lora.tasks"),
     ("pf2lora.methods",),

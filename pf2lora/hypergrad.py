@@ -4,20 +4,29 @@ one-step unrolled upper objective with respect to the common adapter (spec, "One
     y+ = y - eta * grad_y f(x, y; xi)
     g  = grad_x f(x, y+; zeta) - eta * H_xy(x, y; xi) v,   v = grad_y f(x, y+; zeta)
 
-``H_xy v`` is estimated by a central (or one-sided) finite difference of ``grad_x f(x, . ; xi)``
+``H_xy v`` is estimated by a one-sided or central finite difference of ``grad_x f(x, . ; xi)``
 along ``v`` (the paper's gradient-difference approximation), computed exactly by double backward,
-or dropped (first-order).
+or dropped (first-order). A step costs forward/backward passes (HOMLoRA's step is one): the lower
+gradient (1), the upper gradient (1), and for ``H_xy v`` one more (one-sided: it reuses the lower
+pass's ``grad_x f(x, y; xi)``), two more (central) or a double backward (exact). A caller may pass
+a cached ``H_xy v`` instead (PF2LoRA's ``pf2lora.hvp_every``): then the step is the two passes.
+
+Clients may be stacked along a leading dimension (:mod:`pf2lora.batching`): the loss is then one
+value per client, every reduction is per client (:func:`~pf2lora.batching.client_sum`) and the
+step size ``e = e0 / ||v||`` is one per client. Nothing reads a value back to the host, so a step
+runs without a device synchronisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from pf2lora.autodiff import grads, leaves
+from pf2lora.autodiff import grads
+from pf2lora.batching import client_sum, per_client
 from pf2lora.state import Tensors
 
 if TYPE_CHECKING:  # a task's batch type; the tasks sit a layer above this module
@@ -25,6 +34,7 @@ if TYPE_CHECKING:  # a task's batch type; the tasks sit a layer above this modul
 
 LossFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], "Batch"], torch.Tensor]
 Estimator = Literal["finite-difference", "exact", "first-order"]
+ESTIMATORS: tuple[Estimator, ...] = ("finite-difference", "exact", "first-order")
 
 
 @dataclass
@@ -32,83 +42,125 @@ class StepResult:
     hypergrad: Tensors
     y_next: Tensors
     loss: torch.Tensor
-    """f(x, y; xi) before the step, detached (a tensor: no device synchronisation per step)."""
+    """f(x, y; xi) before the step, detached: a tensor (no device synchronisation per step), one
+    value per client when clients are stacked."""
+    hvp: Tensors
+    """The ``H_xy v`` the hypergradient used (detached): computed this step, or the cached one."""
 
 
-def _axpy(a: float, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]) -> Tensors:
-    return {k: y[k] + a * x[k] for k in y}
+def _leaves(state: Mapping[str, torch.Tensor]) -> Tensors:
+    """Grad-requiring aliases of ``state``. No copy: ``autograd.grad`` never writes into a leaf
+    (no ``.grad``), and the graph is consumed before anyone could change the storage."""
+    return {k: v.detach().requires_grad_(True) for k, v in state.items()}
+
+
+def _zeros(x: Mapping[str, torch.Tensor]) -> Tensors:
+    return {k: torch.zeros_like(t) for k, t in x.items()}
+
+
+def _grad(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False) -> Tensors:
+    """Gradients of the summed (per-client) loss: each client's tensors get their own client's gradient."""
+    return grads(loss.sum(), wrt, create_graph=create_graph)
+
+
+def _check(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown hypergradient estimator {estimator!r}")
 
 
 def mixed_hvp(
     loss_fn: LossFn,
-    x: Tensors,
-    y: Tensors,
-    v: Tensors,
+    x: Mapping[str, torch.Tensor],
+    y: Mapping[str, torch.Tensor],
+    v: Mapping[str, torch.Tensor],
     batch: Batch,
     estimator: Estimator,
     eps: float = 1e-3,
     one_sided: bool = False,
-    grad_x_at_y: Tensors | None = None,
+    grad_x_at_y: Mapping[str, torch.Tensor] | None = None,
 ) -> Tensors:
-    """``H_xy v = grad_x <grad_y f(x, y; batch), v>`` by the chosen estimator."""
-    if estimator == "first-order":
-        return {k: torch.zeros_like(t) for k, t in x.items()}
+    """``H_xy v = grad_x <grad_y f(x, y; batch), v>`` by the chosen estimator.
+
+    Finite difference: ``e = eps / ||v||`` per client (``||v||`` over all of ``y``'s tensors, in
+    float64); a client with ``v = 0`` gets ``H_xy v = 0``. One-sided: ``[grad_x f(x, y + e v) -
+    grad_x f(x, y)] / e`` (error O(e), ``grad_x_at_y`` reused when given); central: ``[grad_x f(x,
+    y + e v) - grad_x f(x, y - e v)] / (2 e)`` (error O(e^2), one more pass).
+    """
+    _check(estimator)
+    if estimator == "first-order" or not v:
+        return _zeros(x)
     if estimator == "exact":
-        xl, yl = leaves(x), leaves(y)
-        gy = grads(loss_fn(xl, yl, batch), yl, create_graph=True)
-        dot = sum((gy[k] * v[k]).sum() for k in yl)
-        if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
-            return {k: torch.zeros_like(t) for k, t in x.items()}
-        return grads(dot, xl)
-    if estimator != "finite-difference":
-        raise ValueError(f"unknown hypergradient estimator {estimator!r}")
-    # v is not empty there, so the sum is a tensor (not the start value 0)
-    v_norm = torch.sqrt(cast(torch.Tensor, sum((t.double() ** 2).sum() for t in v.values()))).item() if v else 0.0
-    if v_norm == 0.0:
-        return {k: torch.zeros_like(t) for k, t in x.items()}
-    e = eps / v_norm
+        xl, yl = _leaves(x), _leaves(y)
+        gy = _grad(loss_fn(xl, yl, batch), yl, create_graph=True)
+        dots = [client_sum(gy[k] * v[k]) for k in yl if gy[k].requires_grad]
+        if not dots:  # grad_y f does not depend on x: the mixed derivative is zero
+            return _zeros(x)
+        return _grad(torch.stack(dots).sum(), xl)
 
-    def grad_x(y_shifted: Tensors) -> Tensors:
-        xl = leaves(x)
-        return grads(loss_fn(xl, y_shifted, batch), xl)
+    sq = [client_sum(t.double() ** 2) for t in v.values()]
+    norm = torch.sqrt(torch.stack(sq).sum(0))  # ||v||, one per client
+    nonzero = norm > 0
+    e = eps / torch.where(nonzero, norm, torch.ones_like(norm))
+    inv_e = torch.where(nonzero, norm / eps, torch.zeros_like(norm))  # 1/e, and 0 where v = 0
+    if not one_sided:
+        inv_e = inv_e / 2
 
-    plus = grad_x(_axpy(e, v, y))
+    def shifted(sign: float) -> Tensors:
+        return {k: y[k] + sign * per_client(e, y[k]).to(y[k].dtype) * v[k] for k in y}
+
+    def grad_x(y_at: Mapping[str, torch.Tensor]) -> Tensors:
+        xl = _leaves(x)
+        return _grad(loss_fn(xl, y_at, batch), xl)
+
+    plus = grad_x(shifted(1.0))
     if one_sided:
-        base = grad_x_at_y if grad_x_at_y is not None else grad_x(dict(y))
-        return {k: (plus[k] - base[k]) / e for k in x}
-    minus = grad_x(_axpy(-e, v, y))
-    return {k: (plus[k] - minus[k]) / (2 * e) for k in x}
+        other = grad_x_at_y if grad_x_at_y is not None else grad_x(y)
+    else:
+        other = grad_x(shifted(-1.0))
+    return {k: (plus[k] - other[k]) * per_client(inv_e, plus[k]).to(plus[k].dtype) for k in x}
 
 
 def bilevel_step(
     loss_fn: LossFn,
-    x: Tensors,
-    y: Tensors,
+    x: Mapping[str, torch.Tensor],
+    y: Mapping[str, torch.Tensor],
     xi: Batch,
     zeta: Batch,
     lower_lr: float,
     estimator: Estimator = "finite-difference",
     eps: float = 1e-3,
     one_sided: bool = False,
+    hvp: Mapping[str, torch.Tensor] | None = None,
 ) -> StepResult:
-    xl, yl = leaves(x), leaves(y)
+    """One bilevel step from ``(x, y)`` on mini-batches ``xi`` (lower) and ``zeta`` (upper).
+
+    ``hvp``: an ``H_xy v`` to use instead of estimating one (a stale one, e.g. from an earlier
+    local step: an approximation that saves the estimator's passes). Each pass differentiates only
+    with respect to what the step uses from it.
+    """
+    _check(estimator)
+    fresh = hvp is None and estimator != "first-order"
+    reuse_lower = fresh and estimator == "finite-difference" and one_sided
+
+    # Lower pass: grad_y f(x, y; xi) (and grad_x there, which the one-sided difference reuses).
+    yl = _leaves(y)
+    xl = _leaves(x) if reuse_lower else x
     loss_xi = loss_fn(xl, yl, xi)
-    g_xi = grads(loss_xi, {**xl, **yl})
+    g_xi = _grad(loss_xi, {**xl, **yl} if reuse_lower else yl)
     y_next = {k: (y[k] - lower_lr * g_xi[k]).detach() for k in y}
 
-    xl2, yl2 = leaves(x), leaves(y_next)
-    g_zeta = grads(loss_fn(xl2, yl2, zeta), {**xl2, **yl2})
-    v = {k: g_zeta[k] for k in y}
-    hv = mixed_hvp(
-        loss_fn,
-        x,
-        y,
-        v,
-        xi,
-        estimator,
-        eps=eps,
-        one_sided=one_sided,
-        grad_x_at_y={k: g_xi[k] for k in x},
-    )
+    # Upper pass: grad_x f(x, y+; zeta), and v = grad_y f(x, y+; zeta) when H_xy v is estimated.
+    xl2 = _leaves(x)
+    yl2 = _leaves(y_next) if fresh else y_next
+    g_zeta = _grad(loss_fn(xl2, yl2, zeta), {**xl2, **yl2} if fresh else xl2)
+
+    if hvp is not None:
+        hv = {k: hvp[k] for k in x}
+    elif fresh:
+        v = {k: g_zeta[k] for k in y}
+        base = {k: g_xi[k] for k in x} if reuse_lower else None
+        hv = mixed_hvp(loss_fn, x, y, v, xi, estimator, eps=eps, one_sided=one_sided, grad_x_at_y=base)
+    else:
+        hv = _zeros(x)
     hypergrad = {k: (g_zeta[k] - lower_lr * hv[k]).detach() for k in x}
-    return StepResult(hypergrad, y_next, loss_xi.detach())
+    return StepResult(hypergrad, y_next, loss_xi.detach(), {k: t.detach() for k, t in hv.items()})

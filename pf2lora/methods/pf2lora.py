@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pf2lora import lora
+from pf2lora import batching, lora
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.hypergrad import bilevel_step
@@ -38,9 +38,22 @@ class PF2LoRA(Method):
         self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
     ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """The bilevel step on ``trained`` = common (``shared:``, x) + private (``private:``, y):
-        an SGD step on y and an AdamW step on x along the hypergradient, on two mini-batches."""
+        an SGD step on y and an AdamW step on x along the hypergradient, on two mini-batches.
+
+        With ``pf2lora.hvp_every = k > 1`` the mixed Hessian-vector product is estimated on every
+        k-th step of a round and reused in between (an approximation: a stale ``H_xy v``, from an
+        earlier x, y, v and mini-batch). The cache and its age ride in ``opt`` (:data:`HVP_PREFIX`,
+        :data:`HVP_AGE`), so the step stays pure; :meth:`client_update` drops them, so each round
+        starts with a fresh product. Stacked clients start a round together, so the first
+        client's age decides for all of them.
+        """
         o, p = self.cfg.optim, self.cfg.pf2lora
         x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
+        adam = without_hvp(opt)
+        cached = None
+        age = opt.get(HVP_AGE)
+        if p.hvp_every > 1 and age is not None and int(age.reshape(-1)[0]) + 1 < p.hvp_every and all(HVP_PREFIX + k in opt for k in x):
+            cached = {k: opt[HVP_PREFIX + k] for k in x}
         xi, zeta = ctx.batch(), ctx.batch()
         step = bilevel_step(
             lambda x_, y_, batch: self.loss(batch, x_, y_, fixed),
@@ -52,11 +65,34 @@ class PF2LoRA(Method):
             p.estimator,
             p.fd_eps,
             p.fd_one_sided,
+            hvp=cached,
         )
-        x, opt = self.adamw_update(x, step.hypergrad, opt)
-        return {**x, **step.y_next}, opt, step.loss
+        x, adam = self.adamw_update(x, step.hypergrad, adam)
+        if p.hvp_every > 1:
+            adam.update({HVP_PREFIX + k: t for k, t in step.hvp.items()})
+            adam[HVP_AGE] = age + 1 if cached is not None and age is not None else _age_zero()
+        return {**x, **step.y_next}, adam, step.loss
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
-        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, opt_state(client_state, "shared"))
+        run = self.train_steps(ctx, {**received, **params_of(client_state)}, {}, without_hvp(opt_state(client_state, "shared")))
         update = self.upload(ctx, st.select(run.params, st.SHARED), {"train_loss": run.loss})
-        return update, {**st.select(run.params, st.PRIVATE), **with_opt_state("shared", run.opt)}
+        return update, {**st.select(run.params, st.PRIVATE), **with_opt_state("shared", without_hvp(run.opt))}
+
+
+HVP_PREFIX = "hvp/"
+"""Optimizer-state entries ``hvp/<key>``: the cached ``H_xy v`` of ``pf2lora.hvp_every`` (AdamW's
+entries are ``step``, ``m/``, ``v/``, ``t/``: no collision)."""
+HVP_AGE = "hvp_age"
+"""Local steps since the cached ``H_xy v`` was computed (one per client when stacked)."""
+
+
+def without_hvp(opt: Mapping[str, torch.Tensor]) -> st.Tensors:
+    """``opt`` without the cached Hessian-vector product (what AdamW and a round's end keep)."""
+    return {k: v for k, v in opt.items() if k != HVP_AGE and not k.startswith(HVP_PREFIX)}
+
+
+def _age_zero() -> torch.Tensor:
+    """A fresh cache's age: one per client when clients are stacked. Kept on the CPU, so reading it
+    (the refresh decision) does not wait for the device."""
+    k = batching.clients()
+    return torch.zeros(k, dtype=torch.long) if k else torch.tensor(0)

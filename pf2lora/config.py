@@ -116,7 +116,17 @@ class PF2LoRAConfig:
         "finite-difference", "hypergradient estimator for the mixed Hessian-vector product"
     )
     fd_eps: float = _f(1e-3, "finite-difference step e0; the perturbation is e0 / ||v||", gt=0.0)
-    fd_one_sided: bool = _f(False, "one-sided difference reusing the lower step's gradient (one backward cheaper)")
+    fd_one_sided: bool = _f(
+        True,
+        "one-sided difference reusing the lower step's gradient: 3 forward/backward passes a step instead of the central "
+        "difference's 4, error O(e0) instead of O(e0^2) (about 1e-3 relative at e0 = 1e-3, far below mini-batch noise)",
+    )
+    hvp_every: int = _f(
+        1,
+        "recompute the mixed Hessian-vector product H_xy v every k-th local step of a round and reuse it in between "
+        "(an approximation: a stale H_xy v; 2 passes on a reuse step); 1 = every step (exact to the estimator)",
+        min=1,
+    )
 
 
 @dataclass

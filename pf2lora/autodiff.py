@@ -10,9 +10,13 @@ Tensors = dict[str, torch.Tensor]
 
 
 def grads(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False) -> Tensors:
-    """Gradient of ``loss`` with respect to each tensor of ``wrt`` (zeros where unused)."""
+    """Gradient of ``loss`` with respect to each tensor of ``wrt`` (zeros where unused).
+
+    A vector ``loss`` holds one loss per stacked client (:mod:`pf2lora.batching`): its sum gives
+    each client's tensors the gradient of that client's own loss.
+    """
     keys = list(wrt)
-    gs = torch.autograd.grad(loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph)
+    gs = torch.autograd.grad(loss.sum() if loss.dim() else loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph)
     return {k: (g if g is not None else torch.zeros_like(wrt[k])) for k, g in zip(keys, gs, strict=True)}
 
 

@@ -88,8 +88,14 @@ def split_path(key: str) -> tuple[str, str, str] | None:
 
 def rank_of(adapter: Mapping[str, torch.Tensor]) -> int:
     """The rank of the first LoRA A in ``adapter`` (its rows): one client's rank, which all its
-    modules share."""
-    return next(v.shape[0] for k, v in adapter.items() if is_a(k))
+    modules share (with clients stacked, see :mod:`pf2lora.batching`, the rows are dim -2)."""
+    return next(v.shape[-2] for k, v in adapter.items() if is_a(k))
+
+
+def per_client_rows(u: torch.Tensor, k: int) -> torch.Tensor:
+    """``u``'s rows as ``(k, rows per client, features)``: a stacked batch keeps each client's
+    examples together (client-major), so client i's rows are the i-th block."""
+    return u.reshape(k, -1, u.shape[-1])
 
 
 class LoRALinear(nn.Module):
@@ -118,10 +124,15 @@ class LoRALinear(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         out = self.base(u)
         for name, A in self.lora_A.items():
-            rank = A.shape[0]
+            rank = A.shape[-2]
             if rank == 0:
                 continue
-            out = out + (u @ A.T) @ self.lora_B[name].T * (self.alpha[name] / rank)
+            B, scale = self.lora_B[name], self.alpha[name] / rank
+            if A.dim() == 3:  # K clients stacked: client i's adapter on client i's rows (one bmm each)
+                rows = per_client_rows(u, A.shape[0])
+                out = out + (torch.bmm(torch.bmm(rows, A.transpose(1, 2)), B.transpose(1, 2)) * scale).reshape(out.shape)
+            else:
+                out = out + (u @ A.T) @ B.T * scale
         return out
 
     def delta_weight(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -133,6 +144,30 @@ class LoRALinear(nn.Module):
             if rank:
                 delta = delta + (self.alpha[name] / rank) * (B[name] @ A[name])
         return delta
+
+
+class ClientLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same names) that also takes a stacked weight
+    ``(K, out, in)`` and bias ``(K, out)``: a trained head, each client's applied to its own rows."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 2:
+            return super().forward(u)
+        rows = per_client_rows(u, self.weight.shape[0])
+        out = torch.bmm(rows, self.weight.transpose(1, 2))
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.reshape(*u.shape[:-1], out.shape[-1])
+
+
+def stackable_heads(model: nn.Module, parameter_names: Iterable[str]) -> None:
+    """Let the linear layers owning ``parameter_names`` (a task's trained head) take stacked
+    clients' weights: they become :class:`ClientLinear`, which holds exactly what they held."""
+    owners = {name.rsplit(".", 1)[0] for name in parameter_names if "." in name}
+    for path in owners:
+        module = model.get_submodule(path)
+        if type(module) is nn.Linear:
+            module.__class__ = ClientLinear
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
+from pf2lora import batching
 from pf2lora.state import Tensors
 
 
@@ -29,27 +30,40 @@ def adamw(
     """One AdamW step (decoupled weight decay, bias correction) as in ``torch.optim.AdamW``.
 
     ``opt_state`` holds ``step`` and ``m/<key>``, ``v/<key>``, ``t/<key>`` (moments and step count)
-    per parameter; a parameter that appears later or changes shape starts fresh.
+    per parameter; a parameter that appears later or changes shape starts fresh. The step counts
+    are tensors, so the same code serves stacked clients (:mod:`pf2lora.batching`), each with its
+    own count, and nothing here waits for a device.
     """
     b1, b2 = betas
-    step = int(opt_state.get("step", torch.tensor(0)).item()) + 1
+    state = adamw_state(params, opt_state)
     new_params: Tensors = {}
-    new_state: Tensors = {"step": torch.tensor(step)}
+    new_state: Tensors = {"step": state["step"] + 1}
     for k, p in params.items():
-        g = grads[k]
-        m = opt_state.get(f"m/{k}")
-        v = opt_state.get(f"v/{k}")
-        t = opt_state.get(f"t/{k}")
-        if m is None or v is None or m.shape != p.shape:  # fresh, or the rank changed (HETLoRA pruning)
-            m, v, t = torch.zeros_like(p), torch.zeros_like(p), None
+        g, m, v = grads[k], state[f"m/{k}"], state[f"v/{k}"]
         # Each parameter has its own step count, so one that appears later is bias-corrected as new.
-        t_k = (int(t) if t is not None else 0) + 1
+        t_k = state[f"t/{k}"] + 1
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        m_hat = m / (1 - b1**t_k)
-        v_hat = v / (1 - b2**t_k)
+        m_hat = m / batching.per_client((1 - b1 ** t_k.double()).to(p.device, p.dtype), m)
+        v_hat = v / batching.per_client((1 - b2 ** t_k.double()).to(p.device, p.dtype), v)
         new_params[k] = (p * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps)).detach()
         new_state[f"m/{k}"] = m.detach()
         new_state[f"v/{k}"] = v.detach()
-        new_state[f"t/{k}"] = torch.tensor(t_k)
+        new_state[f"t/{k}"] = t_k
     return new_params, new_state
+
+
+def adamw_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor]) -> Tensors:
+    """``opt_state`` completed for ``params``: every parameter with moments and a step count (zeros:
+    fresh, for one that is new or changed shape) and a ``step``. Completing changes no update, and
+    makes the states of clients with different histories alike, so they can be stacked."""
+    out: Tensors = dict(opt_state)
+    out.setdefault("step", torch.tensor(0))
+    for k, p in params.items():
+        m = opt_state.get(f"m/{k}")
+        if m is None or f"v/{k}" not in opt_state or m.shape != p.shape:  # fresh, or the rank changed (HETLoRA pruning)
+            out[f"m/{k}"], out[f"v/{k}"] = torch.zeros_like(p), torch.zeros_like(p)
+            out[f"t/{k}"] = torch.zeros((), dtype=torch.long)
+        else:
+            out.setdefault(f"t/{k}", torch.zeros((), dtype=torch.long))
+    return out

@@ -8,13 +8,17 @@ checkpoint state) is :mod:`.rounds`, shared with the Flower engines; this module
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from pf2lora import secagg
 from pf2lora import state as st
 from pf2lora.config import RunConfig
+from pf2lora.engines.lockstep import LockstepEngine, Outcome, parallel_clients
 from pf2lora.engines.rounds import (
     InjectedCrash,
     MethodResult,
@@ -35,6 +39,8 @@ from pf2lora.engines.rounds import (
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientState, Method
 from pf2lora.tasks.base import Task
+
+T = TypeVar("T")
 
 __all__ = [  # the shared names are re-exported: callers import them from here
     "InjectedCrash",
@@ -63,6 +69,7 @@ class LocalEngine:
         self.cfg = cfg
         self.task = task
         self.progress = progress
+        self.lockstep: LockstepEngine | None = None
 
     def run(
         self,
@@ -82,39 +89,49 @@ class LocalEngine:
         return run.finish(self.evaluate(method, run.server, run.clients, self.cfg.rounds))
 
     def _round(self, run: MethodRun, round_: int) -> dict[str, Any]:
-        """One round: each sampled client trains here, in sampling order; the ledger decides."""
+        """One round: the sampled clients train (one by one, or in lockstep with
+        ``parallel_clients``), then the ledger settles them in sampling order."""
         cfg, task, method = self.cfg, self.task, run.method
         ledger = run.open_round(round_)
+        faults = {cid: injected_fault(cfg, cid, round_) for cid in ledger.sampled}
+        # the client never holds the server's tensors
+        received = {cid: st.clone(method.broadcast(run.server, cid)) for cid, (kind, _) in faults.items() if kind != "dropout"}
+        training = [cid for cid in received if faults[cid][0] != "crash"]
+        jobs = [
+            functools.partial(train_client, cfg, task, method, run.trainers[cid], run.local_steps, round_, received[cid], run.clients[cid])
+            for cid in training
+        ]
+        outcomes = dict(zip(training, self._train(jobs, len(ledger.sampled)), strict=True))
         for cid in ledger.sampled:
-            kind, delay = injected_fault(cfg, cid, round_)
+            kind, delay = faults[cid]
             if kind == "dropout":
                 ledger.dropped(cid)
                 continue
-            received = st.clone(method.broadcast(run.server, cid))  # the client never holds the server's tensors
-            ledger.sent(received)
-            try:
-                if kind == "crash":
-                    raise InjectedCrash("injected crash")
-                update, new_state, took = train_client(
-                    cfg,
-                    task,
-                    method,
-                    run.trainers[cid],
-                    run.local_steps,
-                    round_,
-                    received,
-                    run.clients[cid],
-                )
-            except Exception as e:  # noqa: BLE001 - a failing client is recorded, never takes the federation down
-                ledger.crashed(cid, f"{type(e).__name__}: {e}")
+            ledger.sent(received[cid])
+            if kind == "crash":
+                ledger.crashed(cid, "InjectedCrash: injected crash")
                 continue
+            outcome = outcomes[cid]
+            if outcome.error is not None or outcome.value is None:
+                ledger.crashed(cid, f"{type(outcome.error).__name__}: {outcome.error}")
+                continue
+            update, new_state, took = outcome.value
             if ledger.missed_deadline(cid, took + delay):
                 run.counted(cid, round_, new_state)  # it did train; only the server ignores its late upload
                 continue
-            if ledger.offer(cid, injected_poison(cfg, cid, update, received), received) is None:
+            if ledger.offer(cid, injected_poison(cfg, cid, update, received[cid]), received[cid]) is None:
                 run.counted(cid, round_, new_state)  # a rejected client's state stays at its last good round
         run.server, record = ledger.finish(run.server)
         return record
+
+    def _train(self, jobs: Sequence[Callable[[], T]], sampled: int) -> list[Outcome[T]]:
+        """Each job's outcome: run one after another, or together by the lockstep engine."""
+        k = parallel_clients(self.cfg, self.task, sampled)
+        if k > 1 and len(jobs) > 1:
+            if self.lockstep is None or self.lockstep.max_clients != k:
+                self.lockstep = LockstepEngine(k, note=lambda line: print(line, file=sys.stderr))
+            return self.lockstep.run(jobs)
+        return [Outcome.of(job) for job in jobs]
 
     @torch.no_grad()
     def evaluate(self, method: Method, server: st.Tensors, states: dict[str, ClientState], round_: int) -> dict[str, dict[str, Any]]:

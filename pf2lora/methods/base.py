@@ -27,7 +27,7 @@ from typing import ClassVar, NamedTuple, cast
 
 import torch
 
-from pf2lora import lora, privacy, robust
+from pf2lora import batching, lora, privacy, robust
 from pf2lora import state as st
 from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
@@ -53,6 +53,26 @@ class ClientContext:
 
     def batch(self) -> Batch:
         return sample_batch(self.client.train, self.batch_size, self.generator)
+
+
+@dataclass
+class StackedContext(ClientContext):
+    """Several clients' contexts as one, for a step run on their stacked tensors
+    (:mod:`pf2lora.batching`): :meth:`batch` stacks each client's own draw from its own stream.
+
+    The per-client fields (``client``, ``generator``) are the first client's; a step that may run
+    stacked (:attr:`Method.batches`) reads only ``batch()``, ``round`` and ``local_steps``.
+    """
+
+    contexts: Sequence[ClientContext] = ()
+
+    @classmethod
+    def of(cls, contexts: Sequence[ClientContext]) -> StackedContext:
+        c = contexts[0]
+        return cls(c.client, c.task, c.generator, c.round, c.local_steps, c.batch_size, contexts)
+
+    def batch(self) -> Batch:
+        return batching.stack([c.batch() for c in self.contexts])
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,12 @@ class Method(ABC):
     description: ClassVar[str]
     pools_data: ClassVar[bool] = False
     """True for a centralised reference: the engine trains one client on everyone's data."""
+    batches: ClassVar[bool] = False
+    """True if its local steps may run for many clients at once on stacked tensors (the batched
+    in-process engine, ``parallel_clients``): every step it trains with reduces per client
+    (:func:`pf2lora.batching.client_sum`, or a loss/norm over trailing dimensions only) and reads
+    nothing per client but ``ctx.batch()``. Set it only with a test that the batched engine gives
+    the sequential numbers (tests/test_batched.py)."""
     plain_mean_aggregation: ClassVar[bool] = False
     """True if ``aggregate`` uses the uploads only through one ``combine`` of all of them, weighted
     by ``num_examples``, with the default aggregator: same keys and shapes from every client, so
@@ -221,7 +247,8 @@ class Method(ABC):
         return self.head(st.PRIVATE, generator) if self.cfg.lora.head == "private" else {}
 
     def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.task.loss(st.model_params(*states), batch)
+        """The task's training loss of the model with ``states`` (per client when stacked)."""
+        return self.task.objective(st.model_params(*states), batch)
 
     # -- local training: every method's steps go through here ----------------------------------
 
@@ -252,6 +279,9 @@ class Method(ABC):
         """``ctx.local_steps`` local steps (``step``, default :meth:`local_step`) on ``trained``
         with ``fixed`` held constant."""
         step = step or self.local_step
+        engine = batching.lockstep()
+        if engine is not None:  # a batched engine trains this client with others of the same kind
+            return cast(Trained, engine.train(self, ctx, trained, fixed, opt, step))
         losses: list[float] = []
         for _ in range(ctx.local_steps):
             trained, opt, loss = step(ctx, trained, fixed, opt)

@@ -23,6 +23,7 @@ from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Metho
 class FedSALoRA(Method):
     name = "fedsa-lora"
     description = "A shared and averaged, B private per client (zero init, kept across rounds)"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # the base FedAvg aggregate (of A)
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:

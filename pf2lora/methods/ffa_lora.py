@@ -26,6 +26,7 @@ from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Metho
 class FFALoRA(Method):
     name = "ffa-lora"
     description = "A frozen at a common random init; only B (and a shared head) trained and averaged"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # the mean of the uploaded B's; the server's frozen A is kept
 
     def frozen_keys(self) -> set[str]:

@@ -79,6 +79,7 @@ def delta_key(target: lora.LoRATarget) -> str:
 class FlexLoRA(HeterogeneousRanks):
     name = "flexlora"
     description = "heterogeneous client ranks; server averages full Delta W, redistributes each rank by truncated SVD"
+    batches = True  # its steps reduce per client: see Method.batches
 
     @classmethod
     def rank_config(cls, cfg: RunConfig) -> FlexLoRAConfig:
@@ -101,7 +102,7 @@ class FlexLoRA(HeterogeneousRanks):
         """(A, B) of rank ``rank`` with ``(alpha / rank) B A`` = the best rank-``rank`` approximation of ``delta``."""
         d_out, d_in = delta.shape
         if not bool(delta.ne(0).any()):  # nothing aggregated yet: standard LoRA init
-            return init_a[:rank].clone(), torch.zeros(d_out, rank, dtype=delta.dtype)
+            return init_a[:rank].clone(), torch.zeros(d_out, rank, dtype=delta.dtype, device=delta.device)
         U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
         # Sign convention: each left singular vector's largest entry is positive, so the factors
         # (and the AdamW moments a client keeps for them) do not flip sign from round to round.
@@ -114,7 +115,7 @@ class FlexLoRA(HeterogeneousRanks):
         B = (U[:, :k] * S[:k] / scale).to(delta.dtype)
         if k < rank:  # rank above min(d_in, d_out): extra ranks start as a LoRA init
             A = torch.cat([A, init_a[k:rank].to(delta.dtype)])
-            B = torch.cat([B, torch.zeros(d_out, rank - k, dtype=delta.dtype)], dim=1)
+            B = torch.cat([B, torch.zeros(d_out, rank - k, dtype=delta.dtype, device=delta.device)], dim=1)
         return A.contiguous(), B.contiguous()
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:

@@ -48,6 +48,7 @@ def _ab_keys(target: lora.LoRATarget) -> tuple[str, str]:
 class HETLoRA(HeterogeneousRanks):
     name = "hetlora"
     description = "heterogeneous client ranks, rank regulariser + self-pruning, zero-padded norm-weighted FedAvg"
+    batches = True  # its steps reduce per client: see Method.batches
 
     @classmethod
     def rank_config(cls, cfg: RunConfig) -> HETLoRAConfig:
@@ -73,11 +74,11 @@ class HETLoRA(HeterogeneousRanks):
         for k, v in upload.items():
             if lora.is_b(k):
                 rank = v.shape[1]
-                padded = torch.zeros(v.shape[0], self.rank_max, dtype=v.dtype)
+                padded = torch.zeros(v.shape[0], self.rank_max, dtype=v.dtype, device=v.device)
                 padded[:, :rank] = v * (self.rank_max / rank)
                 out[k] = padded
             elif lora.is_a(k):
-                padded = torch.zeros(self.rank_max, v.shape[1], dtype=v.dtype)
+                padded = torch.zeros(self.rank_max, v.shape[1], dtype=v.dtype, device=v.device)
                 padded[: v.shape[0]] = v
                 out[k] = padded
             else:
@@ -107,17 +108,25 @@ class HETLoRA(HeterogeneousRanks):
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""
         return robust.rank_wildcard_spec(received)
 
-    def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
-        """(sum of ||B_tail|| ||A_tail|| over modules, share of the tail in ||Delta W||_F)."""
+    def _penalty(self, adapter: Mapping[str, torch.Tensor], cut: int) -> torch.Tensor:
+        """Sum over modules of ``||B[:, cut:]||_F ||A[cut:, :]||_F``; with clients stacked
+        (:mod:`pf2lora.batching`), one value per client (the norms are over the last two dims)."""
         reg = torch.zeros(())
+        for t in self.task.targets:
+            k_a, k_b = _ab_keys(t)
+            A, B = adapter[k_a], adapter[k_b]
+            reg = reg + torch.linalg.matrix_norm(B[..., cut:]) * torch.linalg.matrix_norm(A[..., cut:, :])
+        return reg
+
+    def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
+        """(the regulariser's penalty, share of the tail in ||Delta W||_F) of one client."""
         tail_sq = full_sq = 0.0
         for t in self.task.targets:
             k_a, k_b = _ab_keys(t)
             A, B = adapter[k_a], adapter[k_b]
-            reg = reg + B[:, cut:].norm() * A[cut:].norm()
             tail_sq += float((B[:, cut:] @ A[cut:]).detach().square().sum())
             full_sq += float((B @ A).detach().square().sum())
-        return reg, (tail_sq / full_sq) ** 0.5 if full_sq > 0 else 1.0
+        return self._penalty(adapter, cut), (tail_sq / full_sq) ** 0.5 if full_sq > 0 else 1.0
 
     def cut(self, rank: int) -> int:
         """t = floor(gamma r), at least 1: the ranks from t on are regularised, then pruned."""
@@ -130,7 +139,7 @@ class HETLoRA(HeterogeneousRanks):
         rank = lora.rank_of(trained)
         cut = self.cut(rank)
         reg = self.cfg.hetlora.reg
-        regulariser = (lambda w: reg * self._tail(w, cut)[0]) if cut < rank else None
+        regulariser = (lambda w: reg * self._penalty(w, cut)) if cut < rank else None
         return adamw_step(self, ctx.batch(), trained, fixed, opt, regulariser=regulariser)
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:

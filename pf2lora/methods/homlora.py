@@ -12,6 +12,7 @@ from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Metho
 class HOMLoRA(Method):
     name = "homlora"
     description = "FedAvg of one homogeneous rank-r LoRA adapter (no personalisation)"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # the base FedAvg aggregate
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:

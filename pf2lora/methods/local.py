@@ -15,6 +15,7 @@ from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Metho
 class LocalOnly(Method):
     name = "local"
     description = "each client trains its own rank r + r~ LoRA; no communication"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # nothing is uploaded (the engines skip SecAgg+ for an empty upload)
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:

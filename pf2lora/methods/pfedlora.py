@@ -29,6 +29,7 @@ from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Metho
 class PFedLoRA(Method):
     name = "pfedlora"
     description = "private LoRA (+ head) and a small shared LoRA trained alternately; only the shared one averaged"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # the base FedAvg aggregate of the shared adapter
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:

@@ -6,15 +6,18 @@ real models and data slot in by adding a task, not by touching methods or engine
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from pf2lora import batching
 from pf2lora.lora import LoRATarget
 from pf2lora.state import Tensors
 
@@ -40,14 +43,42 @@ class ClientData:
 
 
 def take(data: Batch, index: torch.Tensor) -> Batch:
+    """The examples ``index`` of ``data``; a CPU ``index`` (drawn from a CPU generator) is moved to
+    the data's device first."""
+    if data:
+        index = index.to(next(iter(data.values())).device)
     return {k: v[index] for k, v in data.items()}
 
 
 def sample_batch(data: Batch, batch_size: int, generator: torch.Generator) -> Batch:
-    """A mini-batch drawn without replacement (the whole set when it is smaller)."""
+    """A mini-batch drawn without replacement (the whole set when it is smaller). The draw is made
+    on the CPU (``generator`` is a CPU generator), so the batches are the same on every device."""
     n = len(next(iter(data.values())))
     index = torch.randperm(n, generator=generator)[: min(batch_size, n)]
     return take(data, index)
+
+
+def flatten_clients(batch: Batch) -> Batch:
+    """A stacked batch ``(k, n, ...)`` as one of ``k * n`` examples, client-major (each client's
+    rows together, as :func:`pf2lora.lora.per_client_rows` expects)."""
+    return {key: v.flatten(0, 1) for key, v in batch.items()}
+
+
+def per_client_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Each of ``k`` clients' mean cross-entropy over its own rows of a flattened stacked batch."""
+    return F.cross_entropy(logits, labels, reduction="none").view(k, -1).mean(1)
+
+
+def float32_outputs(out: Any) -> Any:
+    """A model's output with its low-precision floating tensors (of a bf16 autocast forward) cast
+    to float32, so losses and metrics are computed in float32: a tensor, or a ``ModelOutput``."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):  # transformers' ModelOutput is an OrderedDict
+        for k, v in list(out.items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                out[k] = v.float()
+    return out
 
 
 def concat(parts: list[Batch]) -> Batch:
@@ -71,6 +102,34 @@ class Task(ABC):
     reference: tuple[str, str] | None = None
     """(per-client metric, label) of a trivial baseline for ``primary_metric`` that tables show as a
     reference row, e.g. the majority-class accuracy."""
+    device: torch.device = torch.device("cpu")
+    """Where the model and the clients' data live (:meth:`to`); methods' states follow it."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: the frozen base computes under bfloat16 autocast (:meth:`autocast`)."""
+    device_tensors: ClassVar[tuple[str, ...]] = ()
+    """Names of the task's own tensor attributes that evaluation or diagnostics combine with the
+    model's outputs, so :meth:`to` moves them too (e.g. a true update to compare with)."""
+
+    def to(self, device: torch.device | str) -> Task:
+        """Move the frozen model, every client's data and :attr:`device_tensors` to ``device``,
+        once, where the task is built (:func:`pf2lora.plan.build_task`). Returns the task."""
+        device = torch.device(device)
+        self.model.to(device)
+        for c in self.clients:
+            c.train = {k: v.to(device) for k, v in c.train.items()}
+            c.test = {k: v.to(device) for k, v in c.test.items()}
+        for name in self.device_tensors:
+            setattr(self, name, getattr(self, name).to(device))
+        self.device = device
+        return self
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context the frozen base computes in: bfloat16 autocast under ``precision = "bf16"``
+        (matmul inputs are cast; the trained float32 leaves and their gradients stay float32),
+        else nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Model output with ``params`` (model paths) in place of the registered adapters.
@@ -84,7 +143,9 @@ class Task(ABC):
         unknown = [k for k in params if k not in known]
         if unknown:
             raise KeyError(f"not parameters of the model: {sorted(unknown)[:3]}")
-        return functional_call(self.model, dict(params), args=(), kwargs=self.model_inputs(batch), strict=False)
+        with self.autocast():
+            out = functional_call(self.model, dict(params), args=(), kwargs=self.model_inputs(batch), strict=False)
+        return out if self.precision == "fp32" else float32_outputs(out)
 
     @abstractmethod
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]: ...
@@ -92,6 +153,25 @@ class Task(ABC):
     @abstractmethod
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean loss of the model with ``params`` (model paths) on ``batch``."""
+
+    stacking_pays_on_cpu: bool = False
+    """Whether stacking clients (``parallel_clients = 0``) is worth it on a CPU: true where a step
+    is overhead-bound (small models), false where it is compute-bound (real text)."""
+
+    def objective(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The loss a training step differentiates: :meth:`loss`, or with clients stacked
+        (:func:`pf2lora.batching.clients`), each client's own mean loss (:meth:`stacked_loss`)."""
+        k = batching.clients()
+        return self.stacked_loss(params, batch, k) if k else self.loss(params, batch)
+
+    def stacked_loss(self, params: Mapping[str, torch.Tensor], batch: Batch, k: int) -> torch.Tensor:
+        """Each of ``k`` stacked clients' mean loss, shape ``(k,)``: ``params`` and every field of
+        ``batch`` have a leading client dimension. A task that cannot train clients stacked
+        leaves this unimplemented and the batched engine trains its clients one by one."""
+        raise NotImplementedError(f"{self.name} cannot train clients stacked")
+
+    def can_stack(self) -> bool:
+        return type(self).stacked_loss is not Task.stacked_loss
 
     @abstractmethod
     def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:

@@ -43,6 +43,8 @@ def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int | None, l
 class SyntheticRankTask(Task):
     primary_metric = "test_mse"
     higher_is_better = False
+    device_tensors = ("shared_delta",)  # diagnostics compare the learned update with it
+    stacking_pays_on_cpu = True  # a step is a few small matmuls: overhead-bound
     table_columns = ("test_mse", "rank_matched", "effective_rank", "common_rel_error", "private_norm", "global_test_mse")
 
     def __init__(self, cfg: RunConfig, *, double_backward: bool = False):
@@ -86,6 +88,10 @@ class SyntheticRankTask(Task):
 
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return ((self.forward(params, batch) - batch["targets"]) ** 2).mean()
+
+    def stacked_loss(self, params: Mapping[str, torch.Tensor], batch: Batch, k: int) -> torch.Tensor:
+        """The linear layer takes (k, batch, d) as it is; the mean is per client."""
+        return ((self.forward(params, batch) - batch["targets"]) ** 2).flatten(1).mean(1)
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:

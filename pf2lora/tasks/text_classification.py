@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 
-from pf2lora import metrics, models
+from pf2lora import lora, metrics, models
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 from pf2lora.tasks import register_task
-from pf2lora.tasks.base import Batch, ClientData
+from pf2lora.tasks.base import Batch, ClientData, flatten_clients, per_client_cross_entropy
 from pf2lora.tasks.text_base import TextTask
 from pf2lora.tasks.text_data import trim
 
@@ -127,6 +127,7 @@ class TextClassificationTask(TextTask):
         if not self.head_names:
             self.head_names = [n for n, _ in self.model.named_parameters() if n.startswith("classifier.")]
         self.init_std = float(getattr(self.model.config, "initializer_range", 0.02))
+        lora.stackable_heads(self.model, self.head_names)
 
     def _encode(self, ds: TextDataset, idx: list[int]) -> tuple[Batch, int]:
         texts = [ds.text[i] for i in idx]
@@ -155,6 +156,11 @@ class TextClassificationTask(TextTask):
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(params, batch), batch["labels"])
 
+    def stacked_loss(self, params: Mapping[str, torch.Tensor], batch: Batch, k: int) -> torch.Tensor:
+        """The clients' batches as one forward, trimmed to the longest text among them."""
+        flat = flatten_clients(batch)
+        return per_client_cross_entropy(self.logits(params, flat), flat["labels"], k)
+
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:
         labels = data["labels"]
@@ -162,7 +168,8 @@ class TextClassificationTask(TextTask):
         if n == 0:
             return {}
         chunks = [(idx, self.logits(params, chunk)) for idx, chunk in self.eval_chunks(data)]
-        logits = torch.empty(n, chunks[0][1].shape[-1])
+        first = chunks[0][1]
+        logits = torch.empty(n, first.shape[-1], dtype=first.dtype, device=first.device)
         for idx, chunk_logits in chunks:
             logits[idx] = chunk_logits
         pred = logits.argmax(dim=-1)

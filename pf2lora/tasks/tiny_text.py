@@ -39,7 +39,7 @@ from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.tasks import register_task
-from pf2lora.tasks.base import Batch, ClientData, Task
+from pf2lora.tasks.base import Batch, ClientData, Task, flatten_clients, per_client_cross_entropy
 
 PAD, CLS = 0, 1
 GLOBAL_CUES = 3
@@ -69,6 +69,7 @@ class TinyTextTask(Task):
 
     primary_metric = "accuracy"
     higher_is_better = True
+    stacking_pays_on_cpu = True  # a tiny model: a step is overhead-bound
     model: BertForSequenceClassification
 
     def __init__(
@@ -125,6 +126,7 @@ class TinyTextTask(Task):
         # Exact Hessian-vector products (double backward) fail with SDPA attention on CPU.
         self.model.set_attn_implementation("eager")  # always, see double_backward above
         self.model.eval()
+        lora.stackable_heads(self.model, ["classifier.weight"])
         targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
         self.targets = lora.inject(self.model, targets, {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
 
@@ -176,6 +178,10 @@ class TinyTextTask(Task):
 
     def loss(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(params, batch), batch["labels"])
+
+    def stacked_loss(self, params: Mapping[str, torch.Tensor], batch: Batch, k: int) -> torch.Tensor:
+        flat = flatten_clients(batch)
+        return per_client_cross_entropy(self.logits(params, flat), flat["labels"], k)
 
     @torch.no_grad()
     def evaluate(self, params: Mapping[str, torch.Tensor], data: Batch) -> dict[str, float]:

@@ -1,0 +1,230 @@
+"""Clients of a round trained together: one forward/backward per local step serves up to K clients.
+
+Each sampled client runs its method's ``client_update`` as ever, in a worker thread of its own.
+When it reaches local training (:meth:`Method.train_steps`), it hands the request to this engine
+(:func:`pf2lora.batching.lockstep`) and waits. Once every client is waiting or done, the engine
+groups the requests that can share a step (same step function and step count, same tensor keys
+and shapes, same mini-batch size), stacks each group's tensors along a leading client dimension,
+runs the step once per local step for the whole group (:mod:`pf2lora.batching`), and hands each
+client back its own slice. A method with several training phases (pFedLoRA, FedLoRA-OPT) meets
+the others once per phase. All the tensor work happens in the calling (main) thread; the worker
+threads only prepare and package, so the numbers do not depend on thread scheduling.
+
+Each client keeps its own random stream (the stacked context draws each client's mini-batch from
+its own generator, in client order), its own optimizer state and its own faults, so the results
+equal the sequential engine's up to floating-point summation order.
+
+Why threads: they let every method's ``client_update`` stay one plain function; the alternative,
+cutting each method into phases the engine calls, would put the engine's needs into thirteen
+method files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from pf2lora import batching
+from pf2lora.config import RunConfig
+from pf2lora.methods.base import ClientContext, LocalStep, Method, StackedContext, Trained
+from pf2lora.optim import adamw_state
+from pf2lora.state import Tensors
+from pf2lora.tasks.base import Task
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Request:
+    """One client's local training, waiting for its group."""
+
+    method: Method
+    ctx: ClientContext
+    trained: Tensors
+    fixed: Mapping[str, torch.Tensor]
+    opt: Tensors
+    step: LocalStep
+    result: Trained | BaseException | None = None
+
+    def signature(self) -> Hashable:
+        """Requests with equal signatures can be stacked into one step."""
+        step = getattr(self.step, "__func__", self.step)
+        owner = id(getattr(self.step, "__self__", None))
+        opt = adamw_state(self.trained, self.opt)
+        n = min(self.ctx.batch_size, self.ctx.client.num_train)
+        return (step, owner, self.ctx.local_steps, n, _shapes(self.trained), _shapes(self.fixed), _shapes(opt))
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """A job's end: its value, or the exception it raised."""
+
+    value: T | None = None
+    error: BaseException | None = None
+
+    @classmethod
+    def of(cls, job: Callable[[], T]) -> Outcome[T]:
+        """Run ``job`` here and now."""
+        try:
+            return cls(value=job())
+        except Exception as e:  # noqa: BLE001 - a failing client is recorded, never takes the federation down
+            return cls(error=e)
+
+
+def parallel_clients(cfg: RunConfig, task: Task, sampled: int) -> int:
+    """How many clients a round trains together: ``parallel_clients``, or for 0 (auto) all the
+    sampled ones where stacking pays (a GPU, or a task whose step is overhead-bound on a CPU:
+    :attr:`Task.stacking_pays_on_cpu`) and 1 where it does not (real text on a CPU is
+    compute-bound: a joint batch only adds padding)."""
+    if cfg.parallel_clients:
+        return cfg.parallel_clients
+    on_gpu = any(p.device.type != "cpu" for p in task.model.parameters())
+    return sampled if on_gpu or task.stacking_pays_on_cpu else 1
+
+
+@dataclass
+class LockstepEngine:
+    """Runs jobs (one client's training each) in worker threads, their local steps in lockstep.
+
+    ``max_clients`` bounds a group (``parallel_clients``); ``note`` receives one line the first
+    time a group cannot be stacked (method or task unable, or a stacked step that failed) and its
+    clients are trained one by one instead.
+    """
+
+    max_clients: int
+    note: Callable[[str], None] = print
+    stacked_groups: int = 0
+    """Groups trained stacked so far (for tests and benchmarks)."""
+    sequential_requests: int = 0
+    """Requests trained one by one so far."""
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _pending: list[_Request] = field(default_factory=list)
+    _running: int = 0
+    _noted: set[str] = field(default_factory=set)
+
+    # -- the worker side (pf2lora.batching.Lockstep) -----------------------------------------------
+
+    def train(self, method: Any, ctx: Any, trained: Tensors, fixed: Mapping[str, torch.Tensor], opt: Tensors, step: Any) -> Trained:
+        """Called by :meth:`Method.train_steps` in a worker thread: wait for the group's steps."""
+        request = _Request(method, ctx, trained, dict(fixed), opt, step)
+        with self._cond:
+            self._pending.append(request)
+            self._running -= 1
+            self._cond.notify_all()
+            while request.result is None:
+                self._cond.wait()
+        if isinstance(request.result, BaseException):
+            raise request.result
+        return request.result
+
+    # -- the engine side ---------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[Callable[[], T]]) -> list[Outcome[T]]:
+        """Run every job to its end; the outcomes in the jobs' order (a value or the exception)."""
+        outcomes: list[Outcome[T]] = [Outcome() for _ in jobs]
+        threads_per_op = torch.get_num_threads()
+
+        def work(i: int) -> None:
+            # OpenMP's thread count is per thread: a new thread would use every core, and a
+            # reduction split another way gives other last bits than the sequential engine's.
+            torch.set_num_threads(threads_per_op)
+            batching.serve(self)
+            try:
+                outcomes[i].value = jobs[i]()
+            except Exception as e:  # noqa: BLE001 - handed to the caller, which records it
+                outcomes[i].error = e
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+        with self._cond:
+            self._running = len(jobs)
+        threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"pf2lora-client-{i}") for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        while True:
+            with self._cond:
+                while self._running > 0:
+                    self._cond.wait()
+                requests, self._pending = self._pending, []
+            if not requests:
+                break  # every job is done
+            results = self._serve(requests)
+            with self._cond:
+                self._running += len(requests)
+                for request, result in zip(requests, results, strict=True):
+                    request.result = result
+                self._cond.notify_all()
+        for t in threads:
+            t.join()
+        return outcomes
+
+    def _serve(self, requests: list[_Request]) -> list[Trained | BaseException]:
+        """Each request's result: its group trained stacked where it can be, else one by one."""
+        groups: dict[Hashable, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.signature(), []).append(i)
+        results: list[Trained | BaseException | None] = [None] * len(requests)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_clients):
+                chunk = members[start : start + self.max_clients]
+                for i, result in zip(chunk, self._train_group([requests[i] for i in chunk]), strict=True):
+                    results[i] = result
+        return [r if r is not None else RuntimeError("lockstep: no result") for r in results]
+
+    def _train_group(self, group: list[_Request]) -> list[Trained | BaseException]:
+        method = group[0].method
+        reason = None
+        if len(group) > 1 and not method.batches:
+            reason = f"{method.name} does not declare that its steps can run stacked (Method.batches)"
+        elif len(group) > 1 and not method.task.can_stack():
+            reason = f"task {method.task.name} has no per-client loss for stacked clients (Task.stacked_loss)"
+        if len(group) > 1 and reason is None:
+            states = [r.ctx.generator.get_state() for r in group]
+            try:
+                out = stacked_train(group)
+                self.stacked_groups += 1
+                return list(out)
+            except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note
+                for r, s in zip(group, states, strict=True):
+                    r.ctx.generator.set_state(s)  # the fallback draws the same mini-batches
+                reason = f"{method.name}: a stacked step failed ({type(e).__name__}: {e})"
+        if reason is not None and reason not in self._noted:
+            self._noted.add(reason)
+            self.note(f"parallel_clients: training one by one: {reason}")
+        self.sequential_requests += len(group)
+        return [_sequential(r) for r in group]
+
+
+def _sequential(r: _Request) -> Trained | BaseException:
+    """One client's steps, here in the engine's thread (which serves no lockstep: a plain loop)."""
+    try:
+        return r.method.train_steps(r.ctx, r.trained, r.fixed, r.opt, r.step)
+    except Exception as e:  # noqa: BLE001 - the client's own failure, raised in its thread
+        return e
+
+
+def stacked_train(group: Sequence[_Request]) -> list[Trained]:
+    """The group's ``local_steps`` steps on stacked tensors; each client's own result."""
+    k = len(group)
+    ctx = StackedContext.of([r.ctx for r in group])
+    trained = batching.stack([r.trained for r in group])
+    fixed = batching.stack([r.fixed for r in group]) if group[0].fixed else {}
+    opt = batching.stack([adamw_state(r.trained, r.opt) for r in group])
+    step = group[0].step
+    losses: list[torch.Tensor] = []
+    with batching.stacked(k):
+        for _ in range(ctx.local_steps):
+            trained, opt, loss = step(ctx, trained, fixed, opt)
+            losses.append(loss)
+    per_client = torch.stack(losses, dim=1).tolist() if losses else [[] for _ in group]  # one device sync
+    return [Trained(p, o, ls) for p, o, ls in zip(batching.unstack(trained, k), batching.unstack(opt, k), per_client, strict=True)]

@@ -1,0 +1,152 @@
+"""The batched in-process engine (``parallel_clients``) gives the sequential engine's numbers.
+
+Every method that declares its steps can run stacked (``Method.batches``) is run both ways on the
+synthetic task and on the tiny text task (a real BERT: attention, a trained head); the per-client
+metrics must agree to 1e-5 (relative) after one round and 1e-4 after several, and the stacked path
+must really have been taken (no silent fallback to one by one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ALL_METHODS, small_cfg
+from pf2lora import batching, lora, plan
+from pf2lora.engines.local import LocalEngine
+from pf2lora.engines.lockstep import LockstepEngine, parallel_clients
+from pf2lora.methods import registry
+from pf2lora.methods.base import HeterogeneousRanks
+
+BATCHING = [m for m in ALL_METHODS if registry()[m].batches and not registry()[m].pools_data]  # a pooled run has one client
+REQUIRED = {"pf2lora", "pf2lora-fo", "homlora", "local", "perfedavg", "ffa-lora", "fedsa-lora", "pfedlora", "hetlora"}
+
+SYNTH = ("task.num_clients=4", "task.private_ranks=[0,1,2,1]", "local_steps=3", "eval.every=1")
+TEXT = (
+    "task.kind=tiny-text",
+    "task.num_clients=3",
+    "task.train_samples=48",
+    "task.test_samples=16",
+    "task.seq_len=8",
+    "local_steps=2",
+    "batch_size=8",
+    "lora.rank=2",
+    "lora.private_rank=1",
+)
+
+
+def _metrics(result) -> dict[str, float]:
+    """Every per-client number of the final evaluation (personalised and global), and every
+    number of every round's record (training losses, ...)."""
+    out: dict[str, float] = {}
+    for cid, row in result.clients.items():
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{cid}/{key}"] = float(value)
+    for i, record in enumerate(result.rounds):
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "time" not in key:
+                out[f"round{i}/{key}"] = float(value)
+    return out
+
+
+def _run(method: str, k: int, *overrides: str):
+    cfg = small_cfg(*overrides, f"parallel_clients={k}", f"methods=[{method!r}]".replace("'", '"'))
+    task = plan.build_task(cfg)
+    engine = LocalEngine(cfg, task, progress=False)
+    result = engine.run(method)
+    return result, engine.lockstep
+
+
+def _assert_close(a: dict[str, float], b: dict[str, float], rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if math.isnan(x) and math.isnan(y):
+            continue
+        assert abs(x - y) <= rtol * max(1.0, abs(x), abs(y)), f"{key}: sequential {x} vs batched {y}"
+
+
+def test_the_required_methods_batch():
+    assert set(BATCHING) >= REQUIRED, sorted(REQUIRED - set(BATCHING))
+
+
+@pytest.mark.parametrize("method", BATCHING)
+@pytest.mark.parametrize("rounds,rtol", [(1, 1e-5), (4, 1e-4)])
+def test_batched_equals_sequential_synthetic(method, rounds, rtol):
+    seq, _ = _run(method, 1, *SYNTH, f"rounds={rounds}")
+    bat, engine = _run(method, 4, *SYNTH, f"rounds={rounds}")
+    assert engine is not None and engine.stacked_groups > 0, "the batched engine never stacked"
+    if not issubclass(registry()[method], HeterogeneousRanks):  # clients of different ranks: separate groups
+        assert engine.sequential_requests == 0
+    _assert_close(_metrics(seq), _metrics(bat), rtol)
+
+
+@pytest.mark.parametrize("method", BATCHING)
+def test_batched_equals_sequential_tiny_text(method):
+    seq, _ = _run(method, 1, *TEXT, "rounds=2")
+    bat, engine = _run(method, 3, *TEXT, "rounds=2")
+    assert engine is not None and engine.stacked_groups > 0
+    _assert_close(_metrics(seq), _metrics(bat), 1e-4)
+
+
+def test_a_method_that_cannot_batch_falls_back_with_one_note(monkeypatch):
+    not_batching = [m for m in ALL_METHODS if not registry()[m].batches and not registry()[m].pools_data]
+    if not not_batching:
+        pytest.skip("every method batches")
+    method = not_batching[0]
+    notes: list[str] = []
+    monkeypatch.setattr(LockstepEngine, "__init__", _init_with_notes(notes))
+    seq, _ = _run(method, 1, *SYNTH, "rounds=2")
+    bat, engine = _run(method, 4, *SYNTH, "rounds=2")
+    assert engine is not None and engine.stacked_groups == 0 and engine.sequential_requests > 0
+    assert len(notes) == 1 and method in notes[0]
+    _assert_close(_metrics(seq), _metrics(bat), 0.0)  # the same code, one by one: bit-equal
+
+
+def _init_with_notes(notes: list[str]):
+    original = LockstepEngine.__init__
+
+    def init(self, max_clients, note=print, **kw):
+        original(self, max_clients, note=notes.append, **kw)
+
+    return init
+
+
+def test_auto_batches_where_it_pays():
+    synth = small_cfg("parallel_clients=0")
+    assert parallel_clients(synth, plan.build_task(synth), 8) == 8  # overhead-bound: stack all
+
+    class Compute:  # a compute-bound task on a CPU (real text): one by one
+        stacking_pays_on_cpu = False
+        model = torch.nn.Linear(2, 2)
+
+    assert parallel_clients(synth, Compute(), 8) == 1  # type: ignore[arg-type]
+    assert parallel_clients(small_cfg("parallel_clients=3"), Compute(), 8) == 3  # type: ignore[arg-type]
+
+
+def test_stacked_lora_layer_applies_each_clients_adapter_to_its_own_rows():
+    g = torch.Generator().manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(5, 4), {"a": 2.0})
+    A, B = torch.randn(3, 2, 5, generator=g), torch.randn(3, 4, 2, generator=g)
+    u = torch.randn(3, 6, 5, generator=g)
+    stacked = torch.func.functional_call(layer, {"lora_A.a": A, "lora_B.a": B}, (u.reshape(18, 5),))
+    for i in range(3):
+        one = torch.func.functional_call(layer, {"lora_A.a": A[i], "lora_B.a": B[i]}, (u[i],))
+        torch.testing.assert_close(stacked.reshape(3, 6, 4)[i], one)
+
+
+def test_stack_and_unstack_round_trip_without_aliasing():
+    states = [{"x": torch.full((2,), float(i))} for i in range(3)]
+    stacked = batching.stack(states)
+    back = batching.unstack(stacked, 3)
+    for i in range(3):
+        torch.testing.assert_close(back[i]["x"], states[i]["x"])
+    back[0]["x"].add_(1.0)
+    assert float(stacked["x"][0, 0]) == 0.0  # a client's tensors are its own, not views
+    assert batching.clients() == 0
+    with batching.stacked(3):
+        assert batching.clients() == 3
+        assert batching.client_sum(torch.ones(3, 2, 2)).tolist() == [4.0, 4.0, 4.0]

@@ -6,6 +6,10 @@ state (private adapters, optimizer moments) and the fault and privacy records. R
 need no saving: each is derived from (seed, purpose, client, round). The file is written to a
 temporary name and renamed, so a kill or a full disk never leaves a half-written
 checkpoint in place of the last good one.
+
+A checkpoint is device-independent: its tensors are saved from the CPU and loaded onto the CPU,
+and the resumed run moves them to its own device (:class:`pf2lora.engines.rounds.MethodRun`), so
+a run checkpointed on a GPU resumes on a CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -22,12 +26,23 @@ FILENAME = "checkpoint.pt"
 VERSION = 1
 
 
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (through dicts, lists and tuples) on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save(run_dir: Path, payload: dict[str, Any]) -> None:
     path = run_dir / FILENAME
     try:
         # No fsync: the rename is atomic against a killed process (SIGKILL, Ctrl-C), which is
         # what checkpoints are for; an fsync per round would dominate small runs.
-        atomic_save({"version": VERSION, **payload}, path, fsync=False)
+        atomic_save({"version": VERSION, **on_cpu(payload)}, path, fsync=False)
     except OSError as e:
         kept = f"the last good checkpoint {path} is intact" if path.exists() else "no checkpoint was written yet"
         raise UserError(f"{path}: cannot write the checkpoint ({e.strerror or e}); {kept}") from None

@@ -68,11 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.engine != "local":
         raise UserError("--resume works with --engine local only (Flower clients keep their state on their nodes)")
     if args.resume:
-        if args.config or args.set:
-            raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set")
+        # a checkpoint is device-independent: only the device may change on resuming
+        if args.config or any(s.split("=", 1)[0].strip() != "device" for s in args.set or []):
+            raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set (except --set device=...)")
         out = Path(args.resume)
         saved = checkpoint.load(out)
-        cfg = plan.load(out / "config.toml")
+        cfg = plan.load(out / "config.toml", args.set or [])
         secagg.check_engine(cfg, args.engine)
     else:
         if not args.config:
@@ -115,6 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "engine": args.engine,
         "rank_threshold": cfg.eval.rank_threshold,
         "machine": _machine(),
+        "device": str(task.device),
+        "device_name": plan.device_name(task.device),
+        "precision": cfg.precision,
     }
     summary = report.summarize(task, results, extra)
     report.write_json(out / "summary.json", summary)

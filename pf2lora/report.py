@@ -166,7 +166,12 @@ def write_report(out: Path, task: Task, summary: dict[str, Any], figures: list[s
         f"# {summary.get('name', 'run')}: {summary['task']}",
         "",
         f"Command: `{command}`  ",
-        f"Seed: {summary.get('seed')}; rounds: {summary.get('rounds')}; machine: {summary.get('machine')}",
+        f"Seed: {summary.get('seed')}; rounds: {summary.get('rounds')}; machine: {summary.get('machine')}"
+        + (
+            f"; device: {summary['device']} ({summary.get('device_name')}), {summary.get('precision', 'fp32')}"
+            if "device" in summary
+            else ""
+        ),
         "",
         "## Results (mean over clients)",
         "",

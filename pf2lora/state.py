@@ -113,6 +113,11 @@ def clone(state: Mapping[str, torch.Tensor]) -> Tensors:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> Tensors:
+    """``state`` on ``device`` (tensors already there are kept, not copied)."""
+    return {k: v.to(device) for k, v in state.items()}
+
+
 def model_params(*states: Mapping[str, torch.Tensor]) -> Tensors:
     """Merge role-keyed states into model parameter paths, as ``functional_call`` expects."""
     merged: Tensors = {}

@@ -87,13 +87,15 @@ def trainers(cfg: RunConfig, task: Task, method: Method) -> tuple[list[ClientDat
 
 
 def initial_server(cfg: RunConfig, method: Method) -> st.Tensors:
-    """The server state before round 1."""
-    return method.init_server(generator(cfg.seed, "init", "server"))
+    """The server state before round 1, on the task's device (drawn on the CPU from a CPU
+    generator, then moved: the same values on every device)."""
+    return st.to_device(method.init_server(generator(cfg.seed, "init", "server")), method.task.device)
 
 
 def initial_client(cfg: RunConfig, method: Method, client_id: str) -> ClientState:
-    """A client's state before its first round (also what a Flower node starts from)."""
-    return method.init_client(client_id, generator(cfg.seed, "init", client_id))
+    """A client's state before its first round (also what a Flower node starts from), on the
+    task's device (drawn on the CPU, as :func:`initial_server`)."""
+    return st.to_device(method.init_client(client_id, generator(cfg.seed, "init", client_id)), method.task.device)
 
 
 def client_context(cfg: RunConfig, task: Task, client: ClientData, round_: int, purpose: str, steps: int) -> ClientContext:
@@ -389,6 +391,9 @@ class MethodRun:
         else:
             if resume.method != method.name:
                 raise ValueError(f"resume state is for {resume.method!r}, not {method.name!r}")
+            # a checkpoint holds CPU tensors (pf2lora.checkpoint): continue on this run's device
+            resume.server = st.to_device(resume.server, task.device)
+            resume.clients = {cid: st.to_device(s, task.device) for cid, s in resume.clients.items()}
             self.state = resume
             if self.accountant is not None and resume.accountant is not None:
                 self.accountant.load_state_dict(resume.accountant)

@@ -170,7 +170,8 @@ class GenerationTask(TextTask):
     # -- greedy decoding with the functional parameters ------------------------------------------
 
     def _call(self, params: Mapping[str, torch.Tensor], **kwargs: Any) -> Any:
-        return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
+        with self.autocast():  # as :meth:`forward`: decoding needs only the argmax, no float32 copy
+            return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
 
     @torch.no_grad()
     def generate(self, params: Mapping[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
@@ -188,7 +189,7 @@ class GenerationTask(TextTask):
         res = self._call(params, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         past = res.past_key_values
         nxt = res.logits[:, -1].argmax(dim=-1)
-        done = torch.zeros(len(ids), dtype=torch.bool)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         steps: list[torch.Tensor] = []
         pos = pos[:, -1:]
         for step in range(self.max_new_tokens):
@@ -197,12 +198,12 @@ class GenerationTask(TextTask):
             done |= nxt == self.eos
             if bool(done.all()) or step == self.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype, device=mask.device)], dim=1)
             pos = pos + 1
             res = self._call(params, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
             past = res.past_key_values
             nxt = res.logits[:, -1].argmax(dim=-1)
-        gen = torch.stack(steps, dim=1) if steps else torch.zeros(len(ids), 0, dtype=torch.long)
+        gen = torch.stack(steps, dim=1) if steps else torch.zeros(len(ids), 0, dtype=torch.long, device=ids.device)
         texts = []
         for row in gen.tolist():
             row = row[: row.index(self.eos)] if self.eos in row else row

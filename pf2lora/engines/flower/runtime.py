@@ -16,13 +16,18 @@ client of a centralised reference) and runs the method's own client code. Messag
 
 Every message carries the last round whose training the server counted for that client: the
 pending state of that round is committed, any other pending state dropped (see :mod:`.store`). The task is built once per process.
+
+Tensors travel and are stored on the CPU; a node moves what it receives and the state it loads
+to its task's device (``device``) on arrival.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -52,6 +57,7 @@ from pf2lora.plan import build_task
 from pf2lora.tasks.base import ClientData, Task
 
 _TASKS: dict[str, Task] = {}
+InsT = TypeVar("InsT", bound=Instruction)
 _TASK_LOCK = threading.Lock()
 
 
@@ -103,8 +109,12 @@ class ClientRuntime:
     def state(self, method: Method, run_key: str, client_id: str) -> ClientState:
         saved = self.store.load(run_key, method.name, client_id)
         if saved is not None:
-            return saved
+            return st.to_device(saved, self.task.device)
         return initial_client(self.cfg, method, client_id)
+
+    def arrived(self, ins: InsT) -> InsT:
+        """``ins`` with its received tensors (CPU, off the wire) on this node's device."""
+        return dataclasses.replace(ins, received=st.to_device(ins.received, self.task.device))
 
     def apply_verdict(self, ins: Instruction, client_id: str) -> None:
         """Commit ``client_id``'s pending state if the server counted that round, else drop it."""
@@ -117,7 +127,7 @@ class ClientRuntime:
 
         if secagg.FITINS in msg.content.config_records:
             return self.train_secure(msg, partition)
-        ins = TrainIns.parse(msg.content)
+        ins = self.arrived(TrainIns.parse(msg.content))
         self._check_served(ins.client_id, partition)
         method = self.method(ins.method)
         if self.cfg.server.secure_aggregation and method.upload_spec(ins.received):
@@ -145,6 +155,7 @@ class ClientRuntime:
         from pf2lora.engines.flower import secagg  # Flower's legacy SecAgg+ API: only for such messages
 
         c, received = secagg.fitins_of(msg.content)
+        received = st.to_device(received, self.task.device)
         ins = TrainIns.from_fields(c, received)
         cid = ins.client_id
         self._check_served(cid, partition)
@@ -168,7 +179,7 @@ class ClientRuntime:
         return Message(secagg.fitres_content(shared, keys, update.num_examples, metrics), reply_to=msg)
 
     def evaluate(self, msg: Message, partition: int) -> Message:
-        ins = EvaluateIns.parse(msg.content)
+        ins = self.arrived(EvaluateIns.parse(msg.content))
         self._check_served(ins.state_of, partition)
         method = self.method(ins.method)
         self.apply_verdict(ins, ins.state_of)

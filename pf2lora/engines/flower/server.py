@@ -187,6 +187,8 @@ class FlowerServer:
                 ledger.dropped(cid)
             elif cid in got.failed:
                 log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, ledger.crashed(cid, got.failed[cid]))
+        if got.mean is not None:
+            got.mean = st.to_device(got.mean, self.task.device)  # off the wire (CPU), to the server state's device
         reason = None if got.mean is None else secagg.out_of_range(got.mean, self.cfg.server.secagg_clipping_range)
         if reason is not None:  # no client's training counted: every state stays at its last good round
             for cid in got.included:
@@ -213,7 +215,8 @@ class FlowerServer:
             return None, 0.0, f"malformed reply ({type(e).__name__}: {str(e)[:100]})"
         if got.client_id != cid:
             return None, 0.0, f"reply from the node of {cid!r} claims to be client {got.client_id!r}"
-        return ClientUpdate(cid, got.upload, got.num_examples, got.metrics), got.took_s, None
+        # the upload arrives on the CPU (off the wire); the server state lives on the task's device
+        return ClientUpdate(cid, st.to_device(got.upload, self.task.device), got.num_examples, got.metrics), got.took_s, None
 
     # -- evaluation ------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 The ClientApp of a deployed SuperNode runs in a fresh process for every message, and a SuperNode
 may be restarted between rounds: the state cannot live in memory. It is written with
 ``torch.save`` to a temporary file and moved into place (atomic on POSIX), so a crash mid-write
-never leaves a torn file.
+never leaves a torn file. States are stored from the CPU and loaded onto it (the node moves them
+to its device), so a file does not depend on the device that wrote it.
 
 A training round writes the new state as *pending*; it becomes the client's state only when the
 server's next message to that client names that round as the last one it counted (the upload was
@@ -53,12 +54,12 @@ class NodeStore:
         p = self.path(run_key, method, client_id)
         if not p.exists():
             return None
-        return torch.load(p, weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
 
     def save_pending(self, run_key: str, method: str, client_id: str, round_: int, state: Tensors) -> None:
         path = self._pending(run_key, method, client_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"round": round_, "state": state}, path)
+        atomic_save({"round": round_, "state": {k: v.detach().cpu() for k, v in state.items()}}, path)
 
     def resolve(self, run_key: str, method: str, client_id: str, accepted_round: int) -> None:
         """Commit the pending state if it is of ``accepted_round`` (the last round whose training
@@ -67,7 +68,7 @@ class NodeStore:
         if not p.exists():
             return
         try:
-            pending = torch.load(p, weights_only=True)
+            pending = torch.load(p, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return
         if int(pending["round"]) == accepted_round:

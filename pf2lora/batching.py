@@ -62,7 +62,11 @@ def stack(states: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
 def unstack(state: Mapping[str, torch.Tensor], k: int) -> list[Tensors]:
     """The inverse of :func:`stack`: ``k`` states, each with tensors of its own (cloned, so no
     client's state is a view into the others' storage)."""
-    return [{key: v[i].clone() for key, v in state.items()} for i in range(k)]
+    out: list[Tensors] = [{} for _ in range(k)]
+    for key, v in state.items():
+        for i, part in enumerate(v.unbind()):
+            out[i][key] = part.clone()
+    return out
 
 
 class Lockstep(Protocol):

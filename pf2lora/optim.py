@@ -39,18 +39,24 @@ def adamw(
     new_params: Tensors = {}
     new_state: Tensors = {"step": state["step"] + 1}
     for k, p in params.items():
-        g, m, v = grads[k], state[f"m/{k}"], state[f"v/{k}"]
+        g = grads[k]
         # Each parameter has its own step count, so one that appears later is bias-corrected as new.
         t_k = state[f"t/{k}"] + 1
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        m_hat = m / batching.per_client((1 - b1 ** t_k.double()).to(p.device, p.dtype), m)
-        v_hat = v / batching.per_client((1 - b2 ** t_k.double()).to(p.device, p.dtype), v)
-        new_params[k] = (p * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps)).detach()
+        m = torch.lerp(state[f"m/{k}"], g, 1 - b1)
+        v = state[f"v/{k}"].mul(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / _per_client(torch.sqrt(1 - b2 ** t_k.double()), p)).add_(eps)
+        step = _per_client(lr / (1 - b1 ** t_k.double()), p)
+        new_params[k] = (p.mul(1 - lr * weight_decay) - step * (m / denom)).detach()
         new_state[f"m/{k}"] = m.detach()
         new_state[f"v/{k}"] = v.detach()
         new_state[f"t/{k}"] = t_k
     return new_params, new_state
+
+
+def _per_client(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    """A bias-correction factor (computed on the CPU, where step counts live) as ``like`` uses it:
+    a Python float for one client (no device transfer), one value per client when stacked."""
+    return float(x) if x.dim() == 0 else batching.per_client(x.to(like.device, like.dtype), like)
 
 
 def adamw_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor]) -> Tensors:

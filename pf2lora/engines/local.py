@@ -83,9 +83,13 @@ class LocalEngine:
         secagg.check_engine(self.cfg, "local")  # no SecAgg+ here: refuse rather than aggregate in the clear
         method: Method = registry()[method_name](self.cfg, self.task)
         run = MethodRun(self.cfg, self.task, method, resume=resume, on_round=on_round, on_state=on_state, progress=self.progress)
-        for round_ in run.pending_rounds():
-            record = self._round(run, round_)
-            run.end_round(record, self.evaluate(method, run.server, run.clients, round_) if run.eval_due(round_) else None)
+        try:
+            for round_ in run.pending_rounds():
+                record = self._round(run, round_)
+                run.end_round(record, self.evaluate(method, run.server, run.clients, round_) if run.eval_due(round_) else None)
+        finally:
+            if self.lockstep is not None:
+                self.lockstep.close()
         return run.finish(self.evaluate(method, run.server, run.clients, self.cfg.rounds))
 
     def _round(self, run: MethodRun, round_: int) -> dict[str, Any]:

@@ -8,7 +8,8 @@ and shapes, same mini-batch size), stacks each group's tensors along a leading c
 runs the step once per local step for the whole group (:mod:`pf2lora.batching`), and hands each
 client back its own slice. A method with several training phases (pFedLoRA, FedLoRA-OPT) meets
 the others once per phase. All the tensor work happens in the calling (main) thread; the worker
-threads only prepare and package, so the numbers do not depend on thread scheduling.
+threads only prepare and package, one at a time (they share the model), so the numbers do not
+depend on thread scheduling.
 
 Each client keeps its own random stream (the stacked context draws each client's mini-batch from
 its own generator, in client order), its own optimizer state and its own faults, so the results
@@ -22,7 +23,9 @@ method files.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -30,10 +33,10 @@ import torch
 
 from pf2lora import batching
 from pf2lora.config import RunConfig
-from pf2lora.methods.base import ClientContext, LocalStep, Method, StackedContext, Trained
+from pf2lora.methods.base import ClientContext, LocalStep, Method, StackedContext, Trained, pool
 from pf2lora.optim import adamw_state
 from pf2lora.state import Tensors
-from pf2lora.tasks.base import Task
+from pf2lora.tasks.base import Batch, Task
 
 T = TypeVar("T")
 
@@ -49,6 +52,7 @@ class _Request:
     opt: Tensors
     step: LocalStep
     result: Trained | BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
     def signature(self) -> Hashable:
         """Requests with equal signatures can be stacked into one step."""
@@ -109,6 +113,12 @@ class LockstepEngine:
     _pending: list[_Request] = field(default_factory=list)
     _running: int = 0
     _noted: set[str] = field(default_factory=set)
+    _turn: threading.Lock = field(default_factory=threading.Lock)
+    """Held by the one worker thread that runs: the clients share one model, and
+    ``functional_call`` swaps its parameters for the call's, so no two may use it at once."""
+    _pool: ThreadPoolExecutor | None = None
+    _pools: PoolCache = field(default_factory=lambda: PoolCache())
+    _pool_size: int = 0
 
     # -- the worker side (pf2lora.batching.Lockstep) -----------------------------------------------
 
@@ -118,39 +128,38 @@ class LockstepEngine:
         with self._cond:
             self._pending.append(request)
             self._running -= 1
-            self._cond.notify_all()
-            while request.result is None:
-                self._cond.wait()
-        if isinstance(request.result, BaseException):
-            raise request.result
-        return request.result
+            self._cond.notify_all()  # only the engine's thread waits on the condition
+        self._turn.release()
+        request.done.wait()  # each client its own event: waking one wakes no other
+        self._turn.acquire()
+        result = request.result
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None  # set before done
+        return result
 
     # -- the engine side ---------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[Callable[[], T]]) -> list[Outcome[T]]:
         """Run every job to its end; the outcomes in the jobs' order (a value or the exception)."""
         outcomes: list[Outcome[T]] = [Outcome() for _ in jobs]
-        threads_per_op = torch.get_num_threads()
 
         def work(i: int) -> None:
-            # OpenMP's thread count is per thread: a new thread would use every core, and a
-            # reduction split another way gives other last bits than the sequential engine's.
-            torch.set_num_threads(threads_per_op)
-            batching.serve(self)
+            self._turn.acquire()
             try:
                 outcomes[i].value = jobs[i]()
             except Exception as e:  # noqa: BLE001 - handed to the caller, which records it
                 outcomes[i].error = e
             finally:
+                self._turn.release()
                 with self._cond:
                     self._running -= 1
                     self._cond.notify_all()
 
         with self._cond:
             self._running = len(jobs)
-        threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"pf2lora-client-{i}") for i in range(len(jobs))]
-        for t in threads:
-            t.start()
+        for i in range(len(jobs)):
+            self._workers(len(jobs)).submit(work, i)
         while True:
             with self._cond:
                 while self._running > 0:
@@ -161,12 +170,34 @@ class LockstepEngine:
             results = self._serve(requests)
             with self._cond:
                 self._running += len(requests)
-                for request, result in zip(requests, results, strict=True):
-                    request.result = result
-                self._cond.notify_all()
-        for t in threads:
-            t.join()
+            for request, result in zip(requests, results, strict=True):
+                request.result = result
+                request.done.set()
         return outcomes
+
+    def _workers(self, n: int) -> ThreadPoolExecutor:
+        """A pool of at least ``n`` threads (every job must be able to wait at once), kept between
+        rounds: starting threads costs more than a small model's step."""
+        if self._pool is None or self._pool_size < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            threads_per_op = torch.get_num_threads()
+
+            def init() -> None:
+                # OpenMP's thread count is per thread: a new thread would use every core, and a
+                # reduction split another way gives other last bits than the sequential engine's.
+                torch.set_num_threads(threads_per_op)
+                batching.serve(self)
+
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pf2lora-client", initializer=init)
+            self._pool_size = n
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _serve(self, requests: list[_Request]) -> list[Trained | BaseException]:
         """Each request's result: its group trained stacked where it can be, else one by one."""
@@ -191,7 +222,7 @@ class LockstepEngine:
         if len(group) > 1 and reason is None:
             states = [r.ctx.generator.get_state() for r in group]
             try:
-                out = stacked_train(group)
+                out = stacked_train(group, self._pools)
                 self.stacked_groups += 1
                 return list(out)
             except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note
@@ -213,10 +244,31 @@ def _sequential(r: _Request) -> Trained | BaseException:
         return e
 
 
-def stacked_train(group: Sequence[_Request]) -> list[Trained]:
+class PoolCache:
+    """Pooled training sets (:func:`pf2lora.methods.base.pool`) kept between rounds: pooling
+    copies every client's data, which a round of small steps would feel. An entry is used only
+    while it was made from the very tensors the clients hold now (FDLoRA, say, deals a new
+    training split every round)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, ...], tuple[list[weakref.ref[torch.Tensor]], Batch | None]] = {}
+
+    def get(self, contexts: Sequence[ClientContext]) -> Batch | None:
+        key = tuple(c.client.client_id for c in contexts)
+        sources = [v for c in contexts for v in c.client.train.values()]
+        entry = self._entries.get(key)
+        if entry is not None and len(entry[0]) == len(sources) and all(r() is v for r, v in zip(entry[0], sources, strict=True)):
+            return entry[1]
+        pooled = pool(contexts)
+        self._entries[key] = ([weakref.ref(v) for v in sources], pooled)
+        return pooled
+
+
+def stacked_train(group: Sequence[_Request], pools: PoolCache | None = None) -> list[Trained]:
     """The group's ``local_steps`` steps on stacked tensors; each client's own result."""
     k = len(group)
-    ctx = StackedContext.of([r.ctx for r in group])
+    contexts = [r.ctx for r in group]
+    ctx = StackedContext.of(contexts, (pools or PoolCache()).get(contexts))
     trained = batching.stack([r.trained for r in group])
     fixed = batching.stack([r.fixed for r in group]) if group[0].fixed else {}
     opt = batching.stack([adamw_state(r.trained, r.opt) for r in group])

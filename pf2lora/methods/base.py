@@ -33,7 +33,7 @@ from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
 from pf2lora.optim import adamw
 from pf2lora.state import opt_state, params_of, with_opt_state  # noqa: F401  (re-exported: the methods' API)
-from pf2lora.tasks.base import Batch, ClientData, Task, sample_batch
+from pf2lora.tasks.base import Batch, ClientData, Task, batch_index, sample_batch
 
 ClientState = dict[str, torch.Tensor]
 """A client's persistent state: ``private:`` parameters, optimizer entries (:func:`opt_state`) and
@@ -65,14 +65,28 @@ class StackedContext(ClientContext):
     """
 
     contexts: Sequence[ClientContext] = ()
+    pooled: Batch | None = None
+    """The clients' training sets one after another (:func:`pool`), when they have the same
+    size: then a step's mini-batches are one gather, not one per client."""
 
     @classmethod
-    def of(cls, contexts: Sequence[ClientContext]) -> StackedContext:
+    def of(cls, contexts: Sequence[ClientContext], pooled: Batch | None = None) -> StackedContext:
         c = contexts[0]
-        return cls(c.client, c.task, c.generator, c.round, c.local_steps, c.batch_size, contexts)
+        return cls(c.client, c.task, c.generator, c.round, c.local_steps, c.batch_size, contexts, pooled)
 
     def batch(self) -> Batch:
-        return batching.stack([c.batch() for c in self.contexts])
+        if self.pooled is None:
+            return batching.stack([c.batch() for c in self.contexts])
+        n = self.client.num_train
+        index = torch.cat([batch_index(n, c.batch_size, c.generator) + i * n for i, c in enumerate(self.contexts)])
+        return {k: v.index_select(0, index.to(v.device)).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
+
+
+def pool(contexts: Sequence[ClientContext]) -> Batch | None:
+    """The clients' training sets concatenated (client-major), or None if they differ in size."""
+    trains = [c.client.train for c in contexts]
+    shapes = {tuple((k, tuple(v.shape)) for k, v in t.items()) for t in trains}
+    return {k: torch.cat([t[k] for t in trains]) for k in trains[0]} if len(shapes) == 1 else None
 
 
 @dataclass(frozen=True)

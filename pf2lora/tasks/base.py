@@ -47,15 +47,18 @@ def take(data: Batch, index: torch.Tensor) -> Batch:
     the data's device first."""
     if data:
         index = index.to(next(iter(data.values())).device)
-    return {k: v[index] for k, v in data.items()}
+    return {k: v.index_select(0, index) for k, v in data.items()}
+
+
+def batch_index(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``n`` examples a mini-batch holds: drawn without replacement (all of them when
+    ``n`` is smaller), on the CPU (``generator`` is a CPU generator), so the same on every device."""
+    return torch.randperm(n, generator=generator)[: min(batch_size, n)]
 
 
 def sample_batch(data: Batch, batch_size: int, generator: torch.Generator) -> Batch:
-    """A mini-batch drawn without replacement (the whole set when it is smaller). The draw is made
-    on the CPU (``generator`` is a CPU generator), so the batches are the same on every device."""
-    n = len(next(iter(data.values())))
-    index = torch.randperm(n, generator=generator)[: min(batch_size, n)]
-    return take(data, index)
+    """A mini-batch drawn without replacement (the whole set when it is smaller)."""
+    return take(data, batch_index(len(next(iter(data.values()))), batch_size, generator))
 
 
 def flatten_clients(batch: Batch) -> Batch:

@@ -3,7 +3,7 @@ client, trained as a bilevel problem so each client's effective rank r..r+r~ ada
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -50,10 +50,7 @@ class PF2LoRA(Method):
         o, p = self.cfg.optim, self.cfg.pf2lora
         x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
         adam = without_hvp(opt)
-        cached = None
-        age = opt.get(HVP_AGE)
-        if p.hvp_every > 1 and age is not None and int(age.reshape(-1)[0]) + 1 < p.hvp_every and all(HVP_PREFIX + k in opt for k in x):
-            cached = {k: opt[HVP_PREFIX + k] for k in x}
+        cached = cached_hvp(opt, x, p.hvp_every)
         xi, zeta = ctx.batch(), ctx.batch()
         step = bilevel_step(
             lambda x_, y_, batch: self.loss(batch, x_, y_, fixed),
@@ -70,7 +67,7 @@ class PF2LoRA(Method):
         x, adam = self.adamw_update(x, step.hypergrad, adam)
         if p.hvp_every > 1:
             adam.update({HVP_PREFIX + k: t for k, t in step.hvp.items()})
-            adam[HVP_AGE] = age + 1 if cached is not None and age is not None else _age_zero()
+            adam[HVP_AGE] = opt[HVP_AGE] + 1 if cached is not None else _age_zero()
         return {**x, **step.y_next}, adam, step.loss
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
@@ -89,6 +86,19 @@ HVP_AGE = "hvp_age"
 def without_hvp(opt: Mapping[str, torch.Tensor]) -> st.Tensors:
     """``opt`` without the cached Hessian-vector product (what AdamW and a round's end keep)."""
     return {k: v for k, v in opt.items() if k != HVP_AGE and not k.startswith(HVP_PREFIX)}
+
+
+def cached_hvp(opt: Mapping[str, torch.Tensor], keys: Iterable[str], every: int) -> st.Tensors | None:
+    """The cached ``H_xy v`` for ``keys`` if this step reuses it (``every`` = ``pf2lora.hvp_every``),
+    else None: refresh when there is none or it is ``every - 1`` steps old. The age is read from
+    the first client's entry: stacked clients start a round together, so they decide alike."""
+    age = opt.get(HVP_AGE)
+    if every <= 1 or age is None or int(age.reshape(-1)[0]) + 1 >= every:
+        return None
+    keys = list(keys)
+    if not all(HVP_PREFIX + k in opt for k in keys):
+        return None
+    return {k: opt[HVP_PREFIX + k] for k in keys}
 
 
 def _age_zero() -> torch.Tensor:

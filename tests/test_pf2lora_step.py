@@ -1,0 +1,101 @@
+"""PF2LoRA's local step around the hypergradient: ``pf2lora.hvp_every`` (a cached, stale H_xy v
+reused between refreshes) and the state a round keeps. The estimators themselves: test_hypergrad.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pf2lora.methods.pf2lora as pf2lora_module
+from conftest import client_context, tiny_task
+from pf2lora import batching
+from pf2lora import state as st
+from pf2lora.methods.pf2lora import HVP_AGE, HVP_PREFIX, PF2LoRA, cached_hvp, without_hvp
+
+STEPS = 7
+
+
+def _spy(monkeypatch) -> list[tuple[dict | None, dict]]:
+    """Record, per bilevel step, the H_xy v it was given (None: it estimates one) and the one it used."""
+    calls: list[tuple[dict | None, dict]] = []
+    real = pf2lora_module.bilevel_step
+
+    def spy(*args, hvp=None, **kwargs):
+        res = real(*args, hvp=hvp, **kwargs)
+        calls.append((hvp, res.hvp))
+        return res
+
+    monkeypatch.setattr(pf2lora_module, "bilevel_step", spy)
+    return calls
+
+
+def _start(*overrides: str):
+    cfg, task = tiny_task(f"local_steps={STEPS}", *overrides)
+    method = PF2LoRA(cfg, task)
+    g = torch.Generator().manual_seed(0)
+    server = {k: 0.5 * torch.randn(v.shape, generator=g) for k, v in method.init_server(g).items()}
+    state = {k: 0.5 * torch.randn(v.shape, generator=g) for k, v in method.init_client(task.clients[0].client_id, g).items()}
+    return cfg, task, method, server, state
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_hvp_is_estimated_every_kth_step_of_a_round_and_reused_in_between(monkeypatch, every):
+    cfg, task, method, server, state = _start(f"pf2lora.hvp_every={every}")
+    calls = _spy(monkeypatch)
+    for round_ in (1, 2):
+        _, state = method.client_update(client_context(cfg, task, 0, round_), st.clone(server), state)
+        assert not any("hvp" in k for k in state)  # the cache never outlives a round
+    # Each round starts with a fresh estimate (the cache was dropped), then every k-th step.
+    assert [hvp is None for hvp, _ in calls] == [i % every == 0 for i in range(STEPS)] * 2
+    last: dict = {}
+    for given, used in calls:
+        if given is None:
+            last = used
+        else:  # a reuse step takes exactly the product of the last refresh
+            assert set(given) == set(last) and all(torch.equal(given[k], last[k]) and torch.equal(used[k], last[k]) for k in last)
+
+
+def test_default_step_keeps_no_cache_in_the_optimizer_state():
+    cfg, task, method, server, state = _start()
+    assert cfg.pf2lora.hvp_every == 1
+    ctx = client_context(cfg, task, 0)
+    _, opt, loss = method.local_step(ctx, {**server, **st.params_of(state)}, {}, {})
+    assert loss.dim() == 0 and not loss.requires_grad
+    assert opt == without_hvp(opt) and "step" in opt
+
+
+def test_amortised_step_keeps_the_cache_and_its_age_in_the_optimizer_state():
+    cfg, task, method, server, state = _start("pf2lora.hvp_every=2")
+    ctx = client_context(cfg, task, 0)
+    trained = {**server, **st.params_of(state)}
+    x_keys = sorted(st.select(trained, st.SHARED))
+    trained, opt, _ = method.local_step(ctx, trained, {}, {})
+    assert int(opt[HVP_AGE]) == 0 and sorted(k[len(HVP_PREFIX) :] for k in opt if k.startswith(HVP_PREFIX)) == x_keys
+    trained, opt2, _ = method.local_step(ctx, trained, {}, opt)
+    assert int(opt2[HVP_AGE]) == 1 and all(torch.equal(opt2[HVP_PREFIX + k], opt[HVP_PREFIX + k]) for k in x_keys)
+    _, opt3, _ = method.local_step(ctx, trained, {}, opt2)
+    assert int(opt3[HVP_AGE]) == 0 and not all(torch.equal(opt3[HVP_PREFIX + k], opt[HVP_PREFIX + k]) for k in x_keys)
+    # AdamW's own entries are what they would be without the cache.
+    assert set(without_hvp(opt3)) == {k for k in opt3 if k != HVP_AGE and not k.startswith(HVP_PREFIX)}
+
+
+def test_refresh_decision_is_the_first_clients_and_the_age_is_per_client():
+    hv = {"a": torch.ones(3, 2)}
+    opt = {HVP_AGE: torch.tensor([1, 1, 1]), HVP_PREFIX + "a": hv["a"]}
+    assert cached_hvp(opt, ["a"], 4) is not None and cached_hvp(opt, ["a"], 2) is None
+    assert cached_hvp(opt, ["a"], 1) is None and cached_hvp(opt, ["a", "b"], 4) is None and cached_hvp({}, ["a"], 4) is None
+    assert cached_hvp({**opt, HVP_AGE: torch.tensor(2)}, ["a"], 4) is not None
+    with batching.stacked(3):
+        assert pf2lora_module._age_zero().shape == (3,)
+    assert pf2lora_module._age_zero().shape == ()
+
+
+def test_amortised_round_stays_close_to_the_every_step_round():
+    """A stale H_xy v is an approximation, not another method: one round's upload moves little."""
+    deltas = {}
+    for every in (1, 4):
+        cfg, task, method, server, state = _start(f"pf2lora.hvp_every={every}", "optim.lower_lr=0.3")
+        update, _ = method.client_update(client_context(cfg, task, 1), st.clone(server), state)
+        deltas[every] = torch.cat([(update.shared[k] - server[k]).flatten() for k in sorted(server)])
+    rel = float((deltas[4] - deltas[1]).norm() / deltas[1].norm())
+    assert 0 < rel < 0.1  # 0.026 here

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import test_text_tasks as tt
 from conftest import ROOT, SMALL, SYNTH_CFG, client_context, read_summary, run_cli, sets, small_cfg
 from pf2lora import checkpoint, plan
 from pf2lora import state as st
@@ -20,6 +21,8 @@ from pf2lora.engines.local import LocalEngine, RunState
 from pf2lora.engines.rounds import initial_client, initial_server
 from pf2lora.errors import UserError
 from pf2lora.methods import registry
+
+tiny_bert, cls_csv, tiny_llama, gen_jsonl = tt.tiny_bert, tt.cls_csv, tt.tiny_llama, tt.gen_jsonl  # the text tasks' fixtures
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -232,6 +235,24 @@ def test_bf16_test_losses_agree_with_fp32(overrides, metric):
     bf16 = per_client(plan.load(None, [*common, 'precision="bf16"']), metric)
     worst = worst_relative(fp32, bf16)
     print(f"bf16 vs fp32, worst relative difference of the per-client {metric}: {worst:.2e}")
+    assert 0.0 < worst < BF16_REL_TOL
+
+
+@pytest.mark.parametrize("kind", ["text-classification", "generation"])
+def test_bf16_on_the_text_tasks(kind, tiny_bert, cls_csv, tiny_llama, gen_jsonl):
+    """The pretrained-model tasks (a BERT classifier with a trained head, a causal LM with greedy
+    decoding) train and evaluate under bf16, near their fp32 numbers after one round."""
+
+    def make(*extra: str) -> RunConfig:
+        if kind == "text-classification":
+            return tt.cls_cfg(tiny_bert, cls_csv, *extra)
+        return tt.gen_cfg(tiny_llama, gen_jsonl, *extra)
+
+    common = ('device="cpu"', methods("homlora"))
+    fp32 = per_client(make(*common, 'precision="fp32"'), "loss")
+    bf16 = per_client(make(*common, 'precision="bf16"'), "loss")
+    worst = worst_relative(fp32, bf16)
+    print(f"{kind}: bf16 vs fp32, worst relative difference of the per-client loss: {worst:.2e}")
     assert 0.0 < worst < BF16_REL_TOL
 
 

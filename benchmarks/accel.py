@@ -1,0 +1,203 @@
+"""How much faster the accelerated in-process engine is: every figure a ratio measured in one run.
+
+* **Round time, sequential vs batched** (``parallel_clients = 1`` vs ``K``): the synthetic task of
+  ``configs/synthetic_rank.toml`` with 8 and with 64 clients, and real text
+  (``configs/rt_compare.toml``: paraphrase-MiniLM-L3-v2, Rotten Tomatoes, 8 clients), for HOMLoRA
+  and PF2LoRA; for real text also what ``parallel_clients = 0`` (auto) picks.
+* **Federated throughput vs one centralized job**: client examples trained per second by the
+  federation (HOMLoRA, K = 8 clients x batch B = 16, batched) against the ``centralized`` method
+  training one LoRA on the pooled data with batch K x B = 128, the same model (it takes K times
+  the local steps per round: the federation's total).
+* **PF2LoRA step cost per estimator**, relative to HOMLoRA: see ``benchmarks/step_cost.py`` (its
+  own JSON); not repeated here.
+
+A round's time is the wall time between the ends of consecutive rounds (the first round, which
+warms caches up, is left out; evaluation is off). The variants of one comparison run
+interleaved, ``--reps`` times each, and the median is reported, so load on the machine hits them
+alike. The results are checked to agree (the batched engine must give the sequential numbers).
+
+    python benchmarks/accel.py [--quick] [--device auto] [--reps 3] [--out benchmarks/results/accel.json]
+
+On a GPU (``--device cuda``) it writes ``benchmarks/results/accel_gpu.json`` unless ``--out`` says
+otherwise, and adds a bf16 vs fp32 comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, machine, write_json  # noqa: E402
+
+from pf2lora import plan  # noqa: E402
+from pf2lora.engines.local import LocalEngine  # noqa: E402
+from pf2lora.engines.lockstep import parallel_clients  # noqa: E402
+
+SYNTH = str(ROOT / "configs" / "synthetic_rank.toml")
+TEXT = str(ROOT / "configs" / "rt_compare.toml")
+
+
+@dataclass
+class Setting:
+    """One comparison: a config, overrides, a method, and the variants (extra overrides) to time."""
+
+    name: str
+    config: str
+    method: str
+    overrides: list[str]
+    variants: dict[str, list[str]]
+    rounds: int
+    examples_per_round: int = 0
+    times: dict[str, list[float]] = field(default_factory=dict)
+    finals: dict[str, dict[str, float]] = field(default_factory=dict)
+    picked: dict[str, int] = field(default_factory=dict)
+
+
+def run_once(s: Setting, variant: str, device: str) -> None:
+    overrides = [*s.overrides, *s.variants[variant], f"rounds={s.rounds}", "eval.every=0", "checkpoint=false", f"device={device}"]
+    overrides.append(f'methods=["{s.method}"]')
+    cfg = plan.load(s.config, overrides)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    task = plan.build_task(cfg)
+    ends: list[float] = []
+    engine = LocalEngine(cfg, task, progress=False)
+    result = engine.run(s.method, on_round=lambda _record: ends.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    s.times.setdefault(variant, []).append(statistics.median(gaps))
+    s.picked[variant] = parallel_clients(cfg, task, len(task.clients))
+    metric = task.primary_metric
+    s.finals[variant] = {cid: float(row[metric]) for cid, row in result.clients.items() if isinstance(row.get(metric), (int, float))}
+
+
+def measure(s: Setting, reps: int, device: str) -> dict[str, Any]:
+    for _ in range(reps):
+        for variant in s.variants:  # interleaved: load hits every variant alike
+            run_once(s, variant, device)
+    base = next(iter(s.variants))
+    med = {v: statistics.median(t) for v, t in s.times.items()}
+    out: dict[str, Any] = {
+        "config": str(Path(s.config).relative_to(ROOT)),
+        "method": s.method,
+        "overrides": s.overrides,
+        "variants": s.variants,
+        "rounds_timed": s.rounds - 1,
+        "round_time_s": med,
+        "speedup_vs_" + base: {v: med[base] / med[v] for v in med},
+        "parallel_clients_used": s.picked,
+        "max_rel_diff_vs_" + base: {v: _max_rel_diff(s.finals[base], s.finals[v]) for v in s.finals},
+    }
+    if s.examples_per_round:
+        out["examples_per_s"] = {v: s.examples_per_round / med[v] for v in med}
+    return out
+
+
+def _max_rel_diff(a: dict[str, float], b: dict[str, float]) -> float:
+    return max((abs(a[k] - b[k]) / max(1e-12, abs(a[k])) for k in a if k in b), default=0.0)
+
+
+def settings(quick: bool, gpu: bool) -> list[Setting]:
+    r = 3 if quick else 6
+    out = [
+        Setting("synthetic_8_homlora", SYNTH, "homlora", [], {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}, r),
+        Setting("synthetic_8_pf2lora", SYNTH, "pf2lora", [], {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}, r),
+        Setting(
+            "synthetic_64_homlora",
+            SYNTH,
+            "homlora",
+            ["task.num_clients=64", "task.train_samples=500", "task.test_samples=100"],
+            {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=64"]},
+            r,
+        ),
+    ]
+    text = ["local_steps=5"] if not quick else ["local_steps=3", "task.train_samples=100", "task.test_samples=40"]
+    out.append(
+        Setting(
+            "minilm_l3_text_8_homlora",
+            TEXT,
+            "homlora",
+            text,
+            {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"], "auto": ["parallel_clients=0"]},
+            3 if quick else 4,
+        )
+    )
+    # throughput: 8 clients x batch 16 federated (batched) vs one centralized job with batch 128
+    steps = 5 if not quick else 3
+    fed = Setting(
+        "throughput_minilm_l3",
+        TEXT,
+        "homlora",
+        [f"local_steps={steps}", *text[1:]],
+        {"federated_batched": ["parallel_clients=8"]},
+        3 if quick else 4,
+        examples_per_round=8 * 16 * steps,
+    )
+    central = Setting(
+        "throughput_minilm_l3_centralized",
+        TEXT,
+        "centralized",
+        [f"local_steps={steps}", "batch_size=128", *text[1:]],
+        {"centralized": []},
+        3 if quick else 4,
+        examples_per_round=128 * steps * 8,  # a pooled run takes the federation's total steps per round
+    )
+    out += [fed, central]
+    if gpu:
+        out.append(
+            Setting(
+                "minilm_l3_text_8_bf16",
+                TEXT,
+                "homlora",
+                text,
+                {"fp32": ["parallel_clients=8"], "bf16": ["parallel_clients=8", "precision=bf16"]},
+                3 if quick else 4,
+            )
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and smaller text data (a smoke run)")
+    p.add_argument("--only", nargs="*", help="run only these settings (names as in the JSON)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    device = plan.resolve_device(args.device, "--device")
+    gpu = device.type == "cuda"
+    out_path = args.out or RESULTS / ("accel_gpu.json" if gpu else "accel.json")
+    results: dict[str, Any] = {}
+    todo = [s for s in settings(args.quick, gpu) if not args.only or s.name in args.only]
+    for s in todo:
+        t0 = time.perf_counter()
+        results[s.name] = measure(s, args.reps, str(device))
+        print(f"{s.name}: {results[s.name]['round_time_s']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if "throughput_minilm_l3" in results and "throughput_minilm_l3_centralized" in results:
+        fed = results["throughput_minilm_l3"]["examples_per_s"]["federated_batched"]
+        central = results["throughput_minilm_l3_centralized"]["examples_per_s"]["centralized"]
+        results["throughput_federated_over_centralized"] = fed / central
+    name = plan.device_name(device)
+    write_json(
+        out_path,
+        {
+            "command": "python " + shlex.join(["benchmarks/accel.py", *sys.argv[1:]]),
+            "machine": machine(device=str(device), device_name=name, torch=torch.__version__, threads=torch.get_num_threads()),
+            "seed": 0,
+            "results": results,
+        },
+    )
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

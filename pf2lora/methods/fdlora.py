@@ -201,6 +201,7 @@ def fuse(global_: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tenso
 class FDLoRA(Method):
     name = "fdlora"
     description = "dual LoRA: global (Nesterov outer SGD on the pseudo-gradient) + personal, fused by a gradient-free search"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # outer SGD on (server - weighted mean): the uploads enter only through the mean
 
     def __init__(self, cfg: RunConfig, task: Task):

@@ -89,17 +89,20 @@ def _is_part(k: str) -> bool:
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    """Rows scaled to unit norm (the last two dims: a leading client dimension passes through)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 def unit_cols(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=0, keepdim=True).clamp_min(_EPS)
+    """Columns scaled to unit norm (the last two dims)."""
+    return x / x.norm(dim=-2, keepdim=True).clamp_min(_EPS)
 
 
 @register
 class FedLoRAOptimizer(Method):
     name = "fedlora-opt"
     description = "A = A_M A_D, B = B_D B_M; A's direction (and A_M, B_D) averaged, B's magnitude private; global then local stage"
+    batches = True  # its steps reduce per client: see Method.batches
     plain_mean_aggregation = True  # normalise(weighted mean): the uploads enter only through the mean
 
     # -- state -------------------------------------------------------------------------------
@@ -144,13 +147,13 @@ class FedLoRAOptimizer(Method):
         out: st.Tensors = {k: v for k, v in merged.items() if not _is_part(k)}
         for t in self.task.targets:
             k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.PRIVATE)
-            out[k_a] = merged[part_key(t, A_MAGNITUDE)][:, None] * unit_rows(merged[part_key(t, A_DIRECTION)])
-            out[k_b] = unit_cols(merged[part_key(t, B_DIRECTION)]) * merged[part_key(t, B_MAGNITUDE)][None, :]
+            out[k_a] = merged[part_key(t, A_MAGNITUDE)][..., :, None] * unit_rows(merged[part_key(t, A_DIRECTION)])
+            out[k_b] = unit_cols(merged[part_key(t, B_DIRECTION)]) * merged[part_key(t, B_MAGNITUDE)][..., None, :]
         return out
 
     def loss(self, batch: Batch, *states: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The task's loss of the model composed from the parts (:meth:`compose`)."""
-        return self.task.loss(st.model_params(self.compose(*states)), batch)
+        return self.task.objective(st.model_params(self.compose(*states)), batch)
 
     # -- the two stages ----------------------------------------------------------------------
 

@@ -36,11 +36,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, write_json  # noqa: E402
-
-from pf2lora import plan  # noqa: E402
-from pf2lora.engines.local import LocalEngine  # noqa: E402
-from pf2lora.engines.lockstep import parallel_clients  # noqa: E402
+from common import RESULTS, ROOT, machine, write_json
+from pf2lora import plan
+from pf2lora.engines.local import LocalEngine
+from pf2lora.engines.lockstep import parallel_clients
 
 SYNTH = str(ROOT / "configs" / "synthetic_rank.toml")
 TEXT = str(ROOT / "configs" / "rt_compare.toml")

@@ -51,7 +51,7 @@ def resolve_device(spec: str, source: str = "config") -> torch.device:
     ``auto`` is CUDA when present, else the CPU. A device this machine lacks is a one-line
     :class:`~pf2lora.errors.UserError` (naming ``source``), never a CUDA error mid-run."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -64,8 +64,12 @@ def resolve_device(spec: str, source: str = "config") -> torch.device:
         n = torch.cuda.device_count()
         if device.index is not None and device.index >= n:
             raise UserError(f"{source}: device = {spec!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{source}: device = {spec!r}: MPS (Apple GPU) is not available on this machine; {use}")
+        if device.index is None:  # the current one, named: tensors and summaries then say cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{source}: device = {spec!r}: MPS (Apple GPU) is not available on this machine; {use}")
+        device = torch.device("mps", device.index or 0)
     return device
 
 

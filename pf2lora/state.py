@@ -114,8 +114,10 @@ def clone(state: Mapping[str, torch.Tensor]) -> Tensors:
 
 
 def to_device(state: Mapping[str, torch.Tensor], device: torch.device | str) -> Tensors:
-    """``state`` on ``device`` (tensors already there are kept, not copied)."""
-    return {k: v.to(device) for k, v in state.items()}
+    """``state`` with its floating-point tensors on ``device`` (those already there are kept, not
+    copied). Integer tensors (step counts, ranks, rounds) stay where they are, on the CPU: they are
+    read on the host (see :mod:`pf2lora.optim`), and a CPU scalar mixes with device tensors."""
+    return {k: v.to(device) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def model_params(*states: Mapping[str, torch.Tensor]) -> Tensors:

@@ -82,7 +82,8 @@ def test_auto_is_cuda_when_present_else_cpu(monkeypatch):
     assert plan.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert plan.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert plan.resolve_device("auto") == plan.resolve_device("cuda") == torch.device("cuda", 0)
     assert plan.resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
@@ -125,15 +126,25 @@ def test_cli_run_records_the_device(tmp_path):
 # -- the task on its device ------------------------------------------------------------------------
 
 
+def assert_on(cfg: RunConfig, task, device: torch.device) -> None:
+    """The task and the initial states of its methods on ``device``; integer state tensors (step
+    counts, ranks) stay on the CPU, where they are read."""
+    assert task.device == device
+    assert all(p.device == device for p in task.model.parameters())
+    assert all(v.device == device for c in task.clients for v in [*c.train.values(), *c.test.values()])
+    for name in ("pf2lora", "hetlora"):
+        method = registry()[name](cfg, task)
+        for s in (initial_server(cfg, method), initial_client(cfg, method, task.clients[0].client_id)):
+            assert s
+            for k, v in s.items():
+                assert v.device == (device if v.is_floating_point() else torch.device("cpu")), (name, k)
+
+
 def test_build_task_puts_model_data_and_states_on_the_device():
-    cfg = small_cfg('device="cpu"', methods("pf2lora"))
+    cfg = small_cfg('device="cpu"', methods("pf2lora", "hetlora"))
     task = plan.build_task(cfg)
-    assert task.device == torch.device("cpu") and task.precision == "fp32"
-    assert all(p.device == task.device for p in task.model.parameters())
-    assert all(v.device == task.device for c in task.clients for v in [*c.train.values(), *c.test.values()])
-    method = registry()["pf2lora"](cfg, task)
-    states = [initial_server(cfg, method), initial_client(cfg, method, task.clients[0].client_id)]
-    assert all(v.device == task.device for s in states for v in s.values())
+    assert task.precision == "fp32"
+    assert_on(cfg, task, torch.device("cpu"))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -275,6 +286,14 @@ def test_cuda_run_equals_the_cpu_run():
     cpu = per_client(small_cfg(*common, 'device="cpu"'), "test_mse")
     cuda = per_client(small_cfg(*common, 'device="cuda"'), "test_mse")
     assert worst_relative(cpu, cuda) < 1e-4
+
+
+@gpu
+@needs_cuda
+def test_build_task_on_cuda():
+    cfg = small_cfg('device="cuda"', methods("pf2lora", "hetlora"))
+    task = plan.build_task(cfg)
+    assert_on(cfg, task, torch.device("cuda", torch.cuda.current_device()))
 
 
 @gpu

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import ALL_METHODS, small_cfg
+from conftest import ALL_METHODS, SYNTH_CFG, read_summary, run_cli, sets, small_cfg
 from pf2lora import batching, lora, plan
 from pf2lora.engines.local import LocalEngine
 from pf2lora.engines.lockstep import LockstepEngine, parallel_clients
@@ -156,3 +156,32 @@ def test_stack_and_unstack_round_trip_without_aliasing():
     with batching.stacked(3):
         assert batching.clients() == 3
         assert batching.client_sum(torch.ones(3, 2, 2)).tolist() == [4.0, 4.0, 4.0]
+
+
+def _numbers(tree, path: str = "") -> dict[str, float]:
+    """Every number of a summary.json, by path, except timings and the engine settings."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_numbers(value, f"{path}/{key}"))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            out.update(_numbers(value, f"{path}[{i}]"))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        if not any(part in path for part in ("time", "wall", "parallel_clients", "machine")):
+            out[path] = float(tree)
+    return out
+
+
+def test_cli_summaries_are_equal_batched_or_not(tmp_path):
+    """``pf2lora run configs/synthetic_rank.toml --set parallel_clients=8`` and ``=1``: the same
+    summary (1e-4), at a small scale (the issue's command with rounds=20 is in the README)."""
+    small = ["rounds=3", "local_steps=3", "task.train_samples=200", "task.test_samples=100"]
+    summaries = []
+    for k in (8, 1):
+        out = tmp_path / f"k{k}"
+        proc = run_cli("run", SYNTH_CFG, *sets(*small, f"parallel_clients={k}"), "--out", str(out), "--quiet")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        summaries.append(_numbers(read_summary(out)))
+    assert len(summaries[0]) > 50
+    _assert_close(summaries[1], summaries[0], 1e-4)

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets demo demo-synthetic lint test test-fast bench clean
+.PHONY: install assets demo demo-synthetic lint test test-fast bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ test-fast: $(STAMP) $(ASSETS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
+
+# The packages pf2lora needs that the GPU machine's image lacks, as wheels to carry there
+# (benchmarks/gpu_check.sh installs them).
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --no-deps -q -d .gpu_wheels tomli_w
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,8 +18,11 @@ alike. The results are checked to agree (the batched engine must give the sequen
 
     python benchmarks/accel.py [--quick] [--device auto] [--reps 3] [--out benchmarks/results/accel.json]
 
-On a GPU (``--device cuda``) it writes ``benchmarks/results/accel_gpu.json`` unless ``--out`` says
-otherwise, and adds a bf16 vs fp32 comparison.
+On a GPU (``--device cuda``, or ``auto`` where CUDA is present) it writes
+``benchmarks/results/accel_gpu.json`` unless ``--out`` says otherwise, and adds settings on random
+models of MiniLM-L6's and roberta-base's shapes (the tiny-text task's BERT at those sizes; speed does
+not depend on the weights, and the GPU machine needs no offline assets): batched vs sequential,
+PF2LoRA vs HOMLoRA per round, bf16 vs fp32, federated vs centralized throughput.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from common import RESULTS, ROOT, machine, write_json
 from pf2lora import plan
 from pf2lora.engines.local import LocalEngine
 from pf2lora.engines.lockstep import parallel_clients
+from pf2lora.tasks.tiny_text import TinyTextTask
 
 SYNTH = str(ROOT / "configs" / "synthetic_rank.toml")
 TEXT = str(ROOT / "configs" / "rt_compare.toml")
@@ -56,6 +60,9 @@ class Setting:
     variants: dict[str, list[str]]
     rounds: int
     examples_per_round: int = 0
+    shape: dict[str, int] | None = None
+    """A tiny-text model of this size (random weights: speed does not depend on them) in place of
+    the config's task; for the GPU settings, which must not need the offline assets."""
     times: dict[str, list[float]] = field(default_factory=dict)
     finals: dict[str, dict[str, float]] = field(default_factory=dict)
     picked: dict[str, int] = field(default_factory=dict)
@@ -67,7 +74,12 @@ def run_once(s: Setting, variant: str, device: str) -> None:
     cfg = plan.load(s.config, overrides)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = plan.build_task(cfg)
+    if s.shape is None:
+        task = plan.build_task(cfg)
+    else:
+        task = TinyTextTask(cfg, **s.shape)
+        task.precision = cfg.precision
+        task.to(plan.resolve_device(cfg.device))
     ends: list[float] = []
     engine = LocalEngine(cfg, task, progress=False)
     result = engine.run(s.method, on_round=lambda _record: ends.append(time.perf_counter()))
@@ -118,6 +130,8 @@ def settings(quick: bool, gpu: bool) -> list[Setting]:
             r,
         ),
     ]
+    if gpu:  # the GPU machine has no offline assets: random models of real shapes instead
+        return [*out, *gpu_settings(quick)]
     text = ["local_steps=5"] if not quick else ["local_steps=3", "task.train_samples=100", "task.test_samples=40"]
     out.append(
         Setting(
@@ -149,18 +163,72 @@ def settings(quick: bool, gpu: bool) -> list[Setting]:
         3 if quick else 4,
         examples_per_round=128 * steps * 8,  # a pooled run takes the federation's total steps per round
     )
-    out += [fed, central]
-    if gpu:
+    return [*out, fed, central]
+
+
+# Random models of real shapes: MiniLM-L6 (6 layers, hidden 384) and roberta-base (12 layers, 768).
+L6_SHAPE = {"hidden_size": 384, "num_layers": 6, "num_heads": 12, "intermediate_size": 1536}
+BASE_SHAPE = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072}
+GPU_TASK = ["task.kind=tiny-text", "task.num_clients=8", "task.seq_len=64", "task.train_samples=256", "task.test_samples=32"]
+GPU_TASK += ["batch_size=16", "local_steps=10", "lora.rank=8", "lora.alpha=8.0", "lora.private_rank=2", "num_threads=0"]
+
+
+def gpu_settings(quick: bool) -> list[Setting]:
+    """The GPU figures the issue asks for: batched vs sequential (8 clients), PF2LoRA vs HOMLoRA
+    per round, bf16 vs fp32, federated vs centralized throughput; at MiniLM-L6's and
+    roberta-base's shapes."""
+    r = 3 if quick else 5
+    seq_bat = {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}
+    out: list[Setting] = []
+    for tag, shape in (("l6_shape", L6_SHAPE), ("base_shape", BASE_SHAPE)):
+        out.append(Setting(f"{tag}_8_homlora", SYNTH, "homlora", GPU_TASK, seq_bat, r, shape=shape))
+        out.append(Setting(f"{tag}_8_pf2lora", SYNTH, "pf2lora", GPU_TASK, seq_bat, r, shape=shape))
         out.append(
             Setting(
-                "minilm_l3_text_8_bf16",
-                TEXT,
+                f"{tag}_8_precision",
+                SYNTH,
                 "homlora",
-                text,
+                GPU_TASK,
                 {"fp32": ["parallel_clients=8"], "bf16": ["parallel_clients=8", "precision=bf16"]},
-                3 if quick else 4,
+                r,
+                shape=shape,
             )
         )
+        out.append(
+            Setting(f"{tag}_throughput", SYNTH, "homlora", GPU_TASK, {"federated_batched": ["parallel_clients=8"]}, r, 8 * 16 * 10, shape)
+        )
+        out.append(
+            Setting(
+                f"{tag}_throughput_centralized",
+                SYNTH,
+                "centralized",
+                [*GPU_TASK, "batch_size=128"],
+                {"centralized": []},
+                r,
+                128 * 10 * 8,
+                shape,
+            )
+        )
+    return out
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The derived ratios the README quotes (each from figures of this one run)."""
+    out: dict[str, float] = {}
+    for fed, central in (
+        ("throughput_minilm_l3", "throughput_minilm_l3_centralized"),
+        ("l6_shape_throughput", "l6_shape_throughput_centralized"),
+        ("base_shape_throughput", "base_shape_throughput_centralized"),
+    ):
+        if fed in results and central in results:
+            out[f"{fed}_federated_over_centralized"] = (
+                results[fed]["examples_per_s"]["federated_batched"] / results[central]["examples_per_s"]["centralized"]
+            )
+    for tag in ("synthetic_8", "l6_shape_8", "base_shape_8"):
+        hom, pf2 = results.get(f"{tag}_homlora"), results.get(f"{tag}_pf2lora")
+        if hom and pf2:
+            for v in ("sequential", "batched"):
+                out[f"{tag}_pf2lora_over_homlora_round_{v}"] = pf2["round_time_s"][v] / hom["round_time_s"][v]
     return out
 
 
@@ -181,10 +249,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results[s.name] = measure(s, args.reps, str(device))
         print(f"{s.name}: {results[s.name]['round_time_s']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if "throughput_minilm_l3" in results and "throughput_minilm_l3_centralized" in results:
-        fed = results["throughput_minilm_l3"]["examples_per_s"]["federated_batched"]
-        central = results["throughput_minilm_l3_centralized"]["examples_per_s"]["centralized"]
-        results["throughput_federated_over_centralized"] = fed / central
+    results["ratios"] = ratios(results)
     name = plan.device_name(device)
     write_json(
         out_path,

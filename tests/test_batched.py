@@ -185,3 +185,13 @@ def test_cli_summaries_are_equal_batched_or_not(tmp_path):
         summaries.append(_numbers(read_summary(out)))
     assert len(summaries[0]) > 50
     _assert_close(summaries[1], summaries[0], 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["homlora", "pf2lora", "hetlora"])
+def test_batched_on_cuda_equals_sequential_on_cpu(method):
+    seq, _ = _run(method, 1, *TEXT, "rounds=2", "device=cpu")
+    bat, engine = _run(method, 3, *TEXT, "rounds=2", "device=cuda")
+    assert engine is not None and engine.stacked_groups > 0
+    _assert_close(_metrics(seq), _metrics(bat), 1e-4)

@@ -16,7 +16,9 @@ def grads(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: boo
     each client's tensors the gradient of that client's own loss.
     """
     keys = list(wrt)
-    gs = torch.autograd.grad(loss.sum() if loss.dim() else loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph)
+    gs = torch.autograd.grad(
+        loss.sum() if loss.dim() else loss, [wrt[k] for k in keys], create_graph=create_graph, allow_unused=True, retain_graph=create_graph
+    )
     return {k: (g if g is not None else torch.zeros_like(wrt[k])) for k, g in zip(keys, gs, strict=True)}
 
 

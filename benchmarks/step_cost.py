@@ -18,7 +18,9 @@ Models (``--model``):
 
 LoRA on query/value with r = 8, r~ = 2. Repetitions are interleaved (round-robin over the
 variants) after a warm-up, so load on the machine hits all variants alike; the median is reported.
-Also reported: the trained parameter counts (the adapters alone, and with the classifier head) and
+The fastest repetition is reported too (``min_ms``): on a shared machine a long step is preempted
+more often than a short one, which inflates the ratios of medians; the minima are the least
+disturbed figures. Also reported: the trained parameter counts (the adapters alone, and with the classifier head) and
 the bytes one client uploads per round.
 
     python benchmarks/step_cost.py [--model tiny-bert|minilm-l3] [--reps 20] [--warmup 3] [--threads N] [--local-steps 4] [--out ...]
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
             for n, t in times.items()
         },
         "time_relative_to_homlora": {n: round(m / hom, 3) for n, m in median.items()},
+        "min_ms": {n: round(1e3 * min(t), 3) for n, t in times.items()},
+        "min_relative_to_homlora": {n: round(min(t) / min(times["homlora"]), 3) for n, t in times.items()},
         "params": params,
         "param_ratios": {
             "adapters_pf2lora_over_homlora": pp["adapter_params"] / hp["adapter_params"],

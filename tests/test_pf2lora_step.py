@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import pf2lora.methods.pf2lora as pf2lora_module
-from conftest import client_context, tiny_task
-from pf2lora import batching
+from conftest import client_context, small_cfg, tiny_task
+from pf2lora import batching, plan
 from pf2lora import state as st
 from pf2lora.methods.pf2lora import HVP_AGE, HVP_PREFIX, PF2LoRA, cached_hvp, without_hvp
 
@@ -99,3 +99,36 @@ def test_amortised_round_stays_close_to_the_every_step_round():
         deltas[every] = torch.cat([(update.shared[k] - server[k]).flatten() for k in sorted(server)])
     rel = float((deltas[4] - deltas[1]).norm() / deltas[1].norm())
     assert 0 < rel < 0.1  # 0.026 here
+
+
+@pytest.mark.parametrize("kind, head", [("synthetic", "shared"), ("tiny-text", "shared"), ("tiny-text", "private")])
+def test_fused_adapters_are_the_same_model(kind, head):
+    """The training loss's one rank-(r + r~) adapter per layer gives the loss and gradients of the
+    two adapters (rounding apart), a private head included."""
+    overrides = ("lora.alpha=3.0", "lora.private_alpha=5.0", f"lora.head={head!r}")
+    if kind == "synthetic":
+        cfg, task, method, server, state = _start(*overrides)
+    else:
+        cfg = small_cfg('task.kind="tiny-text"', "task.num_clients=2", "task.test_samples=8", *overrides)
+        task = plan.build_task(cfg)
+        method = PF2LoRA(cfg, task)
+        g = torch.Generator().manual_seed(0)
+        server = {k: 0.5 * torch.randn(v.shape, generator=g) for k, v in method.init_server(g).items()}
+        state = {k: 0.5 * torch.randn(v.shape, generator=g) for k, v in method.init_client(task.clients[0].client_id, g).items()}
+        assert len(task.targets) > 1
+    # float64, so that what is left is the rounding of a different summation order, not of float32
+    # through a BERT (about 1e-5 there).
+    task.model.double()
+    server, state = ({k: v.double() if v.is_floating_point() else v for k, v in d.items()} for d in (server, state))
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in client_context(cfg, task, 0).batch().items()}
+    x = {k: v.clone().requires_grad_(True) for k, v in server.items()}
+    y = {k: v.clone().requires_grad_(True) for k, v in st.params_of(state).items()}
+    xf, yf = method.fused(x, y)
+    assert not any(k in yf for k in y if ".lora_" in k) and all(k in yf for k in y if ".lora_" not in k)
+    plain, fused = method.loss(batch, x, y, {}), method.loss(batch, xf, yf, {})
+    assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
+    keys = [*x, *y]
+    g_plain = torch.autograd.grad(plain, [{**x, **y}[k] for k in keys])
+    g_fused = torch.autograd.grad(fused, [{**x, **y}[k] for k in keys])
+    for k, a, b in zip(keys, g_plain, g_fused, strict=True):
+        assert float((a - b).norm()) <= 1e-10 * float(a.norm()) + 1e-14, k

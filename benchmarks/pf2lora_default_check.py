@@ -12,32 +12,58 @@ and the real-text ``configs/rt_compare.toml`` (MiniLM-L3 on Rotten Tomatoes, s-s
 nonlinear, where the estimators differ), each with ``--rounds`` / ``--text-rounds`` overridable
 for a reduced-scale check.
 
-    .venv/bin/python benchmarks/pf2lora_default_check.py --seeds 0 1 --jobs 2 --rounds 100 --text-rounds 5
+    .venv/bin/python benchmarks/pf2lora_default_check.py --seeds 0 1 --jobs 2 --text-rounds 5 --old-commit a35ceaf
+
+``--old-commit`` also runs the package of that commit (extracted with ``git archive``) with its own
+default, so the whole change (not only the estimator) is compared on the same seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import RESULTS, ROOT, machine, write_json
 
 SYNTHETIC = ["configs/synthetic_rank.toml", "configs/synthetic_rank_lowdata.toml"]
 TEXT = "configs/rt_compare.toml"
-VARIANTS = {"old default (central)": ["pf2lora.fd_one_sided=false"], "new default (one-sided)": []}
+OLD_CODE = "old code, its default (central)"
+VARIANTS = {OLD_CODE: [], "new code, old default (central)": ["pf2lora.fd_one_sided=false"], "new code, new default (one-sided)": []}
+"""The old code (``--old-commit``, the package as it was before the change) runs with its own
+default; the new code with the old default (only the estimator differs from the new default)
+and with the new default."""
 METRICS = {
     "synthetic": ("mean_test_mse", "worst_test_mse", "rank_matched"),
     "text": ("mean_accuracy", "mean_macro_f1", "mean_balanced_accuracy", "mean_global_accuracy", "worst_accuracy"),
 }
 
 
+def _in_subprocess(tree: str, job: tuple) -> dict:
+    """``run_one(*job)`` in a fresh interpreter that imports the package from ``tree`` (one process
+    per run: a process imports one package once)."""
+    code = (
+        "import json, sys; "
+        f"sys.path[:0] = [{tree!r}, {str(ROOT / 'benchmarks')!r}]; "
+        "import pf2lora_default_check as m; "
+        f"print(json.dumps(m.run_one(*{list(job)!r})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{job}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_one(config: str, seed: int, variant: str, rounds: int | None) -> dict:
     import torch
 
+    import pf2lora
     from pf2lora import plan
     from pf2lora.engines.local import LocalEngine
 
@@ -52,6 +78,7 @@ def run_one(config: str, seed: int, variant: str, rounds: int | None) -> dict:
         "seed": seed,
         "variant": variant,
         "fd_one_sided": cfg.pf2lora.fd_one_sided,
+        "package": str(Path(pf2lora.__file__).parent.parent),
         "rounds": cfg.rounds,
         "wall_time_s": result.wall_time_s,
     }
@@ -82,6 +109,8 @@ def summarize(runs: list[dict]) -> dict:
         per: dict = {}
         for variant in VARIANTS:
             vs = sorted((r for r in rs if r["variant"] == variant), key=lambda r: r["seed"])
+            if not vs:
+                continue
             per[variant] = {
                 k: {
                     "mean": statistics.fmean(r[k] for r in vs),
@@ -90,8 +119,11 @@ def summarize(runs: list[dict]) -> dict:
                 }
                 for k in keys
             }
-        old, new = (per[v] for v in VARIANTS)
-        per["new_minus_old_per_seed"] = {k: [b - a for a, b in zip(old[k]["per_seed"], new[k]["per_seed"], strict=True)] for k in keys}
+        names = [v for v in VARIANTS if v in per and per[v][keys[0]]["per_seed"]]
+        old, new = per[names[0]], per[names[-1]]
+        per[f"({names[-1]}) - ({names[0]}), per seed"] = {
+            k: [b - a for a, b in zip(old[k]["per_seed"], new[k]["per_seed"], strict=True)] for k in keys
+        }
         out[config] = per
     return out
 
@@ -103,24 +135,35 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="override the synthetic configs' rounds (reduced scale)")
     ap.add_argument("--text-rounds", type=int, help="override rt_compare's rounds (reduced scale)")
     ap.add_argument("--no-text", action="store_true", help="only the synthetic settings")
+    ap.add_argument("--old-commit", default="", help="also run the package of this commit (git archive) with its own default")
     ap.add_argument("--out", type=Path, default=RESULTS / "pf2lora_default_check.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    jobs = [(c, s, v, args.rounds) for c in SYNTHETIC for s in args.seeds for v in VARIANTS]
-    if not args.no_text:
-        jobs += [(TEXT, s, v, args.text_rounds) for s in args.seeds for v in VARIANTS]
+    variants = [v for v in VARIANTS if v != OLD_CODE or args.old_commit]
+    settings = [(c, args.rounds) for c in SYNTHETIC] + ([] if args.no_text else [(TEXT, args.text_rounds)])
+    jobs = [(c, s, v, rounds) for c, rounds in settings for s in args.seeds for v in variants]
     start = time.time()
-    runs = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, *job) for job in jobs]
-        for i, f in enumerate(futures, 1):
-            r = f.result()
-            runs.append(r)
-            shown = {k: round(r[k], 4) for k in METRICS["synthetic" if r["config"] in SYNTHETIC else "text"]}
-            print(f"[{i}/{len(jobs)}] {r['config']} seed {r['seed']} {r['variant']}: {shown} ({r['wall_time_s']:.0f} s)", flush=True)
-            write_json(args.out, {"partial": True, "runs": runs})
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as old_tree:
+        if args.old_commit:
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.old_commit, "pf2lora"], check=True, capture_output=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", old_tree], input=archive, check=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(_in_subprocess, old_tree if job[2] == OLD_CODE else str(ROOT), job) for job in jobs]
+            for i, f in enumerate(futures, 1):
+                r = f.result()
+                expected = old_tree if r["variant"] == OLD_CODE else str(ROOT)
+                assert r["package"] == expected, (r["package"], expected)
+                r["package"] = f"git archive {args.old_commit}" if r["variant"] == OLD_CODE else "working tree"
+                runs.append(r)
+                shown = {k: round(r[k], 4) for k in METRICS["synthetic" if r["config"] in SYNTHETIC else "text"]}
+                print(f"[{i}/{len(jobs)}] {r['config']} seed {r['seed']} {r['variant']}: {shown} ({r['wall_time_s']:.0f} s)", flush=True)
+                write_json(args.out, {"partial": True, "runs": runs})
     data = {
         "benchmark": "PF2LoRA, old default (central finite difference) vs new default (one-sided), same seeds",
+        "old_commit": args.old_commit or None,
         "command": "python " + " ".join(["benchmarks/pf2lora_default_check.py", *sys.argv[1:]]),
         "machine": machine(torch_threads_per_job=1, jobs=args.jobs),
         "total_wall_time_s": time.time() - start,

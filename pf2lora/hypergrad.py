@@ -60,7 +60,7 @@ def _zeros(x: Mapping[str, torch.Tensor]) -> Tensors:
 
 def _grad(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False) -> Tensors:
     """Gradients of the summed (per-client) loss: each client's tensors get their own client's gradient."""
-    return grads(loss.sum(), wrt, create_graph=create_graph)
+    return grads(loss.sum() if loss.dim() else loss, wrt, create_graph=create_graph)
 
 
 def _check(estimator: str) -> None:
@@ -97,16 +97,17 @@ def mixed_hvp(
             return _zeros(x)
         return _grad(torch.stack(dots).sum(), xl)
 
-    sq = [client_sum(t.double() ** 2) for t in v.values()]
-    norm = torch.sqrt(torch.stack(sq).sum(0))  # ||v||, one per client
-    nonzero = norm > 0
-    e = eps / torch.where(nonzero, norm, torch.ones_like(norm))
-    inv_e = torch.where(nonzero, norm / eps, torch.zeros_like(norm))  # 1/e, and 0 where v = 0
-    if not one_sided:
-        inv_e = inv_e / 2
+    norm = torch.stack([client_sum(t.double() ** 2) for t in v.values()]).sum(0).sqrt()  # ||v||, one per client
+    # e = e0 / ||v||; where v = 0 any finite e leaves y as it is, and 1/e = ||v|| / e0 = 0 zeroes the
+    # difference: no branch on a value, so nothing is read back to the host.
+    e = eps / torch.where(norm > 0, norm, 1.0)
+    inv_e = norm / (eps if one_sided else 2 * eps)  # 1/e (1/(2e) for the central difference)
+    like = next(iter(y.values()))
+    e_y = e.to(like.dtype)  # cast once: the step's tensors share a dtype (the per-key .to is then free)
+    inv_e_x = inv_e.to(like.dtype)
 
     def shifted(sign: float) -> Tensors:
-        return {k: y[k] + sign * per_client(e, y[k]).to(y[k].dtype) * v[k] for k in y}
+        return {k: torch.add(y[k], per_client(e_y, y[k]).to(y[k].dtype) * v[k], alpha=sign) for k in y}
 
     def grad_x(y_at: Mapping[str, torch.Tensor]) -> Tensors:
         xl = _leaves(x)
@@ -117,7 +118,7 @@ def mixed_hvp(
         other = grad_x_at_y if grad_x_at_y is not None else grad_x(y)
     else:
         other = grad_x(shifted(-1.0))
-    return {k: (plus[k] - other[k]) * per_client(inv_e, plus[k]).to(plus[k].dtype) for k in x}
+    return {k: (plus[k] - other[k]) * per_client(inv_e_x, plus[k]).to(plus[k].dtype) for k in x}
 
 
 def bilevel_step(
@@ -162,5 +163,5 @@ def bilevel_step(
         hv = mixed_hvp(loss_fn, x, y, v, xi, estimator, eps=eps, one_sided=one_sided, grad_x_at_y=base)
     else:
         hv = _zeros(x)
-    hypergrad = {k: (g_zeta[k] - lower_lr * hv[k]).detach() for k in x}
+    hypergrad = {k: torch.add(g_zeta[k], hv[k], alpha=-lower_lr).detach() for k in x}
     return StepResult(hypergrad, y_next, loss_xi.detach(), {k: t.detach() for k, t in hv.items()})

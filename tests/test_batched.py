@@ -84,6 +84,16 @@ def test_batched_equals_sequential_synthetic(method, rounds, rtol):
     _assert_close(_metrics(seq), _metrics(bat), rtol)
 
 
+@pytest.mark.parametrize(
+    "estimator", ["pf2lora.estimator=exact", "pf2lora.fd_one_sided=false", "pf2lora.hvp_every=2", "pf2lora.estimator=first-order"]
+)
+def test_pf2lora_batches_with_every_estimator(estimator):
+    seq, _ = _run("pf2lora", 1, *SYNTH, "rounds=2", estimator)
+    bat, engine = _run("pf2lora", 4, *SYNTH, "rounds=2", estimator)
+    assert engine is not None and engine.stacked_groups > 0 and engine.sequential_requests == 0
+    _assert_close(_metrics(seq), _metrics(bat), 1e-5)
+
+
 @pytest.mark.parametrize("method", BATCHING)
 def test_batched_equals_sequential_tiny_text(method):
     seq, _ = _run(method, 1, *TEXT, "rounds=2")
@@ -167,9 +177,12 @@ def _numbers(tree, path: str = "") -> dict[str, float]:
     elif isinstance(tree, list):
         for i, value in enumerate(tree):
             out.update(_numbers(value, f"{path}[{i}]"))
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        if not any(part in path for part in ("time", "wall", "parallel_clients", "machine")):
-            out[path] = float(tree)
+    elif (
+        isinstance(tree, (int, float))
+        and not isinstance(tree, bool)
+        and not any(p in path for p in ("time", "wall", "parallel_clients", "machine"))
+    ):
+        out[path] = float(tree)
     return out
 
 

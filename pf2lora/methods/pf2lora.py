@@ -33,6 +33,7 @@ class PF2LoRA(Method):
     name = "pf2lora"
     description = "two-level LoRA: common adapter (FedAvg, AdamW on the hypergradient) + private adapter (SGD), bilevel"
     plain_mean_aggregation = True  # the base FedAvg aggregate of the common adapter
+    batches = True  # its steps reduce per client (the finite difference's ||v|| too): see Method.batches
 
     @classmethod
     def needs_double_backward(cls, cfg: RunConfig) -> bool:

@@ -5,7 +5,9 @@ Choices the paper leaves open, and ours (see :mod:`pf2lora.hypergrad` for the st
 
 * ``H_xy v`` by the one-sided finite difference by default (``pf2lora.fd_one_sided``): three
   forward/backward passes a step instead of the central difference's four; its O(e0) error
-  (about 1e-3 relative at e0 = 1e-3) is far below the mini-batch noise of the hypergradient.
+  (1e-3 to 1e-2 relative at e0 = 1e-3: 8e-4 on the test MLP, 7e-3 on tiny-text's BERT in float32,
+  where the central difference's is 3e-3, mostly rounding) is far below the mini-batch noise of
+  the hypergradient.
 * ``pf2lora.hvp_every = k`` (default 1) reuses a stale ``H_xy v`` between refreshes: an opt-in
   approximation for a cheaper step.
 * The training loss evaluates a layer's two adapters as one LoRA of rank r + r~ (A = [A; C],

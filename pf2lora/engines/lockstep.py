@@ -116,9 +116,9 @@ class LockstepEngine:
     _turn: threading.Lock = field(default_factory=threading.Lock)
     """Held by the one worker thread that runs: the clients share one model, and
     ``functional_call`` swaps its parameters for the call's, so no two may use it at once."""
-    _pool: ThreadPoolExecutor | None = None
-    _pools: PoolCache = field(default_factory=lambda: PoolCache())
-    _pool_size: int = 0
+    _threads: ThreadPoolExecutor | None = None
+    _pooled_data: PoolCache = field(default_factory=lambda: PoolCache())
+    _thread_count: int = 0
 
     # -- the worker side (pf2lora.batching.Lockstep) -----------------------------------------------
 
@@ -178,9 +178,9 @@ class LockstepEngine:
     def _workers(self, n: int) -> ThreadPoolExecutor:
         """A pool of at least ``n`` threads (every job must be able to wait at once), kept between
         rounds: starting threads costs more than a small model's step."""
-        if self._pool is None or self._pool_size < n:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+        if self._threads is None or self._thread_count < n:
+            if self._threads is not None:
+                self._threads.shutdown(wait=True)
             threads_per_op = torch.get_num_threads()
 
             def init() -> None:
@@ -189,15 +189,15 @@ class LockstepEngine:
                 torch.set_num_threads(threads_per_op)
                 batching.serve(self)
 
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pf2lora-client", initializer=init)
-            self._pool_size = n
-        return self._pool
+            self._threads = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pf2lora-client", initializer=init)
+            self._thread_count = n
+        return self._threads
 
     def close(self) -> None:
         """Stop the worker threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
 
     def _serve(self, requests: list[_Request]) -> list[Trained | BaseException]:
         """Each request's result: its group trained stacked where it can be, else one by one."""
@@ -222,7 +222,7 @@ class LockstepEngine:
         if len(group) > 1 and reason is None:
             states = [r.ctx.generator.get_state() for r in group]
             try:
-                out = stacked_train(group, self._pools)
+                out = stacked_train(group, self._pooled_data)
                 self.stacked_groups += 1
                 return list(out)
             except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note

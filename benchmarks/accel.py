@@ -46,6 +46,8 @@ from pf2lora.engines.lockstep import parallel_clients
 from pf2lora.tasks.tiny_text import TinyTextTask
 
 SYNTH = str(ROOT / "configs" / "synthetic_rank.toml")
+DEFAULT_THREADS = torch.get_num_threads()
+"""torch's default, for configs with ``num_threads = 0`` (a setting's threads must not leak into the next)."""
 TEXT = str(ROOT / "configs" / "rt_compare.toml")
 
 
@@ -72,8 +74,7 @@ def run_once(s: Setting, variant: str, device: str) -> None:
     overrides = [*s.overrides, *s.variants[variant], f"rounds={s.rounds}", "eval.every=0", "checkpoint=false", f"device={device}"]
     overrides.append(f'methods=["{s.method}"]')
     cfg = plan.load(s.config, overrides)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(cfg.num_threads or DEFAULT_THREADS)
     if s.shape is None:
         task = plan.build_task(cfg)
     else:
@@ -144,7 +145,7 @@ def settings(quick: bool, gpu: bool) -> list[Setting]:
         )
     )
     # throughput: 8 clients x batch 16 federated (batched) vs one centralized job with batch 128
-    steps = 5 if not quick else 3
+    steps = 3
     fed = Setting(
         "throughput_minilm_l3",
         TEXT,
@@ -255,7 +256,7 @@ def main() -> None:
         out_path,
         {
             "command": "python " + shlex.join(["benchmarks/accel.py", *sys.argv[1:]]),
-            "machine": machine(device=str(device), device_name=name, torch=torch.__version__, threads=torch.get_num_threads()),
+            "machine": machine(device=str(device), device_name=name, torch=torch.__version__, default_threads=DEFAULT_THREADS),
             "seed": 0,
             "results": results,
         },

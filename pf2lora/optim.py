@@ -6,6 +6,7 @@ parameters and moments can be checkpointed, compared and never alias what the se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -44,8 +45,9 @@ def adamw(
         t_k = state[f"t/{k}"] + 1
         m = torch.lerp(state[f"m/{k}"], g, 1 - b1)
         v = state[f"v/{k}"].mul(b2).addcmul_(g, g, value=1 - b2)
-        denom = (v.sqrt() / _per_client(torch.sqrt(1 - b2 ** t_k.double()), p)).add_(eps)
-        step = _per_client(lr / (1 - b1 ** t_k.double()), p)
+        bc1, bc2 = _bias_corrections(t_k, betas, p)
+        denom = (v.sqrt() / bc2).add_(eps)
+        step = lr / bc1
         new_params[k] = (p.mul(1 - lr * weight_decay) - step * (m / denom)).detach()
         new_state[f"m/{k}"] = m.detach()
         new_state[f"v/{k}"] = v.detach()
@@ -53,10 +55,17 @@ def adamw(
     return new_params, new_state
 
 
-def _per_client(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
-    """A bias-correction factor (computed on the CPU, where step counts live) as ``like`` uses it:
-    a Python float for one client (no device transfer), one value per client when stacked."""
-    return float(x) if x.dim() == 0 else batching.per_client(x.to(like.device, like.dtype), like)
+def _bias_corrections(t: torch.Tensor, betas: tuple[float, float], like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """``(1 - b1^t, sqrt(1 - b2^t))`` for step count(s) ``t`` (kept on the CPU): Python floats when
+    every client is at the same step (one client, or stacked clients that started together: no
+    tensor work, no device transfer), else one value per client shaped to broadcast against ``like``."""
+    b1, b2 = betas
+    counts = t.reshape(-1).tolist()
+    if len(set(counts)) == 1:
+        n = counts[0]
+        return 1 - b1**n, math.sqrt(1 - b2**n)
+    table = torch.tensor([[1 - b1**n, math.sqrt(1 - b2**n)] for n in counts], dtype=like.dtype).to(like.device)
+    return batching.per_client(table[:, 0], like), batching.per_client(table[:, 1], like)
 
 
 def adamw_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor]) -> Tensors:

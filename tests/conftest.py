@@ -54,6 +54,19 @@ CORE_METHODS = ["centralized", "hetlora", "homlora", "local", "perfedavg", "pf2l
 ALL_METHODS = sorted(registry())
 
 
+TINY_TEXT = [
+    'task.kind="tiny-text"',
+    "task.num_clients=3",
+    "task.train_samples=64",
+    "task.test_samples=32",
+    "task.seq_len=12",
+    "batch_size=16",
+    "local_steps=4",
+    "lora.rank=4",
+]
+"""A small tiny-text run: three clients of 64 examples, 12 tokens each."""
+
+
 def small_cfg(*overrides: str) -> RunConfig:
     """The tiny config with ``overrides`` applied after it (later keys win)."""
     return plan.load(None, [*SMALL, *overrides])  # as the CLI loads: every cross-module check too

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import test_text_tasks as tt
-from conftest import ROOT, SMALL, SYNTH_CFG, client_context, read_summary, run_cli, sets, small_cfg
+from conftest import ROOT, SMALL, SYNTH_CFG, TINY_TEXT, client_context, read_summary, run_cli, sets, small_cfg
 from pf2lora import checkpoint, plan
 from pf2lora import state as st
 from pf2lora.config import RunConfig
@@ -28,16 +28,6 @@ CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (torch.cuda.is_available() is False)")
 
-TINY_TEXT = [
-    'task.kind="tiny-text"',
-    "task.num_clients=3",
-    "task.train_samples=64",
-    "task.test_samples=32",
-    "task.seq_len=12",
-    "batch_size=16",
-    "local_steps=4",
-    "lora.rank=4",
-]
 
 BF16_METHODS = ["homlora", "pf2lora", "pf2lora-fo"]
 """What the bf16 tolerance was measured on: FedAvg of one adapter, PF2LoRA with the exact

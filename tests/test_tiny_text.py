@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import TINY_TEXT
 from pf2lora import lora
 from pf2lora import state as st
 from pf2lora.config import load
@@ -15,16 +16,7 @@ from pf2lora.hypergrad import bilevel_step
 from pf2lora.tasks import build_task
 from pf2lora.tasks.tiny_text import TinyTextTask, macro_f1
 
-SMALL = [
-    'task.kind="tiny-text"',
-    "task.num_clients=3",
-    "task.train_samples=64",
-    "task.test_samples=32",
-    "task.seq_len=12",
-    "batch_size=16",
-    "local_steps=4",
-    "lora.rank=4",
-]
+SMALL = TINY_TEXT
 
 
 def cfg_of(*extra: str):

@@ -14,7 +14,8 @@
 A round's time is the wall time between the ends of consecutive rounds (the first round, which
 warms caches up, is left out; evaluation is off). The variants of one comparison run
 interleaved, ``--reps`` times each, and the median is reported, so load on the machine hits them
-alike. The results are checked to agree (the batched engine must give the sequential numbers).
+alike. How far each variant's final per-client metric is from the first variant's is reported
+(``max_rel_diff_vs_*``); tests/test_batched.py is where agreement is required.
 
     python benchmarks/accel.py [--quick] [--device auto] [--reps 3] [--out benchmarks/results/accel.json]
 

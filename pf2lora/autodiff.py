@@ -23,5 +23,9 @@ def grads(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: boo
 
 
 def leaves(state: Mapping[str, torch.Tensor]) -> Tensors:
-    """Fresh leaf copies that require grad, so differentiating never touches the originals."""
-    return {k: v.detach().clone().requires_grad_(True) for k, v in state.items()}
+    """Grad-requiring leaves with ``state``'s values, so differentiating never touches the originals.
+
+    No copy: a detached alias is a tensor object of its own (setting ``requires_grad`` on it leaves
+    the original as it was), ``autograd.grad`` writes into no leaf (no ``.grad``), and nothing here
+    changes a tensor in place."""
+    return {k: v.detach().requires_grad_(True) for k, v in state.items()}

@@ -256,7 +256,7 @@ class RunConfig:
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default); tiny models run fastest on 1", min=0)
     device: str = _f(
         "auto",
-        "where the model, adapters, optimizer state and batches live: auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps",
+        "where the model, adapters, optimizer state and batches live: auto (CUDA if present, else CPU), cpu, cuda or cuda:N (mps is refused: no float64 there)",
         pattern=r"auto|cpu|cuda(:[0-9]+)?|mps",
     )
     precision: Literal["fp32", "bf16"] = _f(
@@ -265,7 +265,8 @@ class RunConfig:
     parallel_clients: int = _f(
         1,
         "clients of a round trained together in lockstep, one forward/backward per step (in-process engine); "
-        "1 = one after another, 0 = auto (batch where it pays: the synthetic task, or any task on a GPU)",
+        "1 = one after another, 0 = auto (all sampled clients on a GPU, or on a CPU for the overhead-bound "
+        "synthetic and tiny-text tasks; 1 for real text on a CPU)",
         min=0,
     )
     checkpoint: bool = _f(True, "write an atomic checkpoint after every round (resume with `pf2lora run --resume DIR`)")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from pf2lora.autodiff import grads
+from pf2lora.autodiff import grads, leaves
 from pf2lora.batching import client_sum, per_client
 from pf2lora.state import Tensors
 
@@ -48,19 +48,8 @@ class StepResult:
     """The ``H_xy v`` the hypergradient used (detached): computed this step, or the cached one."""
 
 
-def _leaves(state: Mapping[str, torch.Tensor]) -> Tensors:
-    """Grad-requiring aliases of ``state``. No copy: ``autograd.grad`` never writes into a leaf
-    (no ``.grad``), and the graph is consumed before anyone could change the storage."""
-    return {k: v.detach().requires_grad_(True) for k, v in state.items()}
-
-
 def _zeros(x: Mapping[str, torch.Tensor]) -> Tensors:
     return {k: torch.zeros_like(t) for k, t in x.items()}
-
-
-def _grad(loss: torch.Tensor, wrt: Mapping[str, torch.Tensor], create_graph: bool = False) -> Tensors:
-    """Gradients of the summed (per-client) loss: each client's tensors get their own client's gradient."""
-    return grads(loss.sum() if loss.dim() else loss, wrt, create_graph=create_graph)
 
 
 def _check(estimator: str) -> None:
@@ -90,12 +79,12 @@ def mixed_hvp(
     if estimator == "first-order" or not v:
         return _zeros(x)
     if estimator == "exact":
-        xl, yl = _leaves(x), _leaves(y)
-        gy = _grad(loss_fn(xl, yl, batch), yl, create_graph=True)
+        xl, yl = leaves(x), leaves(y)
+        gy = grads(loss_fn(xl, yl, batch), yl, create_graph=True)
         dots = [client_sum(gy[k] * v[k]) for k in yl if gy[k].requires_grad]
         if not dots:  # grad_y f does not depend on x: the mixed derivative is zero
             return _zeros(x)
-        return _grad(torch.stack(dots).sum(), xl)
+        return grads(torch.stack(dots).sum(), xl)
 
     norm = torch.stack([client_sum(t.double() ** 2) for t in v.values()]).sum(0).sqrt()  # ||v||, one per client
     # e = e0 / ||v||; where v = 0 any finite e leaves y as it is, and 1/e = ||v|| / e0 = 0 zeroes the
@@ -110,8 +99,8 @@ def mixed_hvp(
         return {k: torch.add(y[k], per_client(e_y, y[k]).to(y[k].dtype) * v[k], alpha=sign) for k in y}
 
     def grad_x(y_at: Mapping[str, torch.Tensor]) -> Tensors:
-        xl = _leaves(x)
-        return _grad(loss_fn(xl, y_at, batch), xl)
+        xl = leaves(x)
+        return grads(loss_fn(xl, y_at, batch), xl)
 
     plus = grad_x(shifted(1.0))
     if one_sided:
@@ -144,16 +133,16 @@ def bilevel_step(
     reuse_lower = fresh and estimator == "finite-difference" and one_sided
 
     # Lower pass: grad_y f(x, y; xi) (and grad_x there, which the one-sided difference reuses).
-    yl = _leaves(y)
-    xl = _leaves(x) if reuse_lower else x
+    yl = leaves(y)
+    xl = leaves(x) if reuse_lower else x
     loss_xi = loss_fn(xl, yl, xi)
-    g_xi = _grad(loss_xi, {**xl, **yl} if reuse_lower else yl)
+    g_xi = grads(loss_xi, {**xl, **yl} if reuse_lower else yl)
     y_next = {k: (y[k] - lower_lr * g_xi[k]).detach() for k in y}
 
     # Upper pass: grad_x f(x, y+; zeta), and v = grad_y f(x, y+; zeta) when H_xy v is estimated.
-    xl2 = _leaves(x)
-    yl2 = _leaves(y_next) if fresh else y_next
-    g_zeta = _grad(loss_fn(xl2, yl2, zeta), {**xl2, **yl2} if fresh else xl2)
+    xl2 = leaves(x)
+    yl2 = leaves(y_next) if fresh else y_next
+    g_zeta = grads(loss_fn(xl2, yl2, zeta), {**xl2, **yl2} if fresh else xl2)
 
     if hvp is not None:
         hv = {k: hvp[k] for k in x}

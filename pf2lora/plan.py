@@ -69,7 +69,9 @@ def resolve_device(spec: str, source: str = "config") -> torch.device:
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise UserError(f"{source}: device = {spec!r}: MPS (Apple GPU) is not available on this machine; {use}")
-        device = torch.device("mps", device.index or 0)
+        # Aggregation (robust means, DP, norms), FlexLoRA's SVD and the finite difference's norm
+        # accumulate in float64, which MPS lacks: refuse before the run rather than fail in round 1.
+        raise UserError(f"{source}: device = {spec!r}: MPS is not supported yet (pf2lora accumulates in float64, which MPS lacks); {use}")
     return device
 
 

@@ -137,7 +137,7 @@ def test_auto_batches_where_it_pays():
 
     class Compute:  # a compute-bound task on a CPU (real text): one by one
         stacking_pays_on_cpu = False
-        model = torch.nn.Linear(2, 2)
+        device = torch.device("cpu")
 
     assert parallel_clients(synth, Compute(), 8) == 1  # type: ignore[arg-type]
     assert parallel_clients(small_cfg("parallel_clients=3"), Compute(), 8) == 3  # type: ignore[arg-type]
@@ -208,3 +208,19 @@ def test_batched_on_cuda_equals_sequential_on_cpu(method):
     bat, engine = _run(method, 3, *TEXT, "rounds=2", "device=cuda")
     assert engine is not None and engine.stacked_groups > 0
     _assert_close(_metrics(seq), _metrics(bat), 1e-4)
+
+
+def test_an_interrupt_in_the_engine_ends_the_worker_threads(monkeypatch):
+    """Ctrl-C while the engine trains a group: the exception reaches the caller, every client
+    waiting for its group gets it too, and the worker threads end (no hang on close)."""
+    import threading
+
+    def interrupted(self, requests):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LockstepEngine, "_serve", interrupted)
+    cfg = small_cfg(*SYNTH, "parallel_clients=4", 'methods=["homlora"]')
+    engine = LocalEngine(cfg, plan.build_task(cfg), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run("homlora")
+    assert not [t for t in threading.enumerate() if t.name.startswith("pf2lora-client")]

@@ -91,6 +91,9 @@ def test_a_missing_device_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UserError, match="MPS .* is not available"):
         plan.resolve_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(UserError, match="MPS is not supported yet .*float64"):
+        plan.resolve_device("mps")
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error of a machine without CUDA")

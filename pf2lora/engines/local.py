@@ -120,6 +120,7 @@ class LocalEngine:
                 ledger.crashed(cid, f"{type(outcome.error).__name__}: {outcome.error}")
                 continue
             update, new_state, took = outcome.value
+            took -= outcome.waited_s  # its own time: waiting for the other clients of its round is not its work
             if ledger.missed_deadline(cid, took + delay):
                 run.counted(cid, round_, new_state)  # it did train; only the server ignores its late upload
                 continue
@@ -133,6 +134,8 @@ class LocalEngine:
         k = parallel_clients(self.cfg, self.task, sampled)
         if k > 1 and len(jobs) > 1:
             if self.lockstep is None or self.lockstep.max_clients != k:
+                if self.lockstep is not None:
+                    self.lockstep.close()
                 self.lockstep = LockstepEngine(k, note=lambda line: print(line, file=sys.stderr))
             return self.lockstep.run(jobs)
         return [Outcome.of(job) for job in jobs]

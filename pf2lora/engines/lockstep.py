@@ -7,8 +7,9 @@ groups the requests that can share a step (same step function and step count, sa
 and shapes, same mini-batch size), stacks each group's tensors along a leading client dimension,
 runs the step once per local step for the whole group (:mod:`pf2lora.batching`), and hands each
 client back its own slice. A method with several training phases (pFedLoRA, FedLoRA-OPT) meets
-the others once per phase. All the tensor work happens in the calling (main) thread; the worker
-threads only prepare and package, one at a time (they share the model), so the numbers do not
+the others once per phase. The local steps run in the calling (main) thread; the worker threads
+run the rest of ``client_update`` (preparing, packaging, FDLoRA's fusion search), one at a time
+(they share the model), and the requests are grouped in the clients' order, so the numbers do not
 depend on thread scheduling.
 
 Each client keeps its own random stream (the stacked context draws each client's mini-batch from
@@ -23,6 +24,7 @@ method files.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +53,12 @@ class _Request:
     fixed: Mapping[str, torch.Tensor]
     opt: Tensors
     step: LocalStep
+    job: int
+    """The job (client) index: groups are formed in this order, whatever order the threads parked in."""
     result: Trained | BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    computed_s: float = 0.0
+    """Seconds its group's steps took (its share of the waiting that is its own work)."""
 
     def signature(self) -> Hashable:
         """Requests with equal signatures can be stacked into one step."""
@@ -69,10 +75,12 @@ def _shapes(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, tuple[int, 
 
 @dataclass
 class Outcome(Generic[T]):
-    """A job's end: its value, or the exception it raised."""
+    """A job's end: its value, or the exception it raised; ``waited_s``: seconds it spent waiting
+    for other clients (in lockstep), which its own time should not count."""
 
     value: T | None = None
     error: BaseException | None = None
+    waited_s: float = 0.0
 
     @classmethod
     def of(cls, job: Callable[[], T]) -> Outcome[T]:
@@ -90,8 +98,7 @@ def parallel_clients(cfg: RunConfig, task: Task, sampled: int) -> int:
     compute-bound: a joint batch only adds padding)."""
     if cfg.parallel_clients:
         return cfg.parallel_clients
-    on_gpu = any(p.device.type != "cpu" for p in task.model.parameters())
-    return sampled if on_gpu or task.stacking_pays_on_cpu else 1
+    return sampled if task.device.type != "cpu" or task.stacking_pays_on_cpu else 1
 
 
 @dataclass
@@ -119,19 +126,27 @@ class LockstepEngine:
     _threads: ThreadPoolExecutor | None = None
     _pooled_data: PoolCache = field(default_factory=lambda: PoolCache())
     _thread_count: int = 0
+    _aborted: BaseException | None = None
+    _job: threading.local = field(default_factory=threading.local)
+    """The job a worker thread runs now (``index``) and its seconds spent waiting (``waited_s``)."""
 
     # -- the worker side (pf2lora.batching.Lockstep) -----------------------------------------------
 
     def train(self, method: Any, ctx: Any, trained: Tensors, fixed: Mapping[str, torch.Tensor], opt: Tensors, step: Any) -> Trained:
         """Called by :meth:`Method.train_steps` in a worker thread: wait for the group's steps."""
-        request = _Request(method, ctx, trained, dict(fixed), opt, step)
+        job = self._job.index
+        request = _Request(method, ctx, trained, dict(fixed), opt, step, job)
+        parked = time.perf_counter()
         with self._cond:
+            if self._aborted is not None:
+                raise RuntimeError("lockstep aborted") from self._aborted
             self._pending.append(request)
             self._running -= 1
             self._cond.notify_all()  # only the engine's thread waits on the condition
         self._turn.release()
         request.done.wait()  # each client its own event: waking one wakes no other
         self._turn.acquire()
+        self._job.waited_s += time.perf_counter() - parked - request.computed_s
         result = request.result
         if isinstance(result, BaseException):
             raise result
@@ -141,38 +156,56 @@ class LockstepEngine:
     # -- the engine side ---------------------------------------------------------------------------
 
     def run(self, jobs: Sequence[Callable[[], T]]) -> list[Outcome[T]]:
-        """Run every job to its end; the outcomes in the jobs' order (a value or the exception)."""
+        """Run every job to its end; the outcomes in the jobs' order (a value or the exception).
+
+        An exception here (Ctrl-C) is handed to every waiting client and every client that comes to
+        wait later, so the worker threads end and the exception reaches the caller."""
         outcomes: list[Outcome[T]] = [Outcome() for _ in jobs]
 
         def work(i: int) -> None:
             self._turn.acquire()
+            self._job.index, self._job.waited_s = i, 0.0
             try:
                 outcomes[i].value = jobs[i]()
             except Exception as e:  # noqa: BLE001 - handed to the caller, which records it
                 outcomes[i].error = e
             finally:
+                outcomes[i].waited_s = self._job.waited_s
                 self._turn.release()
                 with self._cond:
                     self._running -= 1
                     self._cond.notify_all()
 
         with self._cond:
-            self._running = len(jobs)
+            self._running, self._aborted = len(jobs), None
+        pool = self._workers(len(jobs))
         for i in range(len(jobs)):
-            self._workers(len(jobs)).submit(work, i)
-        while True:
+            pool.submit(work, i)
+        requests: list[_Request] = []
+        try:
+            while True:
+                with self._cond:
+                    while self._running > 0:
+                        self._cond.wait()
+                    requests, self._pending = sorted(self._pending, key=lambda r: r.job), []
+                if not requests:
+                    break  # every job is done
+                results = self._serve(requests)
+                with self._cond:
+                    self._running += len(requests)
+                for request, result in zip(requests, results, strict=True):
+                    request.result = result
+                    request.done.set()
+                requests = []
+        except BaseException as e:
             with self._cond:
-                while self._running > 0:
-                    self._cond.wait()
-                requests, self._pending = self._pending, []
-            if not requests:
-                break  # every job is done
-            results = self._serve(requests)
-            with self._cond:
-                self._running += len(requests)
-            for request, result in zip(requests, results, strict=True):
-                request.result = result
+                self._aborted = e
+                stranded, self._pending = [*requests, *self._pending], []
+            for request in stranded:
+                request.result = RuntimeError("lockstep aborted")
                 request.done.set()
+            raise
+        self._pooled_data.keep_used()
         return outcomes
 
     def _workers(self, n: int) -> ThreadPoolExecutor:
@@ -194,7 +227,8 @@ class LockstepEngine:
         return self._threads
 
     def close(self) -> None:
-        """Stop the worker threads."""
+        """Stop the worker threads and let the pooled data go."""
+        self._pooled_data = PoolCache()
         if self._threads is not None:
             self._threads.shutdown(wait=True)
             self._threads = None
@@ -222,7 +256,10 @@ class LockstepEngine:
         if len(group) > 1 and reason is None:
             states = [r.ctx.generator.get_state() for r in group]
             try:
+                started = time.perf_counter()
                 out = stacked_train(group, self._pooled_data)
+                for r in group:
+                    r.computed_s = time.perf_counter() - started
                 self.stacked_groups += 1
                 return list(out)
             except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note
@@ -238,10 +275,13 @@ class LockstepEngine:
 
 def _sequential(r: _Request) -> Trained | BaseException:
     """One client's steps, here in the engine's thread (which serves no lockstep: a plain loop)."""
+    started = time.perf_counter()
     try:
         return r.method.train_steps(r.ctx, r.trained, r.fixed, r.opt, r.step)
     except Exception as e:  # noqa: BLE001 - the client's own failure, raised in its thread
         return e
+    finally:
+        r.computed_s = time.perf_counter() - started
 
 
 class PoolCache:
@@ -252,9 +292,11 @@ class PoolCache:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, ...], tuple[list[weakref.ref[torch.Tensor]], Batch | None]] = {}
+        self._used: set[tuple[str, ...]] = set()
 
     def get(self, contexts: Sequence[ClientContext]) -> Batch | None:
         key = tuple(c.client.client_id for c in contexts)
+        self._used.add(key)
         sources = [v for c in contexts for v in c.client.train.values()]
         entry = self._entries.get(key)
         if entry is not None and len(entry[0]) == len(sources) and all(r() is v for r, v in zip(entry[0], sources, strict=True)):
@@ -262,6 +304,12 @@ class PoolCache:
         pooled = pool(contexts)
         self._entries[key] = ([weakref.ref(v) for v in sources], pooled)
         return pooled
+
+    def keep_used(self) -> None:
+        """Drop the entries the last round did not use (with client sampling, a round's groups are
+        new sets of clients: kept, their copies of the data would pile up)."""
+        self._entries = {k: v for k, v in self._entries.items() if k in self._used}
+        self._used = set()
 
 
 def stacked_train(group: Sequence[_Request], pools: PoolCache | None = None) -> list[Trained]:

@@ -296,11 +296,12 @@ class Method(ABC):
         engine = batching.lockstep()
         if engine is not None:  # a batched engine trains this client with others of the same kind
             return cast(Trained, engine.train(self, ctx, trained, fixed, opt, step))
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         for _ in range(ctx.local_steps):
             trained, opt, loss = step(ctx, trained, fixed, opt)
-            losses.append(float(loss))
-        return Trained(trained, opt, losses)
+            losses.append(loss)
+        # one read of the losses for the whole run, not one device synchronisation per step
+        return Trained(trained, opt, torch.stack(losses).tolist() if losses else [])
 
     def upload(
         self,

@@ -93,8 +93,9 @@ def run_once(s: Setting, variant: str, device: str) -> None:
 
 
 def measure(s: Setting, reps: int, device: str) -> dict[str, Any]:
-    for _ in range(reps):
-        for variant in s.variants:  # interleaved: load hits every variant alike
+    for rep in range(reps):
+        order = list(s.variants) if rep % 2 == 0 else list(reversed(s.variants))
+        for variant in order:  # interleaved, the order reversed every other time: load and warm-up hit every variant alike
             run_once(s, variant, device)
     base = next(iter(s.variants))
     med = {v: statistics.median(t) for v, t in s.times.items()}

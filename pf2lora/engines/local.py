@@ -113,7 +113,7 @@ class LocalEngine:
                 continue
             ledger.sent(received[cid])
             if kind == "crash":
-                ledger.crashed(cid, "InjectedCrash: injected crash")
+                ledger.crashed(cid, f"{InjectedCrash.__name__}: injected crash")
                 continue
             outcome = outcomes[cid]
             if outcome.error is not None or outcome.value is None:

@@ -166,9 +166,7 @@ class LockstepEngine:
             self._turn.acquire()
             self._job.index, self._job.waited_s = i, 0.0
             try:
-                outcomes[i].value = jobs[i]()
-            except Exception as e:  # noqa: BLE001 - handed to the caller, which records it
-                outcomes[i].error = e
+                outcomes[i] = Outcome.of(jobs[i])  # an exception of the client's own is its outcome
             finally:
                 outcomes[i].waited_s = self._job.waited_s
                 self._turn.release()

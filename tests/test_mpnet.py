@@ -293,3 +293,23 @@ def test_prepare_all_leaves_the_gpu_model_out(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert models.main(["--list"]) == 0
     assert "not prepared (`make assets-gpu`)" in next(line for line in capsys.readouterr().out.splitlines() if models.MPNET in line)
+
+
+def test_real_mpnet_knows_paraphrases_and_takes_lora():
+    """The real model, where `make assets-gpu` prepared it (skipped otherwise): 109.5M parameters,
+    sentence sense in its mean-pooled embeddings, LoRA on the 24 q/v projections."""
+    if models._read_marker(models.cache_dir() / models.MPNET) is None:
+        pytest.skip(f"{models.MPNET} not prepared (run `make assets-gpu`)")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(models.resolve_model(models.MPNET), dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(109.5e6, rel=1e-3)
+    tok = models.load_tokenizer(models.MPNET)
+    batch = tok(list(models.VERIFY_SENTENCES), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.3  # measured 0.68 vs 0.00
+    targets = lora.inject(model, lora.default_targets(model.config.model_type), {lora.COMMON: 8.0})
+    assert len(targets) == 24 and {t.path.rsplit(".", 2)[-2] for t in targets} == {"attn"}

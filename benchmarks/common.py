@@ -35,3 +35,20 @@ def seeds_parser(description: str, default_out: Path, methods_default: str) -> a
     parser.add_argument("--out", type=Path, default=default_out)
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     return parser
+
+
+def trained_params(method, task) -> dict[str, int]:
+    """Tensors one client trains (what it receives plus its own state), split into LoRA and head."""
+    from pf2lora.engines.local import generator
+
+    server = method.init_server(generator(0, "init", "server"))
+    cid = task.clients[-1].client_id
+    received = method.broadcast(server, cid)
+    client = method.init_client(cid, generator(0, "init", cid))
+    tensors = {
+        **{k: v for k, v in received.items() if ":" in k},
+        **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
+    }
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("delta_weight")}
+    lora = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
+    return {"lora": int(lora), "head": int(sum(t.numel() for t in tensors.values()) - lora)}

@@ -26,29 +26,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from common import machine, seeds_parser, write_json
+from common import machine, seeds_parser, trained_params, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/vader_compare.toml"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "text_compare.json"
 PER_CLIENT = ("accuracy", "macro_f1", "balanced_accuracy", "global_accuracy", "majority_accuracy")
-
-
-def trained_params(method, task) -> dict[str, int]:
-    """Tensors one client trains (what it receives plus its own state), split into LoRA and head."""
-    from pf2lora.engines.local import generator
-
-    server = method.init_server(generator(0, "init", "server"))
-    cid = task.clients[-1].client_id
-    received = method.broadcast(server, cid)
-    client = method.init_client(cid, generator(0, "init", cid))
-    tensors = {
-        **{k: v for k, v in received.items() if ":" in k},
-        **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
-    }
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("delta_weight")}
-    lora = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
-    return {"lora": int(lora), "head": int(sum(t.numel() for t in tensors.values()) - lora)}
 
 
 def run_one(config: str, seed: int, method_name: str, overrides: list[str]) -> dict:

@@ -7,6 +7,7 @@ lists of strings. Nothing here depends on a model.
   classes present in the labels) and :func:`mcc` (Matthews correlation coefficient; for more than
   two classes Gorodkin's R_K, as scikit-learn computes it; 0 when undefined);
 * :func:`majority_accuracy`: the accuracy of always predicting the most frequent training label;
+* :func:`effective_rank`: singular values of a learned update above a fraction of the largest;
 * :func:`bleu` (sacrebleu's corpus BLEU, 0-100) and :func:`rouge_l` (mean ROUGE-L F1 of
   ``rouge-score`` with stemming, scaled to 0-100 like BLEU).
 """
@@ -112,3 +113,13 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [_ROUGE.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references)]
     return 100.0 * sum(scores) / len(scores)
+
+
+def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int | None, list[float]]:
+    """Number of singular values above ``threshold`` times the largest, and the spectrum."""
+    if not torch.isfinite(delta).all():
+        return None, []  # a diverged run: reported, not crashed on
+    s = torch.linalg.svdvals(delta.double())
+    if s.numel() == 0 or s[0] <= 0:
+        return 0, s.tolist()
+    return int((s > threshold * s[0]).sum()), s.tolist()

@@ -314,7 +314,25 @@ def test_classification_head_loss_and_metrics(cls_task):
     m = t.evaluate(st.model_params(params), t.clients[1].test)
     assert set(m) == {"accuracy", "macro_f1", "balanced_accuracy", "mcc", "loss"}
     assert 0 <= m["accuracy"] <= 1 and -1 <= m["mcc"] <= 1
-    assert t.diagnostics(t.clients[1], {}, {}) == {"majority_accuracy": t.clients[1].info["majority_accuracy"]}
+    bare = t.diagnostics(t.clients[1], {}, {})
+    assert bare["majority_accuracy"] == t.clients[1].info["majority_accuracy"]
+    assert bare["layer_ranks"] == {target.path: 0 for target in t.targets} and bare["private_norm"] == 0.0
+
+
+def test_diagnostics_rank_of_the_learned_update_per_layer(cls_task):
+    """The effective rank counts the personalised update's directions per adapted layer; the
+    private norm is what the client adds to the common adapter."""
+    t = cls_task
+    g = torch.Generator().manual_seed(3)
+    common = st.model_params(lora.init_adapter(t.targets, lora.COMMON, st.SHARED, 3, g))
+    common = {k: torch.randn(v.shape, generator=g) for k, v in common.items()}  # B != 0: a rank-3 update
+    private = st.model_params(lora.init_adapter(t.targets, lora.PRIVATE, st.PRIVATE, 2, g))
+    private = {k: torch.randn(v.shape, generator=g) for k, v in private.items()}
+    d = t.diagnostics(t.clients[0], {**common, **private}, common)
+    assert d["layer_ranks"] == {target.path: 5 for target in t.targets}
+    assert d["private_norm"] > 0
+    only_common = t.diagnostics(t.clients[0], common, common)
+    assert set(only_common["layer_ranks"].values()) == {3} and only_common["private_norm"] == 0.0
 
 
 def test_trimmed_logits_equal_padded_logits(cls_task):

@@ -230,6 +230,12 @@ def mean_of(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def eval_means(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The mean over clients of every scalar metric of an evaluation round, for learning curves."""
+    names = sorted({k for c in clients.values() for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return {name: mean_of(clients, name) for name in names}
+
+
 # -- the server's side of a round ------------------------------------------------------------------
 
 
@@ -452,6 +458,7 @@ class MethodRun:
         primary = self.task.primary_metric
         if evaluation is not None:
             record["eval"] = mean_of(evaluation, primary)
+            record["eval_means"] = eval_means(evaluation)
         self.state.rounds.append(record)
         self.state.round = record["round"]
         self.state.elapsed_s = time.perf_counter() - self._start

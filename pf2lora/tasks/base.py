@@ -186,7 +186,7 @@ class Task(ABC):
 
     def diagnostics(
         self, client: ClientData, personalized: Mapping[str, torch.Tensor], common: Mapping[str, torch.Tensor]
-    ) -> dict[str, float | None]:
+    ) -> dict[str, Any]:
         """Extra per-client figures (e.g. the learned rank); ``common`` holds only the common adapter."""
         return {}
 

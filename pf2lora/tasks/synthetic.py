@@ -16,6 +16,7 @@ from torch import nn
 
 from pf2lora import lora
 from pf2lora.config import RunConfig
+from pf2lora.metrics import effective_rank
 from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData, Task
 
@@ -27,16 +28,6 @@ class _Regressor(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.proj(inputs)
-
-
-def effective_rank(delta: torch.Tensor, threshold: float) -> tuple[int | None, list[float]]:
-    """Number of singular values above ``threshold`` times the largest, and the spectrum."""
-    if not torch.isfinite(delta).all():
-        return None, []  # a diverged run: reported, not crashed on
-    s = torch.linalg.svdvals(delta.double())
-    if s.numel() == 0 or s[0] <= 0:
-        return 0, s.tolist()
-    return int((s > threshold * s[0]).sum()), s.tolist()
 
 
 @register_task("synthetic")

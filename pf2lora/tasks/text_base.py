@@ -8,7 +8,7 @@ what differs: which model class, how an example becomes tensors, the loss and th
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,6 +18,7 @@ from pf2lora import lora, models
 from pf2lora.config import RunConfig
 from pf2lora.data import catalogue
 from pf2lora.data.dataset import TextDataset
+from pf2lora.metrics import effective_rank
 from pf2lora.tasks.base import Batch, ClientData, Task
 from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, warn_truncated
 
@@ -116,6 +117,22 @@ class TextTask(Task):
     def eval_chunks(data: Batch) -> Iterator[tuple[torch.Tensor, Batch]]:
         """A whole split in chunks of similar length (with their indices), for evaluation."""
         return length_sorted_chunks(data, EVAL_CHUNK)
+
+    def diagnostics(
+        self, client: ClientData, personalized: Mapping[str, torch.Tensor], common: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """The learned update's effective rank per adapted layer (common + private adapters, the
+        paper's claim that a client's rank adapts to its data, made measurable on real text) and
+        the norm of what the client adds to the common adapter (0 for a method without one)."""
+        threshold = self.cfg.eval.rank_threshold
+        deltas = lora.delta_weights(self.model, self.targets, personalized)
+        ranks = {path: effective_rank(delta, threshold)[0] for path, delta in deltas.items()}
+        shared = lora.delta_weights(self.model, self.targets, common) if common else {}
+        own = [deltas[p] - shared[p] if p in shared else deltas[p] for p in deltas]
+        return {
+            "layer_ranks": ranks,
+            "private_norm": float(torch.stack([d.double().norm() for d in own]).norm()) if own else 0.0,
+        }
 
     def report_notes(self) -> list[str]:
         sizes = ", ".join(f"{c.client_id} {c.num_train}/{c.num_test}" for c in self.clients)

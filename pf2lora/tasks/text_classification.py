@@ -194,8 +194,8 @@ class TextClassificationTask(TextTask):
 
     def diagnostics(
         self, client: ClientData, personalized: Mapping[str, torch.Tensor], common: Mapping[str, torch.Tensor]
-    ) -> dict[str, float | None]:
-        return {"majority_accuracy": client.info.get("majority_accuracy")}
+    ) -> dict[str, Any]:
+        return {**super().diagnostics(client, personalized, common), "majority_accuracy": client.info.get("majority_accuracy")}
 
     def _model_note(self) -> str:
         return f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}."

@@ -1,0 +1,663 @@
+"""Does PF2LoRA work? The paper's protocol on offline stand-ins, every method tuned alike.
+
+PF2LoRA (arXiv 2503.03920) against its peers with the paper's protocol (8 clients, label skew by
+s-similarity, r = 8, r~ = 2, 10 local steps a round, AdamW upper / SGD lower level), on the data
+and models we can install (``configs/paper/*.toml``), trained until the curves flatten.
+
+Two tiers. ``--tier cpu``: the 3-layer paraphrase-MiniLM-L3-v2 encoder, 30 rounds (300 steps per
+client), ~9 hours of a 2-core machine in all. ``--tier gpu``: all-MiniLM-L6-v2 with the paper's
+rounds (100 for the binary settings, 300 for the 25-class one), every setting with 3 seeds, for a
+GPU (all sampled clients batched, ``parallel_clients = 0``).
+
+Fair tuning, the same for every method: AdamW ``optim.lr`` over ``LR_GRID`` for every method,
+with a method's one extra step size at the config's value; then that step size over its grid
+(as many values) at the chosen lr (a coordinate search: PF2LoRA's and PF2LoRA-FO's lower-level
+SGD lr, Per-FedAvg's inner lr). Every tuning run is scored by the clients' mean personalised
+balanced accuracy on a validation federation (another ``task.data_seed``); the best run's values
+are used on the benchmark federation with 3 seeds. Tuned on ``rt_s03``; the other encoder
+settings reuse its choice; the generation setting keeps its config's values for every method
+(another model, whose scale of step sizes the encoder's grid does not transfer to).
+
+Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
+``tuning/``), skipped when present, so the work spans sessions; after every finished run the
+summary ``benchmarks/results/paper_TIER.json`` is rebuilt from all files present. A run killed
+midway is simply run again.
+
+    .venv/bin/python benchmarks/paper.py --tier cpu --jobs 2          # run what is missing
+    .venv/bin/python benchmarks/paper.py --tier cpu --list            # what is done / to do
+    .venv/bin/python benchmarks/paper.py --tier cpu --table           # the README tables
+    .venv/bin/python benchmarks/paper.py --tier cpu --figures         # curves and ranks (PNG)
+    .venv/bin/python benchmarks/paper.py --tier cpu --rerun rt_s03 homlora 0   # one cell again
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, ROOT, machine, trained_params, write_json
+
+ALL_METHODS = ("pf2lora", "pf2lora-fo", "homlora", "hetlora", "perfedavg", "local", "fedsa-lora", "pfedlora", "fdlora")
+NLG_METHODS = ("pf2lora", "homlora", "hetlora", "perfedavg", "local")
+LR_GRID = (3e-4, 1e-3, 3e-3)
+EXTRA_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
+    "pf2lora": ("optim.lower_lr", (0.3, 1.0, 3.0)),
+    "pf2lora-fo": ("optim.lower_lr", (0.3, 1.0, 3.0)),
+    "perfedavg": ("perfedavg.inner_lr", (0.015, 0.05, 0.15)),
+}
+VALIDATION = ("task.data_seed=4321",)
+"""The validation federation: another draw and partition of the same data."""
+FLAT_FRACTION = 0.2
+"""Converged: the last 20% of rounds move the mean headline metric by less than ``FLAT_TOLERANCE``."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row group of the results: a config, the seeds and methods it runs, how it is tuned."""
+
+    config: str
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...] = ALL_METHODS
+    overrides: tuple[str, ...] = ()
+    tuning: str = "reuse:rt_s03"
+    """``tune`` (this setting's grid search), ``reuse:SETTING`` or ``none`` (the config's values)."""
+    about: str = ""
+
+    @property
+    def generation(self) -> bool:
+        return "nlg" in self.config
+
+
+HEADLINE = {False: ("balanced_accuracy", True), True: ("loss", False)}
+"""(metric, higher is better) per kind: balanced accuracy under label skew (never accuracy alone),
+the test loss for generation (BLEU / ROUGE-L of 16 greedy decodes per client are noisier)."""
+FLAT_TOLERANCE = {False: 0.005, True: 0.005}
+"""0.5 points of balanced accuracy; for generation 0.5% of the loss (relative)."""
+
+GPU = ("task.model=all-MiniLM-L6-v2", "device=auto", "parallel_clients=0")
+TIERS: dict[str, dict[str, Setting]] = {
+    "cpu": {
+        "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), tuning="tune", about="Rotten Tomatoes, s = 0.3"),
+        "vader_domains": Setting("configs/paper/vader_domains.toml", (0, 1, 2), about="VADER, 4 domains x 2 clients"),
+        "wordnet_topics": Setting("configs/paper/wordnet_topics.toml", (0, 1, 2), about="WordNet noun topics, 25 classes, s = 0.3"),
+        "rt_s05": Setting("configs/paper/rt_s05.toml", (0,), about="Rotten Tomatoes, s = 0.5"),
+        "rt_s03_private_head": Setting(
+            "configs/paper/rt_s03.toml", (0,), overrides=("lora.head=private",), about="rt_s03 with the head private"
+        ),
+        "wordnet_nlg": Setting(
+            "configs/paper/wordnet_nlg.toml", (0,), NLG_METHODS, tuning="none", about="WordNet definitions, SmolLM2-135M, 4 clients"
+        ),
+    },
+    "gpu": {
+        "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning="tune"),
+        "vader_domains": Setting("configs/paper/vader_domains.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),
+        "wordnet_topics": Setting("configs/paper/wordnet_topics.toml", (0, 1, 2), overrides=(*GPU, "rounds=300", "eval.every=30")),
+        "rt_s05": Setting("configs/paper/rt_s05.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),
+        "rt_s03_private_head": Setting(
+            "configs/paper/rt_s03.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10", "lora.head=private")
+        ),
+        "wordnet_nlg": Setting(
+            "configs/paper/wordnet_nlg.toml",
+            (0, 1, 2),
+            NLG_METHODS,
+            overrides=("device=auto", "parallel_clients=0", "rounds=30"),
+            tuning="none",
+        ),
+    },
+}
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: a method of a setting with a seed and its step sizes, written to ``path``."""
+
+    setting: str
+    method: str
+    seed: int
+    overrides: tuple[str, ...]
+    path: Path
+    tuning: bool = False
+    needs: tuple[Path, ...] = field(default=(), compare=False)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def tuning_dir(out: Path, setting: str, method: str) -> Path:
+    return out / "tuning" / setting / method
+
+
+def lr_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
+    """Stage 1: every AdamW lr of the grid, the extra step size at the config's value."""
+    s = TIERS[tier][setting]
+    d = tuning_dir(out, setting, method)
+    return [
+        Job(setting, method, 0, (*s.overrides, *VALIDATION, f"optim.lr={lr!r}"), d / f"lr={_fmt(lr)}.json", tuning=True) for lr in LR_GRID
+    ]
+
+
+def score(path: Path) -> float:
+    run = json.loads(path.read_text())
+    return run["summary"]["balanced_accuracy"]
+
+
+def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(the chosen step sizes, every tuning run's score) once ``method``'s search is complete, else None."""
+    stage1 = lr_stage(tier, out, setting, method)
+    if not all(j.path.exists() for j in stage1):
+        return None
+    scores = {j.path.stem: score(j.path) for j in stage1}
+    best_lr = max(LR_GRID, key=lambda lr: scores[f"lr={_fmt(lr)}"])
+    choice = {"optim.lr": best_lr}
+    if method in EXTRA_GRID:
+        stage2 = extra_stage(tier, out, setting, method, best_lr)
+        if not all(j.path.exists() for j in stage2):
+            return None
+        scores.update({j.path.stem: score(j.path) for j in stage2})
+        key, values = EXTRA_GRID[method]
+        centre = config_value(TIERS[tier][setting], key)
+        tag = {x: (f"lr={_fmt(best_lr)}" if x == centre else f"lr={_fmt(best_lr)},{key}={_fmt(x)}") for x in values}
+        choice[key] = max(values, key=lambda x: scores[tag[x]])
+    return choice, scores
+
+
+def extra_stage(tier: str, out: Path, setting: str, method: str, lr: float) -> list[Job]:
+    """Stage 2: the method's extra step size over its grid at the chosen lr (the centre is stage 1's run)."""
+    s = TIERS[tier][setting]
+    key, values = EXTRA_GRID[method]
+    centre = config_value(s, key)
+    d = tuning_dir(out, setting, method)
+    return [
+        Job(
+            setting,
+            method,
+            0,
+            (*s.overrides, *VALIDATION, f"optim.lr={lr!r}", f"{key}={x!r}"),
+            d / f"lr={_fmt(lr)},{key}={_fmt(x)}.json",
+            tuning=True,
+        )
+        for x in values
+        if x != centre
+    ]
+
+
+def config_value(s: Setting, key: str) -> float:
+    cfg = load_config(s, ())
+    section, name = key.split(".")
+    return float(getattr(getattr(cfg, section), name))
+
+
+def load_config(s: Setting, extra: Iterable[str]):
+    from pf2lora import plan
+
+    return plan.load(ROOT / s.config, [*s.overrides, *extra])
+
+
+def step_sizes(tier: str, out: Path, name: str, method: str) -> tuple[str, ...] | None:
+    """The step-size overrides a benchmark run of ``method`` in ``name`` uses (None: tuning not done)."""
+    s = TIERS[tier][name]
+    if s.tuning == "none":
+        return ()
+    source = name if s.tuning == "tune" else s.tuning.split(":", 1)[1]
+    got = chosen(tier, out, source, method)
+    if got is None:
+        return None
+    return tuple(f"{k}={v!r}" for k, v in got[0].items())
+
+
+def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) -> tuple[list[Job], int]:
+    """(the runs that can start now, how many more wait for tuning), tuning first, costly first."""
+    jobs: list[Job] = []
+    waiting = 0
+    tuned = {n for n in settings if TIERS[tier][n].tuning == "tune"}
+    tuned |= {TIERS[tier][n].tuning.split(":", 1)[1] for n in settings if TIERS[tier][n].tuning.startswith("reuse:")}
+    for name in sorted(tuned):
+        for m in TIERS[tier][name].methods:
+            if methods and m not in methods:
+                continue
+            stage1 = lr_stage(tier, out, name, m)
+            jobs += [j for j in stage1 if not j.path.exists()]
+            if m in EXTRA_GRID:
+                if all(j.path.exists() for j in stage1):
+                    best = max(LR_GRID, key=lambda lr: score(tuning_dir(out, name, m) / f"lr={_fmt(lr)}.json"))
+                    jobs += [j for j in extra_stage(tier, out, name, m, best) if not j.path.exists()]
+                else:
+                    waiting += len(EXTRA_GRID[m][1]) - 1
+    for name in settings:
+        s = TIERS[tier][name]
+        for m in s.methods:
+            if methods and m not in methods:
+                continue
+            for seed in s.seeds:
+                path = out / name / m / f"seed{seed}.json"
+                if path.exists():
+                    continue
+                sizes = step_sizes(tier, out, name, m)
+                if sizes is None:
+                    waiting += 1
+                    continue
+                jobs.append(Job(name, m, seed, (*s.overrides, *sizes), path))
+    costly = {"pf2lora": 0, "perfedavg": 1, "fdlora": 1}
+    jobs.sort(key=lambda j: (not j.tuning, TIERS[tier][j.setting].generation, costly.get(j.method, 2), j.seed))
+    return jobs, waiting
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+def heterogeneity(info: dict[str, Any], pooled: list[float] | None) -> dict[str, Any]:
+    """How a client differs from the federation: its group (domain, topic), its largest label share
+    and the total-variation distance of its label distribution from the pooled one."""
+    out: dict[str, Any] = {}
+    if "group" in info:
+        out["group"] = info["group"]
+    counts = info.get("train_label_counts")
+    if counts and pooled:
+        n = sum(counts)
+        share = [c / n for c in counts]
+        out["majority_share"] = max(share)
+        out["label_tv"] = 0.5 * sum(abs(a - b) for a, b in zip(share, pooled))
+    return out
+
+
+def run_job(setting: Setting, job: Job) -> dict[str, Any]:
+    """Run ``job`` (one thread) and write its JSON: per-client metrics, the curve, costs."""
+    import torch
+
+    from pf2lora import plan
+    from pf2lora.engines.local import LocalEngine
+    from pf2lora.methods import registry
+
+    torch.set_num_threads(1)
+    cfg = load_config(setting, [*job.overrides[len(setting.overrides) :], f"seed={job.seed}", f'methods=["{job.method}"]'])
+    torch.manual_seed(cfg.seed)
+    task = plan.build_task(cfg)
+    start = time.time()
+    result = LocalEngine(cfg, task, progress=False).run(job.method)
+    wall = time.time() - start
+    counts = [c.info["train_label_counts"] for c in task.clients if "train_label_counts" in c.info]
+    total = [sum(col) for col in zip(*counts)] if counts else []
+    pooled = [t / sum(total) for t in total] if total else None
+    info = {c.client_id: heterogeneity(c.info, pooled) for c in task.clients}
+    clients = {
+        cid: {k: v for k, v in c.items() if k != "spectrum"} | {"heterogeneity": info.get(cid, {})} for cid, c in result.clients.items()
+    }
+    metric, higher = HEADLINE[setting.generation]
+    rounds = result.rounds
+    curve = [{"round": r["round"], **r["eval_means"]} for r in rounds if "eval_means" in r]
+    final = {k: _mean(clients, k) for k in sorted({k for c in clients.values() for k, v in c.items() if _scalar(v)})}
+    curve.append({"round": cfg.rounds, **final})
+    data = {
+        "setting": job.setting,
+        "method": job.method,
+        "seed": job.seed,
+        "tuning_run": job.tuning,
+        "overrides": list(job.overrides),
+        "config": dataclasses.asdict(cfg),
+        "summary": summarize_clients(clients, metric, higher, setting.generation),
+        "params_per_client": trained_params(registry()[job.method](cfg, task), task),
+        "upload_bytes_per_client_per_round": statistics.fmean(r["upload_bytes_per_client"] for r in rounds),
+        "download_bytes_per_client_per_round": statistics.fmean(r["download_bytes_per_client"] for r in rounds),
+        "wall_time_s": wall,
+        "train_loss_per_round": [r["train_loss"] for r in rounds],
+        "curve": curve,
+        "clients": clients,
+        "machine": machine(torch_threads=1, torch=torch.__version__),
+    }
+    write_json(job.path, data)
+    return data
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _mean(clients: dict[str, dict[str, Any]], key: str) -> float | None:
+    vals = [c[key] for c in clients.values() if _scalar(c.get(key))]
+    return statistics.fmean(vals) if vals else None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def summarize_clients(clients: dict[str, dict[str, Any]], metric: str, higher: bool, generation: bool) -> dict[str, float | None]:
+    """A run's figures: clients' means, the worst client and the 10th percentile of the headline."""
+    per = [c[metric] for c in clients.values() if _scalar(c.get(metric))]
+    keys = ("loss", "perplexity", "bleu", "rouge_l") if generation else ("balanced_accuracy", "macro_f1", "accuracy", "mcc")
+    out: dict[str, float | None] = {k: _mean(clients, k) for k in keys}
+    out |= {f"global_{k}": _mean(clients, f"global_{k}") for k in keys}
+    out["worst_" + metric] = (max(per) if not higher else min(per)) if per else None
+    out[("p90_" if not higher else "p10_") + metric] = _percentile(per, 10 if higher else 90) if per else None
+    if not generation:
+        out["majority_accuracy"] = _mean(clients, "majority_accuracy")
+    out["private_norm"] = _mean(clients, "private_norm")
+    ranks = [r for c in clients.values() for r in (c.get("layer_ranks") or {}).values() if r is not None]
+    out["mean_layer_rank"] = statistics.fmean(ranks) if ranks else None
+    return out
+
+
+def _run_in_child(setting: Setting, job: Job) -> tuple[Job, float, float]:
+    data = run_job(setting, job)
+    metric, _ = HEADLINE[setting.generation]
+    return job, data["summary"][metric], data["wall_time_s"]
+
+
+# -- the summary JSON --------------------------------------------------------------------------
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation: bool) -> tuple[bool | None, float | None]:
+    """(flat, change): the headline's change over the last ``FLAT_FRACTION`` of rounds."""
+    start = rounds - FLAT_FRACTION * rounds
+    points = [p for p in curve if p.get(metric) is not None]
+    early = [p for p in points if p["round"] <= start]
+    if not early or not points:
+        return None, None
+    a, b = early[-1][metric], points[-1][metric]
+    change = (b - a) / abs(a) if generation else b - a
+    return abs(change) < FLAT_TOLERANCE[generation], change
+
+
+def collect(tier: str, out: Path) -> dict[str, Any]:
+    """``paper_TIER.json`` from every run file present (the issue's shape; see the module docstring)."""
+    data: dict[str, Any] = {
+        "benchmark": "the paper's protocol on offline stand-ins, every method tuned alike (benchmarks/paper.py)",
+        "tier": tier,
+        "command": f"python benchmarks/paper.py --tier {tier} --jobs 2",
+        "headline": {"classification": "clients' mean personalised balanced accuracy", "generation": "clients' mean test loss"},
+        "convergence_rule": (
+            f"flat when the last {FLAT_FRACTION:.0%} of rounds change the headline by less than 0.5 points "
+            "(balanced accuracy) or 0.5% (generation loss), for every method and seed"
+        ),
+        "tuning_grid": {"optim.lr": list(LR_GRID), **{m: {k: list(v)} for m, (k, v) in EXTRA_GRID.items()}},
+        "settings": {},
+    }
+    for name, s in TIERS[tier].items():
+        runs = [json.loads(p.read_text()) for p in sorted((out / name).glob("*/seed*.json"))]
+        if not runs:
+            continue
+        metric, higher = HEADLINE[s.generation]
+        entry: dict[str, Any] = {"about": s.about, "seeds_planned": list(s.seeds), "methods_planned": list(s.methods)}
+        first = runs[0]["config"]
+        entry["config"] = {k: v for k, v in first.items() if k not in ("seed", "methods", "optim", "perfedavg")}
+        entry["config"]["overrides"] = list(s.overrides)
+        entry["tuning"] = tuning_record(tier, out, name, s)
+        methods: dict[str, Any] = {}
+        flat_all: list[bool | None] = []
+        for m in s.methods:
+            mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+            if not mine:
+                continue
+            seeds = {}
+            conv = {}
+            for r in mine:
+                flat, change = converged(r["curve"], r["config"]["rounds"], metric, s.generation)
+                flat_all.append(flat)
+                conv[str(r["seed"])] = change
+                seeds[str(r["seed"])] = {
+                    **r["summary"],
+                    "params_lora": r["params_per_client"]["lora"],
+                    "params_head": r["params_per_client"]["head"],
+                    "upload_bytes_per_client_per_round": r["upload_bytes_per_client_per_round"],
+                    "download_bytes_per_client_per_round": r["download_bytes_per_client_per_round"],
+                    "wall_time_s": r["wall_time_s"],
+                    "step_sizes": {k: r["config"][k.split(".")[0]][k.split(".")[1]] for k in _step_keys(m)},
+                    "curve": r["curve"],
+                    "clients": r["clients"],
+                }
+            keys = [k for k, v in seeds[str(mine[0]["seed"])].items() if _scalar(v)]
+            mean, std = {}, {}
+            for k in keys:
+                vals = [v[k] for v in seeds.values() if _scalar(v.get(k))]
+                if vals:
+                    mean[k], std[k] = _ms(vals)
+            methods[m] = {"seeds": seeds, "mean": mean, "std": std, "last_20pct_change": conv}
+        entry["methods"] = methods
+        entry["complete"] = all(str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds)
+        entry["converged"] = bool(flat_all) and all(f is True for f in flat_all)
+        if "pf2lora" in methods:
+            seed0 = next(iter(methods["pf2lora"]["seeds"].values()))
+            entry["pf2lora_ranks"] = {cid: c.get("layer_ranks", {}) for cid, c in seed0["clients"].items()}
+            entry["client_heterogeneity"] = {cid: c.get("heterogeneity", {}) for cid, c in seed0["clients"].items()}
+        data["settings"][name] = entry
+    return data
+
+
+def _step_keys(method: str) -> list[str]:
+    return ["optim.lr", *([EXTRA_GRID[method][0]] if method in EXTRA_GRID else [])]
+
+
+def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
+    if s.tuning == "none":
+        return "none: the config's step sizes for every method (see its header)"
+    if s.tuning.startswith("reuse:"):
+        return f"reused from {s.tuning.split(':', 1)[1]}"
+    rec: dict[str, Any] = {
+        "validation_federation": list(VALIDATION) + ["seed=0"],
+        "score": "clients' mean personalised balanced accuracy on the validation federation",
+        "search": "optim.lr over the grid (extra step size at the config's value), then the extra step size at the chosen lr",
+        "methods": {},
+    }
+    for m in s.methods:
+        got = chosen(tier, out, name, m)
+        done = {p.stem: score(p) for p in sorted(tuning_dir(out, name, m).glob("*.json"))}
+        rec["methods"][m] = {"chosen": got[0] if got else None, "scores": done}
+    return rec
+
+
+# -- tables and figures ------------------------------------------------------------------------
+
+
+def _pm(m: dict, s: dict, key: str, digits: int = 3) -> str:
+    if key not in m:
+        return "-"
+    return f"{m[key]:.{digits}f} ± {s.get(key, 0.0):.{digits}f}"
+
+
+def table(data: dict[str, Any]) -> str:
+    """Markdown tables, one per setting, best headline first."""
+    out: list[str] = []
+    for name, e in data["settings"].items():
+        gen = TIERS[data["tier"]][name].generation
+        metric, higher = HEADLINE[gen]
+        worst, pct = f"worst_{metric}", ("p90_" if not higher else "p10_") + metric
+        seeds = sorted({sd for m in e["methods"].values() for sd in m["seeds"]})
+        out.append(
+            f"**{name}** ({e['about']}; seeds {', '.join(seeds)}; "
+            f"{'converged' if e['converged'] else 'NOT converged by the rule'}; "
+            f"{'complete' if e['complete'] else 'incomplete'})\n"
+        )
+        if gen:
+            cols = ("loss", "perplexity", "bleu", "rouge_l", worst, "global_loss")
+            head = "| method | loss | perplexity | BLEU | ROUGE-L | worst client loss | global model loss |"
+        else:
+            cols = ("balanced_accuracy", "macro_f1", "accuracy", worst, pct, "global_balanced_accuracy")
+            head = (
+                "| method | balanced acc. | macro-F1 | accuracy | worst client bal. acc. | 10th pct. bal. acc. | global model bal. acc. |"
+            )
+        out.append(head[:-1] + " LoRA / head params per client | upload KB/client/round | wall time (s) |")
+        out.append("|---" * (len(cols) + 4) + "|")
+        order = sorted(e["methods"].items(), key=lambda kv: kv[1]["mean"].get(metric, 0.0) * (-1 if higher else 1))
+        for m, r in order:
+            mean, std = r["mean"], r["std"]
+            cells = " | ".join(_pm(mean, std, c, 2 if c in ("perplexity", "bleu", "rouge_l") else 3) for c in cols)
+            out.append(
+                f"| {m} | {cells} | {int(mean['params_lora']):,} / {int(mean['params_head']):,} "
+                f"| {mean['upload_bytes_per_client_per_round'] / 1000:.0f} | {mean['wall_time_s']:.0f} |"
+            )
+        if not gen:
+            maj = [r["mean"].get("majority_accuracy") for r in e["methods"].values()]
+            if maj and maj[0] is not None:
+                out.append(
+                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | | | |"
+                    if e["config"]["task"]["dataset"] != "wordnet-topics"
+                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | | | |"
+                )
+        out.append("")
+    return "\n".join(out)
+
+
+def figures(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Learning curves per setting and PF2LoRA's effective rank per client against its label skew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, e in data["settings"].items():
+        metric, _ = HEADLINE[TIERS[data["tier"]][name].generation]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, r in e["methods"].items():
+            curves = [s["curve"] for s in r["seeds"].values()]
+            rounds = sorted({p["round"] for c in curves for p in c})
+            ys = [statistics.fmean(p[metric] for c in curves for p in c if p["round"] == x and p.get(metric) is not None) for x in rounds]
+            ax.plot(rounds, ys, marker=".", label=m, linewidth=2.2 if m == "pf2lora" else 1.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"clients' mean {metric.replace('_', ' ')}")
+        ax.set_title(f"{name}: personalised {metric.replace('_', ' ')} (mean over seeds)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        path = out_dir / f"curves_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    ranked = {n: e for n, e in data["settings"].items() if e.get("pf2lora_ranks")}
+    if ranked:
+        fig, axes = plt.subplots(1, len(ranked), figsize=(4.2 * len(ranked), 4), squeeze=False)
+        for ax, (name, e) in zip(axes[0], ranked.items()):
+            het = e["client_heterogeneity"]
+            for cid, layers in e["pf2lora_ranks"].items():
+                vals = [v for v in layers.values() if v is not None]
+                x = het.get(cid, {}).get("majority_share")
+                if not vals or x is None:
+                    continue
+                y = statistics.fmean(vals)
+                ax.scatter([x], [y], color="C0")
+                label = cid + (f" ({het[cid]['group']})" if "group" in het[cid] else "")
+                ax.annotate(label, (x, y), fontsize=6)
+            ax.set_xlabel("client's largest label share (training)")
+            ax.set_ylabel("mean effective rank of its update (common + private)")
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+        fig.suptitle("PF2LoRA: effective rank per client (singular values > 0.1 x largest; max r + r~ = 10)", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "pf2lora_ranks.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tier", choices=sorted(TIERS), default="cpu")
+    parser.add_argument("--settings", nargs="+", help="default: every setting of the tier")
+    parser.add_argument("--methods", nargs="+", help="default: every method of each setting")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes, each on one thread")
+    parser.add_argument("--hours", type=float, default=0.0, help="start no new run after this many hours (0 = no limit)")
+    parser.add_argument("--list", action="store_true", help="print what is done and what is left, and exit")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of the summary JSON and exit")
+    parser.add_argument("--figures", action="store_true", help="write the PNG figures from the summary JSON and exit")
+    parser.add_argument("--rerun", nargs=3, metavar=("SETTING", "METHOD", "SEED"), help="run one cell again, compare, keep nothing")
+    args = parser.parse_args()
+    out = RESULTS / f"paper_{args.tier}"
+    summary = RESULTS / f"paper_{args.tier}.json"
+    sys.path.insert(0, str(ROOT))
+    if args.table:
+        print(table(json.loads(summary.read_text())))
+        return 0
+    if args.figures:
+        for p in figures(json.loads(summary.read_text()), out / "figures"):
+            print(p.relative_to(ROOT))
+        return 0
+    settings = args.settings or list(TIERS[args.tier])
+    unknown = [s for s in settings if s not in TIERS[args.tier]]
+    if unknown:
+        print(f"paper.py: unknown setting {unknown[0]!r} (tier {args.tier}: {', '.join(TIERS[args.tier])})", file=sys.stderr)
+        return 2
+    if args.rerun:
+        return rerun(args.tier, out, *args.rerun)
+    jobs, waiting = ready(args.tier, out, settings, args.methods)
+    if args.list:
+        for j in jobs:
+            print(f"ready: {j.path.relative_to(out)}")
+        print(f"{len(jobs)} ready, {waiting} waiting for tuning")
+        return 0
+    return drive(args.tier, out, summary, settings, args.methods, args.jobs, args.hours)
+
+
+def drive(tier: str, out: Path, summary: Path, settings: list[str], methods: list[str] | None, n_jobs: int, hours: float) -> int:
+    """Keep ``n_jobs`` runs going, starting what became ready (a tuning's choice) as runs finish."""
+    deadline = time.time() + hours * 3600 if hours else math.inf
+    running: dict[Future, Job] = {}
+    done = 0
+    with ProcessPoolExecutor(max_workers=n_jobs, max_tasks_per_child=1) as pool:
+        while True:
+            if time.time() < deadline:
+                jobs, _ = ready(tier, out, settings, methods)
+                busy = {j.path for j in running.values()}
+                for j in [j for j in jobs if j.path not in busy][: n_jobs - len(running)]:
+                    running[pool.submit(_run_in_child, TIERS[tier][j.setting], j)] = j
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                job = running.pop(f)
+                _, value, wall = f.result()
+                done += 1
+                print(f"[{done}] {job.path.relative_to(out)}: {value:.4f} ({wall:.0f} s)", flush=True)
+            write_json(summary, collect(tier, out))
+    _, waiting = ready(tier, out, settings, methods)
+    print(f"{done} runs finished; {len(ready(tier, out, settings, methods)[0])} ready and {waiting} waiting remain")
+    return 0
+
+
+def rerun(tier: str, out: Path, name: str, method: str, seed: str) -> int:
+    """Run one stored cell again into a temporary file and print both headlines."""
+    import tempfile
+
+    stored = out / name / method / f"seed{seed}.json"
+    if not stored.exists():
+        print(f"paper.py: no stored run {stored.relative_to(ROOT)}", file=sys.stderr)
+        return 2
+    old = json.loads(stored.read_text())
+    s = TIERS[tier][name]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Job(name, method, int(seed), tuple(old["overrides"]), Path(tmp) / "run.json")
+        new = run_job(s, job)
+    metric, _ = HEADLINE[s.generation]
+    print(f"{name} {method} seed {seed}: stored {old['summary'][metric]:.6f}, now {new['summary'][metric]:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,8 +13,9 @@ from pf2lora import state as st
 from pf2lora.config import load
 from pf2lora.engines.local import LocalEngine, mean_of
 from pf2lora.hypergrad import bilevel_step
+from pf2lora.metrics import macro_f1
 from pf2lora.tasks import build_task
-from pf2lora.tasks.tiny_text import TinyTextTask, macro_f1
+from pf2lora.tasks.tiny_text import TinyTextTask
 
 SMALL = TINY_TEXT
 
@@ -79,7 +80,7 @@ def test_head_loss_and_metrics(task):
     params = st.model_params(lora.init_adapter(task.targets, lora.COMMON, st.SHARED, 4, g), head)
     data = task.clients[0].test
     metrics = task.evaluate(params, data)
-    assert set(metrics) == {"accuracy", "loss", "macro_f1"}
+    assert set(metrics) == {"accuracy", "loss", "macro_f1", "balanced_accuracy"}
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
     assert metrics["loss"] == pytest.approx(float(task.loss(params, data)), rel=1e-5)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from pf2lora import lora
+from pf2lora import lora, metrics
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.tasks import register_task
@@ -192,7 +192,8 @@ class TinyTextTask(Task):
         return {
             "accuracy": float((pred == labels).float().mean()),
             "loss": float(F.cross_entropy(logits, labels)),
-            "macro_f1": macro_f1(pred, labels, self.num_labels),
+            "macro_f1": metrics.macro_f1(pred, labels, self.num_labels),
+            "balanced_accuracy": metrics.balanced_accuracy(pred, labels, self.num_labels),
         }
 
     def init_head(self, role: str, generator: torch.Generator) -> st.Tensors:
@@ -210,16 +211,3 @@ class TinyTextTask(Task):
             f"synthetic language with per-client cue tokens; global cues mislead with probability {GLOBAL_NOISE:g}, "
             f"so a non-personalised model tops out near {1 - GLOBAL_NOISE:.0%} accuracy.",
         ]
-
-
-def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
-    """Mean F1 over the classes that occur in ``labels`` or ``pred``."""
-    scores = []
-    for c in range(num_labels):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0

@@ -1,0 +1,133 @@
+"""benchmarks/paper.py's bookkeeping on a tiny tier: the tuning's order and choice, resuming,
+the summary's shape, the convergence rule (the real tiers are too slow for a test)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import paper
+
+TINY = """
+name = "tiny"
+methods = ["homlora", "pf2lora-fo"]
+rounds = 3
+local_steps = 2
+batch_size = 16
+num_threads = 1
+[task]
+kind = "tiny-text"
+num_clients = 3
+train_samples = 48
+test_samples = 32
+seq_len = 12
+[lora]
+rank = 4
+[optim]
+lr = 1e-2
+lower_lr = 0.05
+[eval]
+every = 1
+"""
+
+
+@pytest.fixture
+def tier(tmp_path, monkeypatch):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    monkeypatch.setattr(paper, "LR_GRID", (1e-3, 3e-2))
+    monkeypatch.setattr(paper, "EXTRA_GRID", {"pf2lora-fo": ("optim.lower_lr", (0.05, 0.5))})
+    tiers = {
+        "t": {
+            "a": paper.Setting(str(config), (0, 1), ("homlora", "pf2lora-fo"), tuning="tune", about="tiny"),
+            "b": paper.Setting(str(config), (0,), ("homlora",), overrides=("lora.head=private",), tuning="reuse:a"),
+        }
+    }
+    monkeypatch.setattr(paper, "TIERS", tiers)
+    return tmp_path / "results"
+
+
+def run_all(out: Path) -> list[paper.Job]:
+    ran = []
+    while True:
+        jobs, _ = paper.ready("t", out, ["a", "b"], None)
+        if not jobs:
+            return ran
+        for job in jobs:
+            paper.run_job(paper.TIERS["t"][job.setting], job)
+            ran.append(job)
+
+
+def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
+    out = tier
+    jobs, waiting = paper.ready("t", out, ["a", "b"], None)
+    assert [j.tuning for j in jobs] == [True] * 4  # 2 methods x 2 lr; nothing else can start yet
+    assert waiting == 1 + 4 + 1  # pf2lora-fo's extra step size, a's 4 runs, b's 1 run
+    assert all("task.data_seed=4321" in j.overrides for j in jobs)  # the validation federation
+    ran = run_all(out)
+    assert len(ran) == 4 + 1 + 5
+    extra = [j for j in ran if j.tuning and "optim.lower_lr=0.5" in j.overrides]
+    assert len(extra) == 1  # the centre (0.05) was stage 1's run
+    for method in ("homlora", "pf2lora-fo"):
+        choice, scores = paper.chosen("t", out, "a", method)
+        best = max(scores, key=scores.get)
+        assert f"lr={paper._fmt(choice['optim.lr'])}" in best
+        for name, seeds in (("a", (0, 1)), ("b", (0,))):
+            if method not in paper.TIERS["t"][name].methods:
+                continue
+            for seed in seeds:
+                run = json.loads((out / name / method / f"seed{seed}.json").read_text())
+                assert run["config"]["optim"]["lr"] == choice["optim.lr"]
+                assert run["config"]["task"]["data_seed"] == 1234  # the benchmark federation
+                if method == "pf2lora-fo":
+                    assert run["config"]["optim"]["lower_lr"] == choice["optim.lower_lr"]
+    assert paper.ready("t", out, ["a", "b"], None) == ([], 0)
+    (out / "a" / "homlora" / "seed1.json").unlink()
+    jobs, _ = paper.ready("t", out, ["a", "b"], None)
+    assert [(j.setting, j.method, j.seed) for j in jobs] == [("a", "homlora", 1)]
+
+
+def test_summary_shape_table_and_figures(tier, tmp_path):
+    out = tier
+    run_all(out)
+    data = paper.collect("t", out)
+    a, b = data["settings"]["a"], data["settings"]["b"]
+    assert a["complete"] and b["complete"] and isinstance(a["converged"], bool)
+    assert set(a["tuning"]["methods"]) == {"homlora", "pf2lora-fo"}
+    assert a["tuning"]["methods"]["pf2lora-fo"]["chosen"].keys() == {"optim.lr", "optim.lower_lr"}
+    assert b["tuning"] == "reused from a"
+    hom = a["methods"]["homlora"]
+    assert set(hom["seeds"]) == {"0", "1"}
+    seed0 = hom["seeds"]["0"]
+    assert len(seed0["clients"]) == 3 and 0 <= seed0["balanced_accuracy"] <= 1
+    assert seed0["worst_balanced_accuracy"] <= seed0["p10_balanced_accuracy"] <= seed0["balanced_accuracy"] + 1e-12
+    vals = [hom["seeds"][s]["balanced_accuracy"] for s in ("0", "1")]
+    assert hom["mean"]["balanced_accuracy"] == pytest.approx(sum(vals) / 2)
+    assert [p["round"] for p in seed0["curve"]] == [1, 2, 3]
+    assert a["config"]["task"]["kind"] == "tiny-text" and "optim" not in a["config"]
+    text = paper.table(data)
+    assert "**a**" in text and "| homlora |" in text and "| pf2lora-fo |" in text
+    written = paper.figures(data, tmp_path / "fig")
+    assert [p.name for p in written] == ["curves_a.png", "curves_b.png"] and all(p.stat().st_size > 0 for p in written)
+
+
+@pytest.mark.parametrize(
+    ("curve", "flat"),
+    [
+        ([(6, 0.70), (8, 0.702), (10, 0.706)], True),  # +0.4 points over the last 20% (rounds 8..10)
+        ([(6, 0.70), (8, 0.70), (10, 0.71)], False),  # +1 point: still rising
+        ([(6, 0.72), (8, 0.71), (10, 0.70)], False),  # falling counts too
+    ],
+)
+def test_convergence_rule(curve, flat):
+    points = [{"round": r, "balanced_accuracy": v} for r, v in curve]
+    assert paper.converged(points, 10, "balanced_accuracy", False)[0] is flat
+
+
+def test_convergence_needs_a_point_before_the_last_fifth():
+    assert paper.converged([{"round": 10, "loss": 1.0}], 10, "loss", True) == (None, None)

@@ -172,6 +172,22 @@ class FlexLoRAConfig:
 
 
 @dataclass
+class SHELoRAConfig:
+    """SHE-LoRA (selective homomorphic encryption); owned by pf2lora/methods/she_lora.py."""
+
+    column_budgets: list[float] = _f(
+        [0.05, 0.1, 0.2], "fraction of each layer's input columns a client encrypts, cycled over clients (its resources)"
+    )
+
+
+@dataclass
+class FedHeLLoConfig:
+    """Fed-HeLLo (heterogeneous LoRA layer allocation); owned by pf2lora/methods/fed_hello.py."""
+
+    layer_budgets: list[float] = _f([1.0, 0.75, 0.5], "fraction of the adapted layers a client trains, cycled over clients (its resources)")
+
+
+@dataclass
 class ServerConfig:
     aggregator: Literal["mean", "median", "trimmed-mean"] = _f(
         "mean", "how the server combines client uploads: weighted mean, coordinate-wise median or trimmed mean"
@@ -280,6 +296,8 @@ class RunConfig:
     fdlora: FDLoRAConfig = field(default_factory=FDLoRAConfig)
     fedlora_opt: FedLoRAOptConfig = field(default_factory=FedLoRAOptConfig)
     flexlora: FlexLoRAConfig = field(default_factory=FlexLoRAConfig)
+    she_lora: SHELoRAConfig = field(default_factory=SHELoRAConfig)
+    fed_hello: FedHeLLoConfig = field(default_factory=FedHeLLoConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

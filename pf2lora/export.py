@@ -105,6 +105,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     overwrite: bool = True,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``params`` (role-keyed: common, or common + private, plus any trained head) as one PEFT
     LoRA adapter in ``out_dir`` (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -112,7 +113,8 @@ def export_peft(
     ``model`` is the model with our LoRA layers injected (it gives the adapters' alphas and the
     head modules' untrained tensors); ``task_type`` is peft's (``None`` works for any model and is
     what :func:`peft.PeftModel.from_pretrained` needs no more than; ``"SEQ_CLS"``, ``"CAUSAL_LM"``
-    give the task-specific ``PeftModel`` subclasses). The directory is replaced atomically.
+    give the task-specific ``PeftModel`` subclasses). ``extra_files`` (name: text) are written
+    beside the adapter, inside the same atomic replacement of the directory.
     """
     from peft import LoraConfig
 
@@ -167,6 +169,8 @@ def export_peft(
     with atomic_dir(out_dir) as tmp:  # built aside, then moved into place in one rename
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out_dir
 
 

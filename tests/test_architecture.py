@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pf2lora.lora", "pf2lora.optim", "pf2lora.hypergrad", "pf2lora.robust", "pf2lora.privacy", "pf2lora.metrics", "pf2lora.secagg"),
     ("pf2lora.data", "pf2lora.models", "pf2lora.tasks"),
     ("pf2lora.methods",),
-    ("pf2lora.plan", "pf2lora.export"),
+    ("pf2lora.plan", "pf2lora.export", "pf2lora.adapters"),
     ("pf2lora.engines",),
     ("pf2lora.report", "pf2lora.checkpoint"),
     ("pf2lora.cli",),

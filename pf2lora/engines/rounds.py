@@ -18,12 +18,13 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from pf2lora import lora, privacy
+from pf2lora import adapters, lora, privacy
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.methods.base import ClientContext, ClientState, ClientUpdate, Method
@@ -180,6 +181,16 @@ def upload_problem(method: Method, update: ClientUpdate, received: st.Tensors) -
 
 
 @torch.no_grad()
+def personal_model(
+    cfg: RunConfig, task: Task, method: Method, client: ClientData, received: st.Tensors, state: ClientState, round_: int
+) -> st.Tensors:
+    """Client k's personalised model after ``round_``: what its evaluation tests and what an
+    exported adapter holds (the same random stream, so both are the same tensors)."""
+    ctx = client_context(cfg, task, client, round_, "eval", 1)
+    with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
+        return method.personalized(ctx, received, state)
+
+
 def evaluate_client(
     cfg: RunConfig,
     task: Task,
@@ -193,9 +204,7 @@ def evaluate_client(
     """Personalised metrics (the client's own model) and global metrics (the server model) of one
     client, from what the server broadcast to it. ``server`` is what ``describe_client`` gets
     where the engine holds the server state (a Flower node has only ``received``)."""
-    ctx = client_context(cfg, task, client, round_, "eval", 1)
-    with torch.enable_grad():  # methods that adapt before evaluating (Per-FedAvg) need grads
-        personal = method.personalized(ctx, received, state)
+    personal = personal_model(cfg, task, method, client, received, state, round_)
     metrics: dict[str, Any] = dict(task.evaluate(st.model_params(personal), client.test))
     global_params = method.global_params(received, state)
     if global_params is not None:
@@ -234,6 +243,36 @@ def eval_means(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """The mean over clients of every scalar metric of an evaluation round, for learning curves."""
     names = sorted({k for c in clients.values() for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return {name: mean_of(clients, name) for name in names}
+
+
+@torch.no_grad()
+def save_adapters(
+    run_dir: str | Path,
+    cfg: RunConfig,
+    task: Task,
+    method: Method,
+    server: st.Tensors,
+    clients: Mapping[str, ClientState],
+    round_: int,
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Path]:
+    """Write every client's personalised adapter and the global one (the global model as the
+    first client receives it) into ``run_dir/adapters/METHOD/``, as the evaluation after ``round_``
+    sees them: the same tensors (:func:`personal_model`)."""
+    written: list[Path] = []
+    first_received: st.Tensors | None = None
+    for client in task.clients:
+        cid = client.client_id
+        state = clients.get(cid) or clients.get("pooled") or {}
+        received = st.clone(method.broadcast(server, cid))
+        first_received = received if first_received is None else first_received
+        personal = personal_model(cfg, task, method, client, received, state, round_)
+        written.append(adapters.write(run_dir, cfg, task, method.name, cid, personal, round_, (metrics or {}).get(cid)))
+    if first_received is not None:
+        global_params = method.global_params(first_received, {})
+        if global_params is not None:
+            written.append(adapters.write(run_dir, cfg, task, method.name, adapters.GLOBAL, global_params, round_))
+    return written
 
 
 # -- the server's side of a round ------------------------------------------------------------------

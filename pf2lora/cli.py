@@ -1,15 +1,17 @@
-"""Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR]``, ``pf2lora methods``,
+"""Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR] [--dry-run]``, ``pf2lora methods``,
 ``pf2lora datasets``, ``pf2lora config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pf2lora.errors import UserError
@@ -67,20 +69,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.root_certificates}: CA certificate file not found")
     if args.resume and args.engine != "local":
         raise UserError("--resume works with --engine local only (Flower clients keep their state on their nodes)")
+    load = plan.load_for_dry_run if args.dry_run else plan.load  # the dry run lets an empty task.data_path pass
     if args.resume:
         # a checkpoint is device-independent: only the device may change on resuming
         if args.config or any(s.split("=", 1)[0].strip() != "device" for s in args.set or []):
             raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set (except --set device=...)")
         out = Path(args.resume)
         saved = checkpoint.load(out)
-        cfg = plan.load(out / "config.toml", args.set or [])
+        cfg = load(out / "config.toml", args.set or [])
         secagg.check_engine(cfg, args.engine)
+        if args.dry_run:
+            return _dry_run(args, cfg, f"resumes {out} ({len(saved['completed'])} of {len(cfg.methods)} methods completed)")
     else:
         if not args.config:
             raise UserError("run: give a CONFIG file, or --resume DIR")
-        cfg = plan.load(args.config, args.set or [])
+        cfg = load(args.config, args.set or [])
         secagg.check_engine(cfg, args.engine)  # before the run directory is made
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if args.dry_run:
+            _check_run_dir(out, args.overwrite)
+            return _dry_run(args, cfg, f"{out} (not created)")
         report.prepare_run_dir(out, overwrite=args.overwrite)
         atomic_write(out / "config.toml", config.dumps(cfg))
         saved = {"completed": [], "current": None, "metrics_lines": []}
@@ -131,6 +139,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(report.task_table(task, summary))
     print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
     return 0
+
+
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """What :func:`pf2lora.report.prepare_run_dir` refuses, checked without creating anything."""
+    from pf2lora import report
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path exists and is not a directory")
+    if out.is_dir() and any((out / f).exists() for f in report.RUN_FILES) and not overwrite:
+        raise UserError(f"{out}: already holds a run; choose another --out or pass --overwrite")
+
+
+def _dry_run(args: argparse.Namespace, cfg, where: str) -> int:
+    """``run --dry-run``, once the config has passed the run's checks (same errors): the plan the
+    run would follow. Nothing is trained, downloaded, converted or written (no run directory
+    either); exit 0 also when all that is missing is the hub model or the user's data file: the
+    plan names them ("needs the hub: NAME", "needs task.data_path (...)") and leaves their part unknown."""
+    from pf2lora import plan
+
+    with _hub_offline():
+        result = plan.dry_run(cfg)
+    source = args.config or str(Path(args.resume) / "config.toml")
+    print(f"pf2lora run --dry-run: {source} (name {cfg.name}, seed {cfg.seed}, engine {args.engine}); nothing is run or written")
+    for line in plan.dry_run_lines(cfg, result):
+        print(line)
+    print(f"run dir      {where}")
+    print("ready        " + ("no: " + "; ".join(result.missing) if result.missing else "yes: everything the run needs is here"))
+    return 0
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The Hugging Face libraries in offline mode (as HF_HUB_OFFLINE=1) for the dry run: it reads
+    local files only, and a library that would otherwise ask the hub (e.g. for a newer revision)
+    must not; the previous mode is restored afterwards."""
+    import huggingface_hub.constants as hub
+
+    before, env = hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    hub.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
 
 
 def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> list:
@@ -234,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="allow replacing an existing run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config as run does and print the plan (methods, clients, steps, parameters and bytes per client and "
+        "round); trains, downloads and writes nothing. Exit 0 also when only the hub model or the data file is missing",
+    )
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the available methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the data sets of the text tasks (task.dataset)").set_defaults(func=cmd_datasets)

@@ -34,9 +34,10 @@ META = "pf2lora_adapter.json"
 GLOBAL = "global"
 
 
-def adapter_dir(run_dir: str | Path, method: str, client: str) -> Path:
-    """Where ``client``'s adapter of ``method`` lives in ``run_dir`` (``global`` for the global model)."""
-    return Path(run_dir) / DIRNAME / method / client
+def adapter_dir(root: str | Path, method: str, client: str) -> Path:
+    """Where ``client``'s adapter of ``method`` lives under ``root`` (a run's is ``RUN/adapters``;
+    ``client`` is ``global`` for the global model)."""
+    return Path(root) / method / client
 
 
 def _meta(cfg: RunConfig, task: Task, method: str, client: str, round_: int, metrics: Mapping[str, Any] | None) -> str:
@@ -55,7 +56,7 @@ def _meta(cfg: RunConfig, task: Task, method: str, client: str, round_: int, met
 
 
 def write(
-    run_dir: str | Path,
+    root: str | Path,
     cfg: RunConfig,
     task: Task,
     method: str,
@@ -64,13 +65,14 @@ def write(
     round_: int,
     metrics: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Export ``params`` (role-keyed; common, private and head tensors) as ``client``'s adapter."""
+    """Export ``params`` (role-keyed; common, private and head tensors) as ``client``'s adapter
+    under ``root`` (see :func:`adapter_dir`)."""
     cpu = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in params.items()}
     return export_peft(
         task.model,
         task.targets,
         cpu,
-        adapter_dir(run_dir, method, client),
+        adapter_dir(root, method, client),
         base_model_name_or_path=getattr(task, "model_name", None),
         extra_files={META: _meta(cfg, task, method, client, round_, metrics)},
     )

@@ -1,5 +1,6 @@
-"""Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR] [--dry-run]``, ``pf2lora methods``,
-``pf2lora datasets``, ``pf2lora config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
+"""Command line: ``pf2lora run CONFIG [--set key=value ...] [--out DIR] [--dry-run]``, ``pf2lora export
+RUN --out DIR``, ``pf2lora predict RUN ...``, ``pf2lora methods``, ``pf2lora datasets``, ``pf2lora
+config-keys``. User mistakes print one line and exit with code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pf2lora.errors import UserError
+
+DESCRIPTION = (
+    "pf2lora: personalised federated fine-tuning of language models with LoRA. "
+    "Run a config (pf2lora run CONFIG), then use what it trained (pf2lora export, pf2lora predict)."
+)
 
 
 def _machine() -> str:
@@ -53,6 +59,28 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pf2lora import runs
+
+    written = runs.export(args.run_dir, args.out, method=args.method, client=args.client, merge=args.merge)
+    print(f"wrote {len(written)} {'merged models' if args.merge else 'adapters'} under {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pf2lora import runs
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise UserError(f"--out {args.out}: expected a .csv or .jsonl file")
+    rows = runs.predict(args.run_dir, args.method, args.client, input_path=args.input, split=args.split, batch_size=args.batch_size)
+    text = runs.write_rows(rows, args.out)
+    if text is not None:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pf2lora import checkpoint, config, plan, report, secagg
     from pf2lora.engines import ENGINES
@@ -87,19 +115,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         secagg.check_engine(cfg, args.engine)  # before the run directory is made
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if args.dry_run:
-            _check_run_dir(out, args.overwrite)
+            report.check_run_dir(out, args.overwrite)
             return _dry_run(args, cfg, f"{out} (not created)")
-        report.prepare_run_dir(out, overwrite=args.overwrite)
-        atomic_write(out / "config.toml", config.dumps(cfg))
+        report.check_run_dir(out, args.overwrite)
         saved = {"completed": [], "current": None, "metrics_lines": []}
     import torch
 
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = plan.build_task(cfg)
+    tensorboard = args.tensorboard or cfg.log.tensorboard
+    if tensorboard:
+        from pf2lora.tensorboard import ScalarLog  # noqa: F401 - the missing package is said before any work
+    task = plan.build_task(cfg)  # bad data stops the run here, before its directory exists
+    if not args.resume:
+        report.prepare_run_dir(out, overwrite=args.overwrite)
+        atomic_write(out / "config.toml", config.dumps(cfg))
     engine = LocalEngine(cfg, task, progress=not args.quiet)
     lines: list[str] = list(saved["metrics_lines"])
+    tb = _tensorboard(out, lines) if tensorboard else None
 
     # metrics.jsonl is appended line by line (rewriting it every round is quadratic); a resumed run
     # first rewrites it from the checkpoint, so a line of a lost round never survives.
@@ -109,11 +143,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         lines.append(json.dumps(report.finite_or_none(record), allow_nan=False))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(lines[-1] + "\n")
+        if tb is not None:
+            tb.add(json.loads(lines[-1]))
 
     if args.engine != "local":
         results = _run_flower(args, cfg, task, out, on_round)
     else:
-        finished = _run_local(cfg, engine, out, saved, lines, on_round)
+        try:
+            finished = _run_local(cfg, engine, out, saved, lines, on_round)
+        finally:
+            if tb is not None:
+                tb.close()
         if finished is None:
             return 130
         results = finished
@@ -137,18 +177,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     report.write_report(out, task, summary, figures, command)
     print()
     print(report.task_table(task, summary))
-    print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md, {', '.join(figures)})")
+    kept = ", adapters/" if (out / "adapters").is_dir() else ""
+    print(f"\nrun directory: {out}  (summary.json, metrics.jsonl, report.md{kept}, {', '.join(figures)})")
     return 0
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    """What :func:`pf2lora.report.prepare_run_dir` refuses, checked without creating anything."""
-    from pf2lora import report
+def _tensorboard(out: Path, lines: list[str]):
+    """TensorBoard scalars under RUN/tb, starting with the records a resumed run already has."""
+    from pf2lora.tensorboard import ScalarLog
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any((out / f).exists() for f in report.RUN_FILES) and not overwrite:
-        raise UserError(f"{out}: already holds a run; choose another --out or pass --overwrite")
+    return ScalarLog(out, [json.loads(line) for line in lines])
 
 
 def _dry_run(args: argparse.Namespace, cfg, where: str) -> int:
@@ -229,10 +267,26 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
     current: dict | None = saved["current"]
 
     hold = os.environ.get(TEST_HOLD_ENV, "")
+    last: dict[str, RunState] = {}
+
+    def keep(state: RunState, metrics: dict | None, final: bool) -> None:
+        """The trained models of ``state``: every client's adapter (and, once finished, the state
+        ``pf2lora export`` reads)."""
+        from pf2lora import adapters, runs
+        from pf2lora.engines.rounds import save_adapters
+        from pf2lora.methods import registry
+
+        method = registry()[state.method](cfg, engine.task)
+        save_adapters(out / adapters.DIRNAME, cfg, engine.task, method, state.server, state.clients, state.round, metrics)
+        if final:
+            runs.save_final_state(out, state.method, state.round, state.server, state.clients)
 
     def on_state(state: RunState) -> None:
+        last["state"] = state
         if cfg.checkpoint:
             checkpoint.save(out, {"completed": completed, "current": asdict(state), "metrics_lines": lines})
+        if cfg.save_every and state.round % cfg.save_every == 0 and state.round < cfg.rounds:
+            keep(state, None, final=False)
         if hold and hold == f"{state.method}:{state.round}":  # test-only, see TEST_HOLD_ENV
             print(f"pf2lora: holding after {hold} ({TEST_HOLD_ENV})", file=sys.stderr, flush=True)
             while True:  # short sleeps: a signal handled by another thread does not end a long sleep early
@@ -246,7 +300,11 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
                 continue
             running = name
             resume = RunState(**current) if current is not None and current["method"] == name else None
+            last.clear()
             result = engine.run(name, on_round=on_round, resume=resume, on_state=on_state)
+            final = last.get("state") or resume  # a run resumed after its last round trains no more
+            if final is not None:
+                keep(final, result.clients, final=True)
             completed.append(asdict(result))
             current = None
             if cfg.checkpoint:
@@ -265,7 +323,7 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pf2lora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="pf2lora", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the methods of a config on the in-process engine")
     run.add_argument("config", nargs="?", help="TOML config file (see configs/)")
@@ -296,7 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the config as run does and print the plan (methods, clients, steps, parameters and bytes per client and "
         "round); trains, downloads and writes nothing. Exit 0 also when only the hub model or the data file is missing",
     )
+    run.add_argument(
+        "--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars under RUN/tb (log.tensorboard)"
+    )
     run.set_defaults(func=cmd_run)
+    export = sub.add_parser("export", help="write a run's trained adapters (or merged models) to a folder")
+    export.add_argument("run_dir", metavar="RUN", help="a run directory (finished, or interrupted: its checkpoint)")
+    export.add_argument("--method", help="only this method (default: every method of the run)")
+    export.add_argument("--client", help="only this client (default: every client)")
+    export.add_argument("--out", required=True, help="folder to write OUT/METHOD/CLIENT into")
+    export.add_argument("--merge", action="store_true", help="write each client's full model with its adapter merged into the base weights")
+    export.set_defaults(func=cmd_export)
+    pred = sub.add_parser("predict", help="predict with a client's personalised model of a run")
+    pred.add_argument("run_dir", metavar="RUN", help="a run directory")
+    pred.add_argument("--method", required=True, help="the method whose model predicts")
+    pred.add_argument("--client", required=True, help="the client whose personalised model predicts")
+    source = pred.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="FILE", help="a .csv, .jsonl or .txt file; the text is in the config's task.text_column")
+    source.add_argument("--split", choices=("test", "train"), help="that client's own split of the run's data instead")
+    pred.add_argument("--out", help="a .csv or .jsonl file (default: CSV on standard output)")
+    pred.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    pred.set_defaults(func=cmd_predict)
     sub.add_parser("methods", help="list the available methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the data sets of the text tasks (task.dataset)").set_defaults(func=cmd_datasets)
     sub.add_parser("config-keys", help="list every config key with its default and help").set_defaults(func=cmd_config_keys)

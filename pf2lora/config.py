@@ -184,7 +184,39 @@ class SHELoRAConfig:
 class FedHeLLoConfig:
     """Fed-HeLLo (heterogeneous LoRA layer allocation); owned by pf2lora/methods/fed_hello.py."""
 
-    layer_budgets: list[float] = _f([1.0, 0.75, 0.5], "fraction of the adapted layers a client trains, cycled over clients (its resources)")
+    layer_budgets: list[float] = _f(
+        [1.0, 0.75, 0.5],
+        "fraction of the adapted layers a client trains (its resources), cycled over the clients (client_i gets budget "
+        "(i + a seeded offset) mod the list's length); a client trains floor(budget * layers) layers, at least one",
+        gt=0.0,
+        max=1.0,
+    )
+    allocation: Literal["gd", "rgd", "fim"] = _f(
+        "fim",
+        "which layers a client trains each round: gd = the top-k layers of fed_hello.pattern (deterministic), rgd = k layers "
+        "sampled without replacement with the pattern's probabilities (per client per round), fim = sampled with probabilities "
+        "from the clients' per-layer Fisher scores of the global model (the pattern's rgd until the first scores arrive)",
+    )
+    pattern: Literal["uniform", "triangle", "inverted-triangle", "bottleneck"] = _f(
+        "bottleneck",
+        "geometric prior over depth: uniform, triangle (most clients train the layers nearest the input), inverted-triangle "
+        "(nearest the output), bottleneck (both ends, fewest in the middle)",
+    )
+    layer_unit: Literal["block", "module"] = _f(
+        "block",
+        "what one allocated layer is: block = a transformer block's adapted modules together (e.g. its query and value), module = each",
+    )
+    fisher_every: int = _f(
+        5, "fim: clients send per-layer Fisher scores in rounds N, 2N, ...; each set is used from the next round on", min=1
+    )
+    fisher_samples: int = _f(16, "fim: training examples per client whose per-example gradients give its Fisher scores", min=1)
+    fisher_levels: int = _f(
+        3, "fim: the scores are clustered (1-D k-means) into this many levels; level j (1 = lowest) has weight j", min=1
+    )
+
+    def __post_init__(self) -> None:
+        if not self.layer_budgets:
+            raise UserError("key 'fed_hello.layer_budgets' must list at least one budget")
 
 
 @dataclass
@@ -240,6 +272,13 @@ class FaultsConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = _f(
+        False, "also write every metric of metrics.jsonl as TensorBoard scalars under RUN/tb/METHOD (pip install 'pf2lora[tensorboard]')"
+    )
+
+
+@dataclass
 class EvalConfig:
     rank_threshold: float = _f(0.1, "effective rank counts singular values above this fraction of the largest", gt=0.0, max=1.0)
     every: int = _f(0, "evaluate every N rounds (0 = only at the end)", min=0)
@@ -286,6 +325,11 @@ class RunConfig:
         min=0,
     )
     checkpoint: bool = _f(True, "write an atomic checkpoint after every round (resume with `pf2lora run --resume DIR`)")
+    save_every: int = _f(
+        0,
+        "also write every client's adapter (RUN/adapters/METHOD/CLIENT) every N rounds; they are always written when a method finishes (0 = only then)",
+        min=0,
+    )
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -301,6 +345,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 

@@ -168,10 +168,21 @@ def export_peft(
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     with atomic_dir(out_dir) as tmp:  # built aside, then moved into place in one rename
         config.save_pretrained(str(tmp))
+        _stable_config(tmp / CONFIG_NAME)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir
+
+
+def _stable_config(path: Path) -> None:
+    """peft keeps ``target_modules`` as a set, so its saved order follows the process's string
+    hashing: sorted here, so the same adapter is the same bytes in every process."""
+    cfg = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def _pattern_value(pattern: Mapping[str, float], path: str, default: float) -> float:

@@ -18,15 +18,22 @@ from pf2lora.errors import UserError
 from pf2lora.io import atomic_write
 from pf2lora.tasks.base import Task
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "report.md", "config.toml", "checkpoint.pt")
+RUN_FILES = ("summary.json", "metrics.jsonl", "report.md", "checkpoint.pt", "states", "adapters")
+"""What makes a directory a run: anything training wrote (a lone ``config.toml`` is a run that
+stopped on bad input before training, which a corrected retry may replace)."""
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    """Create ``path``; refuse (one line, nothing touched) if it already holds a run."""
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse (one line, nothing touched) a ``path`` that is a file or already holds a run."""
     if path.exists() and not path.is_dir():
         raise UserError(f"{path}: output path exists and is not a directory")
     if path.is_dir() and any((path / f).exists() for f in RUN_FILES) and not overwrite:
         raise UserError(f"{path}: already holds a run; choose another --out or pass --overwrite")
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    """Create ``path``; refuse (one line, nothing touched) if it already holds a run."""
+    check_run_dir(path, overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True):

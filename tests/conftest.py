@@ -220,3 +220,49 @@ def start_run_holding(args: list[str], hold: str, timeout: float = 120) -> subpr
         proc.wait()
         raise
     return proc
+
+
+# -- tiny saved models of the real architectures, with offline tokenizers -----------------------
+
+
+def _byte_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def save_tiny_roberta(d: Path) -> Path:
+    """A saved 1-layer RobertaModel (the classifier head is new, as on roberta-base) with a
+    byte-level BPE tokenizer without merges (one token per byte), offline."""
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *_byte_alphabet(), "<mask>"])}
+    RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(d)
+    cfg = RobertaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=160,  # max_length 128 + RoBERTa's position offset
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        RobertaModel(cfg, add_pooling_layer=False).save_pretrained(d)
+    return d
+
+
+def save_tiny_gpt2(d: Path) -> Path:
+    """A saved 1-layer GPT2LMHeadModel (Conv1D c_attn, as gpt2-medium) with a byte-level tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    vocab = {t: i for i, t in enumerate([*_byte_alphabet(), "<|endoftext|>"])}
+    GPT2Tokenizer(vocab=vocab, merges=[]).save_pretrained(d)
+    eos = len(vocab) - 1
+    cfg = GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=256, bos_token_id=eos, eos_token_id=eos)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d

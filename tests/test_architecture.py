@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pf2lora.methods",),
     ("pf2lora.plan", "pf2lora.export", "pf2lora.adapters"),
     ("pf2lora.engines",),
-    ("pf2lora.report", "pf2lora.checkpoint"),
+    ("pf2lora.report", "pf2lora.checkpoint", "pf2lora.runs", "pf2lora.tensorboard"),
     ("pf2lora.cli",),
 ]
 """Bottom to top: a module may import its own layer's modules and any layer below, never above."""

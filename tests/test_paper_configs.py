@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import ROOT, SMALL, read_summary, run_cli, sets
+from conftest import ROOT, SMALL, read_summary, run_cli, save_tiny_gpt2, save_tiny_roberta, sets
 from pf2lora import plan
 from pf2lora.cli import main
 from pf2lora.methods import registry
@@ -197,51 +196,14 @@ def test_dry_run_with_the_model_but_without_the_data(tiny_roberta, tmp_path, mon
 # (c) each GLUE / NLG config end to end, on a tiny model of its family and a fixture file
 
 
-def _byte_alphabet() -> list[str]:
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory) -> Path:
-    """A saved 1-layer RobertaModel (the classifier head is new, as on roberta-base) with a
-    byte-level BPE tokenizer without merges (one token per byte), offline."""
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
-
-    d = tmp_path_factory.mktemp("tiny_roberta")
-    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *_byte_alphabet(), "<mask>"])}
-    RobertaTokenizer(vocab=vocab, merges=[]).save_pretrained(d)
-    cfg = RobertaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=160,  # max_length 128 + RoBERTa's position offset
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        RobertaModel(cfg, add_pooling_layer=False).save_pretrained(d)
-    return d
+    return save_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"))
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory) -> Path:
-    """A saved 1-layer GPT2LMHeadModel (Conv1D c_attn, as gpt2-medium) with a byte-level tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_gpt2")
-    vocab = {t: i for i, t in enumerate([*_byte_alphabet(), "<|endoftext|>"])}
-    GPT2Tokenizer(vocab=vocab, merges=[]).save_pretrained(d)
-    eos = len(vocab) - 1
-    cfg = GPT2Config(vocab_size=len(vocab), n_embd=16, n_layer=1, n_head=2, n_positions=256, bos_token_id=eos, eos_token_id=eos)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        GPT2LMHeadModel(cfg).save_pretrained(d)
-    return d
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 POS = ["a fine film", "great fun", "loved it", "a warm story"]

@@ -104,8 +104,8 @@ def load_table(
 
     ``text`` (and optionally ``text_pair``) name the input columns, exactly one of ``label``
     (classification) or ``target`` (generation) the output, and ``client`` an optional column of
-    natural client ids. Labels are integer class indices, or names from ``label_names`` (whose
-    order fixes the indices). ``format`` is ``csv``, ``tsv`` or ``jsonl`` (default: from the
+    natural client ids. Labels are integer class indices, or class names: those of
+    ``label_names`` (whose order fixes the indices), else the sorted set of names in the file. ``format`` is ``csv``, ``tsv`` or ``jsonl`` (default: from the
     suffix; ``.json`` may also hold a list of records). Every problem is one line naming the file,
     the line and the column.
     """
@@ -146,6 +146,9 @@ def load_table(
                 raise UserError(f"{p}: line {records[0][0]}: no column {col!r}; columns are {', '.join(map(str, records[0][1]))}")
     if not records:
         raise UserError(f"{p}: no examples (only a header)")
+    inferred = label is not None and label_names is None and _names_in(records, label)
+    if inferred:  # class names without label_names: the sorted set found in the file
+        label_names = sorted({str(rec[label]) for _, rec in records if label in rec})
     texts: list[str] = []
     pairs: list[str] | None = [] if text_pair else None
     labels: list[int] | None = [] if label else None
@@ -188,8 +191,14 @@ def load_table(
         groups=groups,
         label_names=names,
         group_name=client,
-        info={"source": str(p)},
+        info={"source": str(p), **({"label_names_inferred": True} if inferred else {})},
     )
+
+
+def _names_in(records: list[tuple[int, dict[str, Any]]], column: str) -> bool:
+    """Whether ``column`` holds class names (strings that are not integers) rather than indices; a
+    column mixing both is neither (the per-row check then names the odd row)."""
+    return all(isinstance(rec.get(column), str) and not re.fullmatch(r"[+-]?\d+", rec[column].strip()) for _, rec in records)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def eval_means(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
 
 @torch.no_grad()
 def save_adapters(
-    run_dir: str | Path,
+    root: str | Path,
     cfg: RunConfig,
     task: Task,
     method: Method,
@@ -257,7 +257,7 @@ def save_adapters(
     metrics: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Path]:
     """Write every client's personalised adapter and the global one (the global model as the
-    first client receives it) into ``run_dir/adapters/METHOD/``, as the evaluation after ``round_``
+    first client receives it) into ``root/METHOD/`` (a run's root is ``RUN/adapters``), as the evaluation after ``round_``
     sees them: the same tensors (:func:`personal_model`)."""
     written: list[Path] = []
     first_received: st.Tensors | None = None
@@ -267,11 +267,11 @@ def save_adapters(
         received = st.clone(method.broadcast(server, cid))
         first_received = received if first_received is None else first_received
         personal = personal_model(cfg, task, method, client, received, state, round_)
-        written.append(adapters.write(run_dir, cfg, task, method.name, cid, personal, round_, (metrics or {}).get(cid)))
+        written.append(adapters.write(root, cfg, task, method.name, cid, personal, round_, (metrics or {}).get(cid)))
     if first_received is not None:
         global_params = method.global_params(first_received, {})
         if global_params is not None:
-            written.append(adapters.write(run_dir, cfg, task, method.name, adapters.GLOBAL, global_params, round_))
+            written.append(adapters.write(root, cfg, task, method.name, adapters.GLOBAL, global_params, round_))
     return written
 
 
@@ -375,6 +375,7 @@ class RoundLedger:
             "train_loss": sum(loss for _, loss, _ in self.counted) / n if self.counted else float("nan"),
             "upload_bytes_per_client": sum(b for _, _, b in self.counted) / n,
             "download_bytes_per_client": self.download / max(1, len(self.sampled) - len(self.outcome["dropped"])),
+            **method.round_record(self.updates),
         }
         return server, record
 

@@ -18,6 +18,7 @@ from pf2lora import lora, models
 from pf2lora.config import RunConfig
 from pf2lora.data import catalogue
 from pf2lora.data.dataset import TextDataset
+from pf2lora.errors import UserError
 from pf2lora.metrics import effective_rank
 from pf2lora.tasks.base import Batch, ClientData, Task
 from pf2lora.tasks.text_data import Splits, client_splits, length_sorted_chunks, warn_truncated
@@ -62,7 +63,10 @@ class TextTask(Task):
             self.model.set_attn_implementation("eager")
         self.model.eval()
         self._prepare_model()
-        targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
+        try:
+            targets = cfg.lora.target_modules or lora.default_targets(self.model.config.model_type)
+        except ValueError as e:  # a model type we know no default for: the user names the modules
+            raise UserError(f"task.model = {self.model_name!r}: {e}") from None
         self.targets = lora.inject(self.model, targets, {lora.COMMON: cfg.lora.alpha, lora.PRIVATE: cfg.lora.private_alpha})
 
         self.clients = []

@@ -109,6 +109,7 @@ class TextClassificationTask(TextTask):
     def _use_dataset(self, ds: TextDataset) -> None:
         self.label_names = list(ds.label_names or [])
         self.num_labels = len(self.label_names)
+        self.labels_inferred = bool(ds.info.get("label_names_inferred"))
         if ds.labels is None:  # pragma: no cover - TextTask checks the data set's kind first
             raise ValueError(f"{ds.name} has no labels")
         self._labels: list[int] = ds.labels
@@ -201,9 +202,14 @@ class TextClassificationTask(TextTask):
         return f"trained head: {', '.join(self.head_names)}; max_length {self.max_length}."
 
     def _metrics_note(self) -> str:
+        inferred = (
+            f" Classes (read from the label column, sorted; set task.label_names for another order): {', '.join(self.label_names)}."
+            if self.labels_inferred
+            else ""
+        )
         return (
             "majority_accuracy: always predicting the client's majority training label (the floor to beat); "
-            "mcc is the Matthews correlation (CoLA's metric)."
+            "mcc is the Matthews correlation (CoLA's metric)." + inferred
         )
 
     def _groups_need_note(self, groups: dict[str, str]) -> bool:

@@ -23,7 +23,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 
@@ -243,6 +243,11 @@ class Method(ABC):
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         """Method-specific per-client figures for the summary (e.g. HETLoRA's client rank)."""
+        return {}
+
+    def round_record(self, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
+        """Method-specific entries of the round's record (a line of metrics.jsonl; JSON values),
+        from the uploads the server accepted this round (e.g. Fed-HeLLo's layers per client)."""
         return {}
 
     # -- helpers for subclasses ----------------------------------------------------------------

@@ -176,8 +176,29 @@ class SHELoRAConfig:
     """SHE-LoRA (selective homomorphic encryption); owned by pf2lora/methods/she_lora.py."""
 
     column_budgets: list[float] = _f(
-        [0.05, 0.1, 0.2], "fraction of each layer's input columns a client encrypts, cycled over clients (its resources)"
+        [0.05, 0.1, 0.2],
+        "fraction of each adapted layer's input columns (of LoRA A) a client encrypts, ceil(f d_in) and at least 1, cycled over "
+        "the clients in their order (its resources); 1.0 = encrypt everything",
+        gt=0.0,
+        max=1.0,
     )
+    calibration_samples: int = _f(
+        16, "training examples per client whose adapted-layer inputs rank its columns (|A[:, j]| ||X_j||, in round 1)", min=1
+    )
+    poly_modulus_degree: int = _f(8192, "CKKS ring degree N (a power of two); a ciphertext holds N / 2 values", min=8192, max=32768)
+    fixed_point_bits: int = _f(
+        24,
+        "encrypted values are rounded to multiples of 2^-bits, so decrypted sums are exact; a client's weighted update must stay "
+        "below 2^(34 - bits) / clients in magnitude",
+        min=8,
+        max=30,
+    )
+
+    def __post_init__(self) -> None:
+        if not self.column_budgets:
+            raise UserError("key 'she_lora.column_budgets' must list at least one budget")
+        if self.poly_modulus_degree & (self.poly_modulus_degree - 1):
+            raise UserError(f"key 'she_lora.poly_modulus_degree' must be a power of two, got {self.poly_modulus_degree}")
 
 
 @dataclass

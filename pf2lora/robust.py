@@ -77,7 +77,8 @@ def validate_update(
     Checks, in order: it is a mapping with string keys; no key outside ``shared:`` (a private
     tensor leaving its client); exactly the keys of ``spec``; each value a dense tensor with the
     spec's number of dimensions and sizes (``None`` = any size >= 1), of ``dtype`` (``None`` = any
-    floating-point dtype), and finite everywhere. Never raises: anything unexpected is a reason.
+    floating-point dtype; ``uint8`` for a byte payload, :func:`pf2lora.state.bytes_key`), and finite
+    everywhere. Never raises: anything unexpected is a reason.
     """
     try:
         return _validate(shared, spec, dtype)
@@ -113,7 +114,10 @@ def _validate(shared: object, spec: Spec, dtype: torch.dtype | None) -> str | No
             return f"{where}: not a dense tensor (layout {v.layout})"
         if v.device.type == "meta":
             return f"{where}: a meta tensor (no data)"
-        if dtype is None:
+        if st.is_bytes(k):  # an opaque payload (state.bytes_key): bytes, not numbers
+            if v.dtype != torch.uint8:
+                return f"{where}: dtype {v.dtype}, expected torch.uint8 (a byte payload)"
+        elif dtype is None:
             if not v.is_floating_point():
                 return f"{where}: dtype {v.dtype} is not floating point"
         elif v.dtype != dtype:

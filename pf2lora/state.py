@@ -65,6 +65,20 @@ def is_meta(state_key: str) -> bool:
     return state_key.startswith(META + "/")
 
 
+BYTES = "bytes"
+"""Path prefix of an opaque byte payload: ``<role>:bytes/<name>``."""
+
+
+def bytes_key(role: str, name: str) -> str:
+    """The key of opaque byte payload ``name`` (e.g. serialized ciphertexts): a 1-D ``uint8``
+    tensor that travels, and is counted, byte for byte like any tensor, but is no model parameter."""
+    return key(role, f"{BYTES}/{name}")
+
+
+def is_bytes(state_key: str) -> bool:
+    return state_key.partition(":")[2].startswith(BYTES + "/")
+
+
 def opt_prefix(name: str) -> str:
     """The prefix of optimizer ``name``'s entries in a client state (``opt/<name>/``)."""
     return f"{OPT}/{name}/"

@@ -324,7 +324,8 @@ def method_costs(cfg: RunConfig, task: Task | _Skeleton, client_ids: Sequence[st
             for key, dims in method.upload_spec(received).items():
                 sent = received.get(key)
                 shape = [d if d is not None else (sent.shape[i] if sent is not None else 0) for i, d in enumerate(dims)]
-                upload += math.prod(shape) * (sent.element_size() if sent is not None else 4)
+                size = sent.element_size() if sent is not None else 1 if st.is_bytes(key) else 4  # a byte payload: uint8
+                upload += math.prod(shape) * size
             cost.upload.append(upload)
         costs.append(cost)
     return costs

@@ -222,6 +222,11 @@ def test_the_server_refuses_a_secret_context_and_mixed_keys():
     leaked = she.ClientUpdate(votes[0].client_id, {**votes[0].shared, she.CONTEXT: she.as_tensor(secret_of(states["client_0"]))}, 10)
     with pytest.raises(ValueError, match="secret key"):
         method.aggregate(initial_server(cfg, method), [leaked, votes[1]])
+    from pf2lora.robust import validate_update
+
+    received = log[0]["received"]
+    longer = {**votes[0].shared, she.vote_key(task.targets[0]): torch.zeros(task.targets[0].in_features)}
+    assert "shape" in validate_update(longer, method.upload_spec(received))  # a vote must be the client's budget long
     other = she.ClientUpdate(votes[1].client_id, {**votes[1].shared, she.KEY_ID: torch.zeros(she.KEY_ID_BYTES, dtype=torch.uint8)}, 10)
     with pytest.raises(ValueError, match="another CKKS key"):
         method.aggregate(initial_server(cfg, method), [votes[0], other])

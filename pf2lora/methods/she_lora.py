@@ -70,8 +70,9 @@ Choices where the paper leaves one open (ours, stated):
 - Server -> client: the plaintext part of the mean (dense, or its exact thin-SVD factors at rank
   ``sum r_k`` of the round's clients when those are smaller), the ciphertext sum, ``sum w_k``,
   ``nu``, the column lists, the first ``r_k`` rows of the server's random init A (for a layer whose
-  aggregate is zero), and a shared head (plaintext: only LoRA A's columns are protected; use
-  ``lora.head = "private"`` to keep a head local).
+  aggregate is zero), the client's budget (its vote's length is checked against it), and a shared
+  head (plaintext: only LoRA A's columns are protected; use ``lora.head = "private"`` to keep a
+  head local).
 - Server options: the server only adds, so ``server.aggregator = "mean"``, no ``clip_norm``, no
   client-level DP (each needs every update in the clear); others are refused with one line.
 - The global model exists only for key holders: ``global_params`` without a client's key is None.
@@ -80,6 +81,7 @@ Choices where the paper leaves one open (ours, stated):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -140,6 +142,12 @@ def new_secret_context(poly_modulus_degree: int) -> bytes:
 def public_context(secret: bytes) -> bytes:
     """The parameters of ``secret``'s context without any key: enough to add ciphertexts."""
     return bytes(context(secret).serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False))
+
+
+@functools.cache
+def public_context_size(poly_modulus_degree: int) -> int:
+    """Bytes of a key-less context (the same for every key of these parameters)."""
+    return len(public_context(new_secret_context(poly_modulus_degree)))
 
 
 _CONTEXTS: dict[bytes, Any] = {}
@@ -282,6 +290,8 @@ WEIGHT = _she("weight")
 """``sum w_k`` of the last aggregate (0 before the first)."""
 UNIT = _she("weight_unit")
 """``nu``: client k weighs ``n_k / nu``."""
+BUDGET = _she("budget")
+"""The column budget the server expects of the client it broadcasts to (its upload's spec)."""
 
 _INIT = st.meta_key("init_A/")
 _SERVER_CONTEXT = st.meta_key("she/context")
@@ -367,6 +377,7 @@ class SHELoRA(FlexLoRA):
         rank = self.assigned_rank(client_id)
         out = {k: v for k, v in server.items() if not st.is_meta(k)}
         out.update({init_key(t): server[_INIT + t.path][:rank] for t in self.task.targets})
+        out[BUDGET] = torch.tensor([self.budget(client_id)], dtype=torch.float64)
         return out
 
     def heads(self, tensors: Mapping[str, torch.Tensor]) -> st.Tensors:
@@ -536,8 +547,10 @@ class SHELoRA(FlexLoRA):
         return out
 
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
-        if self.lists(received, self.task.targets) is None:
-            return {**{vote_key(t): (None,) for t in self.task.targets}, CONTEXT: (None,), KEY_ID: (KEY_ID_BYTES,)}
+        if self.lists(received, self.task.targets) is None:  # a vote of the client's budget, a key-less context, a key id
+            f = float(received[BUDGET].sum())
+            votes: dict[str, tuple[int | None, ...]] = {vote_key(t): (column_count(t, f),) for t in self.task.targets}
+            return {**votes, CONTEXT: (public_context_size(self.cfg.she_lora.poly_modulus_degree),), KEY_ID: (KEY_ID_BYTES,)}
         spec: dict[str, tuple[int | None, ...]] = {k: tuple(v.shape) for k, v in self.heads(received).items()}
         for t in self.task.targets:
             k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)

@@ -146,17 +146,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if tb is not None:
             tb.add(json.loads(lines[-1]))
 
-    if args.engine != "local":
-        results = _run_flower(args, cfg, task, out, on_round)
-    else:
-        try:
-            finished = _run_local(cfg, engine, out, saved, lines, on_round)
-        finally:
-            if tb is not None:
-                tb.close()
-        if finished is None:
-            return 130
-        results = finished
+    try:
+        finished = (
+            _run_flower(args, cfg, task, out, on_round) if args.engine != "local" else _run_local(cfg, engine, out, saved, lines, on_round)
+        )
+    finally:
+        if tb is not None:
+            tb.close()
+    if finished is None:
+        return 130
+    results = finished
     extra = {
         "name": cfg.name,
         "seed": cfg.seed,
@@ -237,13 +236,14 @@ def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> lis
         raise UserError(f"--engine {args.engine} needs Flower: pip install 'pf2lora[flower]' ({e})") from None
     try:
         if args.engine == "flower-sim":
-            return flower.run_flower_sim(cfg, task, on_round=on_round, progress=not args.quiet)
+            return flower.run_flower_sim(cfg, task, on_round=on_round, progress=not args.quiet, adapters_root=out / "adapters")
         return flower.run_flower_deploy(
             cfg,
             args.superlink,
             on_round=on_round,
             workdir=out / "flower",
             root_certificates=args.root_certificates,
+            adapters_root=out / "adapters",
         )
     except (flower.FlowerEngineError, RoundFailure) as e:
         raise UserError(str(e)) from None

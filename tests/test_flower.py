@@ -69,6 +69,31 @@ def test_every_method_matches_the_local_engine(tmp_path):
         _assert_close(a.clients, b.clients, tol=0.0)  # the same float operations: bit for bit
 
 
+def test_nodes_keep_their_clients_adapters_and_the_server_writes_only_the_global_one(tmp_path):
+    """The personalised adapters a node writes are the ones the local engine writes (same bytes);
+    the server's folder holds the global adapter and nothing of any client."""
+    from pf2lora.engines.rounds import save_adapters
+    from pf2lora.methods import registry
+
+    cfg, task = small_task(*TINY, methods_override(["pf2lora", "homlora"]))
+    register_task(cfg, task)
+    nodes, server_root = tmp_path / "nodes", tmp_path / "server"
+    FlowerServer(cfg, task, InProcessGrid(make_client_app(cfg, nodes), len(task.clients)), adapters_root=server_root).run()
+    for name in cfg.methods:
+        states = []
+        LocalEngine(cfg, task, progress=False).run(name, on_state=states.append)
+        s = states[-1]
+        local_root = tmp_path / "local"
+        save_adapters(local_root, cfg, task, registry()[name](cfg, task), s.server, s.clients, s.round)
+        assert sorted(p.name for p in (server_root / name).iterdir()) == ["global"]
+        for c in task.clients:
+            for f in ("adapter_model.safetensors", "adapter_config.json"):
+                node_file = nodes / "adapters" / name / c.client_id / f
+                assert node_file.read_bytes() == (local_root / name / c.client_id / f).read_bytes(), (name, c.client_id, f)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (server_root / name / "global" / f).read_bytes() == (local_root / name / "global" / f).read_bytes()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -240,9 +240,14 @@ def mean_of(clients: Mapping[str, Mapping[str, Any]], metric: str) -> float:
 
 
 def eval_means(clients: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The mean over clients of every scalar metric of an evaluation round, for learning curves."""
-    names = sorted({k for c in clients.values() for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return {name: mean_of(clients, name) for name in names}
+    """The mean over clients of every finite scalar metric of an evaluation round (a metric no
+    client reports a finite value of is left out), for learning curves."""
+    values: dict[str, list[float]] = {}
+    for c in clients.values():
+        for k, v in c.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                values.setdefault(k, []).append(float(v))
+    return {k: sum(vs) / len(vs) for k, vs in sorted(values.items())}
 
 
 @torch.no_grad()
@@ -257,8 +262,8 @@ def save_adapters(
     metrics: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Path]:
     """Write every client's personalised adapter and the global one (the global model as the
-    first client receives it) into ``root/METHOD/`` (a run's root is ``RUN/adapters``), as the evaluation after ``round_``
-    sees them: the same tensors (:func:`personal_model`)."""
+    first client receives it) into ``root/METHOD/`` (a run's root is ``RUN/adapters``), as the
+    evaluation after ``round_`` sees them: the same tensors (:func:`personal_model`)."""
     written: list[Path] = []
     first_received: st.Tensors | None = None
     for client in task.clients:

@@ -34,6 +34,7 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
 
     settings = json.loads((folder / "settings.json").read_text())
     result_path = settings.get("result_path") or ""
+    adapters_path = settings.get("adapters_path") or None
     server = ServerApp()
 
     @server.main()
@@ -50,7 +51,7 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
             if cfg.num_threads:
                 torch.set_num_threads(cfg.num_threads)
             on_round = lambda record: print(ROUND_TAG + json.dumps(record), flush=True)
-            results = FlowerServer(cfg, build_task(cfg), grid, on_round=on_round).run()
+            results = FlowerServer(cfg, build_task(cfg), grid, on_round=on_round, adapters_root=adapters_path).run()
         except BaseException as e:
             print(ERROR_TAG + f"{type(e).__name__}: {e}".replace("\n", " ")[:500], flush=True)
             raise

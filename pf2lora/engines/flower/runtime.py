@@ -41,6 +41,7 @@ env.apply()
 
 from flwr.app import Message
 
+from pf2lora import adapters
 from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, Instruction, TrainIns, TrainReply
 from pf2lora.engines.rounds import (
     InjectedCrash,
@@ -48,6 +49,7 @@ from pf2lora.engines.rounds import (
     evaluate_client,
     initial_client,
     injected_poison,
+    personal_model,
     train_client,
     trainers,
 )
@@ -188,6 +190,11 @@ class ClientRuntime:
         if client is None:
             raise ValueError(f"no client {ins.client_id!r} in this node's task")
         metrics = evaluate_client(self.cfg, self.task, method, client, ins.received, state, ins.round)
+        if ins.round == self.cfg.rounds:  # the final evaluation: the client keeps its model, here
+            personal = personal_model(self.cfg, self.task, method, client, ins.received, state, ins.round)
+            adapters.write(
+                self.store.root / adapters.DIRNAME, self.cfg, self.task, method.name, client.client_id, personal, ins.round, metrics
+            )
         return Message(EvaluateReply(ins.client_id, metrics).content(), reply_to=msg)
 
     def _check_served(self, client_id: str, partition: int) -> None:

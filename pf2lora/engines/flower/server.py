@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pf2lora import adapters
 from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.engines.flower import env
@@ -65,8 +67,12 @@ class FlowerServer:
         on_reply: ReplyHook | None = None,
         progress: bool = False,
         on_server: ServerHook | None = None,
+        adapters_root: str | Path | None = None,
     ):
+        """``adapters_root``: where the server writes each method's global adapter when it
+        finishes (``ROOT/METHOD/global``); the personalised ones stay on the nodes."""
         self.cfg = cfg
+        self.adapters_root = Path(adapters_root) if adapters_root else None
         self.task = task
         self.channel = Channel(grid, on_reply)
         self.on_round = on_round
@@ -113,7 +119,18 @@ class FlowerServer:
             if self.on_server is not None:
                 self.on_server(name, round_, st.clone(run.server))
             run.end_round(record, self._evaluate(run, round_) if run.eval_due(round_) else None)
-        return run.finish(self._evaluate(run, self.cfg.rounds))
+        result = run.finish(self._evaluate(run, self.cfg.rounds))
+        if self.adapters_root is not None:
+            self._write_global(run)
+        return result
+
+    def _write_global(self, run: MethodRun) -> None:
+        """The global model as the first client receives it, as a PEFT adapter (none for a
+        method without one, e.g. local-only)."""
+        method, first = run.method, self.task.clients[0].client_id
+        global_params = method.global_params(st.clone(method.broadcast(run.server, first)), {})
+        if global_params is not None and self.adapters_root is not None:
+            adapters.write(self.adapters_root, self.cfg, self.task, method.name, adapters.GLOBAL, global_params, self.cfg.rounds)
 
     def _round(self, run: MethodRun, round_: int) -> dict[str, Any]:
         """One round: broadcast to every sampled client that did not drop out, one exchange, then
@@ -262,6 +279,7 @@ def make_server_app(
     on_done: Callable[[list[MethodResult]], None] | None = None,
     on_server: ServerHook | None = None,
     on_error: Callable[[BaseException], None] | None = None,
+    adapters_root: str | Path | None = None,
 ) -> ServerApp:
     """A ServerApp running ``cfg.methods``. Results are appended to ``results`` (in-process
     simulation) and/or passed to ``on_done`` (a deployed ServerApp writes them out)."""
@@ -280,6 +298,7 @@ def make_server_app(
                 on_reply=on_reply,
                 progress=progress,
                 on_server=on_server,
+                adapters_root=adapters_root,
             )
             out = server.run()
         except BaseException as e:

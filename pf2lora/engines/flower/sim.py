@@ -35,13 +35,16 @@ def run_flower_sim(
     num_cpus: int | None = None,
     verbose: bool = False,
     on_server: ServerHook | None = None,
+    adapters_root: str | Path | None = None,
 ) -> list[MethodResult]:
     """Run ``cfg.methods`` on a simulated federation (one virtual SuperNode per client).
 
     ``task`` (built from ``cfg`` when None) serves the ServerApp; Ray workers build theirs.
     Client state lives in ``cfg.flower.state_dir`` or a temporary folder removed afterwards.
     ``num_cpus`` caps the cores Ray may use (default: all); each client takes
-    ``cfg.flower.client_cpus``. ``on_server`` sees the server state after every round. Raises :class:`FlowerEngineError` if the simulation fails.
+    ``cfg.flower.client_cpus``. ``on_server`` sees the server state after every round. The server
+    writes each method's global adapter under ``adapters_root``; every client's personalised one is
+    written by its node under ``STATE/adapters``. Raises :class:`FlowerEngineError` if the simulation fails.
     """
     import ray
     from flwr.simulation import run_simulation
@@ -55,7 +58,16 @@ def run_flower_sim(
     if not state_dir:
         tmp = tempfile.mkdtemp(prefix="pf2lora-flower-state-")
         state_dir = tmp
-    server_app = make_server_app(cfg, task, results=results, on_round=on_round, on_reply=on_reply, progress=progress, on_server=on_server)
+    server_app = make_server_app(
+        cfg,
+        task,
+        results=results,
+        on_round=on_round,
+        on_reply=on_reply,
+        progress=progress,
+        on_server=on_server,
+        adapters_root=adapters_root,
+    )
     client_app = make_client_app(cfg, state_dir)
     init_args: dict = {"include_dashboard": False}
     if num_cpus:

@@ -40,7 +40,7 @@ def _peft_logits(base_dir, task, adapter, batch):
         return model(**task.model_inputs(batch)).logits
 
 
-@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != "she-lora"])
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_exports_exactly(method, tiny, tmp_path):
     cfg, task, base_dir = tiny
     cfg = plan.load(None, [*TINY_TEXT, "rounds=2", "local_steps=2", "lora.private_rank=2", f'methods=["{method}"]'])

@@ -138,13 +138,16 @@ def injected_poison(cfg: RunConfig, cid: str, update: ClientUpdate, received: st
     f = cfg.faults
     if cid not in f.poison_clients:
         return update
-    if f.poison == "nan":
-        shared = {k: torch.full_like(v, float("nan")) for k, v in update.shared.items()}
-    else:
-        shared = {
-            k: received[k] + f.poison_scale * (v - received[k]) if k in received and received[k].shape == v.shape else f.poison_scale * v
-            for k, v in update.shared.items()
-        }
+    shared = dict(update.shared)
+    for k, v in update.shared.items():
+        if not v.is_floating_point():  # a byte payload (ciphertexts) has no NaN and no scale
+            continue
+        if f.poison == "nan":
+            shared[k] = torch.full_like(v, float("nan"))
+        elif k in received and received[k].shape == v.shape:
+            shared[k] = received[k] + f.poison_scale * (v - received[k])
+        else:
+            shared[k] = f.poison_scale * v
     return ClientUpdate(update.client_id, shared, update.num_examples, update.metrics)
 
 

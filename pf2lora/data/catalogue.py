@@ -11,13 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Literal
 
-from pf2lora.config import TaskConfig
+from pf2lora.config import FileList, TaskConfig
 from pf2lora.data import corpora, user_files
+from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
+
+NODE = "node"
+"""``task.partition`` of one client per file, each client's own (see :func:`client_files`)."""
 
 CLASSIFICATION = "text-classification"
 GENERATION = "generation"
@@ -204,6 +209,18 @@ def resolve(tc: TaskConfig) -> DataSet:
     return entry
 
 
+def client_files(tc: TaskConfig) -> list[str]:
+    """``task.partition = "node"``: the file of each client given here, by client position (``""``:
+    that client's file is only on its SuperNode, node config ``data-path``); empty when none is
+    given here (every client's data is on its node)."""
+    if isinstance(tc.data_path, FileList):
+        files = [p.strip() for p in tc.data_path]
+        return files if any(files) else []
+    if tc.data_path.strip() and tc.num_clients > 1:  # (not in _problem: the dry run's stand-in path is one string)
+        raise UserError(f'task.partition = "node": task.data_path must list one file per client ({tc.num_clients}), not one path')
+    return [tc.data_path.strip()] if tc.data_path.strip() else []
+
+
 def _problem(tc: TaskConfig) -> str | None:
     """Why the task could not load its data set (unknown for its kind, no ``task.data_path``
     where one is needed, an unnamed column), or None."""
@@ -211,7 +228,21 @@ def _problem(tc: TaskConfig) -> str | None:
         entry = resolve(tc)
     except UserError as e:
         return str(e)
-    if entry.needs_path and not tc.data_path.strip():
+    listed = isinstance(tc.data_path, FileList) and len(tc.data_path) > 1
+    if listed and tc.partition != NODE:
+        return f'task.data_path lists {len(tc.data_path)} files: one client per file is task.partition = "node"'
+    if tc.partition == NODE:
+        if not entry.user_columns:
+            return f'task.partition = "node" reads each client\'s own table: task.dataset must be csv, tsv or jsonl, not {entry.name!r}'
+        if tc.kind == CLASSIFICATION and not tc.label_names:
+            return 'task.partition = "node" needs task.label_names: the server builds the classifier without seeing any data'
+        files = client_files(tc) if isinstance(tc.data_path, FileList) else []
+        if files and len(files) != tc.num_clients:
+            return (
+                f'task.partition = "node": task.data_path gives {len(files)} file(s) for task.num_clients = {tc.num_clients} '
+                '(one per client, in client order; "" for a client whose file is only on its SuperNode)'
+            )
+    elif entry.needs_path and not tc.data_path.strip():
         return f"task.dataset = {entry.name!r} needs task.data_path (the data {entry.path_is})"
     if entry.user_columns:
         for key, kinds in (("text_column", KINDS), ("label_column", (CLASSIFICATION,)), ("target_column", (GENERATION,))):
@@ -228,11 +259,60 @@ def check(tc: TaskConfig, source: str) -> None:
 
 
 def load(tc: TaskConfig) -> TextDataset:
-    """The data set ``task.dataset`` names, from ``task.data_path`` or the fetched cache."""
+    """The data set ``task.dataset`` names, from ``task.data_path`` or the fetched cache. With
+    ``task.partition = "node"``: the files given here, one after the other, each example's
+    ``groups`` entry its client's id (no file given here: an empty data set)."""
     if problem := _problem(tc):  # a config that skipped plan.validate
         raise UserError(problem)
-    raw = tc.data_path.strip()
+    if tc.partition == NODE:
+        return _own_files(tc)
+    raw = tc.data_path.strip()  # a FileList here holds at most one file (_problem)
     return resolve(tc).load(tc, Path(raw).expanduser() if raw else None)
+
+
+def load_client_file(tc: TaskConfig, path: str | Path) -> TextDataset:
+    """One client's own file (``task.partition = "node"``), read with the run's columns and label
+    set: a missing file or column, or a label outside ``task.label_names``, is one line naming the file."""
+    ds = resolve(tc).load(dataclass_replace(tc, group_column=""), Path(path).expanduser())
+    if not len(ds):  # pragma: no cover - the loaders refuse an empty file
+        raise UserError(f"{path}: no examples")
+    return ds
+
+
+def own_file_sizes(tc: TaskConfig, position: int, path: str | Path) -> tuple[int, int]:
+    """(training, test) examples client ``position`` gets from its own file ``path``, as the
+    task cuts it (what a SuperNode reports before a run); raises a one-line UserError for a bad file."""
+    ds = load_client_file(tc, path)
+    try:
+        train, test = part.own_file_split(len(ds), position, tc)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return len(train), len(test)
+
+
+def _own_files(tc: TaskConfig) -> TextDataset:
+    names = part.client_names(tc.num_clients)
+    loaded: list[tuple[str, TextDataset]] = []
+    for k, f in enumerate(client_files(tc)):
+        if f:
+            ds = load_client_file(tc, f)
+            try:  # a file too small to cut: named here, not later
+                part.own_file_split(len(ds), k, tc)
+            except UserError as e:
+                raise UserError(f"{f}: {e}") from None
+            loaded.append((names[k], ds))
+    classification = tc.kind == CLASSIFICATION
+    return TextDataset(
+        "+".join(ds.name for _, ds in loaded) or "on-the-nodes",
+        [t for _, ds in loaded for t in ds.text],
+        text_pair=[t for _, ds in loaded for t in ds.text_pair or []] if tc.text_pair_column.strip() else None,
+        labels=[y for _, ds in loaded for y in ds.labels or []] if classification else None,
+        targets=None if classification else [t for _, ds in loaded for t in ds.targets or []],
+        groups=[cid for cid, ds in loaded for _ in range(len(ds))],
+        label_names=list(tc.label_names) if classification else None,
+        group_name="client file",
+        info={"source": ", ".join(str(ds.info.get("source", "")) for _, ds in loaded)},
+    )
 
 
 def describe() -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pf2lora.config import TaskConfig
 from pf2lora.errors import UserError
 from pf2lora.io import atomic_write
 
@@ -260,6 +261,29 @@ def subsample(partition: Mapping[str, Sequence[int]], max_per_client: int, seed:
         arr = np.asarray(idx, dtype=np.int64)
         out[name] = sorted(arr.tolist() if len(arr) <= max_per_client else rng.choice(arr, max_per_client, replace=False).tolist())
     return _finish(out, "subsampling")
+
+
+def own_file_split(n: int, position: int, tc: TaskConfig) -> tuple[list[int], list[int]]:
+    """(train, test) rows of client ``position``'s own file of ``n`` examples (``task.partition =
+    "node"``): cut and capped as :func:`pf2lora.tasks.text_data.client_splits` cuts a client's share
+    (``task.test_fraction``; training capped at ``task.train_samples``, or at this client's cap of
+    ``[task.train_samples_min, task.train_samples]``; test at ``task.test_samples``), but from a
+    random stream of this client's own (``task.data_seed``, its position): a SuperNode that holds only
+    its own file cuts it exactly as a machine holding every client's file does."""
+    seed = tc.data_seed
+    if not 0.0 < tc.test_fraction < 1.0:
+        raise UserError(f"test fraction must be in (0, 1), got {tc.test_fraction}")
+    k = max(1, int(round(tc.test_fraction * n)))
+    if n - k < 1:
+        raise UserError(f"{n} example(s): too few to split into train and test (task.test_fraction = {tc.test_fraction})")
+    perm = np.random.default_rng([seed + 1, position]).permutation(n)
+    cap = tc.train_samples
+    if tc.train_samples_min > 0 and tc.num_clients > 1:  # as text_data's caps: spread evenly, in a seeded order
+        evenly = np.linspace(tc.train_samples_min, tc.train_samples, tc.num_clients).round().astype(int)
+        cap = int(evenly[np.random.default_rng([seed, 3]).permutation(tc.num_clients)[position]])
+    train = subsample({"c": sorted(perm[k:].tolist())}, cap, seed + 2)["c"]
+    test = subsample({"c": sorted(perm[:k].tolist())}, tc.test_samples, seed + 2)["c"]
+    return train, test
 
 
 # ---------------------------------------------------------------------------------------------

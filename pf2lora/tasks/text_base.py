@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,6 +18,7 @@ import torch
 from pf2lora import lora, models
 from pf2lora.config import RunConfig
 from pf2lora.data import catalogue
+from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 from pf2lora.metrics import effective_rank
@@ -28,6 +30,32 @@ if TYPE_CHECKING:
 
 EVAL_CHUNK = 64
 """Examples per forward pass when evaluating a whole split."""
+
+
+@dataclass
+class RemoteClient(ClientData):
+    """A client whose data is not on this machine (``task.partition = "node"``: its own file is on
+    its SuperNode): the server and the other nodes know its id, never its examples. Its sizes are
+    what its node reported (``reported``, set by the Flower server), else unknown: asking for them
+    here is a one-line error (e.g. a local run of a config whose data is on the nodes)."""
+
+    reported: tuple[int, int] | None = None
+
+    def _sizes(self) -> tuple[int, int]:
+        if self.reported is None:
+            raise UserError(
+                f'{self.client_id}\'s data is on its SuperNode (task.partition = "node" and task.data_path gives no file '
+                "for it here): run on Flower (--engine flower-deploy --superlink HOST:PORT), or list its file in task.data_path"
+            )
+        return self.reported
+
+    @property
+    def num_train(self) -> int:
+        return self._sizes()[0]
+
+    @property
+    def num_test(self) -> int:
+        return self._sizes()[1]
 
 
 class TextTask(Task):
@@ -81,6 +109,9 @@ class TextTask(Task):
             if cs.group is not None:
                 info["group"] = cs.group
             self.clients.append(ClientData(cs.client_id, parts["train"], parts["test"], info=info))
+        if tc.partition == catalogue.NODE:  # every client in its place; those whose file is elsewhere, by id only
+            here = {c.client_id: c for c in self.clients}
+            self.clients = [here.get(cid) or RemoteClient(cid, {}, {}) for cid in part.client_names(tc.num_clients)]
         self.truncation = warn_truncated(cut, total, tc.max_length, self.truncated_what)
 
     # -- what a subclass says --------------------------------------------------------------------
@@ -139,7 +170,12 @@ class TextTask(Task):
         }
 
     def report_notes(self) -> list[str]:
-        sizes = ", ".join(f"{c.client_id} {c.num_train}/{c.num_test}" for c in self.clients)
+        sizes = ", ".join(
+            f"{c.client_id} on its SuperNode"
+            if isinstance(c, RemoteClient) and c.reported is None
+            else f"{c.client_id} {c.num_train}/{c.num_test}"
+            for c in self.clients
+        )
         adapted = ", ".join(sorted({t.path.rsplit(".", 1)[-1] for t in self.targets}))
         notes = [
             f"{self.name}: {self.model_name} ({self.model.config.num_hidden_layers} layers, hidden "

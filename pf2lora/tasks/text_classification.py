@@ -221,6 +221,8 @@ class TextClassificationTask(TextTask):
         import warnings
 
         name = "label_distribution.png"
+        if any("train_indices" not in c.info for c in self.clients):  # a client's data is on its node (partition "node")
+            return []
         try:
             partition = {c.client_id: c.info["train_indices"] for c in self.clients}
             title = f"{self.dataset_name}: training labels per client ({self.cfg.task.partition} partition)"

@@ -101,6 +101,14 @@ def client_splits(ds: TextDataset, tc: TaskConfig) -> Splits:
     """Partition ``ds`` among clients, then cut and cap each client's train and test split."""
     seed = tc.data_seed
     groups_of: dict[str, str] = {}
+    if tc.partition == "node":  # one client per file (catalogue.load tags rows with their client), each cut on its own
+        own = []
+        for k, cid in enumerate(part.client_names(tc.num_clients)):
+            rows = [i for i, g in enumerate(ds.groups or []) if g == cid]
+            if rows:
+                tr, te = part.own_file_split(len(rows), k, tc)
+                own.append(ClientSplit(cid, [rows[i] for i in tr], [rows[i] for i in te]))
+        return Splits(ds, own, [f"{ds.summary()}; partition {describe_partition(tc)}"])
     if tc.partition == "natural":
         chosen = choose_groups(ds, tc)
         raw = part.natural(ds.groups, tc.clients_per_group, seed, include=chosen)  # type: ignore[arg-type]
@@ -144,6 +152,8 @@ def describe_partition(tc: TaskConfig) -> str:
         return f"dirichlet (alpha = {tc.dirichlet_alpha:g}, at least {tc.min_client_size} examples per client)"
     if tc.partition == "s-similarity":
         return f"s-similarity (s = {tc.similarity:g})"
+    if tc.partition == "node":
+        return "node (one client per file, each cut into train/test on its own)"
     return "iid"
 
 

@@ -40,9 +40,10 @@ def hello() -> RecordDict:
     return RecordDict({"config": ConfigRecord({"hello": 1})})
 
 
-def hello_reply(partition: int) -> RecordDict:
-    """A node's answer to :func:`hello`."""
-    return RecordDict({"config": ConfigRecord({"partition": partition})})
+def hello_reply(partition: int, **data: int | str) -> RecordDict:
+    """A node's answer to :func:`hello`; with node-local data also its own file's ``num_train`` /
+    ``num_test``, or ``data_error`` (see :mod:`.nodedata`)."""
+    return RecordDict({"config": ConfigRecord({"partition": partition, **data})})
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Channel:
         self.on_reply = on_reply
         self.node_of: dict[str, int] = {}
         """Client id -> the node that plays it (filled by :meth:`discover`)."""
+        self.sizes: dict[str, tuple[int, int]] = {}
+        """Client id -> (training, test) examples its node reported (node-local data; filled by :meth:`discover`)."""
 
     def discover(self, client_ids: Sequence[str], wait_s: float, extra: Callable[[int], list[str]] = lambda p: []) -> dict[str, int]:
         """Wait up to ``wait_s`` for one node per client; ask each which partition it plays
@@ -82,6 +85,7 @@ class Channel:
             )
         replies = self.send([Message(hello(), dst_node_id=n, message_type="query") for n in nodes], wait_s)
         node_of: dict[str, int] = {}
+        bad_data: list[str] = []
         for n in nodes:
             reply = replies.get(n)
             if reply is None or reply.has_error():
@@ -101,6 +105,13 @@ class Channel:
                         f"two SuperNodes ({node_of[cid]} and {n}) have partition-id {partition}: give each a distinct one"
                     )
                 node_of[cid] = n
+            c: dict = dict(reply.content["config"])
+            if "data_error" in c:  # node-local data: its file is missing or wrong
+                bad_data.append(f"SuperNode {n} (partition-id {partition}, {client_ids[partition]}): {c['data_error']!s}")
+            elif "num_train" in c:
+                self.sizes[client_ids[partition]] = (int(c["num_train"]), int(c["num_test"]))
+        if bad_data:  # the run stops before any round: nothing is lost on the other nodes
+            raise FlowerEngineError("bad node data: " + "; ".join(bad_data))
         missing = [c for c in client_ids if c not in node_of]
         if missing:
             raise FlowerEngineError(f"no SuperNode plays client(s) {missing[:5]} (partition-id 0..{want - 1}, one node each)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env
+from pf2lora.engines.flower import env, nodedata
 
 env.apply()
 
@@ -80,23 +80,27 @@ def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | P
             loaded.append(cfg())  # type: ignore[operator]
         return loaded[0]
 
-    def runtime(context: Context) -> Any:
+    def runtime(context: Context, partition: int) -> Any:
         from pf2lora.engines.flower.runtime import ClientRuntime, cached_task
 
         c = config()
         folder = str(context.node_config.get("state-dir", "") or default_dir or c.flower.state_dir)
         if not folder:
             raise ValueError("no folder for client state: set flower.state_dir or the node config 'state-dir'")
-        if folder not in runtimes:
-            runtimes[folder] = ClientRuntime(c, cached_task(c), folder)
-        return runtimes[folder]
+        data = c  # node-local data: the task holds this node's own file only
+        if nodedata.node_mode(c) and 0 <= partition < c.task.num_clients:
+            data = nodedata.node_view(c, partition, nodedata.own_path(c, partition, context.node_config))
+        key = f"{folder}\0{data.task.data_path.strip()}"
+        if key not in runtimes:
+            runtimes[key] = ClientRuntime(c, cached_task(data), folder)
+        return runtimes[key]
 
     def handle(kind: str, msg: Message, context: Context) -> Message:
         try:
             partition = partition_of(context)
-            if kind == "query":  # which partition is this node? (the server maps it to clients)
-                return Message(hello_reply(partition), reply_to=msg)
-            return getattr(runtime(context), kind)(msg, partition)
+            if kind == "query":  # which partition is this node (the server maps it to clients), and its own data's sizes
+                return Message(hello_reply(partition, **nodedata.node_report(config(), partition, context.node_config)), reply_to=msg)
+            return getattr(runtime(context, partition), kind)(msg, partition)
         except Exception as e:  # noqa: BLE001 - the server records the failure and carries on
             reason = f"{type(e).__name__}: {e}"[:500]
             log.warning("client %s failed: %s", kind, reason)

@@ -8,6 +8,10 @@ SuperNodes someone else started, one per client::
 
     flower-supernode --insecure --superlink HOST:PORT --node-config node.toml
     # node.toml:  partition-id = K    num-partitions = N    state-dir = "/var/lib/pf2lora/client-K"
+    #             data-path = "/data/mine.csv"    (only with task.partition = "node": its own file)
+
+With node-local data (``task.partition = "node"``, :mod:`.nodedata`) the loopback federation gives
+SuperNode K the file K of ``task.data_path`` as its ``data-path``; the app carries no file at all.
 
 The app (a Flower App Bundle) is generated in a temporary folder: the run's config travels inside
 it (Flower's run_config is read-only and flat), the ServerApp reports rounds and results as
@@ -32,7 +36,9 @@ from pathlib import Path
 
 from pf2lora import config as config_mod
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env
+from pf2lora.data import catalogue
+from pf2lora.engines.flower import env, nodedata
+from pf2lora.errors import UserError
 
 env.apply()
 
@@ -286,6 +292,11 @@ def run_flower_deploy(
     ``adapters_root``: where the loopback federation's ServerApp writes each method's global
     adapter (each node writes its own client's under its state folder, ``STATE/adapters``).
     """
+    try:  # node-local data: no pooled method; a loopback federation hands node K the file of client K
+        nodedata.check_run(cfg, files_needed=not superlink)
+    except UserError as e:
+        raise FlowerEngineError(str(e)) from None
+    node_files = catalogue.client_files(cfg.task) if nodedata.node_mode(cfg) and not superlink else []
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="pf2lora-flower-deploy-")
@@ -324,7 +335,8 @@ def run_flower_deploy(
                 state = work / "state" / f"node-{i}"
                 state.mkdir(parents=True, exist_ok=True)
                 node_cfg = work / f"node-{i}.toml"
-                node_cfg.write_text(f"partition-id = {i}\nnum-partitions = {n}\nstate-dir = {json.dumps(str(state))}\n")
+                data = f"{nodedata.DATA_PATH} = {json.dumps(str(Path(node_files[i]).expanduser().resolve()))}\n" if node_files else ""
+                node_cfg.write_text(f"partition-id = {i}\nnum-partitions = {n}\nstate-dir = {json.dumps(str(state))}\n{data}")
                 procs.start(
                     f"supernode-{i}",
                     [
@@ -342,7 +354,8 @@ def run_flower_deploy(
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{host}:{link_port}"\n{tls}'
         )
-        app = write_app(work, cfg, result_path, Path(adapters_root) if adapters_root and not superlink else None)
+        # the app carries no client's file: with node-local data each node has its own data-path
+        app = write_app(work, nodedata.server_view(cfg), result_path, Path(adapters_root) if adapters_root and not superlink else None)
         return _submit(cfg, app, environ, procs, result_path, on_round, timeout_s, echo)
     finally:
         procs.stop()

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pf2lora.engines.flower import env
+from pf2lora.engines.flower import env, nodedata
 
 env.apply()
 
@@ -32,6 +32,11 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
 
         return plan.load(folder / "run.toml")
 
+    def load_node_cfg() -> Any:  # light (no torch): a node's hello reads the config to check its own data
+        from pf2lora import config
+
+        return config.load(folder / "run.toml")
+
     settings = json.loads((folder / "settings.json").read_text())
     result_path = settings.get("result_path") or ""
     adapters_path = settings.get("adapters_path") or None
@@ -51,7 +56,9 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
             if cfg.num_threads:
                 torch.set_num_threads(cfg.num_threads)
             on_round = lambda record: print(ROUND_TAG + json.dumps(record), flush=True)
-            results = FlowerServer(cfg, build_task(cfg), grid, on_round=on_round, adapters_root=adapters_path).run()
+            _audit_opens()
+            task = build_task(nodedata.server_view(cfg))  # node-local data: no client's file, ever
+            results = FlowerServer(cfg, task, grid, on_round=on_round, adapters_root=adapters_path).run()
         except BaseException as e:
             print(ERROR_TAG + f"{type(e).__name__}: {e}".replace("\n", " ")[:500], flush=True)
             raise
@@ -63,4 +70,26 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
                 pass  # the log line below carries the results
         print(RESULT_TAG + payload, flush=True)
 
-    return server, make_client_app(load_cfg)
+    return server, make_client_app(load_node_cfg)
+
+
+AUDIT_OPENS_ENV = "PF2LORA_AUDIT_SERVER_OPENS"
+"""Test and audit hook: a file to which a ServerApp started with this variable set appends the path
+of every file it opens (Python's ``open`` audit event), e.g. to check that a run with node-local
+data never opens a client's file on the server side. Unset, nothing is recorded."""
+
+
+def _audit_opens() -> None:
+    import os
+    import sys
+
+    log_path = os.environ.get(AUDIT_OPENS_ENV, "")
+    if not log_path:
+        return
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the ServerApp's lifetime
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            log.write(os.fsdecode(args[0]) + "\n")
+
+    sys.addaudithook(hook)

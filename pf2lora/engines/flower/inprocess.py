@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pf2lora.engines.flower import env
 
@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 
 
 class InProcessGrid:
-    def __init__(self, client_app: ClientApp, num_nodes: int, node_config: dict | None = None):
+    def __init__(self, client_app: ClientApp, num_nodes: int, node_config: dict | None = None, node_configs: Sequence[dict] = ()):
+        """``node_config``: keys every node gets; ``node_configs[i]``: node i's own (e.g. its ``data-path``)."""
         from flwr.supercore.task_identity import TaskIdentity
 
         if TaskIdentity._run_id is None:  # Flower sets these in its own runtimes; messages need them
@@ -27,7 +28,12 @@ class InProcessGrid:
             1000 + i: Context(
                 run_id=1,
                 node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                node_config={
+                    "partition-id": i,
+                    "num-partitions": num_nodes,
+                    **(node_config or {}),
+                    **(node_configs[i] if i < len(node_configs) else {}),
+                },
                 state=RecordDict(),
                 run_config={},
             )

@@ -27,7 +27,7 @@ import torch
 from pf2lora import adapters
 from pf2lora import state as st
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env
+from pf2lora.engines.flower import env, nodedata
 
 env.apply()
 
@@ -42,6 +42,7 @@ from pf2lora.methods import registry
 from pf2lora.methods.base import ClientUpdate
 from pf2lora.plan import build_task
 from pf2lora.tasks.base import Task
+from pf2lora.tasks.text_base import RemoteClient
 
 log = logging.getLogger("pf2lora.flower")
 
@@ -71,6 +72,7 @@ class FlowerServer:
     ):
         """``adapters_root``: where the server writes each method's global adapter when it
         finishes (``ROOT/METHOD/global``); the personalised ones stay on the nodes."""
+        nodedata.check_run(cfg, files_needed=False)
         self.cfg = cfg
         self.adapters_root = Path(adapters_root) if adapters_root else None
         self.task = task
@@ -92,7 +94,11 @@ class FlowerServer:
         """Wait for every client's node; ask each node which client it plays (node 0 also plays
         the pooled client of a centralised reference)."""
         ids = [c.client_id for c in self.task.clients]
-        return self.channel.discover(ids, self.cfg.flower.node_wait_s, extra=lambda p: ["pooled"] if p == 0 else [])
+        node_of = self.channel.discover(ids, self.cfg.flower.node_wait_s, extra=lambda p: ["pooled"] if p == 0 else [])
+        for c in self.task.clients:  # node-local data: the sizes only its node knows (e.g. SecAgg+'s weights)
+            if isinstance(c, RemoteClient) and c.client_id in self.channel.sizes:
+                c.reported = self.channel.sizes[c.client_id]
+        return node_of
 
     def plays(self, client_ids: Iterable[str]) -> dict[str, str]:
         """Which node's client plays each of ``client_ids``: itself, or node 0's client for the
@@ -292,7 +298,7 @@ def make_server_app(
         try:
             server = FlowerServer(
                 cfg,
-                task if task is not None else build_task(cfg),
+                task if task is not None else build_task(nodedata.server_view(cfg)),  # never a client's file
                 grid,
                 on_round=on_round,
                 on_reply=on_reply,

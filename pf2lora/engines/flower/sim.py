@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env
+from pf2lora.engines.flower import env, nodedata
 
 env.apply()
 
@@ -21,6 +21,7 @@ from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.server import ReplyHook, RoundCallback, ServerHook, make_server_app
 from pf2lora.engines.rounds import MethodResult, RoundFailure
+from pf2lora.errors import UserError
 from pf2lora.plan import build_task
 from pf2lora.tasks.base import Task
 
@@ -49,6 +50,10 @@ def run_flower_sim(
     import ray
     from flwr.simulation import run_simulation
 
+    try:  # node-local data: every simulated node reads its client's file from task.data_path
+        nodedata.check_run(cfg, files_needed=True)
+    except UserError as e:
+        raise FlowerEngineError(str(e)) from None
     if task is None:
         task = build_task(cfg)
     results: list[MethodResult] = []

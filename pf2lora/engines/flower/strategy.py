@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from pf2lora.engines.flower import nodedata
 from pf2lora.engines.flower.channel import Outgoing
 from pf2lora.engines.flower.messages import claimed_client
 from pf2lora.engines.flower.server import FlowerServer, Sent
@@ -74,7 +75,7 @@ class MethodStrategy(Strategy):
                 "MethodStrategy does not do server.secure_aggregation; run it with pf2lora run --engine flower-sim|flower-deploy"
             )
         if task is None:
-            task = build_task(cfg)
+            task = build_task(nodedata.server_view(cfg))  # node-local data: never a client's file
         self.cfg, self.task = cfg, task
         self.run = MethodRun(cfg, task, registry()[method](cfg, task), on_round=on_round, hold_clients=False)
         self._driver: FlowerServer | None = None

@@ -127,6 +127,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     tensorboard = args.tensorboard or cfg.log.tensorboard
     if tensorboard:
         from pf2lora.tensorboard import ScalarLog  # noqa: F401 - the missing package is said before any work
+    if cfg.task.partition == "node" and args.engine == "local":
+        from pf2lora.data import catalogue
+
+        files = catalogue.client_files(cfg.task)
+        if not files or not all(files):
+            raise UserError(
+                'task.partition = "node" without a file for every client in task.data_path: the local engine runs every '
+                "client on this machine (data kept on SuperNodes needs --engine flower-deploy --superlink HOST:PORT)"
+            )
     task = plan.build_task(cfg)  # bad data stops the run here, before its directory exists
     if not args.resume:
         report.prepare_run_dir(out, overwrite=args.overwrite)

@@ -324,7 +324,13 @@ def dry_run(cfg: RunConfig) -> DryRun:
     client_ids: list[str] | None = None
     clients: list[str] = []
     num_labels: int | None = None
-    if need is not None:
+    files = catalogue.client_files(tc) if tc.partition == "node" else []
+    if tc.partition == "node" and not (files and all(files)):  # the data lives on the SuperNodes
+        data = f'{entry.name}: on the SuperNodes (task.partition = "node": each node\'s own file, node config data-path)'
+        client_ids = [f"client_{k}" for k in range(tc.num_clients)]
+        clients = [f"{tc.num_clients} clients, one per SuperNode; example counts are the nodes' to report"]
+        num_labels = len(tc.label_names) or None
+    elif need is not None:
         missing.append(need)
         data = f"{entry.name}: {need}"
         num_labels = _num_labels_without_data(tc) if tc.kind == catalogue.CLASSIFICATION else None

@@ -184,7 +184,19 @@ def test_dry_run_accepts_node_local_data(assets, tmp_path, capsys):
         assert main(["run", str(toml), "--dry-run", "--out", str(tmp_path / "never")]) == 0
     out = capsys.readouterr().out
     assert "client_0 15/5, client_1 20/6, client_2 24/8" in out  # the files' own cuts (test_fraction 0.25)
+    assert "on the SuperNodes" in out and "ready        yes" in out  # without files: nothing is missing here
     assert not (tmp_path / "never").exists()
+
+
+def test_the_local_engine_refuses_data_kept_on_the_nodes_before_any_work(assets, tmp_path, capsys):
+    from pf2lora.cli import main
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(config.dumps(_cfg(assets, 'task.data_path=""')))
+    assert main(["run", str(toml), "--out", str(tmp_path / "R"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the local engine runs every client on this machine" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "R").exists()
 
 
 def test_a_machine_without_the_files_builds_the_task_but_cannot_train_locally(assets):

@@ -235,3 +235,98 @@ def test_killed_after_the_first_method_and_resumed_keeps_identical_adapters(file
     for method in ("homlora", "pf2lora"):
         assert _adapter_bytes(killed, method) == _adapter_bytes(straight, method)
     assert runs.load_run(killed)[1].methods == ["homlora", "pf2lora"]
+
+
+@pytest.mark.slow
+def test_the_demo_configs_adapters_load_with_plain_peft_and_reproduce_the_logits(tmp_path):
+    """The issue's check on the real encoder: `pf2lora run configs/vader_demo.toml --set rounds=1
+    --set local_steps=1`, then plain peft on paraphrase-MiniLM-L3-v2 gives pf2lora's own logits for
+    a client, and homlora's global adapter the global model's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pf2lora import models, plan
+    from pf2lora import state as st
+    from pf2lora.engines.rounds import personal_model
+    from pf2lora.methods import registry
+
+    try:
+        base_dir = models.resolve_model(models.L3)
+        models.source(models.L3)
+    except Exception:
+        pytest.skip("paraphrase-MiniLM-L3-v2 or the VADER data not prepared (make assets)")
+    config = Path(__file__).resolve().parents[1] / "configs" / "vader_demo.toml"
+    out = tmp_path / "D"
+    small = [
+        "rounds=1",
+        "local_steps=1",
+        'methods=["pf2lora","homlora"]',
+        "task.train_samples=24",
+        "task.train_samples_min=8",
+        "task.test_samples=8",
+        "num_threads=1",
+    ]
+    args = [a for s in small for a in ("--set", s)]
+    assert main(["run", str(config), "--out", str(out), "--quiet", *args]) == 0
+    cfg = plan.load(out / "config.toml", [])
+    task = plan.build_task(cfg)
+    client = task.clients[1]
+    batch = {k: v[:8] for k, v in client.test.items()}
+    for method, who in (("pf2lora", client.client_id), ("homlora", "global")):
+        final = torch.load(out / "states" / f"{method}.pt", weights_only=True)
+        m = registry()[method](cfg, task)
+        received = st.clone(m.broadcast(final["server"], client.client_id))
+        if who == "global":
+            params = m.global_params(received, {})
+        else:
+            params = personal_model(cfg, task, m, client, received, final["clients"][client.client_id], final["round"])
+        with torch.no_grad():
+            ours = task.logits(st.model_params(params), batch)
+            base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2).eval()
+            from peft import PeftModel
+
+            theirs = PeftModel.from_pretrained(base, out / "adapters" / method / who).eval()(**task.model_inputs(batch)).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_predict_generates_with_a_clients_model(tmp_path, capsys):
+    """Generation: the client's model decodes each input (its own split, or a file)."""
+    from conftest import save_tiny_gpt2
+
+    model = save_tiny_gpt2(tmp_path / "gpt2")
+    data = tmp_path / "defs.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "target"])
+        w.writerows([(f"word {i}", f"a thing number {i % 5}") for i in range(40)])
+    config = tmp_path / "gen.toml"
+    config.write_text(
+        f"""
+methods = ["homlora"]
+rounds = 1
+local_steps = 1
+batch_size = 4
+num_threads = 1
+device = "cpu"
+[task]
+kind = "generation"
+model = "{model}"
+dataset = "csv"
+data_path = "{data}"
+target_column = "target"
+partition = "iid"
+num_clients = 2
+train_samples = 12
+test_samples = 6  # 20 examples a client: 4 held out (test_fraction 0.2)
+max_length = 32
+max_new_tokens = 4
+eval_generate = 2
+"""
+    )
+    out = tmp_path / "G"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    cid = sorted(read_summary(out)["methods"]["homlora"]["clients"])[0]
+    rows = runs.predict(out, "homlora", cid, split="test")
+    assert len(rows) == 4 and all(isinstance(r["prediction"], str) and r["label"].startswith("a thing") for r in rows)
+    txt = tmp_path / "in.txt"
+    txt.write_text("word 3\nword 7\n")
+    assert [r["text"] for r in runs.predict(out, "homlora", cid, input_path=txt)] == ["word 3", "word 7"]

@@ -403,6 +403,8 @@ class RunState:
     faults: list[dict[str, Any]]
     elapsed_s: float
     accountant: dict[str, Any] | None = None
+    accepted: dict[str, int] = field(default_factory=dict)
+    """Client -> the last round whose training counted (its state advanced); Flower nodes need it."""
 
 
 StateCallback = Callable[[RunState], None]
@@ -437,8 +439,6 @@ class MethodRun:
         """The clients that train this method, by id (one pooled client for a centralised reference)."""
         self.on_round, self.on_state = on_round, on_state
         self.accountant = privacy.accountant_for(cfg.server, sample_rate(cfg, task))
-        self.accepted: dict[str, int] = {}
-        """Client -> the last round whose training counted (its state advanced); Flower nodes need it."""
         if resume is None:
             held = {cid: initial_client(cfg, method, cid) for cid in self.trainers} if hold_clients else {}
             self.state = RunState(method.name, 0, initial_server(cfg, method), held, [], [], 0.0)
@@ -451,6 +451,9 @@ class MethodRun:
             self.state = resume
             if self.accountant is not None and resume.accountant is not None:
                 self.accountant.load_state_dict(resume.accountant)
+        self.accepted = self.state.accepted
+        """Client -> the last round whose training counted (its state advanced): kept in the state, so a
+        resumed Flower server tells each node which of its saved states to continue from."""
         self._start = time.perf_counter() - self.state.elapsed_s
         self._bar = tqdm(  # advanced by end_round
             desc=f"{method.name:>12}",

@@ -12,6 +12,12 @@ With ``server.secure_aggregation`` a round's training goes through Flower's SecA
 (:mod:`.secagg`): the server gets only the weighted mean of the uploads, so the per-upload
 validation above is done by each client on its own upload, and the method's ``aggregate`` gets
 that mean as a single update.
+
+With a :class:`~.resume.ServerCheckpoint` the server checkpoints after every round and continues a
+run from one (``pf2lora run --resume``): the same run key (the nodes' state folders of this run),
+the finished methods' results as they were, the method in progress from its last round. A node
+whose saved state is not of the round the checkpoint last counted for its client refuses (see
+:mod:`.store`), and the run stops with one line naming the client.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora.engines.flower.channel import Channel, GridLike, Outgoing, ReplyHook
 from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, MalformedReply, TrainIns, TrainReply
-from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, injected_fault, num_bytes
+from pf2lora.engines.flower.resume import ServerCheckpoint
+from pf2lora.engines.flower.store import MISMATCH
+from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, RunState, injected_fault, num_bytes
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientUpdate
 from pf2lora.plan import build_task
@@ -69,9 +77,11 @@ class FlowerServer:
         progress: bool = False,
         on_server: ServerHook | None = None,
         adapters_root: str | Path | None = None,
+        checkpoint: ServerCheckpoint | None = None,
     ):
         """``adapters_root``: where the server writes each method's global adapter when it
-        finishes (``ROOT/METHOD/global``); the personalised ones stay on the nodes."""
+        finishes (``ROOT/METHOD/global``); the personalised ones stay on the nodes.
+        ``checkpoint``: written after every round; a resumed one continues its run (see the module docstring)."""
         nodedata.check_run(cfg, files_needed=False)
         self.cfg = cfg
         self.adapters_root = Path(adapters_root) if adapters_root else None
@@ -80,7 +90,9 @@ class FlowerServer:
         self.on_round = on_round
         self.on_server = on_server
         self.progress = progress
-        self.run_key = uuid.uuid4().hex  # namespaces the client state files of this run
+        self.checkpoint = checkpoint
+        # namespaces the client state files of this run (a resumed run keeps its own)
+        self.run_key = checkpoint.run_key if checkpoint is not None else uuid.uuid4().hex
 
     @property
     def grid(self) -> GridLike:
@@ -108,18 +120,31 @@ class FlowerServer:
     # -- the run ---------------------------------------------------------------------------------
 
     def run(self, methods: Sequence[str] | None = None) -> list[MethodResult]:
+        """Every method's result; with a resumed checkpoint, those it finished are taken from it."""
         if not self.node_of:
             self.discover()
-        return [self.run_method(name) for name in (methods or self.cfg.methods)]
+        results = []
+        for name in methods or self.cfg.methods:
+            done = self.checkpoint.result_of(name) if self.checkpoint is not None else None
+            results.append(done if done is not None else self.run_method(name))
+        return results
 
-    def start(self, name: str, on_round: RoundCallback | None = None, progress: bool = False) -> MethodRun:
-        """A fresh run of method ``name`` whose client states live on the nodes."""
+    def start(self, name: str, on_round: RoundCallback | None = None, progress: bool = False, resume: RunState | None = None) -> MethodRun:
+        """A run of method ``name`` whose client states live on the nodes (fresh, or from ``resume``)."""
         return MethodRun(
-            self.cfg, self.task, registry()[name](self.cfg, self.task), on_round=on_round, progress=progress, hold_clients=False
+            self.cfg,
+            self.task,
+            registry()[name](self.cfg, self.task),
+            resume=resume,
+            on_round=on_round,
+            on_state=self.checkpoint.on_state if self.checkpoint is not None else None,
+            progress=progress,
+            hold_clients=False,
         )
 
     def run_method(self, name: str) -> MethodResult:
-        run = self.start(name, self.on_round, self.progress)
+        resume = self.checkpoint.resume_state(name) if self.checkpoint is not None else None
+        run = self.start(name, self.on_round, self.progress, resume)
         for round_ in run.pending_rounds():
             record = self._round(run, round_)
             if self.on_server is not None:
@@ -128,6 +153,8 @@ class FlowerServer:
         result = run.finish(self._evaluate(run, self.cfg.rounds))
         if self.adapters_root is not None:
             self._write_global(run)
+        if self.checkpoint is not None:
+            self.checkpoint.on_method(result)
         return result
 
     def _write_global(self, run: MethodRun) -> None:
@@ -179,6 +206,7 @@ class FlowerServer:
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
+                _stop_on_mismatch(name, round_, cid, why)
                 log.warning("%s round %d: client %s failed: %s", name, round_, cid, ledger.crashed(cid, why))
                 continue
             update, took, reason = self._parse(reply, cid)
@@ -209,6 +237,7 @@ class FlowerServer:
             if cid not in sent:
                 ledger.dropped(cid)
             elif cid in got.failed:
+                _stop_on_mismatch(method.name, round_, cid, got.failed[cid])
                 log.warning("%s round %d: client %s failed: %s", method.name, round_, cid, ledger.crashed(cid, got.failed[cid]))
         if got.mean is not None:
             got.mean = st.to_device(got.mean, self.task.device)  # off the wire (CPU), to the server state's device
@@ -269,9 +298,18 @@ class FlowerServer:
             reply = replies.get(cid)
             if reply is None or reply.has_error():
                 why = "no reply" if reply is None else reply.error.reason
+                _stop_on_mismatch(run.method.name, -1, cid, why or "")
                 raise FlowerEngineError(f"{run.method.name}: evaluation of client {cid} failed: {why}")
             out[cid] = EvaluateReply.parse(reply.content).metrics
         return out
+
+
+def _stop_on_mismatch(method: str, round_: int, cid: str, reason: str) -> None:
+    """A node whose saved state is not of the round the server counted (:mod:`.store`) stops the
+    run: carrying on would train that client from the wrong state."""
+    if MISMATCH in reason:
+        when = f"round {round_}" if round_ >= 0 else "evaluation"
+        raise FlowerEngineError(f"{method} {when}: the node of {cid} cannot continue: {reason.split(MISMATCH + ': ', 1)[-1]}")
 
 
 def make_server_app(
@@ -286,6 +324,7 @@ def make_server_app(
     on_server: ServerHook | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     adapters_root: str | Path | None = None,
+    checkpoint: ServerCheckpoint | None = None,
 ) -> ServerApp:
     """A ServerApp running ``cfg.methods``. Results are appended to ``results`` (in-process
     simulation) and/or passed to ``on_done`` (a deployed ServerApp writes them out)."""
@@ -305,6 +344,7 @@ def make_server_app(
                 progress=progress,
                 on_server=on_server,
                 adapters_root=adapters_root,
+                checkpoint=checkpoint,
             )
             out = server.run()
         except BaseException as e:

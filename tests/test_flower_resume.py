@@ -1,0 +1,147 @@
+"""Resume on the Flower engines: the server checkpoints after every round, a resumed server continues
+from it with the nodes' own saved states, and the run ends as an uninterrupted one.
+
+Fast tests drive the real ServerApp / ClientApp code through the in-process Grid, interrupted at a
+chosen point; slow ones kill a real ``pf2lora run --engine flower-*`` and resume it with the CLI.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
+
+import torch
+
+from conftest import methods_override, small_task
+from pf2lora.engines.flower import FlowerEngineError
+from pf2lora.engines.flower.client import make_client_app
+from pf2lora.engines.flower.inprocess import InProcessGrid
+from pf2lora.engines.flower.resume import ServerCheckpoint, decode, encode
+from pf2lora.engines.flower.runtime import register_task
+from pf2lora.engines.flower.server import FlowerServer
+from pf2lora.engines.flower.store import NodeStateMismatch, NodeStore
+
+HEADER = {"version": 1, "engine": "flower-sim"}
+CHAOS = (
+    "rounds=4",
+    "task.num_clients=6",
+    "task.private_ranks=[0,1,2]",
+    "num_threads=1",
+    "seed=5",
+    "client_fraction=0.8",
+    "faults.dropout_prob=0.15",
+    "faults.crash_prob=0.15",
+    'faults.poison_clients=["client_1"]',
+    "eval.every=1",
+)
+"""Sampling, dropouts, crashes and a NaN client every round: which round each client last counted differs."""
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAfter(ServerCheckpoint):
+    """A checkpoint whose run dies at ``METHOD:ROUND``: right after writing it (``before=False``), or
+    after that round's evaluation but before its checkpoint is written (``before=True``: the nodes
+    have already committed that round)."""
+
+    def __init__(self, *args, stop: str, before: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop, self.before = stop, before
+
+    def on_state(self, state):
+        here = f"{state.method}:{state.round}" == self.stop
+        if here and self.before:
+            raise Interrupted(self.stop)
+        super().on_state(state)
+        if here:
+            raise Interrupted(self.stop)
+
+
+def _server(cfg, task, state_dir, checkpoint=None):
+    register_task(cfg, task)
+    return FlowerServer(cfg, task, InProcessGrid(make_client_app(cfg, state_dir), len(task.clients)), checkpoint=checkpoint)
+
+
+def _same(a, b):
+    assert [r.method for r in a] == [r.method for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.rounds == y.rounds, x.method
+        assert x.faults == y.faults, x.method
+        assert x.clients == y.clients, x.method  # the same float operations: bit for bit
+        assert x.privacy == y.privacy, x.method
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["after-checkpoint", "after-evaluation-before-checkpoint"])
+def test_a_resumed_server_ends_as_an_uninterrupted_run(tmp_path, before):
+    """Interrupted in the second method's round 2 (with its checkpoint written, or after the nodes
+    committed that round but before its checkpoint), a new server from the checkpoint file with new
+    client apps over the same state folder gives the uninterrupted run's records and per-client
+    metrics bit for bit; the finished method's result comes from the checkpoint."""
+    cfg, task = small_task(*CHAOS, methods_override(["pf2lora", "hetlora", "fdlora"]))
+    reference = _server(cfg, task, tmp_path / "ref").run()
+    assert any(f["fault"] in ("dropped", "crashed") for r in reference for f in r.faults)
+
+    path = tmp_path / "checkpoint.pt"
+    first = StopAfter(HEADER, path=path, stop="hetlora:2", before=before)
+    with pytest.raises(Interrupted):
+        _server(cfg, task, tmp_path / "state", first).run()
+    saved = torch.load(path, weights_only=True)
+    assert saved["engine"] == "flower-sim" and saved["run_key"] == first.run_key
+    assert [r["method"] for r in saved["completed"]] == ["pf2lora"]
+    assert saved["current"]["method"] == "hetlora" and saved["current"]["round"] == (1 if before else 2)
+    assert saved["current"]["clients"] == {}  # client states stay on the nodes
+    assert saved["current"]["accepted"]
+
+    again = ServerCheckpoint.resumed(saved, HEADER, path=path)
+    _same(reference, _server(cfg, task, tmp_path / "state", again).run())
+    done = torch.load(path, weights_only=True)
+    assert [r["method"] for r in done["completed"]] == cfg.methods and done["current"] is None
+
+
+def test_a_node_without_the_runs_state_stops_the_resumed_run_with_one_line(tmp_path):
+    """Resumed over an empty state folder (the nodes' files lost, or another folder), the first node
+    asked for a counted round refuses, and the run stops naming the client instead of training
+    from the initial state."""
+    cfg, task = small_task(*CHAOS, methods_override(["pf2lora"]))
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(Interrupted):
+        _server(cfg, task, tmp_path / "state", StopAfter(HEADER, path=path, stop="pf2lora:2")).run()
+    again = ServerCheckpoint.resumed(torch.load(path, weights_only=True), HEADER, path=path)
+    with pytest.raises(FlowerEngineError, match=r"pf2lora round 3: the node of client_\d cannot continue: .*no saved state") as e:
+        _server(cfg, task, tmp_path / "elsewhere", again).run()
+    assert "\n" not in str(e.value)
+
+
+def test_the_node_store_steps_back_one_commit_and_refuses_anything_else(tmp_path):
+    store = NodeStore(tmp_path)
+    a, b, c = ({"private:x": torch.full((2,), float(v))} for v in (1, 2, 3))
+    store.save_pending("run", "m", "c", 1, a)
+    store.resolve("run", "m", "c", 1)
+    store.save_pending("run", "m", "c", 3, b)
+    store.resolve("run", "m", "c", 3)  # committed round 3 (an evaluation after it, say) ...
+    assert store.committed_round("run", "m", "c") == 3
+    store.resolve("run", "m", "c", 1)  # ... but the server resumed from its checkpoint of round 2
+    assert store.committed_round("run", "m", "c") == 1 and torch.equal(store.load("run", "m", "c")["private:x"], a["private:x"])
+    store.save_pending("run", "m", "c", 3, c)
+    store.resolve("run", "m", "c", 3)
+    assert torch.equal(store.load("run", "m", "c")["private:x"], c["private:x"])
+    with pytest.raises(NodeStateMismatch, match="saved state of round 3 .* last counted its round 0"):
+        store.resolve("run", "m", "c", 0)  # two commits back: not kept, refused
+    with pytest.raises(NodeStateMismatch, match="no saved state"):
+        store.resolve("run", "m", "other", 2)
+    # a first commit the server never saw: back to the initial state
+    store.save_pending("run", "m", "d", 1, a)
+    store.resolve("run", "m", "d", 1)
+    store.resolve("run", "m", "d", -1)
+    assert store.load("run", "m", "d") is None
+
+
+def test_a_checkpoint_travels_as_one_ascii_line():
+    payload = {"version": 1, "current": {"server": {"shared:w": torch.arange(3.0)}, "round": 2}, "completed": []}
+    line = encode(payload)
+    assert b"\n" not in line and line.isascii()
+    back = decode(line.decode())
+    assert torch.equal(back["current"]["server"]["shared:w"], payload["current"]["server"]["shared:w"])

@@ -7,6 +7,12 @@ need no saving: each is derived from (seed, purpose, client, round). The file is
 temporary name and renamed, so a kill or a full disk never leaves a half-written
 checkpoint in place of the last good one.
 
+Every checkpoint names the engine its run was started on (``engine``), so ``--resume`` continues
+on it. A Flower run's checkpoint is written by its server side (:mod:`pf2lora.engines.flower.resume`,
+with :func:`header` passed to it): it adds the run key that names the nodes' state folders, holds
+no client state (that stays on the nodes) and no metrics lines (they are its round records, rebuilt
+by :func:`load`).
+
 A checkpoint is device-independent: its tensors are saved from the CPU and loaded onto the CPU,
 and the resumed run moves them to its own device (:class:`pf2lora.engines.rounds.MethodRun`), so
 a run checkpointed on a GPU resumes on a CPU and the other way round.
@@ -14,6 +20,7 @@ a run checkpointed on a GPU resumes on a CPU and the other way round.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,11 @@ def on_cpu(obj: Any) -> Any:
     return obj
 
 
+def header(engine: str, **extra: Any) -> dict[str, Any]:
+    """What every checkpoint of a run on ``engine`` starts with (a Flower server writes it as is)."""
+    return {"version": VERSION, "engine": engine, **extra}
+
+
 def save(run_dir: Path, payload: dict[str, Any]) -> None:
     path = run_dir / FILENAME
     try:
@@ -58,4 +70,17 @@ def load(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a readable pf2lora checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("version") != VERSION:
         raise UserError(f"{path}: not a pf2lora checkpoint of version {VERSION}")
+    payload.setdefault("engine", "local")
+    if "metrics_lines" not in payload:  # a Flower server's: the lines are its round records
+        payload["metrics_lines"] = metrics_lines(payload)
     return payload
+
+
+def metrics_lines(payload: dict[str, Any]) -> list[str]:
+    """The metrics.jsonl lines of a checkpoint's round records (finished methods, then the one in
+    progress), as ``pf2lora run`` writes each round's record."""
+    from pf2lora.report import finite_or_none
+
+    records = [r for m in payload.get("completed", []) for r in m["rounds"]]
+    records += (payload.get("current") or {}).get("rounds", [])
+    return [json.dumps(finite_or_none(r), allow_nan=False) for r in records]

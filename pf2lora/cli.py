@@ -87,16 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pf2lora.engines.local import LocalEngine
     from pf2lora.io import atomic_write
 
-    if args.engine not in ENGINES:
+    if args.engine is not None and args.engine not in ENGINES:
         raise UserError(f"unknown engine {args.engine!r} (known: {', '.join(ENGINES)})")
-    if args.superlink and args.engine != "flower-deploy":
-        raise UserError("--superlink needs --engine flower-deploy")
-    if args.root_certificates and not args.superlink:
-        raise UserError("--root-certificates needs --superlink HOST:PORT (a SuperLink that uses TLS)")
-    if args.root_certificates and not Path(args.root_certificates).is_file():
-        raise UserError(f"{args.root_certificates}: CA certificate file not found")
-    if args.resume and args.engine != "local":
-        raise UserError("--resume works with --engine local only (Flower clients keep their state on their nodes)")
     load = plan.load_for_dry_run if args.dry_run else plan.load  # the dry run lets an empty task.data_path pass
     if args.resume:
         # a checkpoint is device-independent: only the device may change on resuming
@@ -104,6 +96,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own config.toml: give neither CONFIG nor --set (except --set device=...)")
         out = Path(args.resume)
         saved = checkpoint.load(out)
+        _resume_engine(args, saved)
+    args.engine = args.engine or "local"
+    if args.superlink and args.engine != "flower-deploy":
+        raise UserError("--superlink needs --engine flower-deploy")
+    if args.root_certificates and not args.superlink:
+        raise UserError("--root-certificates needs --superlink HOST:PORT (a SuperLink that uses TLS)")
+    if args.root_certificates and not Path(args.root_certificates).is_file():
+        raise UserError(f"{args.root_certificates}: CA certificate file not found")
+    if args.resume:
         cfg = load(out / "config.toml", args.set or [])
         secagg.check_engine(cfg, args.engine)
         if args.dry_run:
@@ -157,7 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         finished = (
-            _run_flower(args, cfg, task, out, on_round) if args.engine != "local" else _run_local(cfg, engine, out, saved, lines, on_round)
+            _run_flower(args, cfg, task, out, on_round, saved)
+            if args.engine != "local"
+            else _run_local(cfg, engine, out, saved, lines, on_round)
         )
     finally:
         if tb is not None:
@@ -235,17 +238,45 @@ def _hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = env
 
 
-def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> list:
-    """The same methods on Flower: simulated (Ray) or deployed (SuperLink + SuperNodes)."""
+def _resume_engine(args: argparse.Namespace, saved: dict) -> None:
+    """``--resume``: the engine the run was started on (and, for flower-deploy, its SuperLink and CA
+    file unless given again: a SuperLink's address or a CA file may move)."""
+    engine = saved.get("engine", "local")
+    if args.engine is not None and args.engine != engine:
+        raise UserError(f"--resume: this run was started with --engine {engine}; it continues there (leave --engine out)")
+    args.engine = engine
+    if engine == "flower-deploy":
+        args.superlink = args.superlink or saved.get("superlink") or None
+        args.root_certificates = args.root_certificates or saved.get("root_certificates") or None
+
+
+def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round, saved: dict) -> list | None:
+    """The same methods on Flower: simulated (Ray) or deployed (SuperLink + SuperNodes). With
+    ``checkpoint`` on, the server side checkpoints after every round into ``out`` and a resumed run
+    continues from it (the nodes keep their clients' states: flower-sim under ``RUN/flower/state``
+    unless ``flower.state_dir`` is set, a loopback federation under ``RUN/flower/state/node-K``).
+    None when interrupted (Ctrl-C)."""
+    from pf2lora import checkpoint
     from pf2lora.engines.local import RoundFailure
 
     try:
         from pf2lora.engines import flower
+        from pf2lora.engines.flower.resume import ServerCheckpoint
     except ImportError as e:
         raise UserError(f"--engine {args.engine} needs Flower: pip install 'pf2lora[flower]' ({e})") from None
+    ckpt = None
+    if cfg.checkpoint:
+        where = {"superlink": args.superlink, "root_certificates": args.root_certificates} if args.superlink else {}
+        head = checkpoint.header(args.engine, **where)
+        ckpt = ServerCheckpoint.resumed(saved, head, path=(out / checkpoint.FILENAME).resolve())
     try:
         if args.engine == "flower-sim":
-            return flower.run_flower_sim(cfg, task, on_round=on_round, progress=not args.quiet, adapters_root=out / "adapters")
+            from pf2lora.engines.flower.sim import default_state_dir
+
+            state_dir = cfg.flower.state_dir or (default_state_dir(out).resolve() if ckpt is not None else None)
+            return flower.run_flower_sim(
+                cfg, task, on_round=on_round, progress=not args.quiet, adapters_root=out / "adapters", checkpoint=ckpt, state_dir=state_dir
+            )
         return flower.run_flower_deploy(
             cfg,
             args.superlink,
@@ -253,15 +284,27 @@ def _run_flower(args: argparse.Namespace, cfg, task, out: Path, on_round) -> lis
             workdir=out / "flower",
             root_certificates=args.root_certificates,
             adapters_root=out / "adapters",
+            checkpoint=ckpt,
         )
     except (flower.FlowerEngineError, RoundFailure) as e:
-        raise UserError(str(e)) from None
+        kept = f"; the last good round is checkpointed in {out}" if ckpt is not None and (out / checkpoint.FILENAME).exists() else ""
+        raise UserError(f"{e}{kept}") from None
+    except KeyboardInterrupt:
+        if ckpt is None or not (out / checkpoint.FILENAME).exists():
+            raise
+        print(
+            f"\npf2lora: interrupted; the last completed round is checkpointed in {out}.\n"
+            f"Resume with: pf2lora run --resume {shlex.quote(str(out))}",
+            file=sys.stderr,
+        )
+        return None
 
 
 TEST_HOLD_ENV = "PF2LORA_TEST_HOLD_AFTER"
-"""Test-only: ``METHOD:ROUND``. A local run holds (sleeps until signalled) right after that round is
+"""Test-only: ``METHOD:ROUND``. A run holds (sleeps until signalled) right after that round is
 checkpointed and says so on stderr, so a test can Ctrl-C or kill it at a known state instead of
-racing it. Never set by pf2lora itself; unset, it costs one string comparison per round."""
+racing it (on Flower, the server side holds: ``pf2lora.engines.flower.resume.HOLD_ENV``). Never set by
+pf2lora itself; unset, it costs one string comparison per round."""
 
 
 def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) -> list | None:
@@ -293,7 +336,7 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
     def on_state(state: RunState) -> None:
         last["state"] = state
         if cfg.checkpoint:
-            checkpoint.save(out, {"completed": completed, "current": asdict(state), "metrics_lines": lines})
+            checkpoint.save(out, {"engine": "local", "completed": completed, "current": asdict(state), "metrics_lines": lines})
         if cfg.save_every and state.round % cfg.save_every == 0 and state.round < cfg.rounds:
             keep(state, None, final=False)
         if hold and hold == f"{state.method}:{state.round}":  # test-only, see TEST_HOLD_ENV
@@ -317,7 +360,7 @@ def _run_local(cfg, engine, out: Path, saved: dict, lines: list[str], on_round) 
             completed.append(asdict(result))
             current = None
             if cfg.checkpoint:
-                checkpoint.save(out, {"completed": completed, "current": None, "metrics_lines": lines})
+                checkpoint.save(out, {"engine": "local", "completed": completed, "current": None, "metrics_lines": lines})
     except KeyboardInterrupt:
         print(
             f"\npf2lora: interrupted during {running}; the last completed round is checkpointed in {out}.\n"
@@ -339,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     run.add_argument(
         "--engine",
-        default="local",
+        default=None,
         metavar="ENGINE",
-        help="local (default, in-process), flower-sim (Flower simulation on Ray) or flower-deploy (SuperLink + SuperNodes)",
+        help="local (default, in-process), flower-sim (Flower simulation on Ray) or flower-deploy (SuperLink + SuperNodes); "
+        "--resume continues on the engine the run was started with",
     )
     run.add_argument(
         "--superlink",

@@ -7,16 +7,21 @@ chosen point; slow ones kill a real ``pf2lora run --engine flower-*`` and resume
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install 'pf2lora[flower]')")
 
 import torch
 
-from conftest import methods_override, small_task
+from conftest import SYNTH_CFG, methods_override, read_metrics, read_summary, sets, small_task, start_run_holding, wait_for
+from pf2lora import checkpoint
 from pf2lora.engines.flower import FlowerEngineError
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.inprocess import InProcessGrid
+from pf2lora.engines.flower.reaper import alive
 from pf2lora.engines.flower.resume import ServerCheckpoint, decode, encode
 from pf2lora.engines.flower.runtime import register_task
 from pf2lora.engines.flower.server import FlowerServer
@@ -145,3 +150,70 @@ def test_a_checkpoint_travels_as_one_ascii_line():
     assert b"\n" not in line and line.isascii()
     back = decode(line.decode())
     assert torch.equal(back["current"]["server"]["shared:w"], payload["current"]["server"]["shared:w"])
+
+
+# -- the CLI, killed and resumed ------------------------------------------------------------------
+
+DEPLOY = (
+    "rounds=2",
+    "task.num_clients=2",
+    "task.dim=8",
+    "task.shared_rank=2",
+    "task.private_ranks=[0,1]",
+    "task.train_samples=32",
+    "task.test_samples=32",
+    "lora.rank=2",
+    "lora.alpha=2.0",
+    "lora.private_rank=1",
+    "lora.private_alpha=1.0",
+    "num_threads=1",
+    'methods=["pf2lora"]',
+)
+
+
+def _tree(pid: int) -> list[int]:
+    from pf2lora.engines.flower.reaper import alive, descendants
+
+    return [p for p in alive(descendants([pid])) if p != pid]
+
+
+def _same_summary(local_dir, flower_dir, engine):
+    a, b = read_summary(local_dir), read_summary(flower_dir)
+    assert b["engine"] == engine
+    assert a["methods"].keys() == b["methods"].keys()
+    for name, m in a["methods"].items():
+        for cid, metrics in m["clients"].items():
+            for k, v in metrics.items():
+                w = b["methods"][name]["clients"][cid][k]
+                assert w == pytest.approx(v, rel=1e-5, abs=1e-7) if isinstance(v, float) else w == v, (name, cid, k)
+    la, lb = read_metrics(local_dir), read_metrics(flower_dir)
+    assert [(r["method"], r["round"]) for r in la] == [(r["method"], r["round"]) for r in lb]
+    assert [r["train_loss"] for r in la] == pytest.approx([r["train_loss"] for r in lb], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_flower_deploy_run_then_resume_gives_the_uninterrupted_summary(tmp_path):
+    """`pf2lora run --engine flower-deploy` (a loopback SuperLink + 2 SuperNodes) killed with SIGKILL
+    while its ServerApp holds after checkpointing round 1: its watchdog ends every Flower process;
+    `pf2lora run --resume` (no --engine: read from the run) starts a new loopback federation whose
+    nodes find their state, and writes the summary of an uninterrupted run (the local engine's, which
+    an uninterrupted flower-deploy run equals: tests/test_flower.py); nothing is left running."""
+    from pf2lora.cli import main
+
+    assert main(["run", SYNTH_CFG, "--quiet", *sets(*DEPLOY), "--out", str(tmp_path / "local")]) == 0
+    out = tmp_path / "killed"
+    proc = start_run_holding([SYNTH_CFG, "--quiet", *sets(*DEPLOY), "--engine", "flower-deploy", "--out", str(out)], hold="pf2lora:1")
+    flower_procs = _tree(proc.pid)
+    assert len(flower_procs) >= 5  # SuperLink, 2 SuperNodes, flwr run, the watchdog (and what they started)
+    saved = checkpoint.load(out)
+    assert saved["engine"] == "flower-deploy" and saved["current"]["round"] == 1 and len(saved["metrics_lines"]) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for(lambda: not alive(flower_procs), "the killed run's Flower processes to exit", timeout=30)
+    assert not (out / "summary.json").exists()
+
+    before = set(_tree(os.getpid()))
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    _same_summary(tmp_path / "local", out, "flower-deploy")
+    assert sorted(p.name for p in (out / "flower" / "state").iterdir()) == ["node-0", "node-1"]
+    wait_for(lambda: set(_tree(os.getpid())) <= before, "the resumed run's Flower processes to exit", timeout=30)

@@ -13,3 +13,6 @@ RESULT_TAG = "PF2LORA_RESULT "
 """Log line prefix of a deployed ServerApp's results (JSON list of MethodResult dicts)."""
 ERROR_TAG = "PF2LORA_ERROR "
 """Log line prefix of a deployed ServerApp's failure (one line)."""
+CHECKPOINT_TAG = "PF2LORA_CHECKPOINT "
+"""Log line prefix of a deployed ServerApp's checkpoint after a round (base64 of its bytes), sent
+back this way when the ServerApp runs on another machine (an existing SuperLink)."""

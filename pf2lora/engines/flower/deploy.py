@@ -21,6 +21,7 @@ so results return from a remote SuperLink too.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from pf2lora import config as config_mod
@@ -39,19 +40,25 @@ from pf2lora.config import RunConfig
 from pf2lora.data import catalogue
 from pf2lora.engines.flower import env, nodedata
 from pf2lora.errors import UserError
+from pf2lora.io import atomic_write
 
 env.apply()
 
+from pf2lora.engines.flower import reaper
 from pf2lora.engines.flower.common import (
+    CHECKPOINT_TAG,
     ERROR_TAG,
     RESULT_TAG,
     ROUND_TAG,
     FlowerEngineError,
 )
+from pf2lora.engines.flower.reaper import alive, descendants
+from pf2lora.engines.flower.resume import ServerCheckpoint, encode
 from pf2lora.engines.flower.server import RoundCallback
 from pf2lora.engines.rounds import MethodResult, RoundFailure
 
 CONNECTION = "pf2lora"
+HOLDING = "pf2lora: holding after "
 FAB_PACKAGE = "pf2lora_fab"
 
 
@@ -98,8 +105,24 @@ def reachable(host: str, port: int, timeout: float = 2.0) -> bool:
 # -- the generated Flower App ------------------------------------------------------------------------
 
 
-def write_app(folder: Path, cfg: RunConfig, result_path: Path | None, adapters_path: Path | None = None) -> Path:
-    """A Flower App Bundle folder whose apps run ``cfg`` (the config travels inside it)."""
+FAB_LIMIT = 10 * 1024 * 1024
+"""Flower's largest app bundle (flwr 1.41, ``FAB_MAX_SIZE``)."""
+
+
+def write_app(
+    folder: Path,
+    cfg: RunConfig,
+    result_path: Path | None,
+    adapters_path: Path | None = None,
+    checkpoint: ServerCheckpoint | None = None,
+    remote: bool = False,
+) -> Path:
+    """A Flower App Bundle folder whose apps run ``cfg`` (the config travels inside it).
+
+    ``checkpoint``: the ServerApp checkpoints after every round, into ``checkpoint.path`` (a
+    loopback federation: this machine's file) or, ``remote``, as ``PF2LORA_CHECKPOINT`` lines of
+    its log; a resumed one continues its run, read from that file, or, ``remote``, from a copy
+    inside the bundle (``resume.json``)."""
     app = folder / "app"
     pkg = app / FAB_PACKAGE
     pkg.mkdir(parents=True, exist_ok=True)
@@ -128,7 +151,24 @@ def write_app(folder: Path, cfg: RunConfig, result_path: Path | None, adapters_p
     )
     (pkg / "__init__.py").write_text("")
     (pkg / "run.toml").write_text(config_mod.dumps(cfg))
-    settings = {"result_path": str(result_path) if result_path else "", "adapters_path": str(adapters_path) if adapters_path else ""}
+    settings: dict = {"result_path": str(result_path) if result_path else "", "adapters_path": str(adapters_path) if adapters_path else ""}
+    (pkg / "resume.json").unlink(missing_ok=True)
+    if checkpoint is not None:
+        resuming = bool(checkpoint.completed or checkpoint.current)
+        settings["checkpoint"] = {
+            "header": checkpoint.header,
+            "run_key": checkpoint.run_key,
+            "path": "" if remote or checkpoint.path is None else str(checkpoint.path),
+            "stream": remote,
+            "resume": resuming,
+        }
+        if remote and resuming:
+            line = encode(checkpoint.payload()).decode()
+            if len(line) > FAB_LIMIT - 256 * 1024:
+                raise FlowerEngineError(
+                    f"--resume: the checkpoint ({len(line) / 2**20:.1f} MB as text) does not fit in a Flower app (10 MB) to reach the SuperLink"
+                )
+            (pkg / "resume.json").write_text(json.dumps({"checkpoint": line}))
     (pkg / "settings.json").write_text(json.dumps(settings))
     (pkg / "app.py").write_text(
         textwrap.dedent("""\
@@ -150,14 +190,19 @@ def write_app(folder: Path, cfg: RunConfig, result_path: Path | None, adapters_p
 
 class Processes:
     """Processes this engine started; ``stop`` ends them and every descendant they started (Flower's
-    SuperExec, ServerApp and ClientApp processes run in sessions of their own), by process id."""
+    SuperExec, ServerApp and ClientApp processes run in sessions of their own), by process id.
 
-    def __init__(self, logs: Path, environ: dict[str, str]):
+    With ``folder`` they are also recorded there and a watchdog process ends them all should this
+    process die without calling ``stop`` (SIGKILL; :mod:`.reaper`)."""
+
+    def __init__(self, logs: Path, environ: dict[str, str], folder: Path | None = None):
         self.logs = logs
         self.env = environ
+        self.folder = folder
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.seen: set[int] = set()
         """Every process id started here or below (filled at stop; for checks)."""
+        self.watchdog: subprocess.Popen | None = None
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -171,6 +216,10 @@ class Processes:
     def add(self, name: str, p: subprocess.Popen) -> None:
         self.procs.append((name, p))
         self.seen.add(p.pid)
+        if self.folder is not None:
+            reaper.record(self.folder, [q.pid for _, q in self.procs])
+            if self.watchdog is None:
+                self.watchdog = reaper.start_watchdog(self.folder, self.env)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         try:
@@ -204,6 +253,16 @@ class Processes:
         end = time.monotonic() + 5
         while time.monotonic() < end and alive(self.seen):
             time.sleep(0.1)
+        if self.folder is not None:
+            (self.folder / reaper.RECORD).unlink(missing_ok=True)
+        if self.watchdog is not None:  # nothing left to watch
+            self.seen.add(self.watchdog.pid)
+            self.watchdog.terminate()
+            try:
+                self.watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -211,44 +270,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) of every process (Linux /proc)."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), fields[0])
-    return table
-
-
-def descendants(roots: list[int]) -> set[int]:
-    """``roots`` and every live process below them."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in out:
-            continue
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def alive(pids: Iterable[int]) -> list[int]:
-    """The processes among ``pids`` that still run (zombies count as ended)."""
-    table = _proc_table()
-    return [p for p in pids if p in table and table[p][1] not in ("Z", "X")]
 
 
 def _wait_listening(procs: Processes, name: str, proc: subprocess.Popen, port: int, timeout: float) -> None:
@@ -280,6 +301,7 @@ def run_flower_deploy(
     echo: Callable[[str], None] | None = None,
     root_certificates: str | Path | None = None,
     adapters_root: str | Path | None = None,
+    checkpoint: ServerCheckpoint | None = None,
 ) -> list[MethodResult]:
     """Run ``cfg.methods`` on a deployed federation; see the module docstring.
 
@@ -291,6 +313,10 @@ def run_flower_deploy(
     existing SuperLink that uses TLS (default: an insecure connection, as the loopback one is).
     ``adapters_root``: where the loopback federation's ServerApp writes each method's global
     adapter (each node writes its own client's under its state folder, ``STATE/adapters``).
+    ``checkpoint``: the ServerApp checkpoints after every round into ``checkpoint.path`` (written
+    by the ServerApp itself on loopback, by this process from the log stream with ``superlink``);
+    a resumed one continues its run, on a new loopback federation whose nodes use the same state
+    folders (``workdir/state/node-K``: give the same ``workdir``), or on the same SuperLink.
     """
     try:  # node-local data: no pooled method; a loopback federation hands node K the file of client K
         nodedata.check_run(cfg, files_needed=not superlink)
@@ -315,7 +341,8 @@ def run_flower_deploy(
         PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
         FLWR_SUPEREXEC_TASK_POLL_INTERVAL=os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5"),  # default 3 s
     )
-    procs = Processes(logs, environ)
+    reaper.reap(work)  # a federation of a killed run in this folder (its watchdog killed too) goes first
+    procs = Processes(logs, environ, folder=work)
     try:
         if superlink:
             host, link_port = parse_address(superlink)
@@ -355,8 +382,16 @@ def run_flower_deploy(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{host}:{link_port}"\n{tls}'
         )
         # the app carries no client's file: with node-local data each node has its own data-path
-        app = write_app(work, nodedata.server_view(cfg), result_path, Path(adapters_root) if adapters_root and not superlink else None)
-        return _submit(cfg, app, environ, procs, result_path, on_round, timeout_s, echo)
+        app = write_app(
+            work,
+            nodedata.server_view(cfg),
+            result_path,
+            Path(adapters_root) if adapters_root and not superlink else None,
+            checkpoint,
+            remote=bool(superlink),
+        )
+        keep = checkpoint.path if checkpoint is not None and superlink else None
+        return _submit(cfg, app, environ, procs, result_path, on_round, timeout_s, echo, keep)
     finally:
         procs.stop()
         if started is not None:
@@ -374,7 +409,10 @@ def _submit(
     on_round: RoundCallback | None,
     timeout_s: float | None,
     echo: Callable[[str], None] | None,
+    checkpoint_path: Path | None = None,
 ) -> list[MethodResult]:
+    """``flwr run --stream`` of ``app``; the tagged lines of the ServerApp's log: round records to
+    ``on_round``, checkpoints into ``checkpoint_path`` (a ServerApp on another machine), results."""
     run = subprocess.Popen(
         [_bin("flwr"), "run", str(app), CONNECTION, "--stream"],
         stdout=subprocess.PIPE,
@@ -408,11 +446,17 @@ def _submit(
         *lines, buffer = buffer.split("\n")
         for line in lines:
             line = line.rstrip("\r")
+            if line.startswith(CHECKPOINT_TAG):  # neither echoed nor kept in the tail: one line can be megabytes
+                if checkpoint_path is not None:
+                    atomic_write(checkpoint_path, base64.b64decode(line[len(CHECKPOINT_TAG) :]), fsync=False)
+                continue
             if echo is not None:
                 echo(line)
             tail = (tail + [line])[-30:]
             if line.startswith(ROUND_TAG) and on_round is not None:
                 on_round(json.loads(line[len(ROUND_TAG) :]))
+            elif line.startswith(HOLDING):  # test-only (resume.HOLD_ENV): the ServerApp holds; say so here
+                print(line, file=sys.stderr, flush=True)
             elif line.startswith(RESULT_TAG):
                 results_payload = line[len(RESULT_TAG) :]
             elif line.startswith(ERROR_TAG):

@@ -3,6 +3,10 @@ SuperNode imports the bundle in a fresh process for every message, and only trai
 messages need torch. The run's config is the bundle's ``run.toml``; the ServerApp reports rounds,
 results and failures as tagged lines of its log (``flwr run --stream`` brings them back, also from
 a remote SuperLink) and also writes the results to ``settings.json``'s ``result_path`` if set.
+With ``settings.json``'s ``checkpoint`` it checkpoints after every round (:mod:`.resume`): into the
+file ``path`` (a loopback federation: the run directory is on this machine), or as
+``PF2LORA_CHECKPOINT`` lines of its log (``stream``: a SuperLink elsewhere); a resumed run reads
+its checkpoint from that file, or from the bundle's ``resume.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora.engines.flower.client import make_client_app
-from pf2lora.engines.flower.common import ERROR_TAG, RESULT_TAG, ROUND_TAG
+from pf2lora.engines.flower.common import CHECKPOINT_TAG, ERROR_TAG, RESULT_TAG, ROUND_TAG
 from pf2lora.io import atomic_write
 
 
@@ -58,7 +62,8 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
             on_round = lambda record: print(ROUND_TAG + json.dumps(record), flush=True)
             _audit_opens()
             task = build_task(nodedata.server_view(cfg))  # node-local data: no client's file, ever
-            results = FlowerServer(cfg, task, grid, on_round=on_round, adapters_root=adapters_path).run()
+            checkpoint = _checkpoint(folder, settings.get("checkpoint"))
+            results = FlowerServer(cfg, task, grid, on_round=on_round, adapters_root=adapters_path, checkpoint=checkpoint).run()
         except BaseException as e:
             print(ERROR_TAG + f"{type(e).__name__}: {e}".replace("\n", " ")[:500], flush=True)
             raise
@@ -71,6 +76,25 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
         print(RESULT_TAG + payload, flush=True)
 
     return server, make_client_app(load_node_cfg)
+
+
+def _checkpoint(folder: Path, spec: dict[str, Any] | None) -> Any:
+    """The ServerApp's :class:`~.resume.ServerCheckpoint` of ``settings.json``'s ``checkpoint`` (None: none)."""
+    if not spec:
+        return None
+    import torch
+
+    from pf2lora.engines.flower.resume import ServerCheckpoint, decode
+
+    path = spec.get("path") or None
+    emit = (lambda line: print(CHECKPOINT_TAG + line.decode(), flush=True)) if spec.get("stream") else None
+    if not spec.get("resume"):
+        return ServerCheckpoint(spec["header"], path=path, emit=emit, run_key=spec["run_key"])
+    if path:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        payload = decode(json.loads((folder / "resume.json").read_text())["checkpoint"])
+    return ServerCheckpoint.resumed(payload, spec["header"], path=path, emit=emit)
 
 
 AUDIT_OPENS_ENV = "PF2LORA_AUDIT_SERVER_OPENS"

@@ -19,6 +19,7 @@ env.apply()
 
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.common import FlowerEngineError
+from pf2lora.engines.flower.resume import ServerCheckpoint
 from pf2lora.engines.flower.server import ReplyHook, RoundCallback, ServerHook, make_server_app
 from pf2lora.engines.rounds import MethodResult, RoundFailure
 from pf2lora.errors import UserError
@@ -37,11 +38,15 @@ def run_flower_sim(
     verbose: bool = False,
     on_server: ServerHook | None = None,
     adapters_root: str | Path | None = None,
+    checkpoint: ServerCheckpoint | None = None,
+    state_dir: str | Path | None = None,
 ) -> list[MethodResult]:
     """Run ``cfg.methods`` on a simulated federation (one virtual SuperNode per client).
 
     ``task`` (built from ``cfg`` when None) serves the ServerApp; Ray workers build theirs.
-    Client state lives in ``cfg.flower.state_dir`` or a temporary folder removed afterwards.
+    Client state lives in ``state_dir``, else ``cfg.flower.state_dir``, else a temporary folder
+    removed afterwards. ``checkpoint``: the server checkpoints after every round, and a resumed one
+    continues its run (:mod:`.resume`; the client states must be in the same folder as before).
     ``num_cpus`` caps the cores Ray may use (default: all); each client takes
     ``cfg.flower.client_cpus``. ``on_server`` sees the server state after every round. The server
     writes each method's global adapter under ``adapters_root``; every client's personalised one is
@@ -59,7 +64,7 @@ def run_flower_sim(
     results: list[MethodResult] = []
     errors: list[BaseException] = []
     tmp = None
-    state_dir = cfg.flower.state_dir
+    state_dir = state_dir or cfg.flower.state_dir
     if not state_dir:
         tmp = tempfile.mkdtemp(prefix="pf2lora-flower-state-")
         state_dir = tmp
@@ -72,6 +77,7 @@ def run_flower_sim(
         progress=progress,
         on_server=on_server,
         adapters_root=adapters_root,
+        checkpoint=checkpoint,
     )
     client_app = make_client_app(cfg, state_dir)
     init_args: dict = {"include_dashboard": False}
@@ -109,8 +115,9 @@ def run_flower_sim(
 
 
 def default_state_dir(out: str | Path) -> Path:
-    """Where a CLI run keeps client node state: inside its run directory."""
-    return Path(out) / "flower-state"
+    """Where a CLI run keeps its simulated nodes' state when it checkpoints (unless
+    ``flower.state_dir`` says otherwise): inside its run directory, where ``--resume`` finds it."""
+    return Path(out) / "flower" / "state"
 
 
 __all__: Sequence[str] = ["default_state_dir", "run_flower_sim"]

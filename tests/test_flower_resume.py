@@ -217,3 +217,40 @@ def test_sigkill_of_a_flower_deploy_run_then_resume_gives_the_uninterrupted_summ
     _same_summary(tmp_path / "local", out, "flower-deploy")
     assert sorted(p.name for p in (out / "flower" / "state").iterdir()) == ["node-0", "node-1"]
     wait_for(lambda: set(_tree(os.getpid())) <= before, "the resumed run's Flower processes to exit", timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # Ray's notice about accelerator env vars
+def test_sigkill_of_a_flower_sim_run_then_resume_gives_the_uninterrupted_summary(tmp_path):
+    """The same on flower-sim: the simulated nodes' states live in RUN/flower/state (checkpointing
+    on, no flower.state_dir), so the resumed simulation finds them; no Ray process left behind."""
+    from pf2lora.cli import main
+
+    run = [SYNTH_CFG, "--quiet", *sets(*DEPLOY, "rounds=3")]
+    assert main(["run", *run, "--out", str(tmp_path / "local")]) == 0
+    out = tmp_path / "killed"
+    proc = start_run_holding([*run, "--engine", "flower-sim", "--out", str(out)], hold="pf2lora:2")
+    ray_procs = _tree(proc.pid)
+    assert checkpoint.load(out)["current"]["round"] == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for(lambda: not alive(ray_procs), "the killed run's Ray processes to exit", timeout=60)
+
+    before = set(_tree(os.getpid()))
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    _same_summary(tmp_path / "local", out, "flower-sim")
+    assert (out / "flower" / "state").is_dir()
+    wait_for(lambda: set(_tree(os.getpid())) <= before, "Ray's processes to exit", timeout=60)
+
+
+def test_resume_keeps_the_runs_engine(tmp_path, capsys):
+    """A run continues on the engine it was started with: --resume with another --engine is one line."""
+    from pf2lora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", SYNTH_CFG, "--quiet", *sets(*DEPLOY), "--out", str(out)]) == 0
+    assert checkpoint.load(out)["engine"] == "local"
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--engine", "flower-sim"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "started with --engine local" in err[0]

@@ -257,12 +257,7 @@ class Processes:
             (self.folder / reaper.RECORD).unlink(missing_ok=True)
         if self.watchdog is not None:  # nothing left to watch
             self.seen.add(self.watchdog.pid)
-            self.watchdog.terminate()
-            try:
-                self.watchdog.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.watchdog.kill()
-                self.watchdog.wait()
+            reaper.stop_watchdog(self.watchdog)
 
 
 def _kill(pid: int, sig: int) -> None:

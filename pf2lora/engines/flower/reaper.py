@@ -8,6 +8,8 @@ covers the case where it cannot run (``pf2lora run`` killed with SIGKILL):
 * a **watchdog** (:func:`watch`, a small process of its own started with the federation) learns the
   process tree every 0.2 s from the pids ``Processes`` records in ``WORKDIR/processes.json``, and
   when its parent dies it freezes and kills the whole tree;
+* the same watchdog, told no folder, guards ``flower-sim``: it kills what appeared below the
+  ``pf2lora run`` process after it started (Ray's processes, whose agents outlive a killed driver);
 * a new federation in the same folder (``pf2lora run --resume``) first ends whatever the record
   still names (:func:`reap`), should the watchdog have been killed too.
 
@@ -131,35 +133,52 @@ def reap(folder: Path) -> None:
         (folder / RECORD).unlink(missing_ok=True)
 
 
-def watch(parent: int, folder: Path, poll_s: float = 0.2) -> None:
-    """The watchdog: while ``parent`` lives, learn the tree below the recorded processes; once it
-    is gone, kill that tree. Ends by itself when its parent ended the federation (record removed)."""
+def watch(parent: int, folder: Path | None, poll_s: float = 0.2) -> None:
+    """The watchdog: while ``parent`` lives, learn the tree below the processes recorded in
+    ``folder`` (None: every process that appears below ``parent`` after the watchdog started, e.g.
+    Ray's); once the parent is gone, kill that tree. Ends by itself when the parent removed the record."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
+    me = os.getpid()
+    table = proc_table()
+    before = {(p, table[p][2]) for p in descendants([parent], table) if p in table}
     known: dict[int, int] = {}
     while os.getppid() == parent:
-        roots = recorded(folder)
-        if not roots and known and not (folder / RECORD).exists():
-            return  # the parent stopped its federation itself
         table = proc_table()
+        if folder is None:
+            roots = {p: table[p][2] for p in descendants([parent], table) if p in table and (p, table[p][2]) not in before}
+        else:
+            roots = recorded(folder)
+            if not roots and known and not (folder / RECORD).exists():
+                return  # the parent stopped its federation itself
         live = {p for p, t in {**known, **roots}.items() if p in table and table[p][2] == t}
         for p in descendants(live, table):
-            if p in table:
+            if p in table and p not in (me, parent):
                 known.setdefault(p, table[p][2])
         time.sleep(poll_s)
-    kill_tree({**known, **recorded(folder)})
+    kill_tree({**known, **(recorded(folder) if folder is not None else {})})
 
 
-def start_watchdog(folder: Path, environ: dict[str, str]) -> subprocess.Popen:
-    """Start :func:`watch` over ``folder`` for this process."""
+def start_watchdog(folder: Path | None, environ: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start :func:`watch` over ``folder`` (None: over what this process starts from now on) for this process."""
     code = (
-        "import sys; from pathlib import Path; from pf2lora.engines.flower.reaper import watch; watch(int(sys.argv[1]), Path(sys.argv[2]))"
+        "import sys; from pathlib import Path; from pf2lora.engines.flower.reaper import watch; "
+        "watch(int(sys.argv[1]), Path(sys.argv[2]) if sys.argv[2] else None)"
     )
-    p = subprocess.Popen(
-        [sys.executable, "-c", code, str(os.getpid()), str(folder)],
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(os.getpid()), str(folder) if folder is not None else ""],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=environ,
         start_new_session=True,
     )
-    return p
+
+
+def stop_watchdog(watchdog: subprocess.Popen) -> None:
+    """End a watchdog whose parent ended what it watched itself."""
+    watchdog.terminate()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()

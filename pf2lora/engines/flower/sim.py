@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env, nodedata
+from pf2lora.engines.flower import env, nodedata, reaper
 
 env.apply()
 
@@ -91,6 +91,7 @@ def run_flower_sim(
     level = flwr_log.level
     if not verbose:
         flwr_log.setLevel(logging.ERROR)
+    watchdog = reaper.start_watchdog(None)  # Ray's processes end with this one, even if it is killed
     try:
         run_simulation(server_app, client_app, num_supernodes=len(task.clients), backend_config=backend_config, verbose_logging=verbose)
     except BaseException as e:  # noqa: BLE001
@@ -99,6 +100,7 @@ def run_flower_sim(
         flwr_log.setLevel(level)
         if ray.is_initialized():
             ray.shutdown()
+        reaper.stop_watchdog(watchdog)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if errors:

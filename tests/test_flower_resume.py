@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 
 import torch
 
-from conftest import SYNTH_CFG, methods_override, read_metrics, read_summary, sets, small_task, start_run_holding, wait_for
+from conftest import SYNTH_CFG, free_port, methods_override, read_metrics, read_summary, sets, small_task, start_run_holding, wait_for
 from pf2lora import checkpoint
 from pf2lora.engines.flower import FlowerEngineError
 from pf2lora.engines.flower.client import make_client_app
@@ -254,3 +255,59 @@ def test_resume_keeps_the_runs_engine(tmp_path, capsys):
     assert main(["run", "--resume", str(out), "--engine", "flower-sim"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "started with --engine local" in err[0]
+
+
+@pytest.mark.slow
+def test_a_run_on_an_existing_superlink_resumes_on_it(tmp_path):
+    """`--superlink`: the ServerApp runs under a SuperLink started elsewhere (here: by the test, on
+    loopback, with 2 SuperNodes and their own state-dir), so its checkpoints come back through its
+    log. Killed while the ServerApp holds after round 1, `pf2lora run --resume` submits to the same
+    SuperLink (its address read from the checkpoint), whose nodes kept their state: the summary of an
+    uninterrupted run."""
+    import sys
+
+    from pf2lora.cli import main
+    from pf2lora.engines.flower import env
+    from pf2lora.engines.flower.deploy import Processes, _bin, _wait_listening
+
+    (tmp_path / "logs").mkdir()
+    environ = env.child_env(
+        FLWR_HOME=str(tmp_path / "home"),
+        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.5",
+        PF2LORA_TEST_HOLD_AFTER="pf2lora:1",  # the ServerApp runs under the SuperLink: it holds there
+    )
+    federation = Processes(tmp_path / "logs", environ)
+    try:
+        port = free_port()
+        link = federation.start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)])
+        _wait_listening(federation, "superlink", link, port, 60)
+        for i in range(2):
+            node = f'partition-id={i} num-partitions=2 state-dir="{tmp_path / f"node-{i}"}"'
+            federation.start(
+                f"supernode-{i}",
+                [
+                    _bin("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node,
+                ],
+            )
+        assert main(["run", SYNTH_CFG, "--quiet", *sets(*DEPLOY), "--out", str(tmp_path / "local")]) == 0
+        out = tmp_path / "run"
+        args = [SYNTH_CFG, "--quiet", *sets(*DEPLOY), "--engine", "flower-deploy", "--superlink", f"127.0.0.1:{port}", "--out", str(out)]
+        proc = start_run_holding(args, hold="pf2lora:1")
+        saved = checkpoint.load(out)
+        assert saved["superlink"] == f"127.0.0.1:{port}" and saved["current"]["round"] == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert main(["run", "--resume", str(out), "--quiet"]) == 0
+        _same_summary(tmp_path / "local", out, "flower-deploy")
+        assert list((tmp_path / "node-0").glob(f"{saved['run_key']}/pf2lora/client_0.pt"))  # the same run key's state
+    finally:
+        federation.stop()
+    wait_for(lambda: not alive(federation.seen), "the federation's processes to exit", timeout=30)

@@ -117,20 +117,31 @@ def record(folder: Path, pids: Iterable[int]) -> None:
     atomic_write(folder / RECORD, json.dumps({"parent": os.getpid(), "processes": known}), fsync=False)
 
 
-def recorded(folder: Path) -> dict[int, int]:
+def recorded(folder: Path, parent: int | None = None) -> dict[int, int]:
+    """The processes ``folder``'s record names (pid -> start time); with ``parent``, only if that
+    process wrote it (a new federation in the same folder writes its own)."""
     try:
         data = json.loads((folder / RECORD).read_text())
+        if parent is not None and int(data.get("parent", -1)) != parent:
+            return {}
         return {int(p): int(t) for p, t in data.get("processes", {}).items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
 
 
 def reap(folder: Path) -> None:
-    """End what a previous federation in ``folder`` left running (its ``pf2lora run`` was killed)."""
+    """End what a previous federation in ``folder`` left running (its ``pf2lora run`` was killed,
+    and its watchdog too). A record whose writer still runs is left alone."""
+    try:
+        writer = int(json.loads((folder / RECORD).read_text()).get("parent", -1))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    if writer != os.getpid() and alive([writer]):
+        return
     known = recorded(folder)
     if known:
         kill_tree(known)
-        (folder / RECORD).unlink(missing_ok=True)
+    (folder / RECORD).unlink(missing_ok=True)
 
 
 def watch(parent: int, folder: Path | None, poll_s: float = 0.2) -> None:
@@ -147,15 +158,15 @@ def watch(parent: int, folder: Path | None, poll_s: float = 0.2) -> None:
         if folder is None:
             roots = {p: table[p][2] for p in descendants([parent], table) if p in table and (p, table[p][2]) not in before}
         else:
-            roots = recorded(folder)
-            if not roots and known and not (folder / RECORD).exists():
-                return  # the parent stopped its federation itself
+            roots = recorded(folder, parent)
+            if not roots and known:
+                return  # the parent stopped its federation itself (its record is gone)
         live = {p for p, t in {**known, **roots}.items() if p in table and table[p][2] == t}
         for p in descendants(live, table):
             if p in table and p not in (me, parent):
                 known.setdefault(p, table[p][2])
         time.sleep(poll_s)
-    kill_tree({**known, **(recorded(folder) if folder is not None else {})})
+    kill_tree({**known, **(recorded(folder, parent) if folder is not None else {})})
 
 
 def start_watchdog(folder: Path | None, environ: dict[str, str] | None = None) -> subprocess.Popen:

@@ -62,7 +62,7 @@ def cmd_config_keys(_: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pf2lora import runs
 
-    written = runs.export(args.run_dir, args.out, method=args.method, client=args.client, merge=args.merge)
+    written = runs.export(args.run_dir, args.out, method=args.method, client=args.client, merge=args.merge, device=args.device)
     print(f"wrote {len(written)} {'merged models' if args.merge else 'adapters'} under {args.out}")
     return 0
 
@@ -74,7 +74,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive integer")
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise UserError(f"--out {args.out}: expected a .csv or .jsonl file")
-    rows = runs.predict(args.run_dir, args.method, args.client, input_path=args.input, split=args.split, batch_size=args.batch_size)
+    rows = runs.predict(
+        args.run_dir, args.method, args.client, input_path=args.input, split=args.split, batch_size=args.batch_size, device=args.device
+    )
     text = runs.write_rows(rows, args.out)
     if text is not None:
         sys.stdout.write(text)
@@ -127,7 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.num_threads)
     tensorboard = args.tensorboard or cfg.log.tensorboard
     if tensorboard:
-        from pf2lora.tensorboard import ScalarLog  # noqa: F401 - the missing package is said before any work
+        from pf2lora.tensorboard import require
+
+        require()  # the missing package is said before any work
     if cfg.task.partition == "node" and args.engine == "local":
         from pf2lora.data import catalogue
 
@@ -162,6 +166,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.engine != "local"
             else _run_local(cfg, engine, out, saved, lines, on_round)
         )
+        if tb is not None and finished is not None:
+            tb.add_final(finished, cfg.rounds)
     finally:
         if tb is not None:
             tb.close()
@@ -417,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--client", help="only this client (default: every client)")
     export.add_argument("--out", required=True, help="folder to write OUT/METHOD/CLIENT into")
     export.add_argument("--merge", action="store_true", help="write each client's full model with its adapter merged into the base weights")
+    export.add_argument(
+        "--device", default="auto", help="where to rebuild the models (auto, cpu, cuda, cuda:N; default auto, whatever the run used)"
+    )
     export.set_defaults(func=cmd_export)
     pred = sub.add_parser("predict", help="predict with a client's personalised model of a run")
     pred.add_argument("run_dir", metavar="RUN", help="a run directory")
@@ -427,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--split", choices=("test", "train"), help="that client's own split of the run's data instead")
     pred.add_argument("--out", help="a .csv or .jsonl file (default: CSV on standard output)")
     pred.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default 64)")
+    pred.add_argument("--device", default="auto", help="where to predict (auto, cpu, cuda, cuda:N; default auto, whatever the run used)")
     pred.set_defaults(func=cmd_predict)
     sub.add_parser("methods", help="list the available methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the data sets of the text tasks (task.dataset)").set_defaults(func=cmd_datasets)

@@ -24,28 +24,34 @@ import torch
 from pf2lora import adapters, checkpoint, plan
 from pf2lora import state as st
 from pf2lora.config import RunConfig
+from pf2lora.data.user_files import label_index
 from pf2lora.engines.rounds import personal_model, save_adapters
 from pf2lora.errors import UserError
 from pf2lora.export import import_peft, unwrap
 from pf2lora.io import atomic_save, atomic_write
 from pf2lora.methods import registry
-from pf2lora.methods.base import params_of
 from pf2lora.tasks.base import Task
 
 STATES = "states"
+WHERE = "__where__"
+"""A row's place in its input file, for one-line errors (not an output column)."""
+LABEL = "__label__"
+"""A split row's class index, or target text (the run's own reading of the data)."""
 
 
 # -- final states ----------------------------------------------------------------------------
 
 
 def save_final_state(run_dir: Path, method: str, round_: int, server: st.Tensors, clients: dict[str, Any]) -> None:
-    """``states/METHOD.pt``: what a finished method's models are made of (parameters only)."""
+    """``states/METHOD.pt``: what a finished method's models are made of: every client's state
+    without its optimizer moments (parameters, and the method's ``meta/`` entries: a client's
+    rank, fusion weights, keys)."""
     (run_dir / STATES).mkdir(exist_ok=True)
     payload = {
         "method": method,
         "round": round_,
         "server": checkpoint.on_cpu(dict(server)),
-        "clients": {cid: checkpoint.on_cpu(dict(params_of(s))) for cid, s in clients.items()},
+        "clients": {cid: checkpoint.on_cpu({k: v for k, v in s.items() if not k.startswith("opt/")}) for cid, s in clients.items()},
     }
     atomic_save(payload, run_dir / STATES / f"{method}.pt", fsync=False)
 
@@ -66,11 +72,12 @@ def _states(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_run(run_dir: str | Path) -> tuple[Path, RunConfig]:
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[Path, RunConfig]:
+    """The run directory and its config, on ``device`` (a run made on a GPU is used on a CPU)."""
     run = Path(run_dir)
     if not (run / "config.toml").is_file():
         raise UserError(f"{run}: not a pf2lora run directory (no config.toml)")
-    return run, plan.load(run / "config.toml", [])
+    return run, plan.load(run / "config.toml", [f"device={device}"])
 
 
 def _client_ids(task: Task, client: str | None, where: str) -> list[str]:
@@ -85,10 +92,12 @@ def _client_ids(task: Task, client: str | None, where: str) -> list[str]:
 # -- export ----------------------------------------------------------------------------------
 
 
-def export(run_dir: str | Path, out: str | Path, method: str | None = None, client: str | None = None, merge: bool = False) -> list[Path]:
+def export(
+    run_dir: str | Path, out: str | Path, method: str | None = None, client: str | None = None, merge: bool = False, device: str = "auto"
+) -> list[Path]:
     """Write ``OUT/METHOD/CLIENT`` adapters (``--merge``: full models with the adapter merged
     into the base weights, ``save_pretrained``) from the run's final or last checkpointed state."""
-    run, cfg = load_run(run_dir)
+    run, cfg = load_run(run_dir, device)
     states = _states(run)
     if not states:
         raise UserError(f"{run}: holds no trained state to export (no states/ and no checkpoint)")
@@ -131,12 +140,18 @@ def merged(task: Task, params: st.Tensors, out: Path) -> Path:
     from pf2lora import lora
     from pf2lora.io import atomic_dir
 
-    model: Any = unwrap(copy.deepcopy(task.model))
+    lora_model = copy.deepcopy(task.model).cpu()  # the merge is done on the CPU, wherever the run trained
     paths = st.model_params({k: v.detach().cpu().float() if v.is_floating_point() else v for k, v in params.items()})
-    for path, delta in lora.delta_weights(task.model, task.targets, paths).items():
-        layer = task.model.get_submodule(path)
+    deltas = lora.delta_weights(lora_model, task.targets, paths)
+    fan_in_fan_out = {path: getattr(lora_model.get_submodule(path), "fan_in_fan_out", False) for path in deltas}
+    model: Any = unwrap(lora_model)
+    for path, delta in deltas.items():
         weight = model.get_parameter(f"{path}.weight")
-        weight.add_((delta.T if getattr(layer, "fan_in_fan_out", False) else delta).to(weight.dtype))
+        weight.add_((delta.T if fan_in_fan_out[path] else delta).to(weight.dtype))
+    names = list(getattr(task, "label_names", []) or [])
+    if names:  # so a pipeline shows the class names, not LABEL_i
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
     own = dict(model.named_parameters())
     for path, value in paths.items():
         if lora.split_path(path) is None and path in own:
@@ -159,7 +174,7 @@ def _read_input(path: Path, cfg: RunConfig) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     text_col = cfg.task.text_column
     if suffix == ".txt":
-        return [{text_col: line} for line in path.read_text().splitlines() if line.strip()]
+        return [{text_col: line, WHERE: f"{path}: line {n}"} for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if suffix == ".csv":
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -179,8 +194,18 @@ def _read_input(path: Path, cfg: RunConfig) -> list[dict[str, Any]]:
         raise UserError(f"{path}: expected a .csv, .jsonl or .txt file")
     if not rows:
         raise UserError(f"{path}: no rows")
-    if text_col not in rows[0]:
-        raise UserError(f"{path}: no column {text_col!r} (task.text_column of the run's config; has {', '.join(map(str, rows[0]))})")
+    unit = "row" if suffix == ".csv" else "line"
+    wanted = [(text_col, "task.text_column")] + (
+        [(cfg.task.text_pair_column, "task.text_pair_column")] if cfg.task.text_pair_column else []
+    )
+    for n, row in enumerate(rows, 2 if suffix == ".csv" else 1):
+        row[WHERE] = f"{path}: {unit} {n}"
+        for col, key in wanted:
+            if not isinstance(row.get(col), str):
+                has = ", ".join(str(k) for k in row if k != WHERE)
+                raise UserError(
+                    f"{row[WHERE]}: column {col!r} ({key} of the run's config) holds {row.get(col)!r}; expected text (has {has})"
+                )
     return rows
 
 
@@ -196,10 +221,11 @@ def predict(
     input_path: str | Path | None = None,
     split: str | None = None,
     batch_size: int = 64,
+    device: str = "auto",
 ) -> list[dict[str, Any]]:
     """Rows ``text``, ``prediction`` (and per-class probabilities, or the generated text) and,
     where the input has one, ``label``: ``client``'s personalised model of ``method``."""
-    run, cfg = load_run(run_dir)
+    run, cfg = load_run(run_dir, device)
     if cfg.task.kind not in ("text-classification", "generation"):
         raise UserError(f"{run}: predict needs a text task (task.kind text-classification or generation), not {cfg.task.kind!r}")
     adapter = adapters.adapter_dir(run / adapters.DIRNAME, method, client)
@@ -233,14 +259,13 @@ def _split_rows(task: Task, cfg: RunConfig, client: str, split: str) -> tuple[li
     ds = catalogue.load(cfg.task)
     idx = data.info[f"{split}_indices"]
     rows: list[dict[str, Any]] = [{cfg.task.text_column: ds.text[i]} for i in idx]
-    names = getattr(task, "label_names", [])
     for row, i in zip(rows, idx):
         if ds.text_pair is not None:
             row[cfg.task.text_pair_column or "text_pair"] = ds.text_pair[i]
         if ds.labels is not None:
-            row["label"] = names[ds.labels[i]] if names else ds.labels[i]
+            row[LABEL] = ds.labels[i]
         if ds.targets is not None:
-            row["label"] = ds.targets[i]
+            row[LABEL] = ds.targets[i]
     return rows, getattr(data, split)
 
 
@@ -263,9 +288,11 @@ def _classify(task: Any, cfg: RunConfig, params, rows, batch, batch_size: int) -
     for row, pr in zip(rows, p.tolist()):
         item: dict[str, Any] = {"text": row[cfg.task.text_column], "prediction": names[max(range(len(pr)), key=pr.__getitem__)]}
         item |= {f"p_{name}": round(v, 6) for name, v in zip(names, pr)}
-        label = row.get("label", row.get(cfg.task.label_column))
-        if label is not None:
-            item["label"] = names[int(label)] if isinstance(label, int) or str(label).isdigit() and names else label
+        col = cfg.task.label_column
+        if LABEL in row:
+            item["label"] = names[row[LABEL]]
+        elif row.get(col) not in (None, ""):  # read as training reads it: an index, or a class name
+            item["label"] = names[label_index(row[col], names, row[WHERE], col)]
         out.append(item)
     return out
 
@@ -292,7 +319,7 @@ def _generate(task: Any, cfg: RunConfig, params, rows, batch, batch_size: int) -
     out = []
     for row, gen in zip(rows, texts):
         item: dict[str, Any] = {"text": row[cfg.task.text_column], "prediction": gen}
-        label = row.get("label", row.get(cfg.task.target_column))
+        label = row.get(LABEL, row.get(cfg.task.target_column))
         if label is not None:
             item["label"] = label
         out.append(item)

@@ -3,7 +3,7 @@ FederatedScope and the HF Trainer let them).
 
 Every numeric field of a ``metrics.jsonl`` record becomes a scalar at step = its round, under
 ``RUN/tb/METHOD/`` (one TensorBoard run per method): ``train_loss``, the bytes per client, the
-fault counts, and after an evaluation round ``eval/<metric>`` (the clients' means). A resumed
+fault counts, and after an evaluation round (and the final one) ``eval/<metric>`` (the clients' means). A resumed
 run rewrites the directory from the checkpoint's records, so no step is logged twice.
 """
 
@@ -35,6 +35,14 @@ def scalars(record: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
             yield f"faults/{key}", float(len(value))
 
 
+def require() -> None:
+    """One line, before any work, when the tensorboard package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"log.tensorboard / --tensorboard needs the tensorboard package: {INSTALL}")
+
+
 class ScalarLog:
     """Writes records as they come; ``close`` flushes every method's event file."""
 
@@ -60,6 +68,14 @@ class ScalarLog:
             writer.add_scalar(tag, value, global_step=int(record["round"]))
         if flush:
             writer.flush()
+
+    def add_final(self, results: Iterable[Any], rounds: int) -> None:
+        """Each method's final evaluation (``eval/<metric>`` at step ``rounds``): the per-round
+        records carry only the evaluations before the last round."""
+        from pf2lora.engines.rounds import eval_means
+
+        for result in results:
+            self.add({"method": result.method, "round": rounds, "eval_means": eval_means(result.clients)})
 
     def flush(self) -> None:
         for writer in self._writers.values():

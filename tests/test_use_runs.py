@@ -209,9 +209,10 @@ def test_help_is_plain_text():
     assert "``" not in text and "pf2lora export" in text
 
 
-def _adapter_bytes(run_dir: Path, method: str) -> dict[str, bytes]:
-    root = run_dir / "adapters" / method
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def _adapter_bytes(run_dir: Path, method: str, root: bool = False) -> dict[str, bytes]:
+    """Every file of a method's adapters (``root``: ``run_dir`` is the adapters folder itself)."""
+    root_dir = (run_dir if root else run_dir / "adapters") / method
+    return {str(p.relative_to(root_dir)): p.read_bytes() for p in sorted(root_dir.rglob("*")) if p.is_file()}
 
 
 def test_killed_after_the_first_method_and_resumed_keeps_identical_adapters(files, tmp_path):
@@ -330,3 +331,45 @@ eval_generate = 2
     txt = tmp_path / "in.txt"
     txt.write_text("word 3\nword 7\n")
     assert [r["text"] for r in runs.predict(out, "homlora", cid, input_path=txt)] == ["word 3", "word 7"]
+
+
+def test_predict_reads_labels_as_training_does(run, tmp_path, capsys):
+    cid = sorted(read_summary(run)["methods"]["homlora"]["clients"])[0]
+    good = tmp_path / "lab.csv"
+    good.write_text("text,label\na fine film 1,positive\nawful plot 2,0\n")
+    rows = runs.predict(run, "homlora", cid, input_path=good)
+    assert [r["label"] for r in rows] == ["positive", "negative"]  # a class name, or an index of label_names
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\na fine film 1,positive\nawful plot 2,meh\n")
+    assert main(["predict", str(run), "--method", "homlora", "--client", cid, "--input", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.csv: row 3" in err and "'meh'" in err and len(err.splitlines()) == 1
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"text": "fine"}\n{"sentence": "awful"}\n')
+    assert main(["predict", str(run), "--method", "homlora", "--client", cid, "--input", str(notext)]) == 2
+    assert "notext.jsonl: line 2: column 'text'" in capsys.readouterr().err
+
+
+def test_tensorboard_has_the_final_evaluation(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = read_summary(run)
+    acc = EventAccumulator(str(run / "tb" / "pf2lora"))
+    acc.Reload()
+    last = acc.Scalars("eval/accuracy")[-1]
+    assert last.step == 2 and last.value == pytest.approx(summary["methods"]["pf2lora"]["mean"]["accuracy"], rel=1e-6)
+
+
+@pytest.mark.parametrize("methods", [["she-lora", "fdlora", "hetlora", "fed-hello"]])
+def test_export_from_the_saved_states_equals_what_the_run_wrote(methods, tmp_path):
+    """states/METHOD.pt keeps what a method's model needs (a client's rank, its fusion weights,
+    its keys), so `pf2lora export` writes the run's own adapters again."""
+    from conftest import SYNTH_CFG, sets
+
+    out = tmp_path / "D"
+    small = ["rounds=2", "local_steps=1", "task.num_clients=3", "task.dim=8", "task.shared_rank=2", "task.private_ranks=[0,1]"]
+    small += ["task.train_samples=64", "task.test_samples=32", f"methods={json.dumps(methods)}"]
+    assert main(["run", SYNTH_CFG, "--out", str(out), "--quiet", *sets(*small)]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "E")]) == 0
+    for method in methods:
+        assert _adapter_bytes(tmp_path / "E", method, root=True) == _adapter_bytes(out, method), method

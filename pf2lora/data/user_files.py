@@ -58,7 +58,9 @@ def _json_records(path: Path) -> list[tuple[int, Any]]:
     return _jsonl_records(path)
 
 
-def _label_value(value: Any, label_names: Sequence[str] | None, where: str, column: str) -> int:
+def label_index(value: Any, label_names: Sequence[str] | None, where: str, column: str) -> int:
+    """The class index a label cell means (an index, or a name of ``label_names``), or one line
+    naming ``where`` and ``column``: training and ``pf2lora predict`` read labels alike."""
     if label_names is not None and isinstance(value, str) and value in label_names:
         return list(label_names).index(value)
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
@@ -173,7 +175,7 @@ def load_table(
         if targets is not None and target is not None:
             targets.append(string(target))
         if labels is not None and label is not None:
-            labels.append(_label_value(rec[label], label_names, where, label))
+            labels.append(label_index(rec[label], label_names, where, label))
         if groups is not None and client is not None:
             g = rec[client]
             if g is None or isinstance(g, (list, dict)):

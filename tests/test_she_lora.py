@@ -21,6 +21,7 @@ from pf2lora.cli import main
 from pf2lora.engines.rounds import initial_client, initial_server
 from pf2lora.errors import UserError
 from pf2lora.methods import she_lora as she
+from pf2lora.methods.flexlora import FlexLoRA
 from pf2lora.methods.she_lora import SHELoRA
 
 TIERS = "she_lora.column_budgets=[0.3, 1.0]"
@@ -121,7 +122,8 @@ def test_encrypted_aggregate_equals_the_plaintext_one(setting):
         assert all(torch.equal(d[t.path], decoded[0][t.path]) for d in decoded)  # every client decodes the same
     # Each client continues from the truncated SVD of that aggregate at its own rank (FlexLoRA's).
     cid = task.clients[0].client_id
-    adapter = method.factors(method.broadcast(server, cid), int(states[cid][method.RANK]), decoded[0])
+    rank = int(states[cid][method.RANK])
+    adapter = method.factors(method.initial_a(states[cid], rank), rank, decoded[0])
     a, b = lora.adapter_keys(task.targets[0], lora.COMMON, st.SHARED)
     ref_a, ref_b = method.factorize(decoded[0][task.targets[0].path], int(states[cid][method.RANK]), adapter[a])
     torch.testing.assert_close(adapter[b] @ adapter[a], (ref_b @ ref_a).float())
@@ -213,6 +215,67 @@ def test_the_server_sees_no_protected_column_and_holds_no_key():
         method.aggregate(server, [e["update"] for e in log if e["round"] == 2])
     finally:
         she.CHANNEL = channel
+
+
+def _relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((estimate - truth).norm() / truth.norm())
+
+
+def test_the_server_holds_no_initial_a_and_cannot_estimate_protected_columns_from_b(monkeypatch):
+    """Every client's A starts from the key holders' initial A (A moves little in a few steps), and
+    the server sees ``B_k``: knowing that init would give ``(alpha / r_k) B_k init[:, P]`` as an
+    estimate of the protected columns P of ``Delta W_k``. The init comes from the clients' shared
+    seed: the server's state and broadcasts hold no init A, and every init the server could make
+    (from its state, the run's seed and generators, the plaintext part it holds) estimates the
+    protected columns no better than chance, where the true init does well."""
+    import random
+
+    from pf2lora.engines.rounds import generator
+
+    monkeypatch.setattr(she, "CHANNEL", she.KeyChannel(random.Random(0).randbytes))  # a repeatable init seed
+    cfg = small_cfg(*TINY_TEXT, "optim.lr=1e-3", "she_lora.column_budgets=[0.1, 0.25]")
+    task = plan.build_task(cfg)
+    method, server, states, log = federate(cfg, task)
+    assert not any("init" in k for k in server)
+    for e in log:
+        assert not any("init" in k for k in e["received"])
+    seeds = {she.as_bytes(s[she._INIT_SEED]) for s in states.values()}
+    assert len(seeds) == 1 and len(next(iter(seeds))) == she.INIT_SEED_BYTES  # the key holders share one
+    state_0 = states[task.clients[0].client_id]
+    true_init = method.initial_a(state_0, method.rank_max)
+    server_floats = torch.cat([v.flatten().float().cpu() for v in server.values() if v.is_floating_point()] or [torch.zeros(0)])
+    for t in task.targets:  # no init value anywhere in the server's state
+        assert not torch.isin(true_init[t.path].flatten().float().cpu(), server_floats).any()
+    # What the server could make an init from: its own generator and each client's (the config is
+    # no secret to it), FlexLoRA's init of the same run, and the right factor of its plaintext part.
+    guesses = {
+        name: lora.init_adapter(task.targets, lora.COMMON, st.SHARED, method.rank_max, generator(cfg.seed, "init", who))
+        for name, who in [("server", "server"), *((c.client_id, c.client_id) for c in task.clients)]
+    }
+    guesses["flexlora"] = {k: v for k, v in FlexLoRA(cfg, task).init_server(generator(cfg.seed, "init", "server")).items()}
+    lists = method.lists(server, task.targets)
+    errors: dict[str, list[float]] = {"true init": []}
+    for e in (e for e in log if e["round"] == 2):
+        f = method.budget(e["client"])
+        for t in task.targets:
+            k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)
+            B = e["update"].shared[k_b].double()
+            r = B.shape[1]
+            P = lists[t.path][: she.column_count(t, f)]
+            truth = method.client_delta(e["trained"], t).double()[:, P]
+            scale = method.alpha / r
+            errors["true init"].append(_relative_error(scale * B @ true_init[t.path][:r, P].double(), truth))
+            for name, g in guesses.items():
+                key = k_a if k_a in g else f"meta/init_A/{t.path}"
+                errors.setdefault(name, []).append(_relative_error(scale * B @ g[key][:r, P].double(), truth))
+            dense, left, right = she.plain_keys(t)
+            if right in server:  # the plaintext part's row space
+                errors.setdefault("plain right factor", []).append(_relative_error(scale * B @ server[right][:r, P].double(), truth))
+    median = {name: sorted(v)[len(v) // 2] for name, v in errors.items()}
+    assert median["true init"] < 0.3, median  # the attack works with the init the clients share ...
+    for name, m in median.items():  # ... and with nothing the server has
+        if name != "true init":
+            assert m > 0.75, (name, median)
 
 
 def test_the_server_refuses_a_secret_context_and_mixed_keys():

@@ -10,8 +10,8 @@ read them, and every client decrypts the sum, re-assembles ``Delta W`` and takes
 SVD at its own rank, as FlexLoRA's server does (:meth:`FlexLoRA.factorize`, reused).
 
 Rounds:
-- Round 1 negotiates. Each client trains as usual (``local_steps`` AdamW steps from the received
-  initial adapter), then ranks its input columns per layer by a Wanda-style sensitivity on
+- Round 1 negotiates. Each client trains as usual (``local_steps`` AdamW steps from the initial
+  adapter: ``B = 0`` and the key holders' initial A, below), then ranks its input columns per layer by a Wanda-style sensitivity on
   ``she_lora.calibration_samples`` of its own training examples: ``s_j = sum_r |A[r, j]| ||X_j||_2``
   (``X_j``: the layer's input feature j over the calibration tokens, padding positions included,
   captured with forward hooks on the adapted modules). It uploads only its top-``p_k`` column
@@ -48,8 +48,18 @@ Choices where the paper leaves one open (ours, stated):
   (:class:`KeyChannel`); each client keeps its copy in its own state (``meta/she/secret``, so a
   checkpoint resumes). Flower engines whose clients run in other processes would each make their
   own key: the server detects mixed keys (a random 16-byte key id travels with every upload) and
-  stops the run with an error naming the client. The keys come from the OS, not the seed; results are still deterministic
-  (next point).
+  stops the run with an error naming the client. The keys come from the OS, not the seed (so do the
+  initial A's, next point; within a process a federation's keys are kept, so runs repeat).
+- Initial A: not the server's (FlexLoRA's server draws ``meta/init_A`` and sends it). Every
+  client's first A is ``init[:r_k]``, and the server sees ``B_k``: with ``init`` it would estimate
+  the protected columns as ``(alpha / r_k) B_k init[:r_k, P]`` (A moves little in a few steps;
+  about 7.5% median relative error measured). So ``init`` (and the rows :meth:`FlexLoRA.factorize`
+  fills for a zero aggregate or a rank beyond ``min(d_in, d_out)``) is drawn from a random 32-byte
+  seed the key holder makes with the secret context and hands out with it (``meta/she/init_seed``
+  in each client's state); the server holds and sends none. Like the key, it comes from the OS,
+  not ``cfg.seed`` (the server knows the config): two runs in one process share it (the channel
+  keeps a federation's keys) and give the same results; runs in separate processes start from
+  different A (the aggregation itself stays exact and deterministic: "Exact sums").
 - Exact sums: each client rounds ``w_k Delta W_k[:, j]`` to multiples of ``2^-fixed_point_bits``
   before encrypting (weights ``w_k = n_k / nu``, ``nu`` = the largest ``n_k`` among round 1's
   voters, broadcast); the decrypted sum is rounded back to integers, exact while the CKKS error
@@ -69,8 +79,7 @@ Choices where the paper leaves one open (ours, stated):
   negotiation included, like the engine's upload bytes).
 - Server -> client: the plaintext part of the mean (dense, or its exact thin-SVD factors at rank
   ``sum r_k`` of the round's clients when those are smaller), the ciphertext sum, ``sum w_k``,
-  ``nu``, the column lists, the first ``r_k`` rows of the server's random init A (for a layer whose
-  aggregate is zero), the client's budget (its vote's length is checked against it), and a shared
+  ``nu``, the column lists, the client's budget (its vote's length is checked against it), and a shared
   head (plaintext: only LoRA A's columns are protected; use ``lora.head = "private"`` to keep a
   head local).
 - Server options: the server only adds, so ``server.aggregator = "mean"``, no ``clip_norm``, no
@@ -87,7 +96,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -238,21 +247,26 @@ def as_bytes(tensor: torch.Tensor) -> bytes:
     return bytes(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
+INIT_SEED_BYTES = 32
+
+
 class KeyChannel:
     """The clients' key exchange, as this simulation models it: the federation's key holder (the
-    first client set up) generates the secret context and hands it to every other client over
-    client-to-client channels the server is not part of. Process-local; the server's code paths
-    never read it."""
+    first client set up) generates the secret context and a random seed for the initial LoRA A,
+    and hands both to every other client over client-to-client channels the server is not part
+    of. Process-local; the server's code paths never read it."""
 
-    def __init__(self) -> None:
-        self._keys: dict[str, tuple[bytes, bytes]] = {}
+    def __init__(self, urandom: Callable[[int], bytes] = os.urandom) -> None:
+        self._keys: dict[str, tuple[bytes, bytes, bytes]] = {}
         self._lock = threading.Lock()
+        self._urandom = urandom  # the key id's and init seed's source (tests make it repeatable)
 
-    def keys(self, federation: str, poly_modulus_degree: int) -> tuple[bytes, bytes]:
-        """(serialized secret context, random key id) of ``federation``."""
+    def keys(self, federation: str, poly_modulus_degree: int) -> tuple[bytes, bytes, bytes]:
+        """(serialized secret context, random key id, random init seed) of ``federation``."""
         with self._lock:
             if federation not in self._keys:
-                self._keys[federation] = (new_secret_context(poly_modulus_degree), os.urandom(KEY_ID_BYTES))
+                secret = new_secret_context(poly_modulus_degree)
+                self._keys[federation] = (secret, self._urandom(KEY_ID_BYTES), self._urandom(INIT_SEED_BYTES))
             return self._keys[federation]
 
 
@@ -279,10 +293,6 @@ def plain_keys(t: lora.LoRATarget) -> tuple[str, str, str]:
     return _she(f"{t.path}/plain"), _she(f"{t.path}/plain_left"), _she(f"{t.path}/plain_right")
 
 
-def init_key(t: lora.LoRATarget) -> str:
-    return _she(f"{t.path}/init_A")
-
-
 CIPHER = st.bytes_key(st.SHARED, "she/cipher")
 CONTEXT = st.bytes_key(st.SHARED, "she/context")
 KEY_ID = st.bytes_key(st.SHARED, "she/key_id")
@@ -293,10 +303,10 @@ UNIT = _she("weight_unit")
 BUDGET = _she("budget")
 """The column budget the server expects of the client it broadcasts to (its upload's spec)."""
 
-_INIT = st.meta_key("init_A/")
 _SERVER_CONTEXT = st.meta_key("she/context")
 _SERVER_KEY_ID = st.meta_key("she/key_id")
 _SECRET = st.meta_key("she/secret")
+_INIT_SEED = st.meta_key("she/init_seed")
 _CLIENT_KEY_ID = st.meta_key("she/key_id")
 _BUDGET = st.meta_key("she/budget")
 _CT_BYTES = st.meta_key("she/ciphertext_bytes")
@@ -357,26 +367,23 @@ class SHELoRA(FlexLoRA):
     # -- state ---------------------------------------------------------------------------------
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
-        init = lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.rank_max, generator)
-        out: st.Tensors = {_INIT + t.path: init[lora.adapter_keys(t, lora.COMMON, st.SHARED)[0]] for t in self.task.targets}
-        out[WEIGHT] = torch.zeros(1, dtype=torch.float64)
-        return {**out, **self.shared_head(generator)}
+        """No initial A (unlike FlexLoRA): the server must not know what the clients' A start from."""
+        return {WEIGHT: torch.zeros(1, dtype=torch.float64), **self.shared_head(generator)}
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
-        secret, key_id = CHANNEL.keys(self.federation, self.cfg.she_lora.poly_modulus_degree)
+        secret, key_id, init_seed = CHANNEL.keys(self.federation, self.cfg.she_lora.poly_modulus_degree)
         return {
             **super().init_client(client_id, generator),
             _SECRET: as_tensor(secret),
             _CLIENT_KEY_ID: as_tensor(key_id),
+            _INIT_SEED: as_tensor(init_seed),
             _BUDGET: torch.tensor(self.budget(client_id), dtype=torch.float64),
             _CT_BYTES: torch.tensor(0),
             _UPLOADS: torch.tensor(0),
         }
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
-        rank = self.assigned_rank(client_id)
         out = {k: v for k, v in server.items() if not st.is_meta(k)}
-        out.update({init_key(t): server[_INIT + t.path][:rank] for t in self.task.targets})
         out[BUDGET] = torch.tensor([self.budget(client_id)], dtype=torch.float64)
         return out
 
@@ -415,13 +422,22 @@ class SHELoRA(FlexLoRA):
             offset += n
         return out
 
-    def factors(self, received: Mapping[str, torch.Tensor], rank: int, deltas: Mapping[str, torch.Tensor] | None) -> st.Tensors:
+    def initial_a(self, client_state: ClientState, rank: int) -> dict[str, torch.Tensor]:
+        """Per layer, the first ``rank`` rows of the federation's initial A (Kaiming-uniform, as
+        FlexLoRA's), drawn from the key holders' shared seed (``meta/she/init_seed``), which the
+        server never sees: it starts every client's A and fills the rows of a zero aggregate."""
+        digest = hashlib.sha256(b"she-lora/init_A/" + as_bytes(client_state[_INIT_SEED])).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        init = lora.init_adapter(self.task.targets, lora.COMMON, st.SHARED, self.rank_max, g)
+        return {t.path: init[lora.adapter_keys(t, lora.COMMON, st.SHARED)[0]][:rank].to(self.task.device) for t in self.task.targets}
+
+    def factors(self, init_a: Mapping[str, torch.Tensor], rank: int, deltas: Mapping[str, torch.Tensor] | None) -> st.Tensors:
         """The client's rank-``rank`` common adapter: the truncated SVD of the decrypted aggregate
-        ``deltas``, or the initial adapter (``B = 0``) before the first aggregate (None)."""
+        ``deltas``, or the initial adapter (``init_a``, ``B = 0``) before the first aggregate (None)."""
         out: st.Tensors = {}
         for t in self.task.targets:
             k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)
-            init = received[init_key(t)]
+            init = init_a[t.path]
             if deltas is None:
                 out[k_a], out[k_b] = init[:rank].clone(), torch.zeros(t.out_features, rank, dtype=init.dtype, device=init.device)
             else:
@@ -441,7 +457,8 @@ class SHELoRA(FlexLoRA):
 
     def model(self, received: Mapping[str, torch.Tensor], client_state: ClientState) -> st.Tensors:
         deltas = self.aggregate_delta(received, as_bytes(client_state[_SECRET])) if _SECRET in client_state else None
-        adapter = self.factors(received, self._rank(client_state), deltas)
+        rank = self._rank(client_state)
+        adapter = self.factors(self.initial_a(client_state, rank), rank, deltas)
         return {**adapter, **self.heads(received), **st.select(params_of(client_state), st.PRIVATE)}
 
     # -- client: train, then vote (round 1) or protect (after) ---------------------------------
@@ -454,13 +471,13 @@ class SHELoRA(FlexLoRA):
         if pending and deltas is None:  # nothing aggregated yet: go on from its round-1 adapter
             start = {k: v.clone() for k, v in pending.items()}
         else:
-            start = {**self.factors(received, rank, deltas), **self.heads(received)}
+            start = {**self.factors(self.initial_a(client_state, rank), rank, deltas), **self.heads(received)}
         run = self.train_steps(ctx, {**start, **params_of(client_state)}, {}, opt_state(client_state, "all"))
         trained = st.select(run.params, st.SHARED)
         new_state: ClientState = {
             **st.select(run.params, st.PRIVATE),
             **with_opt_state("all", run.opt),
-            **{k: v for k, v in client_state.items() if k in (self.RANK, _SECRET, _CLIENT_KEY_ID, _BUDGET)},
+            **{k: v for k, v in client_state.items() if k in (self.RANK, _SECRET, _CLIENT_KEY_ID, _INIT_SEED, _BUDGET)},
         }
         lists = self.lists(received, self.task.targets)
         if lists is None:

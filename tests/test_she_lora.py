@@ -157,6 +157,23 @@ def test_round_two_starts_from_the_clients_own_round_one_adapter():
         assert not first["start"][lora.adapter_keys(task.targets[0], lora.COMMON, st.SHARED)[1]].any()  # round 1: B = 0
 
 
+def test_with_one_round_each_client_evaluates_its_trained_adapter():
+    """After the negotiation alone (``rounds = 1``) there is no aggregate: a client's model is the
+    adapter it trained (not the initial A with B = 0), as evaluation and export see it."""
+    cfg, task = small_task("task.num_clients=2", "rounds=1")
+    method, server, states, log = federate(cfg, task, rounds=1)
+    assert float(server[she.WEIGHT].sum()) == 0.0
+    for k, c in enumerate(task.clients):
+        trained = next(e["trained"] for e in log if e["client"] == c.client_id)
+        received = method.broadcast(server, c.client_id)
+        model = method.personalized(client_context(cfg, task, k, 1), received, states[c.client_id])
+        for t in task.targets:
+            k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)
+            assert model[k_b].any()  # trained, not B = 0
+            assert torch.equal(model[k_a], trained[k_a]) and torch.equal(model[k_b], trained[k_b])
+        assert method.global_params(received, states[c.client_id]).keys() == model.keys()
+
+
 # -- what the server sees and holds --------------------------------------------------------------------
 
 

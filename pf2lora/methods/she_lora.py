@@ -16,7 +16,8 @@ Rounds:
   (``X_j``: the layer's input feature j over the calibration tokens, padding positions included,
   captured with forward hooks on the adapted modules). It uploads only its top-``p_k`` column
   indices per layer, best first (a vote), and keeps its trained adapter; its training is not
-  lost: it starts round 2 from that adapter (nothing is aggregated before round 2).
+  lost: it starts round 2 from that adapter (nothing is aggregated before round 2), and until
+  the first aggregate that adapter is its model (what ``rounds = 1`` evaluates and exports).
 - The server merges the votes into one ordered list per layer: the budget tiers (the distinct
   ``she_lora.column_budgets``) cut the list into segments; segment t (positions ``p_{t-1}`` to
   ``p_t``) is filled with the columns not yet placed, ranked by how many of the votes at least
@@ -318,6 +319,11 @@ def is_she(k: str) -> bool:
     return st.is_bytes(k) or (st.is_param(k) and st.path_of(k).startswith("she/"))
 
 
+def pending_of(client_state: ClientState) -> st.Tensors:
+    """The adapter (and shared head) the client trained while there was no aggregate, or {}."""
+    return {k[len(_PENDING) :]: v for k, v in client_state.items() if k.startswith(_PENDING)}
+
+
 def column_count(t: lora.LoRATarget, budget: float) -> int:
     """Columns of ``t`` a client with ``budget`` encrypts: ``ceil(budget d_in)``, at least 1."""
     return min(t.in_features, max(1, math.ceil(budget * t.in_features - 1e-9)))
@@ -456,7 +462,12 @@ class SHELoRA(FlexLoRA):
         return self.model(received, client_state) if _SECRET in client_state else None
 
     def model(self, received: Mapping[str, torch.Tensor], client_state: ClientState) -> st.Tensors:
+        """The decrypted aggregate at the client's rank; before the first aggregate, the adapter the
+        client last trained (kept as ``meta/she/pending/``), else the initial one."""
         deltas = self.aggregate_delta(received, as_bytes(client_state[_SECRET])) if _SECRET in client_state else None
+        pending = pending_of(client_state)
+        if deltas is None and pending:
+            return {**pending, **st.select(params_of(client_state), st.PRIVATE)}
         rank = self._rank(client_state)
         adapter = self.factors(self.initial_a(client_state, rank), rank, deltas)
         return {**adapter, **self.heads(received), **st.select(params_of(client_state), st.PRIVATE)}
@@ -466,7 +477,7 @@ class SHELoRA(FlexLoRA):
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         rank = self._rank(client_state)
         secret = as_bytes(client_state[_SECRET])
-        pending = {k[len(_PENDING) :]: v for k, v in client_state.items() if k.startswith(_PENDING)}
+        pending = pending_of(client_state)
         deltas = self.aggregate_delta(received, secret)
         if pending and deltas is None:  # nothing aggregated yet: go on from its round-1 adapter
             start = {k: v.clone() for k, v in pending.items()}
@@ -482,9 +493,10 @@ class SHELoRA(FlexLoRA):
         lists = self.lists(received, self.task.targets)
         if lists is None:
             shared = {**self.vote(ctx, run.params), CONTEXT: as_tensor(public_context(secret)), KEY_ID: client_state[_CLIENT_KEY_ID]}
-            new_state.update({_PENDING + k: v.detach().clone() for k, v in trained.items()})
         else:
             shared = self.protect(ctx, trained, lists, received, secret, client_state[_CLIENT_KEY_ID])
+        if deltas is None:  # no aggregate yet: the client's model is what it trained (until one comes)
+            new_state.update({_PENDING + k: v.detach().clone() for k, v in trained.items()})
         cipher_bytes = shared[CIPHER].numel() if CIPHER in shared else 0
         new_state[_CT_BYTES] = client_state[_CT_BYTES] + cipher_bytes
         new_state[_UPLOADS] = client_state[_UPLOADS] + 1

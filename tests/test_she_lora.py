@@ -28,11 +28,11 @@ TIERS = "she_lora.column_budgets=[0.3, 1.0]"
 """Two budgets on a 96 x 96 layer: 29 and 96 columns, 2784 and 9216 values (1 and 3 ciphertexts)."""
 
 
-def federate(cfg, task, rounds: int = 2):
+def federate(cfg, task, rounds: int = 2, participants=None):
     """Every client trains every round, as an engine would run them, keeping what each call saw:
     the method, the final server state, the client states, and per (round, client) the message
     received, the upload, and the tensors its training started from and ended with (before anything
-    was protected)."""
+    was protected). ``participants(round)``: the indices of the clients that train that round (all)."""
     method = SHELoRA(cfg, task)
     server = initial_server(cfg, method)
     states = {c.client_id: initial_client(cfg, method, c.client_id) for c in task.clients}
@@ -40,6 +40,8 @@ def federate(cfg, task, rounds: int = 2):
     for round_ in range(1, rounds + 1):
         updates = []
         for k, c in enumerate(task.clients):
+            if participants is not None and k not in participants(round_):
+                continue
             received = st.clone(method.broadcast(server, c.client_id))
             start: dict[str, torch.Tensor] = {}
             trained: dict[str, torch.Tensor] = {}
@@ -325,6 +327,41 @@ def test_votes_merge_into_one_list_by_tier_count_then_best_rank():
     assert method.merge(t, votes).tolist() == [3, 5, 0, 6]
     # a malformed vote is cleaned (repeats, out of range): [7, 6], too short for positions 2-3
     assert method.merge(t, [torch.tensor([7.0, 7.0, 6.0, 99.0, -1.0])]).tolist() == [7, 6, 0, 1]
+
+
+def test_a_segment_stays_open_until_a_client_of_its_tier_votes():
+    """Partial participation: round 1 has only the 2-column client, so only the first segment is
+    fixed (not the second in index order); the 4-column client votes when it first takes part
+    (round 2, while the other already encrypts), which fixes the second segment from its vote; in
+    round 3 both encrypt and the aggregate is the plaintext one."""
+    cfg, task = small_task("she_lora.column_budgets=[0.25, 0.5]")  # d_in = 8: 2 and 4 columns
+    t = task.targets[0]
+    method, server, states, log = federate(cfg, task, rounds=3, participants=lambda r: [0] if r == 1 else [0, 1])
+    first = next(e for e in log if e["round"] == 1)
+    vote_0 = first["update"].shared[she.vote_key(t)].long().tolist()
+    seen = [e for e in log if e["round"] == 2]
+    assert she.vote_key(t) not in seen[0]["update"].shared and she.CIPHER in seen[0]["update"].shared  # client_0 encrypts
+    assert she.SHELoRA.closed(seen[0]["received"]) == 1 and seen[0]["received"][she.columns_key(t)].tolist() == vote_0
+    vote_1 = seen[1]["update"].shared[she.vote_key(t)].long().tolist()  # client_1 votes on first taking part
+    assert she.CIPHER not in seen[1]["update"].shared
+    after = [e["received"] for e in log if e["round"] == 3]
+    assert all(she.SHELoRA.closed(r) == 2 for r in after)
+    assert after[0][she.columns_key(t)].tolist() == vote_0 + [j for j in vote_1 if j not in vote_0][: 4 - len(vote_0)]
+    # the round-2 aggregate (client_0's encrypted segment alone) and round 3's (both) decode exactly
+    unit = float(server[she.UNIT].sum())
+    last = [e for e in log if e["round"] == 3]
+    assert all(she.CIPHER in e["update"].shared for e in last)
+    decoded = method.aggregate_delta(method.broadcast(server, "client_1"), secret_of(states["client_1"]))
+    bound = len(last) * 2.0 ** -(cfg.she_lora.fixed_point_bits + 1) / sum(e["update"].num_examples / unit for e in last)
+    assert (decoded[t.path] - plaintext_mean(method, last, t)).abs().max().item() <= bound + 1e-6
+
+
+def test_partial_participation_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    sets = ['methods=["she-lora"]', "rounds=4", "task.num_clients=4", "client_fraction=0.5"]
+    assert main(["run", SYNTH_CFG, *(x for kv in sets for x in ("--set", kv)), "--out", str(out)]) == 0
+    entry = read_summary(out)["methods"]["she-lora"]
+    assert entry["mean"]["ciphertext_bytes_per_client_per_round"] > 0
 
 
 def test_vote_ranks_columns_by_wanda_sensitivity():

@@ -23,8 +23,15 @@ Rounds:
   ``p_t``) is filled with the columns not yet placed, ranked by how many of the votes at least
   ``p_t`` long hold them (the clients that will encrypt that segment), then by their best rank
   in those votes, then by index. A client encrypts a prefix of the list, so ciphertexts line up
-  across budgets. The list is fixed after round 1 (no renegotiation): each negotiation tells the
+  across budgets. A fixed segment never changes (no renegotiation): each negotiation tells the
   server more, and ``||X_j||`` (the frozen base on the client's data) does not change.
+- Partial participation (``client_fraction < 1``, dropouts): segment t stays open until a client
+  of tier t or above has voted (``shared:she/closed_tiers`` counts the fixed segments; a tier's
+  voters vote for every segment below it, so the fixed ones are always the first). A client
+  whose tier's segment is open votes (round 1's protocol, in whichever round it takes part)
+  instead of uploading an update; the others encrypt their (fixed) prefix. Nobody has encrypted
+  an open segment, so filling it later keeps every ciphertext aligned; filling it in index order
+  would fix it with no client's ranking.
 - Rounds 2 on: client k starts from the decrypted aggregate (or its round-1 adapter before the
   first aggregate), trains, and uploads ``B_k``, ``A_k`` with its protected columns set to zero
   (plaintext) and the ciphertexts of ``w_k Delta W_k[:, L[:p_k]]``.
@@ -38,7 +45,7 @@ Choices where the paper leaves one open (ours, stated):
   Ranks are FlexLoRA's (``flexlora.rank_min/rank_max``, the same per client), so a comparison with
   ``flexlora`` isolates the encryption.
 - What the server sees of client k: ``B_k`` and the unprotected columns of ``A_k`` (so the column
-  space of its update, but not a protected column's values), ``n_k``, its vote in round 1, and
+  space of its update, but not a protected column's values), ``n_k``, its vote (once), and
   ciphertexts. What it holds: a parameters-only CKKS context (no secret, public or evaluation
   key: it can add ciphertexts, neither encrypt nor decrypt), which it refuses if it holds a
   secret key. It sends back the plaintext part and the ciphertext sum.
@@ -62,8 +69,8 @@ Choices where the paper leaves one open (ours, stated):
   keeps a federation's keys) and give the same results; runs in separate processes start from
   different A (the aggregation itself stays exact and deterministic: "Exact sums").
 - Exact sums: each client rounds ``w_k Delta W_k[:, j]`` to multiples of ``2^-fixed_point_bits``
-  before encrypting (weights ``w_k = n_k / nu``, ``nu`` = the largest ``n_k`` among round 1's
-  voters, broadcast); the decrypted sum is rounded back to integers, exact while the CKKS error
+  before encrypting (weights ``w_k = n_k / nu``, ``nu`` = the largest ``n_k`` among the first
+  round's voters, broadcast); the decrypted sum is rounded back to integers, exact while the CKKS error
   (about 2e-4 at scale 2^24, measured) stays below 0.5 and the summed integers below 2^34. So the
   aggregate is the plaintext computation up to ``2^-(bits+1)`` per encrypting client (divided by
   ``sum w_k``), and bit for bit the same on every run and engine.
@@ -303,6 +310,9 @@ UNIT = _she("weight_unit")
 """``nu``: client k weighs ``n_k / nu``."""
 BUDGET = _she("budget")
 """The column budget the server expects of the client it broadcasts to (its upload's spec)."""
+CLOSED = _she("closed_tiers")
+"""How many budget tiers' segments of the column lists are fixed (a client of a tier at or past
+it votes instead of encrypting)."""
 
 _SERVER_CONTEXT = st.meta_key("she/context")
 _SERVER_KEY_ID = st.meta_key("she/key_id")
@@ -374,7 +384,7 @@ class SHELoRA(FlexLoRA):
 
     def init_server(self, generator: torch.Generator) -> st.Tensors:
         """No initial A (unlike FlexLoRA): the server must not know what the clients' A start from."""
-        return {WEIGHT: torch.zeros(1, dtype=torch.float64), **self.shared_head(generator)}
+        return {WEIGHT: torch.zeros(1, dtype=torch.float64), CLOSED: torch.zeros(1, dtype=torch.float64), **self.shared_head(generator)}
 
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
         secret, key_id, init_seed = CHANNEL.keys(self.federation, self.cfg.she_lora.poly_modulus_degree)
@@ -399,10 +409,19 @@ class SHELoRA(FlexLoRA):
 
     @staticmethod
     def lists(received: Mapping[str, torch.Tensor], targets: Sequence[lora.LoRATarget]) -> dict[str, torch.Tensor] | None:
-        """The negotiated column lists (None before the negotiation)."""
-        if any(columns_key(t) not in received for t in targets):
+        """The negotiated column lists, the closed segments only (None before any is closed)."""
+        if SHELoRA.closed(received) == 0 or any(columns_key(t) not in received for t in targets):
             return None
         return {t.path: received[columns_key(t)].long() for t in targets}
+
+    @staticmethod
+    def closed(received: Mapping[str, torch.Tensor]) -> int:
+        """How many budget tiers' segments are fixed (the first ones: a tier's voters vote for all below)."""
+        return int(received[CLOSED].sum()) if CLOSED in received else 0
+
+    def votes(self, received: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the client ``received`` is for votes (its tier's segment is open) rather than encrypts."""
+        return self.tiers.index(float(received[BUDGET].sum())) >= self.closed(received)
 
     # -- client: decrypt, re-assemble, truncate -----------------------------------------------
 
@@ -420,9 +439,12 @@ class SHELoRA(FlexLoRA):
             dense, left, right = plain_keys(t)
             part = received[dense] if dense in received else received[left] @ received[right]
             out[t.path] = part.double()
-        offset = 0
-        for _, t, start, end in self.segments:
+        offset, closed = 0, self.closed(received)
+        for i, t, start, end in self.segments:
             n = (end - start) * t.out_features
+            if i >= closed:  # an open segment: nobody encrypted it
+                offset += n
+                continue
             block = encrypted[offset : offset + n].view(end - start, t.out_features).T.to(out[t.path].device)
             out[t.path][:, lists[t.path][start:end].to(out[t.path].device)] += block / total
             offset += n
@@ -491,7 +513,7 @@ class SHELoRA(FlexLoRA):
             **{k: v for k, v in client_state.items() if k in (self.RANK, _SECRET, _CLIENT_KEY_ID, _INIT_SEED, _BUDGET)},
         }
         lists = self.lists(received, self.task.targets)
-        if lists is None:
+        if self.votes(received) or lists is None:
             shared = {**self.vote(ctx, run.params), CONTEXT: as_tensor(public_context(secret)), KEY_ID: client_state[_CLIENT_KEY_ID]}
         else:
             shared = self.protect(ctx, trained, lists, received, secret, client_state[_CLIENT_KEY_ID])
@@ -576,7 +598,7 @@ class SHELoRA(FlexLoRA):
         return out
 
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
-        if self.lists(received, self.task.targets) is None:  # a vote of the client's budget, a key-less context, a key id
+        if self.votes(received):  # a vote of the client's budget, a key-less context, a key id
             f = float(received[BUDGET].sum())
             votes: dict[str, tuple[int | None, ...]] = {vote_key(t): (column_count(t, f),) for t in self.task.targets}
             return {**votes, CONTEXT: (public_context_size(self.cfg.she_lora.poly_modulus_degree),), KEY_ID: (KEY_ID_BYTES,)}
@@ -601,8 +623,12 @@ class SHELoRA(FlexLoRA):
 
     # -- server: merge the votes (round 1), add the ciphertexts (after) ------------------------
 
-    def merge(self, t: lora.LoRATarget, votes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One ordered column list for ``t``, segment by budget tier (see the module docstring)."""
+    def merge(self, t: lora.LoRATarget, votes: Sequence[torch.Tensor], placed: Sequence[int] = (), upto: int | None = None) -> torch.Tensor:
+        """``t``'s ordered column list (see the module docstring): ``placed`` (the closed segments)
+        followed by the segments of the next tiers up to tier ``upto`` (excluded; default: up to
+        the longest vote's tier) filled from ``votes``."""
+        if upto is None:
+            upto = sum(1 for f in self.tiers if any(v.numel() >= column_count(t, f) for v in votes))
         ranked: list[list[int]] = []
         for v in votes:  # sanitised: integral, in range, first occurrence only
             seen: list[int] = []
@@ -611,10 +637,12 @@ class SHELoRA(FlexLoRA):
                 if 0 <= j < t.in_features and j not in seen:
                     seen.append(j)
             ranked.append(seen)
-        placed: list[int] = []
-        taken: set[int] = set()
-        for f in self.tiers:
+        placed = list(placed)
+        taken = set(placed)
+        for f in self.tiers[:upto]:
             end = column_count(t, f)
+            if end <= len(placed):  # closed already
+                continue
             voters = [r for r in ranked if len(r) >= end]
             count: dict[int, int] = {}
             best: dict[int, int] = {}
@@ -634,18 +662,13 @@ class SHELoRA(FlexLoRA):
         if not updates:
             return dict(server)
         out = dict(server)
-        if self.lists(server, self.task.targets) is None:  # round 1: the negotiation
-            for t in self.task.targets:
-                out[columns_key(t)] = self.merge(t, [u.shared[vote_key(t)] for u in updates])
-            out[UNIT] = torch.tensor([float(max(u.num_examples for u in updates))], dtype=torch.float64)
-            out[_SERVER_KEY_ID] = updates[0].shared[KEY_ID].clone()
-            out[_SERVER_CONTEXT] = updates[0].shared[CONTEXT].clone()
-            self.check_keys(out, updates)
-            public = context(as_bytes(out[_SERVER_CONTEXT]))
-            if public.is_private():
-                raise ValueError("she-lora: the context a client sent holds a secret key; the server refuses to hold one")
+        voters = [u for u in updates if vote_key(self.task.targets[0]) in u.shared]
+        if voters:
+            out = self.negotiate(out, voters)
+        self.check_keys(out, updates)
+        updates = [u for u in updates if CIPHER in u.shared]
+        if not updates:
             return out
-        self.check_keys(server, updates)
         unit = float(server[UNIT].sum())
         weights = [u.num_examples / unit for u in updates]
         total = sum(weights)
@@ -670,6 +693,28 @@ class SHELoRA(FlexLoRA):
         heads = [self.heads(u.shared) for u in updates]
         if heads[0]:
             out.update(self.combine(heads, weights, server))
+        return out
+
+    def negotiate(self, server: st.Tensors, voters: Sequence[ClientUpdate]) -> st.Tensors:
+        """Close the segments of the voters' tiers (and any open one below): append them to the
+        column lists. A segment stays open until a client of its tier or above votes: nobody has
+        encrypted it, so filling it later keeps every ciphertext aligned. The first voters also
+        give the server its key-less context, key id and weight unit ``nu``."""
+        out = dict(server)
+        for u in voters:
+            if context(as_bytes(u.shared[CONTEXT])).is_private():
+                raise ValueError(f"she-lora: the context {u.client_id} sent holds a secret key; the server refuses to hold one")
+        if _SERVER_CONTEXT not in out:
+            out[_SERVER_KEY_ID] = voters[0].shared[KEY_ID].clone()
+            out[_SERVER_CONTEXT] = voters[0].shared[CONTEXT].clone()
+            out[UNIT] = torch.tensor([float(max(u.num_examples for u in voters))], dtype=torch.float64)
+        closed = self.closed(server)
+        upto = max(closed, *(self.tiers.index(self.budget(u.client_id)) + 1 for u in voters))
+        lists = self.lists(server, self.task.targets)
+        for t in self.task.targets:
+            placed = lists[t.path].tolist() if lists is not None else []
+            out[columns_key(t)] = self.merge(t, [u.shared[vote_key(t)] for u in voters], placed, upto)
+        out[CLOSED] = torch.tensor([float(upto)], dtype=torch.float64)
         return out
 
     @staticmethod

@@ -314,6 +314,34 @@ def test_the_server_refuses_a_secret_context_and_mixed_keys():
         method.aggregate(initial_server(cfg, method), [votes[0], other])
 
 
+def test_the_server_never_creates_a_secret_context(monkeypatch):
+    """Validating uploads, broadcasting and aggregating make no CKKS context (so no secret key):
+    the server checks the key-less context it receives (no key, the federation's parameters)."""
+    cfg, task = small_task("task.num_clients=2")
+    method, server, states, log = federate(cfg, task, rounds=1)
+    votes = [e["update"] for e in log]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server made a CKKS context")
+
+    monkeypatch.setattr(she, "new_secret_context", refuse)
+    monkeypatch.setattr(she.tenseal(), "context", refuse)
+    from pf2lora.robust import validate_update
+
+    fresh = SHELoRA(cfg, task)
+    start = initial_server(cfg, fresh)
+    for e in log:
+        assert validate_update(e["update"].shared, fresh.upload_spec(fresh.broadcast(start, e["client"]))) is None
+    after = fresh.aggregate(start, votes)
+    assert not she.context(she.as_bytes(after[she._SERVER_CONTEXT])).is_private()
+    fresh.broadcast(after, "client_0")
+    monkeypatch.undo()
+    different = she.public_context(she.new_secret_context(16384))  # other parameters: refused
+    odd = she.ClientUpdate(votes[1].client_id, {**votes[1].shared, she.CONTEXT: she.as_tensor(different)}, 10)
+    with pytest.raises(ValueError, match="another CKKS context"):
+        fresh.aggregate(start, [votes[0], odd])
+
+
 # -- the negotiation -----------------------------------------------------------------------------------
 
 

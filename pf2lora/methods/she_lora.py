@@ -84,8 +84,10 @@ Choices where the paper leaves one open (ours, stated):
   vector cut into ciphertexts of ``N / 2`` slots: all full but the last. Ciphertexts travel as
   serialized bytes in one ``uint8`` tensor (``shared:bytes/she/cipher``, :func:`state.bytes_key`:
   counted byte for byte, carried by Flower messages as any array). Its size is reported per
-  client as ``ciphertext_bytes_per_client_per_round`` (over the rounds the client uploaded in,
-  negotiation included, like the engine's upload bytes).
+  client as ``ciphertext_bytes_per_client_per_round``: the mean over the rounds in which the
+  client uploaded ciphertexts (not its vote, which has none; the engine's upload bytes count
+  every upload); ``metrics.jsonl`` has the mean per round over the round's uploads, votes
+  included (``ciphertext_bytes_per_client``).
 - Server -> client: the plaintext part of the mean (dense, or its exact thin-SVD factors at rank
   ``sum r_k`` of the round's clients when those are smaller), the ciphertext sum, ``sum w_k``,
   ``nu``, the column lists, the client's budget (its vote's length is checked against it), and a shared
@@ -315,7 +317,8 @@ _INIT_SEED = st.meta_key("she/init_seed")
 _CLIENT_KEY_ID = st.meta_key("she/key_id")
 _BUDGET = st.meta_key("she/budget")
 _CT_BYTES = st.meta_key("she/ciphertext_bytes")
-_UPLOADS = st.meta_key("she/uploads")
+_CT_ROUNDS = st.meta_key("she/ciphertext_rounds")
+"""The rounds in which the client uploaded ciphertexts (its votes carry none)."""
 _PENDING = st.meta_key("she/pending/")
 
 
@@ -389,7 +392,7 @@ class SHELoRA(FlexLoRA):
             _INIT_SEED: as_tensor(init_seed),
             _BUDGET: torch.tensor(self.budget(client_id), dtype=torch.float64),
             _CT_BYTES: torch.tensor(0),
-            _UPLOADS: torch.tensor(0),
+            _CT_ROUNDS: torch.tensor(0),
         }
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
@@ -515,7 +518,7 @@ class SHELoRA(FlexLoRA):
             new_state.update({_PENDING + k: v.detach().clone() for k, v in trained.items()})
         cipher_bytes = shared[CIPHER].numel() if CIPHER in shared else 0
         new_state[_CT_BYTES] = client_state[_CT_BYTES] + cipher_bytes
-        new_state[_UPLOADS] = client_state[_UPLOADS] + 1
+        new_state[_CT_ROUNDS] = client_state[_CT_ROUNDS] + (1 if CIPHER in shared else 0)
         metrics = {"train_loss": run.loss, "rank": float(rank), "ciphertext_bytes": float(cipher_bytes)}
         return self.upload(ctx, shared, metrics), new_state
 
@@ -604,9 +607,9 @@ class SHELoRA(FlexLoRA):
 
     def describe_client(self, server: Mapping[str, torch.Tensor], client_state: ClientState) -> dict[str, float]:
         out = super().describe_client(server, client_state)
-        if _UPLOADS in client_state:
-            uploads = int(client_state[_UPLOADS])
-            out["ciphertext_bytes_per_client_per_round"] = int(client_state[_CT_BYTES]) / uploads if uploads else 0.0
+        if _CT_ROUNDS in client_state:  # the mean over the rounds it encrypted in (not its votes)
+            rounds = int(client_state[_CT_ROUNDS])
+            out["ciphertext_bytes_per_client_per_round"] = int(client_state[_CT_BYTES]) / rounds if rounds else 0.0
             out["column_budget"] = float(client_state[_BUDGET])
         return out
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +96,35 @@ class NodeStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"round": round_, "state": {k: v.detach().cpu() for k, v in state.items()}}, path)
 
+    @contextmanager
+    def _locked(self, run_key: str, method: str, client_id: str) -> Iterator[None]:
+        """An exclusive lock on one client's state files: Flower's simulation runs messages of one
+        node (e.g. the evaluations of every client with a pooled method's one state) in parallel
+        processes over the same folder, and a commit must not be seen half done."""
+        lock = self._dir(run_key, method) / f"{_safe(client_id)}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no parallel node processes to guard
+            yield
+            return
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def resolve(self, run_key: str, method: str, client_id: str, accepted_round: int) -> None:
         """Make the client's committed state the one of ``accepted_round`` (the last round whose
         training the server counted for this client; -1: none): commit the pending state if it is
         of that round, else drop it (rejected, crashed or lost); step back one commit if the server
         resumed from a checkpoint taken before it. Raises :class:`NodeStateMismatch` if no saved
         state is of that round."""
+        with self._locked(run_key, method, client_id):
+            self._resolve(run_key, method, client_id, accepted_round)
+
+    def _resolve(self, run_key: str, method: str, client_id: str, accepted_round: int) -> None:
         path, prev_path = self.path(run_key, method, client_id), self._previous(run_key, method, client_id)
         committed = self._read(path)
         if committed is None or committed["round"] > accepted_round:

@@ -174,6 +174,8 @@ def test_dry_run_bytes_are_what_a_run_measures(tmp_path, capsys):
         assert rnd["download_bytes_per_client"] == pytest.approx(sum(cost.download) / len(cost.download)), cost.method
         if cost.method == "hetlora":
             assert rnd["upload_bytes_per_client"] <= max(cost.upload)
+        elif cost.method == "she-lora":  # its key-less CKKS context has no size before it is made: a lower bound
+            assert rnd["upload_bytes_per_client"] >= max(cost.upload)
         elif not registry()[cost.method].pools_data:
             assert rnd["upload_bytes_per_client"] == pytest.approx(sum(cost.upload) / len(cost.upload)), cost.method
 

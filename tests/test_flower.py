@@ -257,10 +257,44 @@ def test_a_rejected_upload_leaves_the_client_state_at_its_last_good_round(tmp_pa
     assert flower[0].clients == local.clients
 
 
-def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatch):
+def test_the_evaluation_after_a_round_rides_on_the_next_train_message(tmp_path):
+    """eval.every=1: one message per client and round (what a client is sent to train in round
+    R+1 is what it would be sent to evaluate after round R, so it evaluates first), an evaluate
+    message only for the clients not sampled and for the final evaluation; with injected crashes
+    (after the evaluation) the local engine's round records and metrics, bit for bit."""
+    cfg, task = small_task(*TINY, "rounds=4", "eval.every=1", "client_fraction=0.7", "faults.crash_prob=0.3", methods_override(["pf2lora"]))
+    sent: list[tuple[str, str, int, int]] = []  # (type, client, round, evaluate_round) of every message
+
+    class Counting(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            for m in messages:
+                if m.metadata.message_type in ("train", "evaluate"):
+                    c = m.content["config"]
+                    sent.append((m.metadata.message_type, str(c["client_id"]), int(c["round"]), int(c.get("evaluate_round", -1))))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    (flower,) = _inprocess(cfg, task, tmp_path, lambda app: Counting(app, len(task.clients)))
+    (local,) = _local(cfg, task)
+    assert flower.rounds == local.rounds and all("eval" in r for r in flower.rounds[:3])
+    _assert_close(local.clients, flower.clients, tol=0.0)
+    assert any(f["fault"] == "crashed" for f in flower.faults)  # seeded: some folded messages crashed after evaluating
+    trained = [(cid, r, e) for kind, cid, r, e in sent if kind == "train"]
+    assert [e for _, r, e in trained] == [r - 1 if r > 1 else -1 for _, r, _ in trained]
+    everyone = {c.client_id for c in task.clients}
+    evaluated = {r: sorted(cid for kind, cid, rr, _ in sent if kind == "evaluate" and rr == r) for r in (1, 2, 3, 4)}
+    for r in (1, 2, 3):
+        in_next = {cid for cid, rr, _ in trained if rr == r + 1}
+        assert in_next and evaluated[r] == sorted(everyone - in_next), r
+    assert evaluated[4] == sorted(everyone)  # the final evaluation: every client
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatch, every):
     """client_0 trains in round 2 but its reply never arrives: the same numbers as a local run in
-    which client_0 crashed in round 2 (its state stays at round 1)."""
-    cfg, task = small_task(*TINY, "rounds=3", methods_override(["pf2lora"]))
+    which client_0 crashed in round 2 (its state stays at round 1). With eval.every=1 that reply
+    also carried client_0's evaluation after round 1: it is asked for again on its own."""
+    cfg, task = small_task(*TINY, "rounds=3", f"eval.every={every}", methods_override(["pf2lora"]))
 
     class Lossy(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -284,7 +318,7 @@ def test_a_lost_reply_counts_as_a_crash_and_keeps_the_state(tmp_path, monkeypatc
         m.setattr(local_engine, "injected_fault", lambda cfg, cid, r: ("crash", 0.0) if (cid, r) == ("client_0", 2) else real(cfg, cid, r))
         (local,) = _local(cfg, task)
     assert flower.clients == local.clients
-    assert [r["train_loss"] for r in flower.rounds] == [r["train_loss"] for r in local.rounds]
+    assert flower.rounds == local.rounds
     assert _faults(flower) == _faults(local) == [(2, "client_0", "crashed")]
 
 

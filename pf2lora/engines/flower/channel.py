@@ -53,6 +53,8 @@ class Outgoing:
     client_id: str
     node_client: str
     content: RecordDict
+    kind: str = ""
+    """Its message type, where it differs from the rest of its exchange (see :meth:`Channel.exchange`)."""
 
 
 class Channel:
@@ -154,22 +156,22 @@ class Channel:
         return [Message(o.content, dst_node_id=to_node[o.client_id], message_type=kind) for o in outgoing], to_node
 
     def exchange(self, kind: str, outgoing: Sequence[Outgoing], timeout: float | None) -> dict[str, Message | None]:
-        """Send ``outgoing`` in waves (a node never holds two of our messages at once); the reply
-        per client id, None where none came."""
-        waves: list[list[tuple[str, int, RecordDict]]] = []
+        """Send ``outgoing`` (messages of type ``kind``, or each its own ``kind``) in waves (a node
+        never holds two of our messages at once); the reply per client id, None where none came."""
+        waves: list[list[tuple[Outgoing, int]]] = []
         for o in outgoing:
             node = self.node_of[o.node_client]
-            wave = next((w for w in waves if all(n != node for _, n, _ in w)), None)
+            wave = next((w for w in waves if all(n != node for _, n in w)), None)
             if wave is None:
                 wave = []
                 waves.append(wave)
-            wave.append((o.client_id, node, o.content))
+            wave.append((o, node))
         out: dict[str, Message | None] = {}
         for wave in waves:
-            got = self.send([Message(content, dst_node_id=node, message_type=kind) for _, node, content in wave], timeout)
-            for cid, node, _ in wave:
+            got = self.send([Message(o.content, dst_node_id=node, message_type=o.kind or kind) for o, node in wave], timeout)
+            for o, node in wave:
                 reply = got.get(node)
                 if reply is not None and self.on_reply is not None:
-                    self.on_reply(kind, reply)
-                out[cid] = reply
+                    self.on_reply(o.kind or kind, reply)
+                out[o.client_id] = reply
         return out

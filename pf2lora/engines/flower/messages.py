@@ -74,20 +74,35 @@ class Instruction:
         }
 
 
+EVALUATION = "evaluation"
+"""The record of a train reply that also carries an evaluation (see :attr:`TrainIns.evaluate_round`)."""
+
+
 @dataclass(frozen=True)
 class TrainIns(Instruction):
-    """Train ``client_id`` on ``received`` (``inject_crash``: an injected fault, for tests)."""
+    """Train ``client_id`` on ``received`` (``inject_crash``: an injected fault, for tests).
+
+    ``evaluate_round`` >= 0: first evaluate ``client_id`` on ``received`` with its state, as the
+    evaluation after that round (the server's state has not changed since: what a client is sent
+    to train in round R+1 is what it would be sent to evaluate after round R). One message per
+    round instead of two; the reply carries both (:data:`EVALUATION`)."""
 
     inject_crash: bool = False
+    evaluate_round: int = -1
 
     def fields(self) -> dict[str, Any]:
-        return {**super().fields(), "inject_crash": self.inject_crash}
+        return {**super().fields(), "inject_crash": self.inject_crash, "evaluate_round": self.evaluate_round}
 
     @classmethod
     def parse(cls, content: RecordDict) -> TrainIns:
         c = _config(content)
         received = transport.from_record(content[ARRAYS], str(c.get("dtypes", "{}")))  # type: ignore[arg-type]
-        return cls(**cls._read(c), received=received, inject_crash=bool(c.get("inject_crash", False)))
+        return cls(
+            **cls._read(c),
+            received=received,
+            inject_crash=bool(c.get("inject_crash", False)),
+            evaluate_round=int(c.get("evaluate_round", -1)),  # type: ignore[arg-type]
+        )
 
     @classmethod
     def from_fields(cls, c: Mapping[str, Any], received: Tensors) -> TrainIns:
@@ -167,13 +182,35 @@ class EvaluateReply:
     client_id: str
     metrics: dict[str, Any]
 
+    def record(self) -> ConfigRecord:
+        return ConfigRecord({"client_id": self.client_id, "metrics": transport.dumps(self.metrics)})
+
     def content(self) -> RecordDict:
-        return RecordDict({CONFIG: ConfigRecord({"client_id": self.client_id, "metrics": transport.dumps(self.metrics)})})
+        return RecordDict({CONFIG: self.record()})
 
     @classmethod
     def parse(cls, content: RecordDict) -> EvaluateReply:
-        c = _config(content)
+        """An evaluate reply, or the evaluation a train reply carries (:data:`EVALUATION`)."""
+        c: Any = content[EVALUATION] if EVALUATION in content else _config(content)
         return cls(str(c["client_id"]), transport.loads(str(c["metrics"])))
+
+
+@dataclass(frozen=True)
+class TrainFailure:
+    """In place of the upload: why a client's training failed after the evaluation its train
+    message asked for first succeeded (the reply still carries that evaluation)."""
+
+    client_id: str
+    reason: str
+
+    def content(self) -> RecordDict:
+        return RecordDict({CONFIG: ConfigRecord({"client_id": self.client_id, "train_error": self.reason})})
+
+    @classmethod
+    def parse(cls, content: RecordDict) -> TrainFailure | None:
+        """The failure a train reply reports, or None if it reports none."""
+        c = _config(content)
+        return cls(str(c.get("client_id", "")), str(c["train_error"])) if "train_error" in c else None
 
 
 def claimed_client(content: RecordDict) -> str | None:

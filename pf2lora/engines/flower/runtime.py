@@ -13,6 +13,9 @@ client of a centralised reference) and runs the method's own client code. Messag
   server sees only the masked sum) and never sends it in the clear.
 * ``evaluate``: personalised and global metrics of one client,
   :func:`pf2lora.engines.rounds.evaluate_client` (what the local engine computes).
+* ``train`` with ``evaluate_round`` set: first the evaluation after that round, on the tensors
+  received for training (the server's state has not changed since), then the training; the reply
+  carries both, or the evaluation and why the training failed (one message per round instead of two).
 
 Every message carries the last round whose training the server counted for that client: the
 pending state of that round is committed, any other pending state dropped (see :mod:`.store`). The task is built once per process.
@@ -27,7 +30,7 @@ import dataclasses
 import hashlib
 import threading
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,7 +45,7 @@ env.apply()
 from flwr.app import Message
 
 from pf2lora import adapters
-from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, Instruction, TrainIns, TrainReply
+from pf2lora.engines.flower.messages import EVALUATION, EvaluateIns, EvaluateReply, Instruction, TrainFailure, TrainIns, TrainReply
 from pf2lora.engines.rounds import (
     InjectedCrash,
     divergence,
@@ -134,11 +137,21 @@ class ClientRuntime:
         method = self.method(ins.method)
         if self.cfg.server.secure_aggregation and method.upload_spec(ins.received):
             raise PermissionError("this run uses server.secure_aggregation: this client does not send its upload in the clear")
-        update, new_state, took = self._train(ins, method)
-        update = injected_poison(self.cfg, ins.client_id, update, ins.received)
-        self.store.save_pending(ins.run_key, ins.method, ins.client_id, ins.round, new_state)
-        reply = TrainReply(ins.client_id, update.shared, update.num_examples, update.metrics, took)
-        return Message(reply.content(), reply_to=msg)
+        evaluation = None
+        if ins.evaluate_round >= 0:  # the evaluation after the last round rides on this message
+            evaluation = self._evaluation(method, ins, ins.client_id, ins.client_id, ins.evaluate_round)
+        try:
+            update, new_state, took = self._train(ins, method)
+            update = injected_poison(self.cfg, ins.client_id, update, ins.received)
+            self.store.save_pending(ins.run_key, ins.method, ins.client_id, ins.round, new_state)
+            content = TrainReply(ins.client_id, update.shared, update.num_examples, update.metrics, took).content()
+        except Exception as e:
+            if evaluation is None:
+                raise
+            content = TrainFailure(ins.client_id, f"{type(e).__name__}: {e}"[:500]).content()  # the evaluation still counts
+        if evaluation is not None:
+            content[EVALUATION] = EvaluateReply(ins.client_id, evaluation).record()
+        return Message(content, reply_to=msg)
 
     def _train(self, ins: TrainIns, method: Method) -> tuple[ClientUpdate, ClientState, float]:
         """What both train paths do: the server's verdict on the last round, this client's state,
@@ -183,19 +196,24 @@ class ClientRuntime:
     def evaluate(self, msg: Message, partition: int) -> Message:
         ins = self.arrived(EvaluateIns.parse(msg.content))
         self._check_served(ins.state_of, partition)
-        method = self.method(ins.method)
-        self.apply_verdict(ins, ins.state_of)
-        state = self.state(method, ins.run_key, ins.state_of)
-        client = next((k for k in self.task.clients if k.client_id == ins.client_id), None)
-        if client is None:
-            raise ValueError(f"no client {ins.client_id!r} in this node's task")
-        metrics = evaluate_client(self.cfg, self.task, method, client, ins.received, state, ins.round)
-        if ins.round == self.cfg.rounds:  # the final evaluation: the client keeps its model, here
-            personal = personal_model(self.cfg, self.task, method, client, ins.received, state, ins.round)
-            adapters.write(
-                self.store.root / adapters.DIRNAME, self.cfg, self.task, method.name, client.client_id, personal, ins.round, metrics
-            )
+        metrics = self._evaluation(self.method(ins.method), ins, ins.client_id, ins.state_of, ins.round)
         return Message(EvaluateReply(ins.client_id, metrics).content(), reply_to=msg)
+
+    def _evaluation(self, method: Method, ins: Instruction, client_id: str, state_of: str, round_: int) -> dict[str, Any]:
+        """Client ``client_id``'s metrics on what ``ins`` received, with the state of ``state_of``
+        after the server's verdict; after the last round its personalised adapter is also written."""
+        self.apply_verdict(ins, state_of)
+        state = self.state(method, ins.run_key, state_of)
+        client = next((k for k in self.task.clients if k.client_id == client_id), None)
+        if client is None:
+            raise ValueError(f"no client {client_id!r} in this node's task")
+        metrics = evaluate_client(self.cfg, self.task, method, client, ins.received, state, round_)
+        if round_ == self.cfg.rounds:  # the final evaluation: the client keeps its model, here
+            personal = personal_model(self.cfg, self.task, method, client, ins.received, state, round_)
+            adapters.write(
+                self.store.root / adapters.DIRNAME, self.cfg, self.task, method.name, client.client_id, personal, round_, metrics
+            )
+        return metrics
 
     def _check_served(self, client_id: str, partition: int) -> None:
         if client_id not in self.served(partition):

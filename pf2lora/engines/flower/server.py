@@ -8,6 +8,10 @@ too, in the same order, so a run gives the local engine's numbers for the same s
 within ``flower.round_timeout_s``, a private key, a wrong shape, a non-finite value, a claim to be
 another client) is logged, recorded as a fault and left out; the round carries on.
 
+The evaluation after a round rides on the next round's train messages where it can (not for a
+pooled method, not with SecAgg+; :meth:`FlowerServer.folds`): a node evaluates what it is sent to
+train before training on it, so a round with an evaluation costs one message per client, not two.
+
 With ``server.secure_aggregation`` a round's training goes through Flower's SecAgg+ instead
 (:mod:`.secagg`): the server gets only the weighted mean of the uploads, so the per-upload
 validation above is done by each client on its own upload, and the method's ``aggregate`` gets
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,12 @@ from pf2lora.engines.flower import env, nodedata
 
 env.apply()
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from pf2lora.engines.flower.channel import Channel, GridLike, Outgoing, ReplyHook
 from pf2lora.engines.flower.common import FlowerEngineError
-from pf2lora.engines.flower.messages import EvaluateIns, EvaluateReply, MalformedReply, TrainIns, TrainReply
+from pf2lora.engines.flower.messages import EVALUATION, EvaluateIns, EvaluateReply, MalformedReply, TrainFailure, TrainIns, TrainReply
 from pf2lora.engines.flower.resume import ServerCheckpoint
 from pf2lora.engines.flower.store import MISMATCH
 from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, RunState, injected_fault, num_bytes
@@ -145,11 +150,16 @@ class FlowerServer:
     def run_method(self, name: str) -> MethodResult:
         resume = self.checkpoint.resume_state(name) if self.checkpoint is not None else None
         run = self.start(name, self.on_round, self.progress, resume)
+        owed: dict[str, Any] | None = None  # the last round's record, its evaluation riding on this round's train messages
         for round_ in run.pending_rounds():
-            record = self._round(run, round_)
+            record = self._round(run, round_, owed)
             if self.on_server is not None:
                 self.on_server(name, round_, st.clone(run.server))
-            run.end_round(record, self._evaluate(run, round_) if run.eval_due(round_) else None)
+            owed = None
+            if run.eval_due(round_) and self.folds(run):  # evaluated with the next round's training
+                owed = record
+            else:
+                run.end_round(record, self._evaluate(run, round_) if run.eval_due(round_) else None)
         result = run.finish(self._evaluate(run, self.cfg.rounds))
         if self.adapters_root is not None:
             self._write_global(run)
@@ -165,13 +175,40 @@ class FlowerServer:
         if global_params is not None and self.adapters_root is not None:
             adapters.write(self.adapters_root, self.cfg, self.task, method.name, adapters.GLOBAL, global_params, self.cfg.rounds)
 
-    def _round(self, run: MethodRun, round_: int) -> dict[str, Any]:
+    def folds(self, run: MethodRun) -> bool:
+        """Whether the evaluation after a round rides on the next round's train messages (one
+        message per client and round instead of two): not for a pooled method (its clients are
+        evaluated on one node with one state) nor with SecAgg+ (its train messages are Flower's)."""
+        return not run.method.pools_data and not self.cfg.server.secure_aggregation
+
+    def _round(self, run: MethodRun, round_: int, owed: dict[str, Any] | None = None) -> dict[str, Any]:
         """One round: broadcast to every sampled client that did not drop out, one exchange, then
-        the replies in sampling order through the ledger (as the local engine reports them)."""
+        the replies in sampling order through the ledger (as the local engine reports them).
+
+        ``owed``: the record of the round before, still to be evaluated. The server state has not
+        changed since that round, so each sampled client is asked to evaluate what it is sent
+        before training on it, every other client gets an evaluate message in the same exchange,
+        and the owed round is closed with those metrics before this round's replies change the
+        server state (so its checkpoint is the one an unfolded run writes)."""
         ledger, sent, outgoing = self.prepare_round(run, round_)
         if self.cfg.server.secure_aggregation and any(run.method.upload_spec(ins.received) for ins, _ in sent.values()):
+            if owed is not None:
+                run.end_round(owed, self._evaluate(run, owed["round"]))
             return self._secure_round(run, ledger, sent)
-        return self.collect_round(run, ledger, sent, self.channel.exchange("train", outgoing, self._timeout()))
+        if owed is None:
+            return self.collect_round(run, ledger, sent, self.channel.exchange("train", outgoing, self._timeout()))
+        evaluated = owed["round"]
+        folded = []
+        for o in outgoing:
+            ins, _ = sent[o.client_id]
+            folded.append(replace(o, content=replace(ins, evaluate_round=evaluated).content()))
+        others = [o for o in self.evaluation_messages(run, evaluated) if o.client_id not in sent]
+        replies = self.channel.exchange("train", folded + [replace(o, kind="evaluate") for o in others], self._timeout())
+        # a client whose reply carries no evaluation (no reply, or its evaluation failed) is asked again on its own
+        again = [o for o in self.evaluation_messages(run, evaluated) if not _evaluated(replies.get(o.client_id))]
+        evaluation = {**replies, **(self.channel.exchange("evaluate", again, self._timeout()) if again else {})}
+        run.end_round(owed, self.collect_evaluation(run, evaluation))
+        return self.collect_round(run, ledger, sent, {cid: replies.get(cid) for cid in sent})
 
     def _timeout(self) -> float | None:
         return self.cfg.flower.round_timeout_s or None
@@ -203,13 +240,12 @@ class FlowerServer:
                 ledger.dropped(cid)
                 continue
             ins, delay = sent[cid]
-            reply = replies.get(cid)
-            if reply is None or reply.has_error():
-                why = "no reply within flower.round_timeout_s" if reply is None else (reply.error.reason or "client error")
+            content, why = _train_part(replies.get(cid))
+            if content is None:
                 _stop_on_mismatch(name, round_, cid, why)
                 log.warning("%s round %d: client %s failed: %s", name, round_, cid, ledger.crashed(cid, why))
                 continue
-            update, took, reason = self._parse(reply, cid)
+            update, took, reason = self._parse(content, cid)
             if update is None:
                 ledger.rejected(cid, reason or "malformed reply")
             elif ledger.missed_deadline(cid, took + delay):
@@ -257,10 +293,10 @@ class FlowerServer:
         run.server, record = ledger.finish(run.server, ClientUpdate("secure-aggregate", got.mean, total, {}))
         return record
 
-    def _parse(self, reply: Message, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
+    def _parse(self, content: RecordDict, cid: str) -> tuple[ClientUpdate | None, float, str | None]:
         """(update, client-measured seconds, None) or (None, 0, why the reply is malformed)."""
         try:
-            got = TrainReply.parse(reply.content)
+            got = TrainReply.parse(content)
         except MalformedReply as e:
             return None, 0.0, str(e)
         except Exception as e:  # noqa: BLE001 - a malformed reply never takes the server down
@@ -302,6 +338,29 @@ class FlowerServer:
                 raise FlowerEngineError(f"{run.method.name}: evaluation of client {cid} failed: {why}")
             out[cid] = EvaluateReply.parse(reply.content).metrics
         return out
+
+
+def _train_part(reply: Message | None) -> tuple[RecordDict | None, str]:
+    """(the content of a train reply, "") or (None, why it holds no upload): no reply, an error
+    reply, or a training failure reported beside an evaluation (:class:`TrainFailure`)."""
+    if reply is None:
+        return None, "no reply within flower.round_timeout_s"
+    if reply.has_error():
+        return None, reply.error.reason or "client error"
+    try:
+        failure = TrainFailure.parse(reply.content)
+    except Exception:  # noqa: BLE001 - a malformed reply is judged by the upload's parser
+        failure = None
+    if failure is not None:
+        return None, failure.reason or "client error"
+    return reply.content, ""
+
+
+def _evaluated(reply: Message | None) -> bool:
+    """Whether ``reply`` carries an evaluation (an evaluate reply, or a train reply with one)."""
+    if reply is None or reply.has_error():
+        return False
+    return EVALUATION in reply.content or reply.metadata.message_type == "evaluate"
 
 
 def _stop_on_mismatch(method: str, round_: int, cid: str, reason: str) -> None:

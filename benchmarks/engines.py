@@ -1,30 +1,36 @@
 """Cost of the Flower engines relative to the local engine on the same work, measured in one run.
 
 The work: the synthetic rank-recovery config (``configs/synthetic_rank.toml``) cut down to
-``--clients`` clients (default 2), ``--rounds`` rounds (default 3), one method (default pf2lora),
-one torch thread. Each engine runs it once, in this order: ``local`` (in-process loop),
-``flower-sim`` (Flower's simulation runtime on Ray, in this process) and ``flower-deploy`` (a
-loopback federation: a SuperLink and one SuperNode per client on 127.0.0.1, the app submitted with
-``flwr run``; everything started is stopped afterwards).
+``--clients`` clients (default 2), ``--rounds`` rounds (default 4), one method (default pf2lora),
+one torch thread, an evaluation after every round (``--set``, default ``eval.every=1``). Each
+row runs it twice (once with 1 round) in a fresh Python process, in this order: ``local``
+(in-process loop), ``flower-sim`` (Flower's simulation runtime on Ray, in that process),
+``flower-deploy`` (a loopback federation: a SuperLink and one SuperNode per client on 127.0.0.1,
+the app submitted with ``flwr run``; everything started is stopped afterwards) and
+``flower-deploy[flower.node_cache=false]`` (the same without the nodes' model cache). ``--before
+REV`` adds ``flower-deploy`` as of git revision REV, run from a worktree on the same work: a
+before/after ratio measured in one run.
 
-Reported per engine:
+Reported per row:
 
 - ``wall_s``: the engine call, start to end (Ray start-up, process start-up, teardown included);
-- ``round_s``: wall seconds between consecutive round records (the first from the engine call's
-  start, so it carries the start-up: Ray / SuperLink / SuperNodes / the first ClientApp process);
-  ``steady_round_s`` is the mean over rounds 2.., ``startup_s`` = wall_s - rounds x steady_round_s;
-- ``peak_rss_self_mb``: the peak resident memory of the process that drives the engine (each engine
-  runs in a fresh Python process started by this script, so one engine's imports never count for
-  the next; sampled every 50 ms with psutil; task building and imports included);
-- ``peak_rss_tree_mb``: the peak of the sum over that process and every process below it (Ray's
+  ``wall_s_1_round`` the same with 1 round;
+- ``per_round_s`` = (wall_s - wall_s_1_round) / (rounds - 1): what one more round costs (start-up,
+  final evaluation and teardown cancel); ``overhead_per_round_s`` = that minus local's;
+- ``round_s``: wall seconds between consecutive round records as they arrive (informative only:
+  where a round's evaluation rides on the next round's messages, its record arrives with them);
+- ``peak_rss_self_mb``: the peak resident memory of the process that drives the engine (task
+  building and imports included; sampled every 50 ms with psutil);
+- ``peak_rss_tree_mb``: the peak of the sum over that process, every process below it (Ray's
   workers and daemons; the SuperLink, SuperNodes, SuperExec, ServerApp, ClientApp processes and
-  ``flwr run``), sampled the same way. A process that lives less than one sampling period can be
-  missed; shared pages are counted once per process (RSS), so the sum is an upper bound.
+  ``flwr run``) and the deployed nodes' workers, sampled the same way. A process that lives less
+  than one sampling period can be missed; shared pages are counted once per process (RSS), so the
+  sum is an upper bound.
 
-Ratios are against ``local``. The client metrics of the three engines are also compared (they must
-agree to float tolerance: same seed, same work).
+Ratios are against ``local``. The client metrics of every row are also compared with local's
+(they must agree to float tolerance: same seed, same work).
 
-    python benchmarks/engines.py [--clients 2] [--rounds 3] [--method pf2lora] [--out benchmarks/results/engines.json]
+    python benchmarks/engines.py [--clients 2] [--rounds 4] [--method pf2lora] [--before REV] [--out benchmarks/results/engines.json]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -66,6 +73,7 @@ class MemorySampler:
         self.peak_self = 0
         self.peak_tree = 0
         self.max_procs = 0
+        self.since = time.time() - 1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -79,6 +87,7 @@ class MemorySampler:
             kids = self.me.children(recursive=True)
         except psutil.Error:
             kids = []
+        kids += [w for w in self._workers() if w not in kids]
         for p in kids:
             try:
                 total += p.memory_info().rss
@@ -88,6 +97,18 @@ class MemorySampler:
         self.peak_self = max(self.peak_self, own)
         self.peak_tree = max(self.peak_tree, total)
         self.max_procs = max(self.max_procs, count)
+
+    def _workers(self) -> list[psutil.Process]:
+        """Deployed nodes' workers (pf2lora.engines.flower.nodeworker) started since this sampler:
+        a ClientApp starts one and exits, so it is no longer below this process."""
+        out = []
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            try:
+                if p.info["create_time"] >= self.since and any("flower.nodeworker" in a for a in p.info["cmdline"] or []):
+                    out.append(p)
+            except (psutil.Error, TypeError):
+                pass
+        return out
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -144,6 +165,13 @@ def max_metric_diff(a: list, b: list) -> float:
     return worst
 
 
+def variant(item: str) -> tuple[str, list[str]]:
+    """``ENGINE`` or ``ENGINE[key=value;key=value]`` -> (engine, its extra overrides)."""
+    name, _, rest = item.partition("[")
+    extra = [kv.strip() for kv in rest.rstrip("]").split(";") if kv.strip()]
+    return name.strip(), extra
+
+
 def runner(cfg, name: str):
     """A function (on_round) -> results running ``cfg`` on engine ``name``."""
     if name == "local":
@@ -182,16 +210,47 @@ def machine() -> dict:
     }
 
 
+def before_worktree(rev: str, tmp: Path, overrides: list[str]) -> Path:
+    """A checkout of ``rev`` in ``tmp`` whose synthetic_rank config holds ``overrides`` (that
+    version's engines.py sets only rounds, clients, ranks, method and threads itself)."""
+    import tomllib
+
+    import tomli_w
+
+    tree = tmp / "before"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), rev], check=True)
+    path = tree / "configs" / "synthetic_rank.toml"
+    data = tomllib.loads(path.read_text())
+    for item in overrides:
+        keys, _, value = item.partition("=")
+        node = data
+        *parents, last = keys.strip().split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = tomllib.loads(f"v = {value.strip()}")["v"]
+    path.write_text(tomli_w.dumps(data))
+    return tree
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--method", default="pf2lora")
-    ap.add_argument("--engines", default="local,flower-sim,flower-deploy", help="comma-separated, local first")
+    ap.add_argument(
+        "--engines",
+        default="local,flower-sim,flower-deploy,flower-deploy[flower.node_cache=false]",
+        help="comma-separated, local first; ENGINE[key=value;...] runs ENGINE with extra config overrides",
+    )
+    ap.add_argument("--set", dest="sets", action="append", default=None, help="config override for every row (default: eval.every=1)")
+    ap.add_argument("--before", metavar="REV", help="also run flower-deploy as of git revision REV (a worktree), on the same work")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engines.json"))
     ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one engine in this process
     ap.add_argument("--row-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sets = args.sets if args.sets is not None else ["eval.every=1"]
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (the per-round cost is the difference to a 1-round run)")
 
     ranks = [i % 3 for i in range(args.clients)]
     overrides = [
@@ -200,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         f"task.private_ranks={ranks}",
         f'methods=["{args.method}"]',
         "num_threads=1",
+        *sets,
     ]
-    cfg = load(ROOT / "configs" / "synthetic_rank.toml", overrides)
     torch.set_num_threads(1)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = [e.strip() for e in re.split(r",(?![^\[]*\])", args.engines) if e.strip()]
 
     if args.only:
-        row, results = measure(args.only, runner(cfg, args.only))
+        name, extra = variant(args.only)
+        cfg = load(ROOT / "configs" / "synthetic_rank.toml", overrides + extra)
+        row, results = measure(args.only, runner(cfg, name))
         payload = {"row": row, "clients": [r.clients for r in results]}
         Path(args.row_file).write_text(json.dumps(payload))
         return 0
@@ -214,35 +275,42 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     clients: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="pf2lora-bench-") as tmp:
-        for name in engines:
-            runner(cfg, name)  # fail early on an unknown engine
-            row_file = Path(tmp) / f"{name}.json"
-            cmd = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--clients",
-                str(args.clients),
-                "--rounds",
-                str(args.rounds),
-                "--method",
-                args.method,
-                "--only",
-                name,
-                "--row-file",
-                str(row_file),
-            ]
-            subprocess.run(cmd, check=True, env=env.child_env())
-            payload = json.loads(row_file.read_text())
-            rows[name], clients[name] = payload["row"], payload["clients"]
-            print(f"{name}: {json.dumps(rows[name])}", flush=True)
+        jobs: list[tuple[str, list[str], dict[str, str]]] = []
+        for item in engines:
+            name, extra = variant(item)
+            runner(load(ROOT / "configs" / "synthetic_rank.toml", overrides + extra), name)  # fail early on a bad engine or key
+            child = [str(Path(__file__).resolve()), "--only", item, *[f"--set={x}" for x in sets]]
+            jobs.append((item, child, env.child_env()))
+        if args.before:
+            tree = before_worktree(args.before, Path(tmp), sets)
+            child = [str(tree / "benchmarks" / "engines.py"), "--only", "flower-deploy"]
+            jobs.append((f"flower-deploy@{args.before}", child, env.child_env(PYTHONPATH=str(tree))))
+        try:
+            for item, child, environ in jobs:
+                for rounds in (1, args.rounds):  # the per-round cost is the difference: start-up and teardown cancel
+                    row_file = Path(tmp) / f"row-{len(rows)}-{rounds}.json"
+                    common = ["--clients", str(args.clients), "--rounds", str(rounds), "--method", args.method, "--row-file", str(row_file)]
+                    subprocess.run([sys.executable, *child, *common], check=True, env=environ)
+                    payload = json.loads(row_file.read_text())
+                short = json.loads((Path(tmp) / f"row-{len(rows)}-1.json").read_text())["row"]
+                row = payload["row"]
+                row["engine"] = item
+                row["wall_s_1_round"] = short["wall_s"]
+                row["per_round_s"] = round((row["wall_s"] - short["wall_s"]) / (args.rounds - 1), 3)
+                rows[item], clients[item] = row, payload["clients"]
+                print(f"{item}: {json.dumps(row)}", flush=True)
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "before")], check=False)
 
     base = rows.get("local")
     if base:
         for name, row in rows.items():
             row["vs_local"] = {
                 k: round(row[k] / base[k], 2) if base[k] else None
-                for k in ("wall_s", "steady_round_s", "peak_rss_self_mb", "peak_rss_tree_mb")
+                for k in ("wall_s", "per_round_s", "peak_rss_self_mb", "peak_rss_tree_mb")
             }
+            row["overhead_per_round_s"] = round(row["per_round_s"] - base["per_round_s"], 3)
             if name != "local":
                 row["max_rel_metric_diff_vs_local"] = max_metric_diff(clients["local"], clients[name])
 
@@ -254,11 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         "engines": rows,
         "notes": [
             "round_s[0] runs from the engine call's start to the first round record, so it carries start-up",
+            "per_round_s = (wall_s - wall_s_1_round) / (rounds - 1): each engine also ran the same work with 1 round, so start-up, "
+            "the final evaluation and teardown cancel; overhead_per_round_s = per_round_s - local's (the same training and evaluation)",
+            "round_s / steady_round_s time the round records as they arrive; where a round's evaluation rides on the next round's "
+            "messages its record arrives with the next round's, so use per_round_s to compare",
             "each engine ran in a fresh Python process started by this command (the 'self' process); the rows were measured there",
-            "peak_rss_tree_mb sums RSS over that process and all its descendants (shared pages counted once per process)",
+            "peak_rss_tree_mb sums RSS over that process, all its descendants and the deployed nodes' workers (shared pages counted once per process)",
+            "ENGINE@REV: that engine as of git revision REV (a worktree of it, same work), for a before/after ratio in one run",
             (
-                "flower-deploy starts a new ClientApp process (which imports torch) for every message a SuperNode gets, "
-                "which is most of its per-round time on a small model"
+                "flower-deploy: Flower starts a new ClientApp process for every message a SuperNode gets; with flower.node_cache it "
+                "hands the message to the node's long-lived worker instead of importing torch and building the task itself"
             ),
         ],
     }

@@ -330,6 +330,12 @@ class FlowerConfig:
         "",
         "flower: folder where client nodes keep their private state between rounds (one file per client); empty = a temporary folder per run",
     )
+    node_cache: bool = _f(
+        True,
+        "flower-deploy: each node keeps its task (model, data) in one worker process between messages instead of rebuilding it "
+        "in the new ClientApp process Flower starts for every message",
+    )
+    node_cache_idle_s: float = _f(600.0, "flower-deploy: seconds a node's worker waits for a message before it exits", gt=0.0)
 
 
 @dataclass
@@ -589,6 +595,15 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
             node = nxt
         node[keys[-1]] = value
     return from_dict(data, source_of(path, overrides))
+
+
+def loads(text: str, source: str = "config") -> RunConfig:
+    """The config :func:`dumps` wrote (e.g. sent to another process)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source}: not valid TOML ({e})") from None
+    return from_dict(data, source)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

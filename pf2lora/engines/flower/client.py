@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pf2lora import config as config_mod
 from pf2lora.config import RunConfig
-from pf2lora.engines.flower import env, nodedata
+from pf2lora.engines.flower import env, nodedata, nodeworker
 
 env.apply()
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pf2lora.engines.flower.channel import hello_reply
@@ -66,10 +67,12 @@ class _AppFailed(Exception):
     pass
 
 
-def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | Path | None = None) -> ClientApp:
+def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | Path | None = None, node_cache: bool = False) -> ClientApp:
     """A ClientApp for ``cfg``. The state folder is the node's ``state-dir`` node config if set,
     else ``state_dir``, else ``cfg.flower.state_dir``. The app holds no task (it is pickled to
-    Ray workers): each process builds the task from ``cfg`` once."""
+    Ray workers): each process builds the task from ``cfg`` once, or, with ``node_cache`` (a
+    deployed node, whose ClientApp process lives for one message) and ``cfg.flower.node_cache``,
+    hands train / evaluate messages to the node's long-lived worker (:mod:`.nodeworker`)."""
     app = ClientApp()
     runtimes: dict[str, Any] = {}
     default_dir = str(state_dir or "")
@@ -80,9 +83,8 @@ def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | P
             loaded.append(cfg())  # type: ignore[operator]
         return loaded[0]
 
-    def runtime(context: Context, partition: int) -> Any:
-        from pf2lora.engines.flower.runtime import ClientRuntime, cached_task
-
+    def node(context: Context, partition: int) -> tuple[RunConfig, RunConfig, str]:
+        """(the run's config, the config of this node's own data, its state folder)."""
         c = config()
         folder = str(context.node_config.get("state-dir", "") or default_dir or c.flower.state_dir)
         if not folder:
@@ -90,17 +92,32 @@ def make_client_app(cfg: RunConfig | Callable[[], RunConfig], state_dir: str | P
         data = c  # node-local data: the task holds this node's own file only
         if nodedata.node_mode(c) and 0 <= partition < c.task.num_clients:
             data = nodedata.node_view(c, partition, nodedata.own_path(c, partition, context.node_config))
+        return c, data, folder
+
+    def answer(kind: str, content: RecordDict, context: Context, partition: int) -> RecordDict:
+        c, data, folder = node(context, partition)
+        if node_cache and c.flower.node_cache and nodeworker.available():
+            request = {
+                "kind": kind,
+                "partition": partition,
+                "run_cfg": config_mod.dumps(c),
+                "data_cfg": config_mod.dumps(data),
+                "stamp": nodedata.stamp(data),
+            }
+            return nodeworker.call(folder, request, content, c.flower.node_cache_idle_s)
+        from pf2lora.engines.flower.runtime import ClientRuntime, cached_task
+
         key = f"{folder}\0{data.task.data_path.strip()}"
         if key not in runtimes:
             runtimes[key] = ClientRuntime(c, cached_task(data), folder)
-        return runtimes[key]
+        return getattr(runtimes[key], kind)(content, partition)
 
     def handle(kind: str, msg: Message, context: Context) -> Message:
         try:
             partition = partition_of(context)
             if kind == "query":  # which partition is this node (the server maps it to clients), and its own data's sizes
                 return Message(hello_reply(partition, **nodedata.node_report(config(), partition, context.node_config)), reply_to=msg)
-            return getattr(runtime(context, partition), kind)(msg, partition)
+            return Message(answer(kind, msg.content, context, partition), reply_to=msg)
         except Exception as e:  # noqa: BLE001 - the server records the failure and carries on
             reason = f"{type(e).__name__}: {e}"[:500]
             log.warning("client %s failed: %s", kind, reason)

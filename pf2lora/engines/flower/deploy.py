@@ -38,7 +38,7 @@ from pathlib import Path
 from pf2lora import config as config_mod
 from pf2lora.config import RunConfig
 from pf2lora.data import catalogue
-from pf2lora.engines.flower import env, nodedata
+from pf2lora.engines.flower import env, nodedata, nodeworker
 from pf2lora.errors import UserError
 from pf2lora.io import atomic_write
 
@@ -389,6 +389,8 @@ def run_flower_deploy(
         keep = checkpoint.path if checkpoint is not None and superlink else None
         return _submit(cfg, app, environ, procs, result_path, on_round, timeout_s, echo, keep)
     finally:
+        if not superlink:  # the nodes' workers end with their SuperNodes; named here so stop() makes sure
+            procs.seen.update(pid for i in range(cfg.task.num_clients) if (pid := nodeworker.worker_pid(work / "state" / f"node-{i}")))
         procs.stop()
         if started is not None:
             started.extend(sorted(procs.seen))

@@ -75,7 +75,7 @@ def bundled_apps(folder: str | Path) -> tuple[ServerApp, Any]:
                 pass  # the log line below carries the results
         print(RESULT_TAG + payload, flush=True)
 
-    return server, make_client_app(load_node_cfg)
+    return server, make_client_app(load_node_cfg, node_cache=True)  # a deployed node: one process per message
 
 
 def _checkpoint(folder: Path, spec: dict[str, Any] | None) -> Any:

@@ -89,3 +89,19 @@ def check_run(cfg: RunConfig, *, files_needed: bool) -> None:
             f'task.partition = "node" with {missing} in task.data_path: this machine runs every client, so list one file per client '
             "(or submit to a SuperLink whose SuperNodes hold them: --engine flower-deploy --superlink HOST:PORT)"
         )
+
+
+def stamp(cfg: RunConfig) -> str:
+    """The size and modification time of each local file ``task.data_path`` names ("" for none):
+    a node's cached task (:mod:`.nodeworker`) is rebuilt when its file changes between runs."""
+    from pathlib import Path
+
+    paths = list(cfg.task.data_path) if isinstance(cfg.task.data_path, FileList) else [cfg.task.data_path]
+    parts = []
+    for p in paths:
+        try:
+            st = Path(p.strip()).expanduser().stat()
+        except (OSError, ValueError):
+            continue
+        parts.append(f"{p.strip()}:{st.st_size}:{st.st_mtime_ns}")
+    return ";".join(parts)

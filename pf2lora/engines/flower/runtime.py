@@ -42,7 +42,7 @@ from pf2lora.engines.flower.store import NodeStore
 
 env.apply()
 
-from flwr.app import Message
+from flwr.app import RecordDict
 
 from pf2lora import adapters
 from pf2lora.engines.flower.messages import EVALUATION, EvaluateIns, EvaluateReply, Instruction, TrainFailure, TrainIns, TrainReply
@@ -127,12 +127,12 @@ class ClientRuntime:
 
     # -- message handlers ------------------------------------------------------------------------
 
-    def train(self, msg: Message, partition: int) -> Message:
+    def train(self, content: RecordDict, partition: int) -> RecordDict:
         from pf2lora.engines.flower import secagg  # Flower's legacy SecAgg+ API: only for such messages
 
-        if secagg.FITINS in msg.content.config_records:
-            return self.train_secure(msg, partition)
-        ins = self.arrived(TrainIns.parse(msg.content))
+        if secagg.FITINS in content.config_records:
+            return self.train_secure(content, partition)
+        ins = self.arrived(TrainIns.parse(content))
         self._check_served(ins.client_id, partition)
         method = self.method(ins.method)
         if self.cfg.server.secure_aggregation and method.upload_spec(ins.received):
@@ -144,14 +144,14 @@ class ClientRuntime:
             update, new_state, took = self._train(ins, method)
             update = injected_poison(self.cfg, ins.client_id, update, ins.received)
             self.store.save_pending(ins.run_key, ins.method, ins.client_id, ins.round, new_state)
-            content = TrainReply(ins.client_id, update.shared, update.num_examples, update.metrics, took).content()
+            reply = TrainReply(ins.client_id, update.shared, update.num_examples, update.metrics, took).content()
         except Exception as e:
             if evaluation is None:
                 raise
-            content = TrainFailure(ins.client_id, f"{type(e).__name__}: {e}"[:500]).content()  # the evaluation still counts
+            reply = TrainFailure(ins.client_id, f"{type(e).__name__}: {e}"[:500]).content()  # the evaluation still counts
         if evaluation is not None:
-            content[EVALUATION] = EvaluateReply(ins.client_id, evaluation).record()
-        return Message(content, reply_to=msg)
+            reply[EVALUATION] = EvaluateReply(ins.client_id, evaluation).record()
+        return reply
 
     def _train(self, ins: TrainIns, method: Method) -> tuple[ClientUpdate, ClientState, float]:
         """What both train paths do: the server's verdict on the last round, this client's state,
@@ -163,13 +163,13 @@ class ClientRuntime:
         data, steps = self.trainer(method, ins.client_id)
         return train_client(self.cfg, self.task, method, data, steps, ins.round, ins.received, state)
 
-    def train_secure(self, msg: Message, partition: int) -> Message:
+    def train_secure(self, content: RecordDict, partition: int) -> RecordDict:
         """A SecAgg+ train message (legacy FitIns records, reached through ``secaggplus_mod``):
         train and keep the state exactly as :meth:`train`, check the upload here (the server will
         see only the masked sum), reply as a legacy FitRes for the mod to mask."""
         from pf2lora.engines.flower import secagg  # Flower's legacy SecAgg+ API: only for such messages
 
-        c, received = secagg.fitins_of(msg.content)
+        c, received = secagg.fitins_of(content)
         received = st.to_device(received, self.task.device)
         ins = TrainIns.from_fields(c, received)
         cid = ins.client_id
@@ -191,13 +191,13 @@ class ClientRuntime:
         self.store.save_pending(ins.run_key, ins.method, cid, ins.round, new_state)
         shared = st.outgoing(update.shared)  # the one gate: raises on any private tensor
         metrics = {"client_id": cid, "took_s": float(took), "metrics": transport.dumps(update.metrics)}
-        return Message(secagg.fitres_content(shared, keys, update.num_examples, metrics), reply_to=msg)
+        return secagg.fitres_content(shared, keys, update.num_examples, metrics)
 
-    def evaluate(self, msg: Message, partition: int) -> Message:
-        ins = self.arrived(EvaluateIns.parse(msg.content))
+    def evaluate(self, content: RecordDict, partition: int) -> RecordDict:
+        ins = self.arrived(EvaluateIns.parse(content))
         self._check_served(ins.state_of, partition)
         metrics = self._evaluation(self.method(ins.method), ins, ins.client_id, ins.state_of, ins.round)
-        return Message(EvaluateReply(ins.client_id, metrics).content(), reply_to=msg)
+        return EvaluateReply(ins.client_id, metrics).content()
 
     def _evaluation(self, method: Method, ins: Instruction, client_id: str, state_of: str, round_: int) -> dict[str, Any]:
         """Client ``client_id``'s metrics on what ``ins`` received, with the state of ``state_of``

@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 
 from conftest import ALL_METHODS, TINY_TEXT
-from pf2lora import adapters, plan
+from pf2lora import adapters, lora, plan
 from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
-from pf2lora.engines.rounds import personal_model, save_adapters
+from pf2lora.engines.rounds import global_model, personal_model, save_adapters
 from pf2lora.export import unwrap
 from pf2lora.methods import registry
 
@@ -62,8 +62,12 @@ def test_every_method_exports_exactly(method, tiny, tmp_path):
         meta = json.loads((adapters.adapter_dir(tmp_path, method, cid) / adapters.META).read_text())
         assert (meta["method"], meta["client"], meta["round"]) == (method, cid, 2)
     glob = adapters.adapter_dir(tmp_path, method, adapters.GLOBAL)
-    global_params = m.global_params(st.clone(m.broadcast(state.server, task.clients[0].client_id)), {})
+    global_params = global_model(task, m, state.server)
     assert glob.exists() == (global_params is not None)
+    if method in ("hetlora", "flexlora"):  # per-client ranks: the global model at the server's full rank, not the first client's
+        ranks = {lora.rank_of({k: v}) for k, v in global_params.items() if lora.is_a(k)}
+        assert ranks == {m.rank_max} and m.rank_max > min(m.assigned_rank(c.client_id) for c in task.clients)
+        assert json.loads((glob / "adapter_config.json").read_text())["r"] == m.rank_max
     if global_params is not None and cfg.lora.head == "shared":
         batch = {k: v[:6] for k, v in task.clients[0].test.items()}
         with torch.no_grad():

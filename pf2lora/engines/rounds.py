@@ -264,23 +264,28 @@ def save_adapters(
     round_: int,
     metrics: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Path]:
-    """Write every client's personalised adapter and the global one (the global model as the
-    first client receives it) into ``root/METHOD/`` (a run's root is ``RUN/adapters``), as the
-    evaluation after ``round_`` sees them: the same tensors (:func:`personal_model`)."""
+    """Write every client's personalised adapter and the global one (:func:`global_model`) into
+    ``root/METHOD/`` (a run's root is ``RUN/adapters``), as the evaluation after ``round_`` sees
+    them: the same tensors (:func:`personal_model`)."""
     written: list[Path] = []
-    first_received: st.Tensors | None = None
     for client in task.clients:
         cid = client.client_id
         state = clients.get(cid) or clients.get("pooled") or {}
         received = st.clone(method.broadcast(server, cid))
-        first_received = received if first_received is None else first_received
         personal = personal_model(cfg, task, method, client, received, state, round_)
         written.append(adapters.write(root, cfg, task, method.name, cid, personal, round_, (metrics or {}).get(cid)))
-    if first_received is not None:
-        global_params = method.global_params(first_received, {})
-        if global_params is not None:
-            written.append(adapters.write(root, cfg, task, method.name, adapters.GLOBAL, global_params, round_))
+    global_params = global_model(task, method, server)
+    if global_params is not None:
+        written.append(adapters.write(root, cfg, task, method.name, adapters.GLOBAL, global_params, round_))
     return written
+
+
+def global_model(task: Task, method: Method, server: st.Tensors) -> st.Tensors | None:
+    """The method's global model at the server's own rank (:meth:`Method.global_broadcast`), or
+    None for a method without one."""
+    if not task.clients:
+        return None
+    return method.global_params(st.clone(method.global_broadcast(server, task.clients[0].client_id)), {})
 
 
 # -- the server's side of a round ------------------------------------------------------------------

@@ -175,6 +175,13 @@ class Method(ABC):
         """What the server sends client ``client_id`` (a copy is made by the engine)."""
         return dict(server)
 
+    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
+        """The global model as the server holds it, in the form a client receives (what the
+        exported ``global`` adapter is made of): by default what ``first_client`` is sent; a
+        method with per-client ranks sends it at the server's full rank, so the export does not
+        depend on which client comes first."""
+        return self.broadcast(server, first_client)
+
     # -- the algorithm -------------------------------------------------------------------------
 
     @abstractmethod

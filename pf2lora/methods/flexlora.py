@@ -119,7 +119,13 @@ class FlexLoRA(HeterogeneousRanks):
         return A.contiguous(), B.contiguous()
 
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
-        rank = self.assigned_rank(client_id)
+        return self.at_rank(server, self.assigned_rank(client_id))
+
+    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
+        return self.at_rank(server, self.rank_max)
+
+    def at_rank(self, server: Mapping[str, torch.Tensor], rank: int) -> st.Tensors:
+        """The aggregated update as a LoRA adapter of rank ``rank`` (its best approximation)."""
         out: st.Tensors = {}
         for t in self.task.targets:
             k_a, k_b = lora.adapter_keys(t, lora.COMMON, st.SHARED)

@@ -104,6 +104,9 @@ class HETLoRA(HeterogeneousRanks):
         rank = server.get(f"{_RANK}/{client_id}")
         return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
 
+    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
+        return self.to_client(server, self.rank_max)
+
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""
         return robust.rank_wildcard_spec(received)

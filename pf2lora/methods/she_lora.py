@@ -395,6 +395,11 @@ class SHELoRA(FlexLoRA):
             _CT_ROUNDS: torch.tensor(0),
         }
 
+    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
+        """Not FlexLoRA's: the server holds no plaintext aggregate (and there is no global model
+        without a client's key, see :meth:`global_params`)."""
+        return self.broadcast(server, first_client)
+
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
         out = {k: v for k, v in server.items() if not st.is_meta(k)}
         out[BUDGET] = torch.tensor([self.budget(client_id)], dtype=torch.float64)

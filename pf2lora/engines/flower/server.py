@@ -50,7 +50,7 @@ from pf2lora.engines.flower.common import FlowerEngineError
 from pf2lora.engines.flower.messages import EVALUATION, EvaluateIns, EvaluateReply, MalformedReply, TrainFailure, TrainIns, TrainReply
 from pf2lora.engines.flower.resume import ServerCheckpoint
 from pf2lora.engines.flower.store import MISMATCH
-from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, RunState, injected_fault, num_bytes
+from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, RunState, global_model, injected_fault, num_bytes
 from pf2lora.methods import registry
 from pf2lora.methods.base import ClientUpdate
 from pf2lora.plan import build_task
@@ -168,12 +168,11 @@ class FlowerServer:
         return result
 
     def _write_global(self, run: MethodRun) -> None:
-        """The global model as the first client receives it, as a PEFT adapter (none for a
-        method without one, e.g. local-only)."""
-        method, first = run.method, self.task.clients[0].client_id
-        global_params = method.global_params(st.clone(method.broadcast(run.server, first)), {})
+        """The global model (:func:`~pf2lora.engines.rounds.global_model`), as a PEFT adapter
+        (none for a method without one, e.g. local-only)."""
+        global_params = global_model(self.task, run.method, run.server)
         if global_params is not None and self.adapters_root is not None:
-            adapters.write(self.adapters_root, self.cfg, self.task, method.name, adapters.GLOBAL, global_params, self.cfg.rounds)
+            adapters.write(self.adapters_root, self.cfg, self.task, run.method.name, adapters.GLOBAL, global_params, self.cfg.rounds)
 
     def folds(self, run: MethodRun) -> bool:
         """Whether the evaluation after a round rides on the next round's train messages (one

@@ -110,6 +110,14 @@ class TrainIns(Instruction):
         return cls(**cls._read(c), received=received, inject_crash=bool(c.get("inject_crash", False)))
 
 
+def with_evaluate_round(content: RecordDict, round_: int) -> RecordDict:
+    """A train message's content asking the node to evaluate first, as the evaluation after
+    ``round_`` (:attr:`TrainIns.evaluate_round`): a new content sharing the tensors, which are
+    not serialized again."""
+    config = ConfigRecord({**_config(content), "evaluate_round": round_})
+    return RecordDict({**content, CONFIG: config})
+
+
 @dataclass(frozen=True)
 class EvaluateIns(Instruction):
     """Evaluate client ``client_id`` with the state of ``state_of`` (a pooled method's clients are

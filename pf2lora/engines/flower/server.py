@@ -47,7 +47,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from pf2lora.engines.flower.channel import Channel, GridLike, Outgoing, ReplyHook
 from pf2lora.engines.flower.common import FlowerEngineError
-from pf2lora.engines.flower.messages import EVALUATION, EvaluateIns, EvaluateReply, MalformedReply, TrainFailure, TrainIns, TrainReply
+from pf2lora.engines.flower.messages import (
+    EVALUATION,
+    EvaluateIns,
+    EvaluateReply,
+    MalformedReply,
+    TrainFailure,
+    TrainIns,
+    TrainReply,
+    with_evaluate_round,
+)
 from pf2lora.engines.flower.resume import ServerCheckpoint
 from pf2lora.engines.flower.store import MISMATCH
 from pf2lora.engines.rounds import MethodResult, MethodRun, RoundCallback, RoundLedger, RunState, global_model, injected_fault, num_bytes
@@ -191,20 +200,16 @@ class FlowerServer:
         server state (so its checkpoint is the one an unfolded run writes)."""
         ledger, sent, outgoing = self.prepare_round(run, round_)
         if self.cfg.server.secure_aggregation and any(run.method.upload_spec(ins.received) for ins, _ in sent.values()):
-            if owed is not None:
-                run.end_round(owed, self._evaluate(run, owed["round"]))
-            return self._secure_round(run, ledger, sent)
+            return self._secure_round(run, ledger, sent)  # (never owed: see folds)
         if owed is None:
             return self.collect_round(run, ledger, sent, self.channel.exchange("train", outgoing, self._timeout()))
         evaluated = owed["round"]
-        folded = []
-        for o in outgoing:
-            ins, _ = sent[o.client_id]
-            folded.append(replace(o, content=replace(ins, evaluate_round=evaluated).content()))
-        others = [o for o in self.evaluation_messages(run, evaluated) if o.client_id not in sent]
-        replies = self.channel.exchange("train", folded + [replace(o, kind="evaluate") for o in others], self._timeout())
+        folded = [replace(o, content=with_evaluate_round(o.content, evaluated)) for o in outgoing]
+        evaluations = self.evaluation_messages(run, evaluated)
+        others = [replace(o, kind="evaluate") for o in evaluations if o.client_id not in sent]
+        replies = self.channel.exchange("train", folded + others, self._timeout())
         # a client whose reply carries no evaluation (no reply, or its evaluation failed) is asked again on its own
-        again = [o for o in self.evaluation_messages(run, evaluated) if not _evaluated(replies.get(o.client_id))]
+        again = [o for o in evaluations if not _evaluated(replies.get(o.client_id))]
         evaluation = {**replies, **(self.channel.exchange("evaluate", again, self._timeout()) if again else {})}
         run.end_round(owed, self.collect_evaluation(run, evaluation))
         return self.collect_round(run, ledger, sent, {cid: replies.get(cid) for cid in sent})

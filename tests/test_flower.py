@@ -471,16 +471,22 @@ def test_method_strategy_on_flowers_simulation_runtime(tmp_path):
 def test_flower_deploy_on_loopback_matches_local_and_leaves_no_process(tmp_path):
     from pf2lora.engines.flower.deploy import alive, run_flower_deploy
 
-    cfg, task = small_task(*TINY, "task.num_clients=2", "task.private_ranks=[0,1]", methods_override(["pf2lora"]))
+    cfg, task = small_task(*TINY, "task.num_clients=2", "task.private_ranks=[0,1]", "eval.every=1", methods_override(["pf2lora"]))
     started: list[int] = []
     rounds: list[dict] = []
     (flower,) = run_flower_deploy(cfg, on_round=rounds.append, started=started, workdir=tmp_path, timeout_s=300)
     (local,) = _local(cfg, task)
     _assert_close(local.clients, flower.clients)
-    assert rounds == flower.rounds and len(rounds) == 2
+    assert rounds == flower.rounds and len(rounds) == 2 and "eval" in rounds[0]
     assert [r["train_loss"] for r in local.rounds] == pytest.approx([r["train_loss"] for r in flower.rounds], rel=1e-5)
     assert len(started) >= 4  # flwr run, SuperLink, 2 SuperNodes (and what they started)
     wait_for(lambda: alive(started) == [], f"the started processes to exit: {alive(started)}")
+    for node in ("node-0", "node-1"):  # the node's model cache: one worker served all of its messages (5), then ended
+        lines = (tmp_path / "state" / node / "node-worker.log").read_text().splitlines()
+        assert len([line for line in lines if "serving" in line]) == 1, lines
+    from pf2lora.engines.flower import nodeworker
+
+    wait_for(lambda: all(nodeworker.worker_pid(tmp_path / "state" / n) is None for n in ("node-0", "node-1")), "the workers to end")
 
 
 @pytest.mark.slow

@@ -262,6 +262,7 @@ def serve(sock_path: Path, folder: str, watch: int, idle_s: float) -> None:
     server.settimeout(0.5)
     pid_path = sock_path.with_suffix(".pid")
     pid_path.write_text(str(os.getpid()))
+    print(f"pf2lora node worker {os.getpid()}: serving {folder}; ends with process {watch} or after {idle_s:g} s idle", flush=True)
     worker, last = _Worker(folder), time.monotonic()
     try:
         while alive([watch]) and time.monotonic() - last < idle_s:

@@ -118,9 +118,12 @@ def call(folder: str | Path, request: dict[str, Any], content: RecordDict, idle_
     node's data config as TOML, the state folder), starting the worker first if none listens."""
     sock = _connect(folder, idle_s)
     with sock:
-        _send(sock, json.dumps(request).encode(), _to_bytes(content))
-        head = json.loads(_recv(sock))
-        body = _recv(sock)
+        try:
+            _send(sock, json.dumps(request).encode(), _to_bytes(content))
+            head = json.loads(_recv(sock))
+            body = _recv(sock)
+        except OSError as e:  # the next message starts a new worker; the client's state is on disk
+            raise WorkerError(f"the node's worker ended while answering ({e}; see {Path(folder) / 'node-worker.log'})") from None
     if head.get("error"):
         raise WorkerError(str(head["error"]))
     return _from_bytes(body)

@@ -16,6 +16,7 @@ from conftest import methods_override, small_task, wait_for
 from pf2lora.engines.flower import nodeworker
 from pf2lora.engines.flower.client import make_client_app
 from pf2lora.engines.flower.inprocess import InProcessGrid
+from pf2lora.engines.flower.reaper import alive
 from pf2lora.engines.flower.server import FlowerServer
 from pf2lora.engines.local import LocalEngine
 
@@ -53,7 +54,7 @@ def test_one_worker_serves_every_message_and_a_killed_one_is_replaced(tmp_path):
         if record["round"] == 1:
             for pid in seen[-1]:
                 os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not _workers(folder), "the killed worker to end", timeout=20)
+            wait_for(lambda: not alive(seen[-1]), "the killed worker to end", timeout=20)
 
     try:
         app = make_client_app(cfg, folder, node_cache=True)
@@ -87,5 +88,43 @@ def test_a_worker_error_is_the_message_error_and_the_worker_stays(tmp_path):
         (first,) = _workers(folder)
         (again,) = grid.send_and_receive([Message(ins.content(), dst_node_id=1000, message_type="evaluate")])
         assert again.has_error() and _workers(folder) == [first]
+    finally:
+        nodeworker.shutdown(folder)
+
+
+def test_a_worker_that_ends_as_a_message_arrives_is_replaced_and_asked_again(tmp_path):
+    """A worker that accepts the connection and ends without answering (killed at that moment):
+    the ClientApp starts a new worker and asks again, so the message gets its answer."""
+    import socket
+    import threading
+
+    from flwr.app import Message
+
+    from pf2lora.engines.flower.messages import EvaluateIns
+
+    cfg, _ = small_task("rounds=1", "task.num_clients=2", "task.private_ranks=[0,1]", "num_threads=1", methods_override(["pf2lora"]))
+    folder = tmp_path / "node"
+    path = nodeworker._name(folder).with_suffix(".sock")
+    path.unlink(missing_ok=True)
+    dying = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dying.bind(str(path))
+    dying.listen(1)
+
+    def die() -> None:  # take the connection, then end without a word
+        conn, _ = dying.accept()
+        conn.close()
+        dying.close()
+        path.unlink(missing_ok=True)
+
+    thread = threading.Thread(target=die, daemon=True)
+    thread.start()
+    grid = InProcessGrid(make_client_app(cfg, folder, node_cache=True), 2)
+    try:
+        ins = EvaluateIns("pf2lora", "run", "client_1", 1, -1, {}, state_of="client_1")
+        (reply,) = grid.send_and_receive([Message(ins.content(), dst_node_id=1000, message_type="evaluate")])
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert reply.has_error() and "does not serve client 'client_1'" in reply.error.reason  # answered by a real worker
+        assert len(_workers(folder)) == 1
     finally:
         nodeworker.shutdown(folder)

@@ -115,15 +115,22 @@ def _from_bytes(data: bytes) -> RecordDict:
 
 def call(folder: str | Path, request: dict[str, Any], content: RecordDict, idle_s: float) -> RecordDict:
     """The worker's reply content to ``content`` (``request``: kind, partition, the run's and the
-    node's data config as TOML, the state folder), starting the worker first if none listens."""
-    sock = _connect(folder, idle_s)
-    with sock:
+    node's data config as TOML, the state folder), starting the worker first if none listens.
+
+    A worker that ends while answering (killed, or ending as the connection came in) is replaced
+    and asked once more: a message's work is idempotent (training starts from the committed
+    state and overwrites the pending one; an evaluation changes nothing)."""
+    frames = (json.dumps(request).encode(), _to_bytes(content))
+    for attempt in (1, 2):
         try:
-            _send(sock, json.dumps(request).encode(), _to_bytes(content))
-            head = json.loads(_recv(sock))
-            body = _recv(sock)
-        except OSError as e:  # the next message starts a new worker; the client's state is on disk
-            raise WorkerError(f"the node's worker ended while answering ({e}; see {Path(folder) / 'node-worker.log'})") from None
+            with _connect(folder, idle_s) as sock:
+                _send(sock, *frames)
+                head = json.loads(_recv(sock))
+                body = _recv(sock)
+            break
+        except OSError as e:
+            if attempt == 2:
+                raise WorkerError(f"the node's worker ended while answering ({e}; see {Path(folder) / 'node-worker.log'})") from None
     if head.get("error"):
         raise WorkerError(str(head["error"]))
     return _from_bytes(body)

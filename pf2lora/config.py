@@ -580,11 +580,10 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
         try:
-            data = tomllib.loads(p.read_text())
-        except RecursionError:
-            raise UserError(f"{p}: not valid TOML (nested too deeply)") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            text = p.read_text()
+        except UnicodeDecodeError as e:
             raise UserError(f"{p}: not valid TOML ({e})") from None
+        data = _toml(text, str(p))
     for item in overrides:
         keys, value = _parse_override(item)
         node = data
@@ -599,11 +598,17 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
 
 def loads(text: str, source: str = "config") -> RunConfig:
     """The config :func:`dumps` wrote (e.g. sent to another process)."""
+    return from_dict(_toml(text, source), source)
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
+    """``text`` parsed as TOML; a user error naming ``source`` if it is not."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
+    except RecursionError:
+        raise UserError(f"{source}: not valid TOML (nested too deeply)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{source}: not valid TOML ({e})") from None
-    return from_dict(data, source)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

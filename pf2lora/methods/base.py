@@ -376,6 +376,14 @@ class HeterogeneousRanks(Method):
         """The rank a client's resources allow: drawn once per client from the seed, not the data."""
         return resource_rank(self.cfg.seed, client_id, self.rank_min, self.rank_max)
 
+    @abstractmethod
+    def at_rank(self, server: Mapping[str, torch.Tensor], rank: int) -> st.Tensors:
+        """The server's model as a client of rank ``rank`` receives it."""
+
+    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
+        """At the server's full rank (``rank_max``), whichever client comes first."""
+        return self.at_rank(server, self.rank_max)
+
     def init_client(self, client_id: str, generator: torch.Generator) -> ClientState:
         """A private head (if any) and the client's assigned rank."""
         return {**self.private_head(generator), self.RANK: torch.tensor(self.assigned_rank(client_id))}

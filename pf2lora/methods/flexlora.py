@@ -121,9 +121,6 @@ class FlexLoRA(HeterogeneousRanks):
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
         return self.at_rank(server, self.assigned_rank(client_id))
 
-    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
-        return self.at_rank(server, self.rank_max)
-
     def at_rank(self, server: Mapping[str, torch.Tensor], rank: int) -> st.Tensors:
         """The aggregated update as a LoRA adapter of rank ``rank`` (its best approximation)."""
         out: st.Tensors = {}

@@ -69,6 +69,8 @@ class HETLoRA(HeterogeneousRanks):
                 out[k] = v
         return out
 
+    at_rank = to_client
+
     def to_server(self, upload: Mapping[str, torch.Tensor]) -> st.Tensors:
         out: st.Tensors = {}
         for k, v in upload.items():
@@ -103,9 +105,6 @@ class HETLoRA(HeterogeneousRanks):
     def broadcast(self, server: Mapping[str, torch.Tensor], client_id: str) -> st.Tensors:
         rank = server.get(f"{_RANK}/{client_id}")
         return self.to_client(server, int(rank) if rank is not None else self.assigned_rank(client_id))
-
-    def global_broadcast(self, server: Mapping[str, torch.Tensor], first_client: str) -> st.Tensors:
-        return self.to_client(server, self.rank_max)
 
     def upload_spec(self, received: Mapping[str, torch.Tensor]) -> dict[str, tuple[int | None, ...]]:
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""

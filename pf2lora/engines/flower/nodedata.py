@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pf2lora.config import FileList, RunConfig
@@ -94,8 +95,6 @@ def check_run(cfg: RunConfig, *, files_needed: bool) -> None:
 def stamp(cfg: RunConfig) -> str:
     """The size and modification time of each local file ``task.data_path`` names ("" for none):
     a node's cached task (:mod:`.nodeworker`) is rebuilt when its file changes between runs."""
-    from pathlib import Path
-
     paths = list(cfg.task.data_path) if isinstance(cfg.task.data_path, FileList) else [cfg.task.data_path]
     parts = []
     for p in paths:

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: install assets assets-gpu demo demo-synthetic lint test test-fast bench gpu-wheels clean
+.PHONY: install assets assets-gpu demo demo-synthetic lint test test-fast bench gpu-wheels gpu-assets clean
 
 install: $(STAMP)
 
@@ -61,10 +61,18 @@ test-fast: $(STAMP) $(ASSETS)
 bench: $(STAMP)
 	$(PY) benchmarks/step_cost.py
 
-# The packages pf2lora needs that the GPU machine's image lacks, as wheels to carry there
-# (benchmarks/gpu_check.sh installs them).
+# What the GPU machine (Python 3.12, x86-64, no registry) lacks, to carry there: the wheels of the
+# packages its image does not have (benchmarks/gpu_check.sh installs them), and, for the GPU tier of
+# benchmarks/paper.py, all-MiniLM-L6-v2 in float16 plus the Rotten Tomatoes and VADER data
+# (.gpu_assets, about 48 MB; see benchmarks/gpu_paper.sh).
+GPU_WHEELS := tomli_w==1.2.0 tenseal==0.3.18
 gpu-wheels: $(STAMP)
-	$(PY) -m pip download --no-deps -q -d .gpu_wheels tomli_w
+	$(PY) -m pip download --no-deps -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_wheels $(GPU_WHEELS)
+
+gpu-assets: $(STAMP) $(ASSETS)
+	$(PY) benchmarks/gpu_assets.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

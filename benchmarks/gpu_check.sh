@@ -5,8 +5,8 @@
 #
 #     bash benchmarks/gpu_check.sh            # results into $OUT (the device tool's) or benchmarks/results
 #
-# The machine's image has torch (CUDA), transformers, peft and pytest; it lacks tomli_w (carried as
-# a wheel) and flwr (only the Flower engines need it: their tests are not run here). The GPU
+# The machine's image has torch (CUDA), transformers, peft and pytest; it lacks tomli_w and tenseal (carried as
+# wheels) and flwr (only the Flower engines need it: their tests are not run here). The GPU
 # settings use random models of MiniLM-L6's and roberta-base's shapes, so no offline assets are needed.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -14,7 +14,8 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
-    $PY -m pip install --no-index --no-deps -q .gpu_wheels/*.whl
+    $PY -m pip install --no-index --no-deps -q --no-compile --target /tmp/site .gpu_wheels/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 $PY - <<'PY' 2>&1 | tee "$OUT/gpu_env.txt"
 import torch, transformers

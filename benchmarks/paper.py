@@ -591,11 +591,20 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print what is done and what is left, and exit")
     parser.add_argument("--table", action="store_true", help="print the markdown tables of the summary JSON and exit")
     parser.add_argument("--figures", action="store_true", help="write the PNG figures from the summary JSON and exit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override added to every run of the tier after its own (e.g. task.model=DIR on a machine with the model elsewhere)",
+    )
     parser.add_argument("--rerun", nargs=3, metavar=("SETTING", "METHOD", "SEED"), help="run one cell again, compare, keep nothing")
     args = parser.parse_args()
     out = RESULTS / f"paper_{args.tier}"
     summary = RESULTS / f"paper_{args.tier}.json"
     sys.path.insert(0, str(ROOT))
+    if args.set:
+        TIERS[args.tier] = {n: dataclasses.replace(s, overrides=(*s.overrides, *args.set)) for n, s in TIERS[args.tier].items()}
     if args.table:
         print(table(json.loads(summary.read_text())))
         return 0

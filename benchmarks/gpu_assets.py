@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pf2lora.io import cache_dir  # noqa: E402
-from pf2lora.models import l6_dir  # noqa: E402
+from pf2lora.io import cache_dir
+from pf2lora.models import l6_dir
 
 OUT = ROOT / ".gpu_assets"
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")

@@ -248,21 +248,23 @@ def main() -> None:
     out_path = args.out or RESULTS / ("accel_gpu.json" if gpu else "accel.json")
     results: dict[str, Any] = {}
     todo = [s for s in settings(args.quick, gpu) if not args.only or s.name in args.only]
+    name = plan.device_name(device)
     for s in todo:
         t0 = time.perf_counter()
         results[s.name] = measure(s, args.reps, str(device))
         print(f"{s.name}: {results[s.name]['round_time_s']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    results["ratios"] = ratios(results)
-    name = plan.device_name(device)
-    write_json(
-        out_path,
-        {
-            "command": "python " + shlex.join(["benchmarks/accel.py", *sys.argv[1:]]),
-            "machine": machine(device=str(device), device_name=name, torch=torch.__version__, default_threads=DEFAULT_THREADS),
-            "seed": 0,
-            "results": results,
-        },
-    )
+        results["ratios"] = ratios(results)
+        # after every setting, so that a run cut short (a device call's time limit) keeps what it measured
+        write_json(
+            out_path,
+            {
+                "command": "python " + shlex.join(["benchmarks/accel.py", *sys.argv[1:]]),
+                "machine": machine(device=str(device), device_name=name, torch=torch.__version__, default_threads=DEFAULT_THREADS),
+                "seed": 0,
+                "complete": s is todo[-1],
+                "results": results,
+            },
+        )
     print(f"wrote {out_path}")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of one session, in about 6 minutes (accel.py --quick: ~4 min on an H200, measured 2026-12-04): the tests marked `gpu`, then the GPU
-# benchmark (benchmarks/accel.py on CUDA -> accel_gpu.json). Meant for the device machine, run
+# The GPU checks of one session, in about 6 minutes (accel.py --quick took about 4 minutes on an H200
+# on 2026-12-04): the tests marked `gpu`, then the GPU benchmark (benchmarks/accel.py on CUDA -> accel_gpu.json). Meant for the device machine, run
 # from the repository root after `make gpu-wheels` here (carry .gpu_wheels):
 #
 #     bash benchmarks/gpu_check.sh            # results into $OUT (the device tool's) or benchmarks/results

@@ -7,7 +7,9 @@ and models we can install (``configs/paper/*.toml``), trained until the curves f
 Two tiers. ``--tier cpu``: the 3-layer paraphrase-MiniLM-L3-v2 encoder, 30 rounds (300 steps per
 client), ~9 hours of a 2-core machine in all. ``--tier gpu``: all-MiniLM-L6-v2 with the paper's
 rounds (100 for the binary settings, 300 for the 25-class one), every setting with 3 seeds, for a
-GPU (all sampled clients batched, ``parallel_clients = 0``).
+GPU (all sampled clients batched, ``parallel_clients = 0``) that is yours for hours: on the device
+machine of one session (15 minutes of an H200, ``benchmarks/gpu_paper.sh``), 12 runs started as 12
+processes on the one GPU and none finished within 3 minutes (README, "GPU figures").
 
 Fair tuning, the same for every method: AdamW ``optim.lr`` over ``LR_GRID`` for every method,
 with a method's one extra step size at the config's value; then that step size over its grid

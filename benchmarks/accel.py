@@ -124,6 +124,14 @@ def settings(quick: bool, gpu: bool) -> list[Setting]:
     out = [
         Setting("synthetic_8_homlora", SYNTH, "homlora", [], {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}, r),
         Setting("synthetic_8_pf2lora", SYNTH, "pf2lora", [], {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}, r),
+        Setting(  # clients of different ranks (2 to 6 by default): one group, zero-padded to the widest
+            "synthetic_8_hetlora",
+            SYNTH,
+            "hetlora",
+            [],
+            {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]},
+            r,
+        ),
         Setting(
             "synthetic_64_homlora",
             SYNTH,

@@ -26,6 +26,7 @@ import torch
 Tensors = dict[str, torch.Tensor]
 
 _CLIENTS: ContextVar[int] = ContextVar("pf2lora_stacked_clients", default=0)
+_RANKS: ContextVar[Mapping[str, torch.Tensor] | None] = ContextVar("pf2lora_stacked_ranks", default=None)
 _LOCKSTEP: ContextVar[Lockstep | None] = ContextVar("pf2lora_lockstep", default=None)
 
 
@@ -35,13 +36,30 @@ def clients() -> int:
 
 
 @contextlib.contextmanager
-def stacked(k: int) -> Iterator[None]:
-    """Within this block, tensors carry a leading dimension of ``k`` clients."""
-    token = _CLIENTS.set(k)
+def stacked(k: int, ranks: Mapping[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Within this block, tensors carry a leading dimension of ``k`` clients.
+
+    ``ranks``: for adapters whose clients have different ranks, zero-padded to the largest (see
+    :func:`padded_ranks`), each client's own rank per adapter name, a ``(k,)`` tensor.
+    """
+    token, ranks_token = _CLIENTS.set(k), _RANKS.set(dict(ranks) if ranks else None)
     try:
         yield
     finally:
+        _RANKS.reset(ranks_token)
         _CLIENTS.reset(token)
+
+
+def padded_ranks(adapter: str) -> torch.Tensor | None:
+    """Each stacked client's own rank of ``adapter`` where the clients' ranks differ (their factors
+    are zero-padded to the largest: the rows of A and columns of B past a client's rank are zero,
+    get zero gradients and so stay zero), else None (every client has the factors' rank).
+
+    A LoRA layer scales client i's update by ``alpha / ranks[i]`` (not the padded width), and a
+    step that reads a rank from a factor's shape must read it here instead.
+    """
+    ranks = _RANKS.get()
+    return ranks.get(adapter) if ranks else None
 
 
 def client_sum(t: torch.Tensor) -> torch.Tensor:

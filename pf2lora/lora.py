@@ -21,6 +21,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from pf2lora import batching
 from pf2lora import state as st
 
 COMMON = "common"
@@ -133,7 +134,9 @@ class LoRALinear(nn.Module):
             B, scale = self.lora_B[name], self.alpha[name] / rank
             if A.dim() == 3:  # K clients stacked: client i's adapter on client i's rows (one bmm each)
                 rows = per_client_rows(u, A.shape[0])
-                out = out + (torch.bmm(torch.bmm(rows, A.transpose(1, 2)), B.transpose(1, 2)) * scale).reshape(out.shape)
+                ranks = batching.padded_ranks(name)  # ranks zero-padded to one width: each client's own scale
+                per = scale if ranks is None else (self.alpha[name] / ranks).to(A.dtype).reshape(-1, 1, 1)
+                out = out + (torch.bmm(torch.bmm(rows, A.transpose(1, 2)), B.transpose(1, 2)) * per).reshape(out.shape)
             else:
                 out = out + (u @ A.T) @ B.T * scale
         return out

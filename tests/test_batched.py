@@ -84,6 +84,45 @@ def test_batched_equals_sequential_synthetic(method, rounds, rtol):
     _assert_close(_metrics(seq), _metrics(bat), rtol)
 
 
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_clients_of_different_ranks_train_as_one_padded_group(method):
+    """HETLoRA's and FlexLoRA's clients hold different ranks: zero-padded to the widest, they
+    stack into one group a round (none trained one by one), with the sequential numbers."""
+    cfg = small_cfg(*SYNTH, f"methods=[{method!r}]".replace("'", '"'))
+    task = plan.build_task(cfg)
+    hetero = registry()[method](cfg, task)
+    assert isinstance(hetero, HeterogeneousRanks)
+    assert len({hetero.assigned_rank(c.client_id) for c in task.clients}) > 1, "the clients' ranks must differ"
+    seq, _ = _run(method, 1, *SYNTH, "rounds=3")
+    bat, engine = _run(method, 4, *SYNTH, "rounds=3")
+    assert engine is not None and engine.sequential_requests == 0 and engine.stacked_groups == 3
+    _assert_close(_metrics(seq), _metrics(bat), 1e-5)
+
+
+def test_padded_ranks_scale_each_client_by_its_own_rank():
+    """Factors zero-padded to one width give each client its own ``alpha / r_k`` update, and the
+    padding gets no gradient (so it stays zero through AdamW)."""
+    g = torch.Generator().manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(5, 4), {"a": 2.0})
+    ranks = [1, 3, 2]
+    A = torch.zeros(3, 3, 5)
+    B = torch.zeros(3, 4, 3)
+    for i, r in enumerate(ranks):
+        A[i, :r] = torch.randn(r, 5, generator=g)
+        B[i, :, :r] = torch.randn(4, r, generator=g)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    u = torch.randn(3, 6, 5, generator=g)
+    with batching.stacked(3, {"a": torch.tensor([float(r) for r in ranks], dtype=torch.float64)}):
+        stacked = torch.func.functional_call(layer, {"lora_A.a": A, "lora_B.a": B}, (u.reshape(18, 5),))
+    for i, r in enumerate(ranks):
+        one = torch.func.functional_call(layer, {"lora_A.a": A[i, :r], "lora_B.a": B[i, :, :r]}, (u[i],))
+        torch.testing.assert_close(stacked.reshape(3, 6, 4)[i], one)
+    gA, gB = torch.autograd.grad(stacked.square().sum(), (A, B))
+    for i, r in enumerate(ranks):
+        assert not gA[i, r:].any() and not gB[i, :, r:].any()
+
+
 @pytest.mark.parametrize(
     "estimator", ["pf2lora.estimator=exact", "pf2lora.fd_one_sided=false", "pf2lora.hvp_every=2", "pf2lora.estimator=first-order"]
 )

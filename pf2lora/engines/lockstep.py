@@ -33,7 +33,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from pf2lora import batching
+from pf2lora import batching, lora
+from pf2lora import state as st
 from pf2lora.config import RunConfig
 from pf2lora.methods.base import ClientContext, LocalStep, Method, StackedContext, Trained, pool
 from pf2lora.optim import adamw_state
@@ -61,16 +62,90 @@ class _Request:
     """Seconds its group's steps took (its share of the waiting that is its own work)."""
 
     def signature(self) -> Hashable:
-        """Requests with equal signatures can be stacked into one step."""
+        """Requests with equal signatures can be stacked into one step (the LoRA factors' ranks
+        left out where the method pads ranks and the request has one rank per adapter)."""
         step = getattr(self.step, "__func__", self.step)
         owner = id(getattr(self.step, "__self__", None))
         opt = adamw_state(self.trained, self.opt)
         n = min(self.ctx.batch_size, self.ctx.client.num_train)
-        return (step, owner, self.ctx.local_steps, n, _shapes(self.trained), _shapes(self.fixed), _shapes(opt))
+        free = self.method.pads_ranks and adapter_ranks(self.trained) is not None
+        return (step, owner, self.ctx.local_steps, n, _shapes(self.trained, free), _shapes(self.fixed), _shapes(opt, free))
 
 
-def _shapes(tensors: Mapping[str, torch.Tensor]) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
-    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in tensors.items()))
+def _shapes(tensors: Mapping[str, torch.Tensor], free_rank: bool = False) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+    """Each tensor's key, shape and dtype; with ``free_rank``, a LoRA factor's (or its moment's)
+    rank dimension as -1."""
+    dims = _factor_dims(tensors) if free_rank else {}
+
+    def shape(key: str, v: torch.Tensor) -> tuple[int, ...]:
+        dim = dims.get(key)
+        return tuple(-1 if dim is not None and i == v.dim() + dim else n for i, n in enumerate(v.shape))
+
+    return tuple(sorted((k, shape(k, v), v.dtype) for k, v in tensors.items()))
+
+
+def _factor_dims(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The rank dimension (A: -2, B: -1) of every LoRA factor in ``tensors``: a role-keyed
+    parameter (:func:`pf2lora.state.is_param`) or its AdamW moments (``m/KEY``, ``v/KEY``)."""
+    dims: dict[str, int] = {}
+    for key in tensors:
+        param = key[2:] if key.startswith(("m/", "v/")) else key
+        parts = lora.split_path(param) if st.is_param(param) else None
+        if parts is not None:
+            dims[key] = -2 if parts[1] == "A" else -1
+    return dims
+
+
+def _adapter_of(key: str) -> str:
+    """The adapter name of a LoRA factor's key or of its moment's (``m/KEY``, ``v/KEY``)."""
+    parts = lora.split_path(key[2:] if key.startswith(("m/", "v/")) else key)
+    assert parts is not None
+    return parts[2]
+
+
+def adapter_ranks(trained: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
+    """The rank of each adapter (by name) in ``trained``, or None if an adapter has layers of
+    different ranks (its factors cannot then be padded to one width per client)."""
+    ranks: dict[str, int] = {}
+    for key, dim in _factor_dims(trained).items():
+        if ranks.setdefault(_adapter_of(key), trained[key].shape[dim]) != trained[key].shape[dim]:
+            return None
+    return ranks
+
+
+def _padded_group(group: Sequence[_Request]) -> list[dict[str, int]] | None:
+    """Each client's rank per adapter where the method pads ranks and the group's ranks differ,
+    else None (a group of one width)."""
+    if not group[0].method.pads_ranks:
+        return None
+    ranks = [adapter_ranks(r.trained) for r in group]
+    if any(r is None for r in ranks) or all(r == ranks[0] for r in ranks):
+        return None
+    return [r for r in ranks if r is not None]
+
+
+def _pad_ranks(state: Mapping[str, torch.Tensor], width: Mapping[str, int]) -> Tensors:
+    """``state`` (a client's trained tensors or optimizer state) with its LoRA factors and their
+    moments zero-padded to ``width`` (per adapter name): the padding gets zero gradients, so it
+    stays zero."""
+    out = dict(state)
+    for key, dim in _factor_dims(state).items():
+        v, wide = state[key], width[_adapter_of(key)]
+        if v.shape[dim] < wide:
+            extra = list(v.shape)
+            extra[dim] = wide - v.shape[dim]
+            out[key] = torch.cat([v, v.new_zeros(extra)], dim=dim)
+    return out
+
+
+def _unpad_ranks(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> Tensors:
+    """One client's state cut back to its own ranks (a copy: no view into the padded storage)."""
+    out = dict(state)
+    for key, dim in _factor_dims(state).items():
+        own = ranks[_adapter_of(key)]
+        if state[key].shape[dim] != own:
+            out[key] = state[key].narrow(dim, 0, own).clone()
+    return out
 
 
 @dataclass
@@ -315,14 +390,32 @@ def stacked_train(group: Sequence[_Request], pools: PoolCache | None = None) -> 
     k = len(group)
     contexts = [r.ctx for r in group]
     ctx = StackedContext.of(contexts, (pools or PoolCache()).get(contexts))
-    trained = batching.stack([r.trained for r in group])
+    trained_states = [r.trained for r in group]
+    opt_states = [adamw_state(r.trained, r.opt) for r in group]
+    ranks = _padded_group(group)
+    padded: dict[str, torch.Tensor] = {}
+    if ranks is not None:  # one width per adapter; each client's own rank to the layers and the step
+        width = {name: max(r[name] for r in ranks) for name in ranks[0]}
+        trained_states = [_pad_ranks(t, width) for t in trained_states]
+        opt_states = [_pad_ranks(o, width) for o in opt_states]
+        device = next(iter(trained_states[0].values())).device
+        padded = {
+            n: torch.tensor([float(r[n]) for r in ranks], dtype=torch.float64, device=device)
+            for n in width
+            if len({r[n] for r in ranks}) > 1
+        }
+    trained = batching.stack(trained_states)
     fixed = batching.stack([r.fixed for r in group]) if group[0].fixed else {}
-    opt = batching.stack([adamw_state(r.trained, r.opt) for r in group])
+    opt = batching.stack(opt_states)
     step = group[0].step
     losses: list[torch.Tensor] = []
-    with batching.stacked(k):
+    with batching.stacked(k, padded):
         for _ in range(ctx.local_steps):
             trained, opt, loss = step(ctx, trained, fixed, opt)
             losses.append(loss)
     per_client = torch.stack(losses, dim=1).tolist() if losses else [[] for _ in group]  # one device sync
-    return [Trained(p, o, ls) for p, o, ls in zip(batching.unstack(trained, k), batching.unstack(opt, k), per_client, strict=True)]
+    params, moments = batching.unstack(trained, k), batching.unstack(opt, k)
+    if ranks is not None:
+        params = [_unpad_ranks(p, r) for p, r in zip(params, ranks, strict=True)]
+        moments = [_unpad_ranks(o, r) for o, r in zip(moments, ranks, strict=True)]
+    return [Trained(p, o, ls) for p, o, ls in zip(params, moments, per_client, strict=True)]

@@ -141,6 +141,11 @@ class Method(ABC):
     (:func:`pf2lora.batching.client_sum`, or a loss/norm over trailing dimensions only) and reads
     nothing per client but ``ctx.batch()``. Set it only with a test that the batched engine gives
     the sequential numbers (tests/test_batched.py)."""
+    pads_ranks: ClassVar[bool] = False
+    """True if clients whose LoRA factors differ only in rank may be stacked into one step with the
+    factors zero-padded to the largest rank (:func:`pf2lora.batching.padded_ranks`): the step reads
+    a client's rank nowhere but there and in the LoRA layers. Otherwise each rank is a group of
+    its own. Set it only with a test that such a group gives the sequential numbers."""
     plain_mean_aggregation: ClassVar[bool] = False
     """True if ``aggregate`` uses the uploads only through one ``combine`` of all of them, weighted
     by ``num_examples``, with the default aggregator: same keys and shapes from every client, so

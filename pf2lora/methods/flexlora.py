@@ -80,6 +80,7 @@ class FlexLoRA(HeterogeneousRanks):
     name = "flexlora"
     description = "heterogeneous client ranks; server averages full Delta W, redistributes each rank by truncated SVD"
     batches = True  # its steps reduce per client: see Method.batches
+    pads_ranks = True  # default AdamW steps: only the LoRA layers read a rank, and they read each client's
 
     @classmethod
     def rank_config(cls, cfg: RunConfig) -> FlexLoRAConfig:

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pf2lora import lora, robust
+from pf2lora import batching, lora, robust
 from pf2lora import state as st
 from pf2lora.config import HETLoRAConfig, RunConfig
 from pf2lora.methods.base import (
@@ -49,6 +49,7 @@ class HETLoRA(HeterogeneousRanks):
     name = "hetlora"
     description = "heterogeneous client ranks, rank regulariser + self-pruning, zero-padded norm-weighted FedAvg"
     batches = True  # its steps reduce per client: see Method.batches
+    pads_ranks = True  # clients of any ranks stack: the regulariser reads each one's rank (local_step)
 
     @classmethod
     def rank_config(cls, cfg: RunConfig) -> HETLoRAConfig:
@@ -110,14 +111,23 @@ class HETLoRA(HeterogeneousRanks):
         """A client may have pruned its rank: the rank dimension of A and B may be any size."""
         return robust.rank_wildcard_spec(received)
 
-    def _penalty(self, adapter: Mapping[str, torch.Tensor], cut: int) -> torch.Tensor:
+    def _penalty(self, adapter: Mapping[str, torch.Tensor], cut: int | torch.Tensor) -> torch.Tensor:
         """Sum over modules of ``||B[:, cut:]||_F ||A[cut:, :]||_F``; with clients stacked
-        (:mod:`pf2lora.batching`), one value per client (the norms are over the last two dims)."""
+        (:mod:`pf2lora.batching`), one value per client (the norms are over the last two dims).
+
+        ``cut`` as a tensor: each stacked client's own tail, ``(K, r)`` with 1 on the ranks from
+        that client's cut to its own rank (its factors padded to the widest rank by the engine);
+        a client with no tail gets 0 and no gradient.
+        """
         reg = torch.zeros(())
         for t in self.task.targets:
             k_a, k_b = _ab_keys(t)
             A, B = adapter[k_a], adapter[k_b]
-            reg = reg + torch.linalg.matrix_norm(B[..., cut:]) * torch.linalg.matrix_norm(A[..., cut:, :])
+            if isinstance(cut, torch.Tensor):
+                mask = cut.to(A.dtype)
+                reg = reg + torch.linalg.matrix_norm(B * mask.unsqueeze(-2)) * torch.linalg.matrix_norm(A * mask.unsqueeze(-1))
+            else:
+                reg = reg + torch.linalg.matrix_norm(B[..., cut:]) * torch.linalg.matrix_norm(A[..., cut:, :])
         return reg
 
     def _tail(self, adapter: Mapping[str, torch.Tensor], cut: int) -> tuple[torch.Tensor, float]:
@@ -138,11 +148,22 @@ class HETLoRA(HeterogeneousRanks):
         self, ctx: ClientContext, trained: st.Tensors, fixed: Mapping[str, torch.Tensor], opt: st.Tensors
     ) -> tuple[st.Tensors, st.Tensors, torch.Tensor]:
         """AdamW on the loss plus ``lambda * sum ||B[:, t:]|| ||A[t:, :]||`` (the loss reported is without it)."""
+        reg = self.cfg.hetlora.reg
+        ranks = batching.padded_ranks(lora.COMMON)
+        if ranks is not None:  # stacked clients of different ranks, padded: each client's own tail
+            tails = self._tails(ranks, lora.rank_of(trained))
+            return adamw_step(self, ctx.batch(), trained, fixed, opt, regulariser=lambda w: reg * self._penalty(w, tails))
         rank = lora.rank_of(trained)
         cut = self.cut(rank)
-        reg = self.cfg.hetlora.reg
         regulariser = (lambda w: reg * self._penalty(w, cut)) if cut < rank else None
         return adamw_step(self, ctx.batch(), trained, fixed, opt, regulariser=regulariser)
+
+    def _tails(self, ranks: torch.Tensor, width: int) -> torch.Tensor:
+        """``(K, width)``: True where rank index j is in client k's regularised tail
+        ``cut(r_k) <= j < r_k`` (:meth:`cut`, computed on the device: no read-back per step)."""
+        cuts = torch.clamp(torch.floor(self.cfg.hetlora.gamma * ranks), min=1)
+        j = torch.arange(width, device=ranks.device, dtype=ranks.dtype)
+        return (j >= cuts.unsqueeze(-1)) & (j < ranks.unsqueeze(-1))
 
     def client_update(self, ctx: ClientContext, received: st.Tensors, client_state: ClientState) -> tuple[ClientUpdate, ClientState]:
         h = self.cfg.hetlora

@@ -154,6 +154,32 @@ def test_a_method_that_cannot_batch_falls_back_with_one_note(monkeypatch):
     _assert_close(_metrics(seq), _metrics(bat), 0.0)  # the same code, one by one: bit-equal
 
 
+def test_a_group_out_of_device_memory_is_halved_and_stays_smaller(monkeypatch):
+    """As many clients as memory allows: a stacked step that runs out of device memory (here
+    any group of more than 2) is retried as halves, with one note, and later rounds stack at most
+    that many; the numbers stay the sequential ones."""
+    from pf2lora.engines import lockstep
+
+    original = lockstep.stacked_train
+    sizes: list[int] = []
+
+    def tight(group, pools=None):
+        sizes.append(len(group))
+        if len(group) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(group, pools)
+
+    monkeypatch.setattr(lockstep, "stacked_train", tight)
+    notes: list[str] = []
+    monkeypatch.setattr(LockstepEngine, "__init__", _init_with_notes(notes))
+    seq, _ = _run("homlora", 1, *SYNTH, "rounds=3")
+    bat, engine = _run("homlora", 4, *SYNTH, "rounds=3")
+    assert engine is not None and engine.memory_cap == 2 and engine.sequential_requests == 0
+    assert sizes == [4, 2, 2, 2, 2, 2, 2], sizes  # round 1: 4 fails, two halves; then 2 + 2 a round
+    assert len(notes) == 1 and "out of device memory" in notes[0]
+    _assert_close(_metrics(seq), _metrics(bat), 1e-5)
+
+
 def test_lockstep_is_deterministic_with_model_use_in_the_worker_threads():
     """FDLoRA evaluates the model in client_update (its fusion search), in the worker threads:
     they share one model, so they must take turns; a race shows as run-to-run differences."""

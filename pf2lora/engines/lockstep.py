@@ -191,6 +191,9 @@ class LockstepEngine:
     """Groups trained stacked so far (for tests and benchmarks)."""
     sequential_requests: int = 0
     """Requests trained one by one so far."""
+    memory_cap: int | None = None
+    """The most clients a group may stack since one ran out of device memory (None: no limit
+    found; ``max_clients`` stays what was asked for)."""
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _pending: list[_Request] = field(default_factory=list)
     _running: int = 0
@@ -312,9 +315,10 @@ class LockstepEngine:
         for i, r in enumerate(requests):
             groups.setdefault(r.signature(), []).append(i)
         results: list[Trained | BaseException | None] = [None] * len(requests)
+        size = min(self.max_clients, self.memory_cap or self.max_clients)
         for members in groups.values():
-            for start in range(0, len(members), self.max_clients):
-                chunk = members[start : start + self.max_clients]
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
                 for i, result in zip(chunk, self._train_group([requests[i] for i in chunk]), strict=True):
                     results[i] = result
         return [r if r is not None else RuntimeError("lockstep: no result") for r in results]
@@ -335,6 +339,10 @@ class LockstepEngine:
                     r.computed_s = time.perf_counter() - started
                 self.stacked_groups += 1
                 return list(out)
+            except torch.OutOfMemoryError:
+                for r, s in zip(group, states, strict=True):
+                    r.ctx.generator.set_state(s)  # the halves draw the same mini-batches
+                return self._halve(group)
             except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note
                 for r, s in zip(group, states, strict=True):
                     r.ctx.generator.set_state(s)  # the fallback draws the same mini-batches
@@ -344,6 +352,18 @@ class LockstepEngine:
             self.note(f"parallel_clients: training one by one: {reason}")
         self.sequential_requests += len(group)
         return [_sequential(r) for r in group]
+
+    def _halve(self, group: list[_Request]) -> list[Trained | BaseException]:
+        """A group that ran out of device memory, trained as two halves (each halved again if it
+        must); groups stay at most that size from then on, with one note: "as many clients as
+        memory allows". Nothing is lost: a step is pure, and each client's stream was rewound."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = (len(group) + 1) // 2
+        if self.memory_cap is None or half < self.memory_cap:
+            self.memory_cap = half
+            self.note(f"parallel_clients: out of device memory with {len(group)} clients stacked; at most {half} from now on")
+        return [*self._train_group(group[:half]), *self._train_group(group[half:])]
 
 
 def _sequential(r: _Request) -> Trained | BaseException:

@@ -75,40 +75,33 @@ class _Request:
 def _shapes(tensors: Mapping[str, torch.Tensor], free_rank: bool = False) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
     """Each tensor's key, shape and dtype; with ``free_rank``, a LoRA factor's (or its moment's)
     rank dimension as -1."""
-    dims = _factor_dims(tensors) if free_rank else {}
+    factors = _factors(tensors) if free_rank else {}
 
     def shape(key: str, v: torch.Tensor) -> tuple[int, ...]:
-        dim = dims.get(key)
+        dim = factors[key][0] if key in factors else None
         return tuple(-1 if dim is not None and i == v.dim() + dim else n for i, n in enumerate(v.shape))
 
     return tuple(sorted((k, shape(k, v), v.dtype) for k, v in tensors.items()))
 
 
-def _factor_dims(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """The rank dimension (A: -2, B: -1) of every LoRA factor in ``tensors``: a role-keyed
-    parameter (:func:`pf2lora.state.is_param`) or its AdamW moments (``m/KEY``, ``v/KEY``)."""
-    dims: dict[str, int] = {}
+def _factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+    """``(rank dimension, adapter name)`` of every LoRA factor in ``tensors`` (A: -2, B: -1): a
+    role-keyed parameter (:func:`pf2lora.state.is_param`) or its AdamW moments (``m/KEY``, ``v/KEY``)."""
+    out: dict[str, tuple[int, str]] = {}
     for key in tensors:
         param = key[2:] if key.startswith(("m/", "v/")) else key
         parts = lora.split_path(param) if st.is_param(param) else None
         if parts is not None:
-            dims[key] = -2 if parts[1] == "A" else -1
-    return dims
-
-
-def _adapter_of(key: str) -> str:
-    """The adapter name of a LoRA factor's key or of its moment's (``m/KEY``, ``v/KEY``)."""
-    parts = lora.split_path(key[2:] if key.startswith(("m/", "v/")) else key)
-    assert parts is not None
-    return parts[2]
+            out[key] = (-2 if parts[1] == "A" else -1, parts[2])
+    return out
 
 
 def adapter_ranks(trained: Mapping[str, torch.Tensor]) -> dict[str, int] | None:
     """The rank of each adapter (by name) in ``trained``, or None if an adapter has layers of
     different ranks (its factors cannot then be padded to one width per client)."""
     ranks: dict[str, int] = {}
-    for key, dim in _factor_dims(trained).items():
-        if ranks.setdefault(_adapter_of(key), trained[key].shape[dim]) != trained[key].shape[dim]:
+    for key, (dim, adapter) in _factors(trained).items():
+        if ranks.setdefault(adapter, trained[key].shape[dim]) != trained[key].shape[dim]:
             return None
     return ranks
 
@@ -129,11 +122,11 @@ def _pad_ranks(state: Mapping[str, torch.Tensor], width: Mapping[str, int]) -> T
     moments zero-padded to ``width`` (per adapter name): the padding gets zero gradients, so it
     stays zero."""
     out = dict(state)
-    for key, dim in _factor_dims(state).items():
-        v, wide = state[key], width[_adapter_of(key)]
-        if v.shape[dim] < wide:
+    for key, (dim, adapter) in _factors(state).items():
+        v = state[key]
+        if v.shape[dim] < width[adapter]:
             extra = list(v.shape)
-            extra[dim] = wide - v.shape[dim]
+            extra[dim] = width[adapter] - v.shape[dim]
             out[key] = torch.cat([v, v.new_zeros(extra)], dim=dim)
     return out
 
@@ -141,10 +134,9 @@ def _pad_ranks(state: Mapping[str, torch.Tensor], width: Mapping[str, int]) -> T
 def _unpad_ranks(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> Tensors:
     """One client's state cut back to its own ranks (a copy: no view into the padded storage)."""
     out = dict(state)
-    for key, dim in _factor_dims(state).items():
-        own = ranks[_adapter_of(key)]
-        if state[key].shape[dim] != own:
-            out[key] = state[key].narrow(dim, 0, own).clone()
+    for key, (dim, adapter) in _factors(state).items():
+        if state[key].shape[dim] != ranks[adapter]:
+            out[key] = state[key].narrow(dim, 0, ranks[adapter]).clone()
     return out
 
 

@@ -403,11 +403,12 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
     }
     for name, s in TIERS[tier].items():
         runs = [json.loads(p.read_text()) for p in sorted((out / name).glob("*/seed*.json"))]
-        if not runs:
+        tuned = sorted((out / "tuning" / name).glob("*/*.json")) if s.tuning == "tune" else []
+        if not runs and not tuned:
             continue
         metric, higher = HEADLINE[s.generation]
         entry: dict[str, Any] = {"about": s.about, "seeds_planned": list(s.seeds), "methods_planned": list(s.methods)}
-        first = runs[0]["config"]
+        first = (runs[0] if runs else json.loads(tuned[0].read_text()))["config"]
         entry["config"] = {k: v for k, v in first.items() if k not in ("seed", "methods", "optim", "perfedavg")}
         entry["config"]["overrides"] = list(s.overrides)
         entry["tuning"] = tuning_record(tier, out, name, s)
@@ -449,6 +450,8 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             entry["pf2lora_ranks"] = {cid: c.get("layer_ranks", {}) for cid, c in seed0["clients"].items()}
             entry["client_heterogeneity"] = {cid: c.get("heterogeneity", {}) for cid, c in seed0["clients"].items()}
         data["settings"][name] = entry
+        if not runs:
+            entry["config"]["task"].pop("data_seed", None)  # the tuning runs' is the validation federation's
     return data
 
 
@@ -483,10 +486,33 @@ def _pm(m: dict, s: dict, key: str, digits: int = 3) -> str:
     return f"{m[key]:.{digits}f} ± {s.get(key, 0.0):.{digits}f}"
 
 
+def tuning_table(name: str, rec: dict[str, Any]) -> str:
+    """The tuning runs of ``name``: each method's score per step size, and its choice (once made)."""
+    lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
+    lines = [
+        f"**{name}: tuning** ({rec['score']}; {', '.join(rec['validation_federation'])}; {rec['search']})\n",
+        "| method | " + " | ".join(f"`optim.{x}`" for x in lrs) + " | extra step size at the chosen lr | chosen |",
+        "|---" * (len(lrs) + 3) + "|",
+    ]
+    for m, r in rec["methods"].items():
+        scores = r["scores"]
+        if not scores:
+            continue
+        cells = [f"{scores[x]:.3f}" if x in scores else "-" for x in lrs]
+        extra = [f"`{k.split(',', 1)[1]}`: {v:.3f}" for k, v in scores.items() if "," in k]
+        choice = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r["chosen"].items()) if r["chosen"] else "(search not complete)"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'; '.join(extra) or '-'} | {choice} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(data: dict[str, Any]) -> str:
-    """Markdown tables, one per setting, best headline first."""
+    """Markdown tables, one per setting, best headline first (and a tuned setting's tuning runs)."""
     out: list[str] = []
     for name, e in data["settings"].items():
+        if isinstance(e.get("tuning"), dict):
+            out.append(tuning_table(name, e["tuning"]))
+        if not e["methods"]:
+            continue
         gen = TIERS[data["tier"]][name].generation
         metric, higher = HEADLINE[gen]
         worst, pct = f"worst_{metric}", ("p90_" if not higher else "p10_") + metric
@@ -536,6 +562,8 @@ def figures(data: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, e in data["settings"].items():
+        if not e["methods"]:  # only tuning runs so far: no curves to draw
+            continue
         metric, _ = HEADLINE[TIERS[data["tier"]][name].generation]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m, r in e["methods"].items():
@@ -591,7 +619,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes, each on one thread")
     parser.add_argument("--hours", type=float, default=0.0, help="start no new run after this many hours (0 = no limit)")
     parser.add_argument("--list", action="store_true", help="print what is done and what is left, and exit")
-    parser.add_argument("--table", action="store_true", help="print the markdown tables of the summary JSON and exit")
+    parser.add_argument("--table", action="store_true", help="rebuild the summary JSON from the run files, print its markdown tables, exit")
     parser.add_argument("--figures", action="store_true", help="write the PNG figures from the summary JSON and exit")
     parser.add_argument(
         "--set",
@@ -607,7 +635,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     if args.set:
         TIERS[args.tier] = {n: dataclasses.replace(s, overrides=(*s.overrides, *args.set)) for n, s in TIERS[args.tier].items()}
-    if args.table:
+    if args.table:  # the summary rebuilt from the run files first: it holds every finished run
+        write_json(summary, collect(args.tier, out))
         print(table(json.loads(summary.read_text())))
         return 0
     if args.figures:

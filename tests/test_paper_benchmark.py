@@ -116,6 +116,26 @@ def test_summary_shape_table_and_figures(tier, tmp_path):
     assert [p.name for p in written] == ["curves_a.png", "curves_b.png"] and all(p.stat().st_size > 0 for p in written)
 
 
+def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
+    """Before any benchmark run, the tuned setting is in the summary with its tuning record, and
+    the table shows each method's score per step size (the choice once its search is complete)."""
+    out = tier
+    for job in paper.ready("t", out, ["a", "b"], None)[0]:  # stage 1: every lr of the grid
+        paper.run_job(paper.TIERS["t"][job.setting], job)
+    data = paper.collect("t", out)
+    assert list(data["settings"]) == ["a"]
+    a = data["settings"]["a"]
+    assert a["methods"] == {} and not a["complete"]
+    assert a["tuning"]["methods"]["homlora"]["chosen"] is not None  # no extra step size: chosen
+    assert a["tuning"]["methods"]["pf2lora-fo"]["chosen"] is None  # its lower lr is still to search
+    text = paper.table(data)
+    assert "**a: tuning**" in text and "(search not complete)" in text
+    homlora_row = next(line for line in text.splitlines() if line.startswith("| homlora |"))
+    scores = a["tuning"]["methods"]["homlora"]["scores"]
+    assert all(f"{v:.3f}" in homlora_row for v in scores.values())
+    assert paper.figures(data, tmp_path / "fig") == []
+
+
 @pytest.mark.parametrize(
     ("curve", "flat"),
     [

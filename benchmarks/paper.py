@@ -5,7 +5,8 @@ s-similarity, r = 8, r~ = 2, 10 local steps a round, AdamW upper / SGD lower lev
 and models we can install (``configs/paper/*.toml``), trained until the curves flatten.
 
 Two tiers. ``--tier cpu``: the 3-layer paraphrase-MiniLM-L3-v2 encoder, 30 rounds (300 steps per
-client), ~9 hours of a 2-core machine in all. ``--tier gpu``: all-MiniLM-L6-v2 with the paper's
+client), 163 runs of 9 to 50 minutes each on one core of a 2-core machine (about a day with 2
+jobs). ``--tier gpu``: all-MiniLM-L6-v2 with the paper's
 rounds (100 for the binary settings, 300 for the 25-class one), every setting with 3 seeds, for a
 GPU (all sampled clients batched, ``parallel_clients = 0``) that is yours for hours: on the device
 machine of one session (15 minutes of an H200, ``benchmarks/gpu_paper.sh``), 12 runs started as 12
@@ -53,12 +54,17 @@ ALL_METHODS = ("pf2lora", "pf2lora-fo", "homlora", "hetlora", "perfedavg", "loca
 NLG_METHODS = ("pf2lora", "homlora", "hetlora", "perfedavg", "local")
 RT_METHODS = (*ALL_METHODS, "she-lora", "fed-hello")
 """rt_s03 also runs the two methods of the field that are not personalisation methods."""
-LR_GRID = (3e-4, 1e-3, 3e-3)
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+"""Four values for every method: the first pass, with three (up to 3e-3), put six of nine methods'
+best AdamW lr on the grid's top edge (rt_s03 on the CPU tier, 2026-12-04), so the grid grew by one
+step there, for every method alike."""
 EXTRA_GRID: dict[str, tuple[str, tuple[float, ...]]] = {
-    "pf2lora": ("optim.lower_lr", (0.3, 1.0, 3.0)),
-    "pf2lora-fo": ("optim.lower_lr", (0.3, 1.0, 3.0)),
-    "perfedavg": ("perfedavg.inner_lr", (0.015, 0.05, 0.15)),
+    "pf2lora": ("optim.lower_lr", (0.1, 0.3, 1.0, 3.0)),
+    "pf2lora-fo": ("optim.lower_lr", (0.1, 0.3, 1.0, 3.0)),
+    "perfedavg": ("perfedavg.inner_lr", (0.005, 0.015, 0.05, 0.15)),
 }
+"""As many values as ``LR_GRID``; each grew by one step at its bottom, where PF2LoRA-FO's and
+Per-FedAvg's first choices lay."""
 VALIDATION = ("task.data_seed=4321",)
 """The validation federation: another draw and partition of the same data."""
 FLAT_FRACTION = 0.2

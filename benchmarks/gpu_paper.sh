@@ -6,7 +6,9 @@
 #     bash benchmarks/gpu_paper.sh smoke [SECONDS]            # every rt_s03 method, 2 rounds on CUDA
 #     bash benchmarks/gpu_paper.sh run SECONDS [SETTING...]   # paper.py --tier gpu (default: rt_s03)
 #
-# `run` starts no new run once SECONDS minus 60 have passed, then packs every finished run file and
+# `run` keeps JOBS (default 3) runs going on the one GPU (12 at once finished none in 3 minutes on
+# 2026-12-04), in seed-major order with the CPU tier's step sizes, starts no new run once SECONDS
+# minus 60 have passed, then packs every finished run file and
 # the summary into $OUT/paper_gpu.tgz (unpack it into benchmarks/results/; paper.py skips what is
 # there, so the next session with a device goes on where this one stopped). The model is the
 # float16 copy that benchmarks/gpu_assets.py writes (loaded in float32; see .gpu_assets/assets.json).
@@ -36,7 +38,7 @@ run)
     shift 2 || shift $#
     settings=("${@:-rt_s03}")
     hours=$(python3 -c "print(max(0.0, ($budget - 60) / 3600))")
-    timeout "$budget" $PY benchmarks/paper.py --tier gpu --settings "${settings[@]}" --jobs "${JOBS:-12}" --hours "$hours" \
+    timeout "$budget" $PY benchmarks/paper.py --tier gpu --settings "${settings[@]}" --jobs "${JOBS:-3}" --hours "$hours" \
         --set "task.model=$MODEL" 2>&1 | tee "$OUT/paper_gpu.log"
     rc=${PIPESTATUS[0]}
     tar czf "$OUT/paper_gpu.tgz" -C benchmarks/results paper_gpu paper_gpu.json 2>/dev/null

@@ -19,7 +19,8 @@ SGD lr, Per-FedAvg's inner lr). Every tuning run is scored by the clients' mean 
 balanced accuracy on a validation federation (another ``task.data_seed``); the best run's values
 are used on the benchmark federation with 3 seeds. Tuned on ``rt_s03``; the other encoder
 settings reuse its choice; the generation setting keeps its config's values for every method
-(another model, whose scale of step sizes the encoder's grid does not transfer to).
+(another model, whose scale of step sizes the encoder's grid does not transfer to). The GPU tier
+takes the CPU tier's choices (``CPU_TUNED``).
 
 Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
 ``tuning/``), skipped when present, so the work spans sessions; after every finished run the
@@ -80,7 +81,8 @@ class Setting:
     methods: tuple[str, ...] = ALL_METHODS
     overrides: tuple[str, ...] = ()
     tuning: str = "reuse:rt_s03"
-    """``tune`` (this setting's grid search), ``reuse:SETTING`` or ``none`` (the config's values)."""
+    """``tune`` (this setting's grid search), ``reuse:SETTING``, ``reuse:TIER/SETTING`` (another
+    tier's choice) or ``none`` (the config's values)."""
     about: str = ""
 
     @property
@@ -95,6 +97,10 @@ FLAT_TOLERANCE = {False: 0.005, True: 0.005}
 """0.5 points of balanced accuracy; for generation 0.5% of the loss (relative)."""
 
 GPU = ("task.model=all-MiniLM-L6-v2", "device=auto", "parallel_clients=0")
+CPU_TUNED = "reuse:cpu/rt_s03"
+"""The GPU tier takes the CPU tier's choices (MiniLM-L3, 30 rounds): its own grid search would be
+~50 runs of 100 rounds, hours of a GPU; a step size tuned on the smaller model and shorter run is
+the same handicap for every method."""
 TIERS: dict[str, dict[str, Setting]] = {
     "cpu": {
         "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, tuning="tune", about="Rotten Tomatoes, s = 0.3"),
@@ -110,13 +116,20 @@ TIERS: dict[str, dict[str, Setting]] = {
     },
     "gpu": {
         "rt_s03": Setting(
-            "configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, overrides=(*GPU, "rounds=100", "eval.every=10"), tuning="tune"
+            "configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED
         ),
-        "vader_domains": Setting("configs/paper/vader_domains.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),
-        "wordnet_topics": Setting("configs/paper/wordnet_topics.toml", (0, 1, 2), overrides=(*GPU, "rounds=300", "eval.every=30")),
-        "rt_s05": Setting("configs/paper/rt_s05.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10")),
+        "vader_domains": Setting(
+            "configs/paper/vader_domains.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED
+        ),
+        "wordnet_topics": Setting(
+            "configs/paper/wordnet_topics.toml", (0, 1, 2), overrides=(*GPU, "rounds=300", "eval.every=30"), tuning=CPU_TUNED
+        ),
+        "rt_s05": Setting("configs/paper/rt_s05.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED),
         "rt_s03_private_head": Setting(
-            "configs/paper/rt_s03.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10", "lora.head=private")
+            "configs/paper/rt_s03.toml",
+            (0, 1, 2),
+            overrides=(*GPU, "rounds=100", "eval.every=10", "lora.head=private"),
+            tuning=CPU_TUNED,
         ),
         "wordnet_nlg": Setting(
             "configs/paper/wordnet_nlg.toml",
@@ -225,6 +238,9 @@ def step_sizes(tier: str, out: Path, name: str, method: str) -> tuple[str, ...] 
     if s.tuning == "none":
         return ()
     source = name if s.tuning == "tune" else s.tuning.split(":", 1)[1]
+    if "/" in source:  # another tier's choice, read from that tier's results
+        tier, source = source.split("/", 1)
+        out = out.parent / f"paper_{tier}"  # the tiers' results are siblings (RESULTS/paper_TIER)
     got = chosen(tier, out, source, method)
     if got is None:
         return None
@@ -232,11 +248,12 @@ def step_sizes(tier: str, out: Path, name: str, method: str) -> tuple[str, ...] 
 
 
 def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) -> tuple[list[Job], int]:
-    """(the runs that can start now, how many more wait for tuning), tuning first, costly first."""
+    """(the runs that can start now, how many more wait for tuning), tuning first, then by seed."""
     jobs: list[Job] = []
     waiting = 0
     tuned = {n for n in settings if TIERS[tier][n].tuning == "tune"}
     tuned |= {TIERS[tier][n].tuning.split(":", 1)[1] for n in settings if TIERS[tier][n].tuning.startswith("reuse:")}
+    tuned = {n for n in tuned if "/" not in n}  # another tier's tuning is that tier's work
     for name in sorted(tuned):
         for m in TIERS[tier][name].methods:
             if methods and m not in methods:
@@ -263,8 +280,10 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
                     waiting += 1
                     continue
                 jobs.append(Job(name, m, seed, (*s.overrides, *sizes), path))
+    # Seed-major, so that a partial run leaves whole comparisons (every method on seed 0 first);
+    # within a seed the costly methods first, so that they do not end the run alone.
     costly = {"pf2lora": 0, "perfedavg": 1, "fdlora": 1}
-    jobs.sort(key=lambda j: (not j.tuning, TIERS[tier][j.setting].generation, costly.get(j.method, 2), j.seed))
+    jobs.sort(key=lambda j: (not j.tuning, TIERS[tier][j.setting].generation, j.seed, costly.get(j.method, 2)))
     return jobs, waiting
 
 

@@ -116,6 +116,21 @@ def test_summary_shape_table_and_figures(tier, tmp_path):
     assert [p.name for p in written] == ["curves_a.png", "curves_b.png"] and all(p.stat().st_size > 0 for p in written)
 
 
+def test_a_tier_can_take_another_tiers_choice(tier, monkeypatch):
+    """``reuse:TIER/SETTING`` (the GPU tier takes the CPU tier's): no tuning of its own, it waits
+    for the other tier's search and then runs with its choice."""
+    out_t = tier.parent / "paper_t"
+    config = paper.TIERS["t"]["a"].config
+    paper.TIERS["g"] = {"x": paper.Setting(config, (0,), ("homlora",), overrides=("rounds=2",), tuning="reuse:t/a")}
+    out_g = tier.parent / "paper_g"
+    assert paper.ready("g", out_g, ["x"], None) == ([], 1)  # waits for tier t's search
+    for job in paper.ready("t", out_t, ["a"], ["homlora"])[0]:
+        paper.run_job(paper.TIERS["t"][job.setting], job)
+    (job,), waiting = paper.ready("g", out_g, ["x"], None)
+    choice, _ = paper.chosen("t", out_t, "a", "homlora")
+    assert waiting == 0 and not job.tuning and f"optim.lr={choice['optim.lr']!r}" in job.overrides
+
+
 def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
     """Before any benchmark run, the tuned setting is in the summary with its tuning record, and
     the table shows each method's score per step size (the choice once its search is complete)."""

@@ -283,11 +283,14 @@ class LockstepEngine:
             if self._threads is not None:
                 self._threads.shutdown(wait=True)
             threads_per_op = torch.get_num_threads()
+            cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
             def init() -> None:
                 # OpenMP's thread count is per thread: a new thread would use every core, and a
                 # reduction split another way gives other last bits than the sequential engine's.
                 torch.set_num_threads(threads_per_op)
+                if cuda_device is not None:  # a CUDA context for the thread, before its first matmul
+                    torch.cuda.set_device(cuda_device)  # (else cuBLAS warns that there is none)
                 batching.serve(self)
 
             self._threads = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pf2lora-client", initializer=init)

@@ -3,7 +3,7 @@
 # every sampled client batched), for as long as a session's device time allows. Run from the
 # repository root after `make gpu-wheels gpu-assets` here (carry .gpu_wheels and .gpu_assets):
 #
-#     bash benchmarks/gpu_paper.sh smoke [SECONDS]            # every rt_s03 method, 2 rounds on CUDA
+#     bash benchmarks/gpu_paper.sh smoke [SECONDS]            # every rt_s03 method, 2 rounds on CUDA (~90 s)
 #     bash benchmarks/gpu_paper.sh run SECONDS [SETTING...]   # paper.py --tier gpu (default: rt_s03)
 #
 # `run` keeps JOBS (default 3) runs going on the one GPU (12 at once finished none in 3 minutes on
@@ -26,7 +26,7 @@ case $mode in
 smoke)
     methods='["pf2lora","pf2lora-fo","homlora","hetlora","perfedavg","local","fedsa-lora","pfedlora","fdlora","she-lora","fed-hello"]'
     rm -rf /tmp/paper_smoke
-    timeout "${2:-150}" $PY -m pf2lora.cli run configs/paper/rt_s03.toml --set "task.model=$MODEL" --set device=cuda \
+    timeout "${2:-180}" $PY -m pf2lora.cli run configs/paper/rt_s03.toml --set "task.model=$MODEL" --set device=cuda \
         --set parallel_clients=0 --set rounds=2 --set eval.every=2 --set "methods=$methods" --out /tmp/paper_smoke 2>&1 |
         tee "$OUT/paper_gpu_smoke.log"
     rc=${PIPESTATUS[0]}

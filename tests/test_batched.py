@@ -99,6 +99,18 @@ def test_clients_of_different_ranks_train_as_one_padded_group(method):
     _assert_close(_metrics(seq), _metrics(bat), 1e-5)
 
 
+def test_hetlora_pruning_between_padded_rounds_keeps_the_sequential_numbers():
+    """HETLoRA clients of ranks 2, 4, 4, 6 (padded to 6, each regularised on its own tail) prune
+    their ranks between rounds: the padded groups follow the new ranks."""
+    prune = (*SYNTH, "hetlora.rank_min=2", "hetlora.rank_max=6", "hetlora.prune_tol=1.0", "hetlora.gamma=0.5", "rounds=6")
+    seq, _ = _run("hetlora", 1, *prune)
+    bat, engine = _run("hetlora", 4, *prune)
+    assert engine is not None and engine.sequential_requests == 0 and engine.stacked_groups == 6
+    ranks = [row["client_rank"] for row in seq.clients.values()]
+    assert ranks == [2, 2, 2, 3], ranks  # from 2, 4, 4, 6: three clients pruned, two ranks remain
+    _assert_close(_metrics(seq), _metrics(bat), 1e-4)
+
+
 def test_padded_ranks_scale_each_client_by_its_own_rank():
     """Factors zero-padded to one width give each client its own ``alpha / r_k`` update, and the
     padding gets no gradient (so it stays zero through AdamW)."""

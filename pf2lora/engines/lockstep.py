@@ -327,6 +327,7 @@ class LockstepEngine:
             reason = f"task {method.task.name} has no per-client loss for stacked clients (Task.stacked_loss)"
         if len(group) > 1 and reason is None:
             states = [r.ctx.generator.get_state() for r in group]
+            out_of_memory = False
             try:
                 started = time.perf_counter()
                 out = stacked_train(group, self._pooled_data)
@@ -335,13 +336,13 @@ class LockstepEngine:
                 self.stacked_groups += 1
                 return list(out)
             except torch.OutOfMemoryError:
-                for r, s in zip(group, states, strict=True):
-                    r.ctx.generator.set_state(s)  # the halves draw the same mini-batches
-                return self._halve(group)
+                out_of_memory = True  # halved below, once the traceback no longer holds the step's tensors
             except Exception as e:  # noqa: BLE001 - a step that cannot stack falls back, with a note
-                for r, s in zip(group, states, strict=True):
-                    r.ctx.generator.set_state(s)  # the fallback draws the same mini-batches
                 reason = f"{method.name}: a stacked step failed ({type(e).__name__}: {e})"
+            for r, s in zip(group, states, strict=True):
+                r.ctx.generator.set_state(s)  # the halves or the fallback draw the same mini-batches
+            if out_of_memory:
+                return self._halve(group)
         if reason is not None and reason not in self._noted:
             self._noted.add(reason)
             self.note(f"parallel_clients: training one by one: {reason}")

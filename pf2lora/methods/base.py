@@ -33,7 +33,7 @@ from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
 from pf2lora.optim import adamw
 from pf2lora.state import opt_state, params_of, with_opt_state  # noqa: F401  (re-exported: the methods' API)
-from pf2lora.tasks.base import Batch, ClientData, Task, batch_index, sample_batch
+from pf2lora.tasks.base import Batch, ClientData, Task, batch_index, index_to, sample_batch
 
 ClientState = dict[str, torch.Tensor]
 """A client's persistent state: ``private:`` parameters, optimizer entries (:func:`opt_state`) and
@@ -79,7 +79,7 @@ class StackedContext(ClientContext):
             return batching.stack([c.batch() for c in self.contexts])
         n = self.client.num_train
         index = torch.cat([batch_index(n, c.batch_size, c.generator) + i * n for i, c in enumerate(self.contexts)])
-        index = index.to(next(iter(self.pooled.values())).device)  # one transfer a step, not one per field
+        index = index_to(index, next(iter(self.pooled.values())).device)  # one transfer a step, not one per field
         return {k: v.index_select(0, index).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
 
 

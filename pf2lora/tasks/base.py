@@ -46,8 +46,17 @@ def take(data: Batch, index: torch.Tensor) -> Batch:
     """The examples ``index`` of ``data``; a CPU ``index`` (drawn from a CPU generator) is moved to
     the data's device first."""
     if data:
-        index = index.to(next(iter(data.values())).device)
+        index = index_to(index, next(iter(data.values())).device)
     return {k: v.index_select(0, index) for k, v in data.items()}
+
+
+def index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU ``index`` on ``device``, without waiting for the device: a plain copy to a GPU
+    synchronises its stream (the host would wait, every local step, for the kernels it queued), so
+    a GPU gets it from pinned memory, asynchronously, in stream order before the gather that reads it."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def batch_index(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

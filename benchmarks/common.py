@@ -40,6 +40,7 @@ def seeds_parser(description: str, default_out: Path, methods_default: str) -> a
 def trained_params(method, task) -> dict[str, int]:
     """Tensors one client trains (what it receives plus its own state), split into LoRA and head."""
     from pf2lora.engines.local import generator
+    from pf2lora.methods.base import HeterogeneousRanks
 
     server = method.init_server(generator(0, "init", "server"))
     cid = task.clients[-1].client_id
@@ -49,6 +50,10 @@ def trained_params(method, task) -> dict[str, int]:
         **{k: v for k, v in received.items() if ":" in k},
         **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
     }
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("delta_weight")}
+    names = {n for n, _ in task.model.named_parameters()}  # model parameters only (not e.g. she-lora's shared:she/*)
+    tensors = {k: v for k, v in tensors.items() if k.split(":", 1)[1] in names}
     lora = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
-    return {"lora": int(lora), "head": int(sum(t.numel() for t in tensors.values()) - lora)}
+    head = sum(t.numel() for t in tensors.values()) - lora
+    if lora == 0 and isinstance(method, HeterogeneousRanks):  # factors drawn by the client itself (she-lora)
+        lora = sum(method.assigned_rank(cid) * (t.in_features + t.out_features) for t in task.targets)
+    return {"lora": int(lora), "head": int(head)}

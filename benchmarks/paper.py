@@ -555,7 +555,7 @@ def table(data: dict[str, Any]) -> str:
             head = (
                 "| method | balanced acc. | macro-F1 | accuracy | worst client bal. acc. | 10th pct. bal. acc. | global model bal. acc. |"
             )
-        out.append(head[:-1] + " LoRA / head params per client | upload KB/client/round | wall time (s) |")
+        out.append(head + " LoRA / head params per client | upload KB/client/round | wall time (s) |")
         out.append("|---" * (len(cols) + 4) + "|")
         order = sorted(e["methods"].items(), key=lambda kv: kv[1]["mean"].get(metric, 0.0) * (-1 if higher else 1))
         for m, r in order:

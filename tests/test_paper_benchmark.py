@@ -112,6 +112,8 @@ def test_summary_shape_table_and_figures(tier, tmp_path):
     assert a["config"]["task"]["kind"] == "tiny-text" and "optim" not in a["config"]
     text = paper.table(data)
     assert "**a**" in text and "| homlora |" in text and "| pf2lora-fo |" in text
+    results = text.split("**a**", 1)[1].split("\n\n", 2)[1].splitlines()  # a's results table
+    assert results[0].startswith("| method |") and len({line.count("|") for line in results}) == 1, results
     written = paper.figures(data, tmp_path / "fig")
     assert [p.name for p in written] == ["curves_a.png", "curves_b.png"] and all(p.stat().st_size > 0 for p in written)
 

@@ -39,6 +39,7 @@ def seeds_parser(description: str, default_out: Path, methods_default: str) -> a
 
 def trained_params(method, task) -> dict[str, int]:
     """Tensors one client trains (what it receives plus its own state), split into LoRA and head."""
+    from pf2lora import state as st
     from pf2lora.engines.local import generator
     from pf2lora.methods.base import HeterogeneousRanks
 
@@ -51,7 +52,7 @@ def trained_params(method, task) -> dict[str, int]:
         **{k: v for k, v in client.items() if k.startswith(("shared:", "private:"))},
     }
     names = {n for n, _ in task.model.named_parameters()}  # model parameters only (not e.g. she-lora's shared:she/*)
-    tensors = {k: v for k, v in tensors.items() if k.split(":", 1)[1] in names}
+    tensors = {k: v for k, v in tensors.items() if st.is_param(k) and st.path_of(k) in names}
     lora = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
     head = sum(t.numel() for t in tensors.values()) - lora
     if lora == 0 and isinstance(method, HeterogeneousRanks):  # factors drawn by the client itself (she-lora)

@@ -8,6 +8,10 @@
   federation (HOMLoRA, K = 8 clients x batch B = 16, batched) against the ``centralized`` method
   training one LoRA on the pooled data with batch K x B = 128, the same model (it takes K times
   the local steps per round: the federation's total).
+* **Host cost of a call with the clients' tensors** (:class:`pf2lora.lora.ParameterSlots` vs
+  ``torch.func.functional_call``): one forward and backward of a 6-layer BERT with LoRA on query
+  and value (hidden 32 and 4 x 8 tokens on a CPU, where it isolates the host's work; MiniLM-L6's shape and
+  16 x 64 tokens on a GPU).
 * **PF2LoRA step cost per estimator**, relative to HOMLoRA: see ``benchmarks/step_cost.py`` (its
   own JSON); not repeated here.
 
@@ -223,6 +227,57 @@ def gpu_settings(quick: bool) -> list[Setting]:
     return out
 
 
+def call_overhead(device: torch.device, reps: int) -> dict[str, Any]:
+    """Forward + backward through ``functional_call`` and through :class:`ParameterSlots`,
+    interleaved (the order reversed every other repetition); median seconds per call."""
+    from torch.func import functional_call
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pf2lora import lora
+
+    shape = dict(L6_SHAPE) if device.type == "cuda" else {**L6_SHAPE, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        intermediate_size=shape["intermediate_size"],
+    )
+    model = BertForSequenceClassification(config).to(device).eval()
+    targets = lora.inject(model, ["query", "value"], {lora.COMMON: 8.0})
+    params = {}
+    for t in targets:
+        params[lora.a_path(t.path, lora.COMMON)] = torch.randn(8, t.in_features, device=device, requires_grad=True)
+        params[lora.b_path(t.path, lora.COMMON)] = torch.randn(t.out_features, 8, device=device, requires_grad=True)
+    batch = (16, 64) if device.type == "cuda" else (4, 8)  # on a CPU, little compute: the host's part shows
+    inputs = {"input_ids": torch.randint(0, 1000, batch, device=device)}
+    slots = lora.ParameterSlots(model)
+    calls = {
+        "functional_call": lambda: functional_call(model, params, args=(), kwargs=inputs, strict=False).logits,
+        "parameter_slots": lambda: slots.call(params, inputs).logits,
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    n = 20
+    for rep in range(max(3, reps) * 2 + 1):
+        for name in calls if rep % 2 == 0 else reversed(list(calls)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                torch.autograd.grad(calls[name]().square().sum(), list(params.values()))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / n)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "shape": shape,
+        "batch": list(inputs["input_ids"].shape),
+        "forward_backward_s": med,
+        "functional_call_over_parameter_slots": med["functional_call"] / med["parameter_slots"],
+    }
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float]:
     """The derived ratios the README quotes (each from figures of this one run)."""
     out: dict[str, float] = {}
@@ -257,22 +312,30 @@ def main() -> None:
     results: dict[str, Any] = {}
     todo = [s for s in settings(args.quick, gpu) if not args.only or s.name in args.only]
     name = plan.device_name(device)
-    for s in todo:
-        t0 = time.perf_counter()
-        results[s.name] = measure(s, args.reps, str(device))
-        print(f"{s.name}: {results[s.name]['round_time_s']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def save(complete: bool) -> None:
+        """After every setting, so that a run cut short (a device call's time limit) keeps what it measured."""
         results["ratios"] = ratios(results)
-        # after every setting, so that a run cut short (a device call's time limit) keeps what it measured
         write_json(
             out_path,
             {
                 "command": "python " + shlex.join(["benchmarks/accel.py", *sys.argv[1:]]),
                 "machine": machine(device=str(device), device_name=name, torch=torch.__version__, default_threads=DEFAULT_THREADS),
                 "seed": 0,
-                "complete": s is todo[-1],
+                "complete": complete,
                 "results": results,
             },
         )
+
+    if not args.only or "call_overhead" in args.only:
+        results["call_overhead"] = call_overhead(device, args.reps)
+        print(f"call_overhead: {results['call_overhead']['functional_call_over_parameter_slots']:.2f}x", flush=True)
+        save(not todo)
+    for s in todo:
+        t0 = time.perf_counter()
+        results[s.name] = measure(s, args.reps, str(device))
+        print(f"{s.name}: {results[s.name]['round_time_s']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        save(s is todo[-1])
     print(f"wrote {out_path}")
 
 

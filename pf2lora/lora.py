@@ -1,9 +1,9 @@
 """A LoRA layer with named adapters of any rank, and its injection into transformers models.
 
 The layer holds no trained values of its own: each adapter is registered as an empty (rank 0)
-parameter, and the values a client trains are passed in at call time with
-``torch.func.functional_call``. One frozen base model thus serves every simulated client, and an
-adapter's rank is simply the shape of the tensors passed in (heterogeneous ranks need no special
+parameter, and the values a client trains are passed in at call time (:class:`ParameterSlots`,
+``torch.func.functional_call`` made cheap). One frozen base model thus serves every simulated
+client, and an adapter's rank is simply the shape of the tensors passed in (heterogeneous ranks need no special
 case). The scale of adapter ``name`` is ``alpha[name] / rank``, the convention peft uses.
 
 Key grammar: adapter ``a``'s factors on the module at ``path`` are the model parameters
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from pf2lora import batching
 from pf2lora import state as st
@@ -174,6 +175,54 @@ def stackable_heads(model: nn.Module, parameter_names: Iterable[str]) -> None:
         module = model.get_submodule(path)
         if type(module) is nn.Linear:
             module.__class__ = ClientLinear
+
+
+class ParameterSlots:
+    """A model called with other tensors in place of some of its parameters: what
+    ``torch.func.functional_call`` does, with each parameter's owning module found once.
+
+    Why not ``functional_call`` itself: it walks the whole module tree on every call (to find the
+    modules and untie shared weights), which for a small model costs more than the forward does
+    (``benchmarks/accel.py``). Here a call is one dict write per tensor passed, and one to put the
+    original back. A tensor passed for a tied weight (one parameter under two names) goes through
+    ``functional_call``, which gives it both names. Build it once the model's modules are final
+    (after :func:`inject` and :func:`stackable_heads`); one call at a time per model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._slots: dict[str, tuple[nn.Module, str]] = {}
+        first_name: dict[int, str] = {}
+        self._tied: set[str] = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            self._slots[name] = (model.get_submodule(owner), attr)
+            if id(p) in first_name:
+                self._tied |= {name, first_name[id(p)]}
+            else:
+                first_name[id(p)] = name
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._slots
+
+    def call(self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any]) -> Any:
+        """``model(**kwargs)`` with ``params`` (parameter paths) in place of those parameters."""
+        unknown = [k for k in params if k not in self._slots]
+        if unknown:  # silently ignored, a misspelt tensor would stay untrained
+            raise KeyError(f"not parameters of the model: {sorted(unknown)[:3]}")
+        if self._tied and not self._tied.isdisjoint(params):
+            return functional_call(self.model, dict(params), args=(), kwargs=dict(kwargs), strict=False)
+        originals: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            for name, tensor in params.items():
+                owner, attr = self._slots[name]
+                table = owner._parameters
+                originals.append((table, attr, table[attr]))
+                table[attr] = tensor  # type: ignore[assignment]  # what functional_call writes
+            return self.model(**kwargs)
+        finally:
+            for table, attr, original in reversed(originals):
+                table[attr] = original
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,45 @@ def test_key_grammar_names_and_parses_adapter_factors():
     assert lora.split_path(st.path_of(b)) == ("enc.proj", "B", lora.PRIVATE)
     assert lora.split_path("classifier.weight") is None
     assert lora.rank_of({"private:classifier.weight": torch.zeros(2, 9), b: torch.zeros(4, 5), a: torch.zeros(5, 6)}) == 5
+
+
+def _tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    lora.inject(model, ["c_attn"], {lora.COMMON: 2.0})
+    return model
+
+
+def test_parameter_slots_call_is_functional_call():
+    """Same outputs and gradients as ``functional_call``, the model's own parameters untouched
+    afterwards (also when the call raises), unknown keys refused, a tied weight under both names."""
+    model = _tiny_gpt2()
+    slots = lora.ParameterSlots(model)
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 8, generator=g, requires_grad=True)
+    B = torch.randn(24, 3, generator=g, requires_grad=True)
+    params = {"transformer.h.0.attn.c_attn.lora_A.common": A, "transformer.h.0.attn.c_attn.lora_B.common": B}
+    inputs = {"input_ids": torch.randint(0, 40, (2, 5), generator=g)}
+
+    ours = slots.call(params, inputs).logits
+    (ga, gb) = torch.autograd.grad(ours.square().sum(), (A, B))
+    theirs = functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
+    (wa, wb) = torch.autograd.grad(theirs.square().sum(), (A, B))
+    assert torch.equal(ours, theirs) and torch.equal(ga, wa) and torch.equal(gb, wb)
+    assert ours.abs().sum() > 0 and not torch.equal(ours, model(**inputs).logits)  # the adapter was used
+    assert all(p is before[n] for n, p in model.named_parameters(remove_duplicate=False))
+
+    with pytest.raises(KeyError, match="not parameters of the model"):
+        slots.call({"transformer.h.0.attn.c_attn.lora_A.typo": A}, inputs)
+    with pytest.raises(RuntimeError):  # a shape the layer cannot use: the call fails part-way
+        slots.call({**params, "transformer.h.0.attn.c_attn.lora_B.common": torch.randn(5, 3)}, inputs)
+    assert all(p is before[n] for n, p in model.named_parameters(remove_duplicate=False))
+
+    wte = torch.randn(40, 8, generator=g)  # tied to lm_head.weight: both names take it
+    tied = slots.call({"transformer.wte.weight": wte}, inputs).logits
+    want = functional_call(model, {"transformer.wte.weight": wte}, args=(), kwargs=inputs, strict=False).logits
+    assert torch.equal(tied, want)

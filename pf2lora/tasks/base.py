@@ -15,10 +15,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from pf2lora import batching
-from pf2lora.lora import LoRATarget
+from pf2lora.lora import LoRATarget, ParameterSlots
 from pf2lora.state import Tensors
 
 Batch = dict[str, torch.Tensor]
@@ -149,15 +148,17 @@ class Task(ABC):
         A key that names no model parameter is an error: silently ignoring it would leave a
         misspelt tensor untrained.
         """
-        known = self.__dict__.get("_param_names")
-        if known is None:
-            known = self.__dict__["_param_names"] = frozenset(n for n, _ in self.model.named_parameters())
-        unknown = [k for k in params if k not in known]
-        if unknown:
-            raise KeyError(f"not parameters of the model: {sorted(unknown)[:3]}")
         with self.autocast():
-            out = functional_call(self.model, dict(params), args=(), kwargs=self.model_inputs(batch), strict=False)
+            out = self.parameter_slots().call(params, self.model_inputs(batch))
         return out if self.precision == "fp32" else float32_outputs(out)
+
+    def parameter_slots(self) -> ParameterSlots:
+        """The model's parameters by path, for calls with other tensors in their place; found on
+        the first call, when the task has built its model (LoRA layers and head included)."""
+        slots = self.__dict__.get("_parameter_slots")
+        if slots is None or slots.model is not self.model:
+            slots = self.__dict__["_parameter_slots"] = ParameterSlots(self.model)
+        return slots
 
     @abstractmethod
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]: ...

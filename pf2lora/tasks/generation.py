@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from pf2lora import metrics, models
 from pf2lora.config import RunConfig
@@ -171,7 +170,7 @@ class GenerationTask(TextTask):
 
     def _call(self, params: Mapping[str, torch.Tensor], **kwargs: Any) -> Any:
         with self.autocast():  # as :meth:`forward`: decoding needs only the argmax, no float32 copy
-            return functional_call(self.model, dict(params), args=(), kwargs=kwargs, strict=False)
+            return self.parameter_slots().call(params, kwargs)
 
     @torch.no_grad()
     def generate(self, params: Mapping[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:

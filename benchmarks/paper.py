@@ -474,10 +474,45 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             seed0 = next(iter(methods["pf2lora"]["seeds"].values()))
             entry["pf2lora_ranks"] = {cid: c.get("layer_ranks", {}) for cid, c in seed0["clients"].items()}
             entry["client_heterogeneity"] = {cid: c.get("heterogeneity", {}) for cid, c in seed0["clients"].items()}
+        if "pf2lora" in methods:
+            entry["pf2lora_vs"] = head_to_head(methods, metric, higher)
         data["settings"][name] = entry
         if not runs:
             entry["config"]["task"].pop("data_seed", None)  # the tuning runs' is the validation federation's
     return data
+
+
+def head_to_head(methods: dict[str, Any], metric: str, higher: bool) -> dict[str, Any]:
+    """PF2LoRA against each other method, paired by seed (a seed is the same federation, another
+    initialisation and mini-batch stream): the mean and std of PF2LoRA's lead over the seeds both
+    have, signed so that positive is better for PF2LoRA. ``verdict``: "wins" / "loses" when every
+    seed's lead has the same sign and their mean exceeds their std; else "ties (within seed
+    noise)"; with one seed "ahead" / "behind", as there is no noise estimate."""
+    out: dict[str, Any] = {}
+    ours = methods["pf2lora"]["seeds"]
+    sign = 1.0 if higher else -1.0
+    for m, r in methods.items():
+        if m == "pf2lora":
+            continue
+        common = sorted(set(ours) & set(r["seeds"]))
+        leads = [
+            sign * (ours[sd][metric] - r["seeds"][sd][metric])
+            for sd in common
+            if _scalar(ours[sd].get(metric)) and _scalar(r["seeds"][sd].get(metric))
+        ]
+        if not leads:
+            continue
+        mean, std = _ms(leads)
+        if len(leads) == 1:
+            verdict = "ahead" if mean > 0 else "behind"
+        elif all(x > 0 for x in leads) and mean > std:
+            verdict = "wins"
+        elif all(x < 0 for x in leads) and -mean > std:
+            verdict = "loses"
+        else:
+            verdict = "ties (within seed noise)"
+        out[m] = {"metric": metric, "lead_mean": mean, "lead_std": std, "seeds": common, "verdict": verdict}
+    return out
 
 
 def _step_keys(method: str) -> list[str]:
@@ -574,6 +609,19 @@ def table(data: dict[str, Any]) -> str:
                     else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | | | |"
                 )
         out.append("")
+        if e.get("pf2lora_vs"):
+            out.append(
+                f"*{name}: PF2LoRA's lead over each method in {metric.replace('_', ' ')}, paired by seed "
+                f"(positive: PF2LoRA better; mean ± std over the seeds both ran)*\n"
+            )
+            out.append("| against | lead | seeds | verdict |")
+            out.append("|---|---|---|---|")
+            for m, v in sorted(e["pf2lora_vs"].items(), key=lambda kv: -kv[1]["lead_mean"]):
+                digits = 4 if gen else 3
+                out.append(
+                    f"| {m} | {v['lead_mean']:+.{digits}f} ± {v['lead_std']:.{digits}f} | {', '.join(v['seeds'])} | {v['verdict']} |"
+                )
+            out.append("")
     return "\n".join(out)
 
 

@@ -168,3 +168,34 @@ def test_convergence_rule(curve, flat):
 
 def test_convergence_needs_a_point_before_the_last_fifth():
     assert paper.converged([{"round": 10, "loss": 1.0}], 10, "loss", True) == (None, None)
+
+
+def test_head_to_head_pairs_seeds_and_calls_ties_within_noise():
+    """The verdict rule: paired by seed, a lead must hold on every seed and exceed its std."""
+
+    def runs(*values: float) -> dict:
+        return {"seeds": {str(i): {"balanced_accuracy": v} for i, v in enumerate(values)}}
+
+    methods = {
+        "pf2lora": runs(0.70, 0.72, 0.74),
+        "clear": runs(0.60, 0.63, 0.65),  # leads 0.10, 0.09, 0.09
+        "noisy": runs(0.65, 0.75, 0.73),  # leads +0.05, -0.03, +0.01
+        "better": runs(0.80, 0.81, 0.85),
+        "one_seed": {"seeds": {"1": {"balanced_accuracy": 0.75}}},
+    }
+    got = paper.head_to_head(methods, "balanced_accuracy", higher=True)
+    assert got["clear"]["verdict"] == "wins" and got["clear"]["lead_mean"] == pytest.approx(0.28 / 3)
+    assert got["noisy"]["verdict"].startswith("ties")
+    assert got["better"]["verdict"] == "loses"
+    assert got["one_seed"] == {
+        "metric": "balanced_accuracy",
+        "lead_mean": pytest.approx(-0.03),
+        "lead_std": 0.0,
+        "seeds": ["1"],
+        "verdict": "behind",
+    }
+    # lower is better (generation loss): a smaller loss is a lead
+    loss = paper.head_to_head(
+        {"pf2lora": {"seeds": {"0": {"loss": 2.0}}}, "homlora": {"seeds": {"0": {"loss": 2.5}}}}, "loss", higher=False
+    )
+    assert loss["homlora"]["lead_mean"] == pytest.approx(0.5) and loss["homlora"]["verdict"] == "ahead"

@@ -212,7 +212,8 @@ class LockstepEngine:
                 raise RuntimeError("lockstep aborted") from self._aborted
             self._pending.append(request)
             self._running -= 1
-            self._cond.notify_all()  # only the engine's thread waits on the condition
+            if self._running == 0:  # only the engine's thread waits, and only for the last one
+                self._cond.notify_all()
         self._turn.release()
         request.done.wait()  # each client its own event: waking one wakes no other
         self._turn.acquire()
@@ -242,7 +243,8 @@ class LockstepEngine:
                 self._turn.release()
                 with self._cond:
                     self._running -= 1
-                    self._cond.notify_all()
+                    if self._running == 0:
+                        self._cond.notify_all()
 
         with self._cond:
             self._running, self._aborted = len(jobs), None

@@ -586,9 +586,10 @@ def table(data: dict[str, Any]) -> str:
             cols = ("loss", "perplexity", "bleu", "rouge_l", worst, "global_loss")
             head = "| method | loss | perplexity | BLEU | ROUGE-L | worst client loss | global model loss |"
         else:
-            cols = ("balanced_accuracy", "macro_f1", "accuracy", worst, pct, "global_balanced_accuracy")
+            cols = ("balanced_accuracy", "macro_f1", "accuracy", worst, pct, "global_balanced_accuracy", "majority_predicted")
             head = (
-                "| method | balanced acc. | macro-F1 | accuracy | worst client bal. acc. | 10th pct. bal. acc. | global model bal. acc. |"
+                "| method | balanced acc. | macro-F1 | accuracy | worst client bal. acc. | 10th pct. bal. acc. | global model bal. acc. "
+                "| majority label predicted |"
             )
         out.append(head + " LoRA / head params per client | upload KB/client/round | wall time (s) |")
         out.append("|---" * (len(cols) + 4) + "|")
@@ -604,9 +605,9 @@ def table(data: dict[str, Any]) -> str:
             maj = [r["mean"].get("majority_accuracy") for r in e["methods"].values()]
             if maj and maj[0] is not None:
                 out.append(
-                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | | | |"
+                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | |"
                     if e["config"]["task"]["dataset"] != "wordnet-topics"
-                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | | | |"
+                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | |"
                 )
         out.append("")
         if e.get("pf2lora_vs"):

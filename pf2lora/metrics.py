@@ -77,6 +77,18 @@ def majority_accuracy(train_labels: torch.Tensor, test_labels: torch.Tensor, num
     return majority, accuracy(torch.full_like(test_labels, majority), test_labels)
 
 
+def majority_predicted(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+    """Share of the examples predicted as the most frequent true label (the lowest on a tie).
+
+    Under label skew, a model that has learned the client's label prior predicts its majority
+    label more often than the label occurs (compare ``majority_accuracy``, the label's share).
+    """
+    if len(labels) == 0:
+        return float("nan")
+    majority = int(torch.bincount(labels, minlength=num_labels).argmax())
+    return float((pred == majority).float().mean())
+
+
 def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
     return {
         "accuracy": accuracy(pred, labels),

@@ -12,6 +12,9 @@
   ``torch.func.functional_call``): one forward and backward of a 6-layer BERT with LoRA on query
   and value (hidden 32 and 4 x 8 tokens on a CPU, where it isolates the host's work; MiniLM-L6's shape and
   16 x 64 tokens on a GPU).
+* **One AdamW step over 8 stacked clients' LoRA tensors** (MiniLM-L6's: 6 layers x query, value x
+  A, B), the fused update of :func:`pf2lora.optim.adamw` (``torch._foreach_*``) against the same
+  arithmetic one tensor at a time.
 * **PF2LoRA step cost per estimator**, relative to HOMLoRA: see ``benchmarks/step_cost.py`` (its
   own JSON); not repeated here.
 
@@ -281,6 +284,45 @@ def call_overhead(device: torch.device, reps: int) -> dict[str, Any]:
     }
 
 
+def optimizer_overhead(device: torch.device, reps: int) -> dict[str, Any]:
+    """:func:`pf2lora.optim.adamw` (fused over the tensors) against its per-tensor arithmetic
+    (``optim._adamw_one`` for each tensor), interleaved; median seconds per step."""
+    from pf2lora import optim
+
+    gen = torch.Generator().manual_seed(0)
+    k, r, d = 8, 8, L6_SHAPE["hidden_size"]
+    params: dict[str, torch.Tensor] = {}
+    for layer in range(L6_SHAPE["num_layers"]):
+        for proj in ("query", "value"):
+            params[f"l{layer}.{proj}.A"] = torch.randn(k, r, d, generator=gen).to(device)
+            params[f"l{layer}.{proj}.B"] = torch.randn(k, d, r, generator=gen).to(device)
+    grads = {name: torch.randn(p.shape, generator=gen).to(device) for name, p in params.items()}
+    state = optim.adamw_state(params, {})
+
+    def per_tensor() -> None:
+        new_params: dict[str, torch.Tensor] = {}
+        new_state: dict[str, torch.Tensor] = {"step": state["step"] + 1}
+        for name in params:
+            new_state[f"t/{name}"] = state[f"t/{name}"] + 1
+            optim._adamw_one(name, params[name], grads[name], state, new_params, new_state, 1e-3, (0.9, 0.999), 1e-8, 0.0)
+
+    steps = {"fused": lambda: optim.adamw(params, grads, state, 1e-3), "per_tensor": per_tensor}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    n = 50
+    for rep in range(max(3, reps) * 2 + 1):
+        for name in steps if rep % 2 == 0 else reversed(list(steps)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                steps[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / n)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"tensors": len(params), "clients": k, "step_s": med, "per_tensor_over_fused": med["per_tensor"] / med["fused"]}
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float]:
     """The derived ratios the README quotes (each from figures of this one run)."""
     out: dict[str, float] = {}
@@ -337,6 +379,10 @@ def main() -> None:
     if not args.only or "call_overhead" in args.only:
         results["call_overhead"] = call_overhead(device, args.reps)
         print(f"call_overhead: {results['call_overhead']['functional_call_over_parameter_slots']:.2f}x", flush=True)
+        save(not todo)
+    if not args.only or "optimizer_overhead" in args.only:
+        results["optimizer_overhead"] = optimizer_overhead(device, args.reps)
+        print(f"optimizer_overhead: {results['optimizer_overhead']['per_tensor_over_fused']:.2f}x", flush=True)
         save(not todo)
     for s in todo:
         t0 = time.perf_counter()

@@ -14,9 +14,19 @@ import torch
 from pf2lora import batching
 from pf2lora.state import Tensors
 
+CPU_CHUNK = 1 << 15
+"""Elements per fused update on a CPU. A fused operation runs over every tensor of the call before
+the next operation starts, so a call must fit the cache: 8 stacked clients' LoRA tensors of
+MiniLM-L6's shape, all at once, were 0.67x as fast as one tensor at a time; in chunks 1.0x, and
+small tensors 1.1x to 1.2x faster (thread CPU time, 2-core CPU, under load). A GPU takes them all
+at once."""
+
 
 def sgd(params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], lr: float) -> Tensors:
-    return {k: (v - lr * grads[k]).detach() for k, v in params.items()}
+    with torch.no_grad():  # new tensors, not part of any graph (the inputs may be)
+        keys = list(params)
+        steps = torch._foreach_mul([grads[k] for k in keys], lr)
+        return dict(zip(keys, torch._foreach_sub([params[k] for k in keys], steps), strict=True))
 
 
 def adamw(
@@ -34,25 +44,106 @@ def adamw(
     per parameter; a parameter that appears later or changes shape starts fresh. The step counts
     are tensors, so the same code serves stacked clients (:mod:`pf2lora.batching`), each with its
     own count, and nothing here waits for a device.
+
+    The parameters that share a step count are updated together with ``torch._foreach_*`` ops: one
+    call per operation for all of them rather than one per tensor (on a GPU, one kernel launch
+    instead of one per tensor; a small model's step is bound by launches), on a CPU in chunks of
+    ``CPU_CHUNK`` elements. The arithmetic is the same, operation for operation, so the numbers are
+    too.
     """
     b1, b2 = betas
     state = adamw_state(params, opt_state)
     new_params: Tensors = {}
     new_state: Tensors = {"step": state["step"] + 1}
-    for k, p in params.items():
-        g = grads[k]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for k in params:
         # Each parameter has its own step count, so one that appears later is bias-corrected as new.
         t_k = state[f"t/{k}"] + 1
-        m = torch.lerp(state[f"m/{k}"], g, 1 - b1)
-        v = state[f"v/{k}"].mul(b2).addcmul_(g, g, value=1 - b2)
-        bc1, bc2 = _bias_corrections(t_k, betas, p)
-        denom = (v.sqrt() / bc2).add_(eps)
-        step = lr / bc1
-        new_params[k] = (p.mul(1 - lr * weight_decay) - step * (m / denom)).detach()
-        new_state[f"m/{k}"] = m.detach()
-        new_state[f"v/{k}"] = v.detach()
         new_state[f"t/{k}"] = t_k
-    return new_params, new_state
+        groups.setdefault(tuple(t_k.reshape(-1).tolist()), []).append(k)
+    with torch.no_grad():  # new tensors, not part of any graph (the gradients may be)
+        for counts, keys in groups.items():
+            if len(set(counts)) > 1:  # stacked clients at different steps: per-client corrections
+                for k in keys:
+                    _adamw_one(k, params[k], grads[k], state, new_params, new_state, lr, betas, eps, weight_decay)
+                continue
+            bc1, bc2 = 1 - b1 ** counts[0], math.sqrt(1 - b2 ** counts[0])
+            for chunk in _chunks(keys, params):
+                _adamw_fused(chunk, params, grads, state, new_params, new_state, lr, betas, eps, weight_decay, bc1, bc2)
+    ordered: Tensors = {"step": new_state["step"]}  # the key order of a state is part of its signature
+    for k in params:
+        ordered[f"m/{k}"], ordered[f"v/{k}"], ordered[f"t/{k}"] = new_state[f"m/{k}"], new_state[f"v/{k}"], new_state[f"t/{k}"]
+    return {k: new_params[k] for k in params}, ordered
+
+
+def _adamw_fused(
+    keys: list[str],
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    new_params: Tensors,
+    new_state: Tensors,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    bc1: float,
+    bc2: float,
+) -> None:
+    """:func:`adamw`'s arithmetic for tensors at one step count, each operation one call for all."""
+    b1, b2 = betas
+    g = [grads[k] for k in keys]
+    m = torch._foreach_lerp([state[f"m/{k}"] for k in keys], g, 1 - b1)
+    v = torch._foreach_mul([state[f"v/{k}"] for k in keys], b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(m, denom)
+    torch._foreach_mul_(update, lr / bc1)
+    decayed = torch._foreach_mul([params[k] for k in keys], 1 - lr * weight_decay)
+    torch._foreach_sub_(decayed, update)
+    for k, p_k, m_k, v_k in zip(keys, decayed, m, v, strict=True):
+        new_params[k], new_state[f"m/{k}"], new_state[f"v/{k}"] = p_k, m_k, v_k
+
+
+def _chunks(keys: list[str], params: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """``keys`` in order, cut into runs of at most ``CPU_CHUNK`` elements on a CPU (a larger
+    tensor alone); all together elsewhere."""
+    if not keys or params[keys[0]].device.type != "cpu":
+        return [keys] if keys else []
+    out: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        n = params[k].numel()
+        if out[-1] and size + n > CPU_CHUNK:
+            out.append([])
+            size = 0
+        out[-1].append(k)
+        size += n
+    return out
+
+
+def _adamw_one(
+    k: str,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    new_params: Tensors,
+    new_state: Tensors,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adamw`'s arithmetic for one tensor of stacked clients whose step counts differ."""
+    b1, b2 = betas
+    m = torch.lerp(state[f"m/{k}"], g, 1 - b1)
+    v = state[f"v/{k}"].mul(b2).addcmul_(g, g, value=1 - b2)
+    bc1, bc2 = _bias_corrections(new_state[f"t/{k}"], betas, p)
+    denom = (v.sqrt() / bc2).add_(eps)
+    new_params[k] = p.mul(1 - lr * weight_decay) - (m / denom) * (lr / bc1)
+    new_state[f"m/{k}"], new_state[f"v/{k}"] = m, v
 
 
 def _bias_corrections(t: torch.Tensor, betas: tuple[float, float], like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:

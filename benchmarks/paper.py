@@ -54,6 +54,8 @@ from common import RESULTS, ROOT, machine, trained_params, write_json
 ALL_METHODS = ("pf2lora", "pf2lora-fo", "homlora", "hetlora", "perfedavg", "local", "fedsa-lora", "pfedlora", "fdlora")
 NLG_METHODS = ("pf2lora", "homlora", "hetlora", "perfedavg", "local")
 RT_METHODS = (*ALL_METHODS, "she-lora", "fed-hello")
+PAPER_COMPARISON = ("pf2lora", "homlora", "hetlora", "perfedavg")
+"""PF2LoRA and the baselines the paper compares it with (HOMLoRA, HETLoRA, Per-FedAvg-LoRA)."""
 """rt_s03 also runs the two methods of the field that are not personalisation methods."""
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
 """Four values for every method: the first pass, with three (up to 3e-3), put six of nine methods'
@@ -281,9 +283,19 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
                     continue
                 jobs.append(Job(name, m, seed, (*s.overrides, *sizes), path))
     # Seed-major, so that a partial run leaves whole comparisons (every method on seed 0 first);
-    # within a seed the costly methods first, so that they do not end the run alone.
+    # within a seed PF2LoRA and the baselines the paper names first (a device session's few
+    # minutes should settle the paper's own comparison), and the costly methods first, so that
+    # they do not end the run alone.
     costly = {"pf2lora": 0, "perfedavg": 1, "fdlora": 1}
-    jobs.sort(key=lambda j: (not j.tuning, TIERS[tier][j.setting].generation, j.seed, costly.get(j.method, 2)))
+    jobs.sort(
+        key=lambda j: (
+            not j.tuning,
+            TIERS[tier][j.setting].generation,
+            j.seed,
+            j.method not in PAPER_COMPARISON,
+            costly.get(j.method, 2),
+        )
+    )
     return jobs, waiting
 
 

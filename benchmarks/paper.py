@@ -413,15 +413,37 @@ def _ms(values: list[float]) -> tuple[float, float]:
 
 
 def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation: bool) -> tuple[bool | None, float | None]:
-    """(flat, change): the headline's change over the last ``FLAT_FRACTION`` of rounds."""
-    start = rounds - FLAT_FRACTION * rounds
-    points = [p for p in curve if p.get(metric) is not None]
-    early = [p for p in points if p["round"] <= start]
-    if not early or not points:
+    """(flat, change): the headline's change over the last ``FLAT_FRACTION`` of rounds, read off
+    a least-squares line through the evaluations in the last ``2 * FLAT_FRACTION`` of rounds.
+
+    Why a fitted line and not the last evaluation minus the one at 80%: a client's test set holds
+    tens of examples, so one evaluation moves by a few points from the next (seen on every
+    tuning run), and the difference of two of them measures that noise more than the trend.
+    Generation: the change relative to the line's mean. None when fewer than 3 evaluations lie
+    in the window (no line)."""
+    window = [p for p in curve if p.get(metric) is not None and p["round"] > rounds * (1 - 2 * FLAT_FRACTION)]
+    if len(window) < 3:
         return None, None
-    a, b = early[-1][metric], points[-1][metric]
-    change = (b - a) / abs(a) if generation else b - a
+    xs, ys = [float(p["round"]) for p in window], [float(p[metric]) for p in window]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mx) ** 2 for x in xs)
+    if spread == 0:
+        return None, None
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / spread
+    change = slope * FLAT_FRACTION * rounds
+    if generation:
+        change /= abs(my)
     return abs(change) < FLAT_TOLERANCE[generation], change
+
+
+def mean_curve(curves: list[list[dict[str, Any]]], metric: str) -> list[dict[str, Any]]:
+    """The seeds' mean curve: at each round every seed evaluated, the mean of their ``metric``."""
+    by_round: dict[int, list[float]] = {}
+    for c in curves:
+        for p in c:
+            if p.get(metric) is not None:
+                by_round.setdefault(p["round"], []).append(float(p[metric]))
+    return [{"round": r, metric: statistics.fmean(v)} for r, v in sorted(by_round.items()) if len(v) == len(curves)]
 
 
 def collect(tier: str, out: Path) -> dict[str, Any]:
@@ -433,7 +455,9 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
         "headline": {"classification": "clients' mean personalised balanced accuracy", "generation": "clients' mean test loss"},
         "convergence_rule": (
             f"flat when the last {FLAT_FRACTION:.0%} of rounds change the headline by less than 0.5 points "
-            "(balanced accuracy) or 0.5% (generation loss), for every method and seed"
+            "(balanced accuracy) or 0.5% (generation loss), for every method; the change is read off a "
+            f"least-squares line through the seeds' mean curve over the last {2 * FLAT_FRACTION:.0%} of rounds "
+            "(single evaluations are too noisy to difference); per seed for information"
         ),
         "tuning_grid": {"optim.lr": list(LR_GRID), **{m: {k: list(v)} for m, (k, v) in EXTRA_GRID.items()}},
         "settings": {},
@@ -458,9 +482,7 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             seeds = {}
             conv = {}
             for r in mine:
-                flat, change = converged(r["curve"], r["config"]["rounds"], metric, s.generation)
-                flat_all.append(flat)
-                conv[str(r["seed"])] = change
+                conv[str(r["seed"])] = converged(r["curve"], r["config"]["rounds"], metric, s.generation)[1]
                 seeds[str(r["seed"])] = {
                     **r["summary"],
                     "params_lora": r["params_per_client"]["lora"],
@@ -478,7 +500,15 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 vals = [v[k] for v in seeds.values() if _scalar(v.get(k))]
                 if vals:
                     mean[k], std[k] = _ms(vals)
-            methods[m] = {"seeds": seeds, "mean": mean, "std": std, "last_20pct_change": conv}
+            flat, change = converged(mean_curve([r["curve"] for r in mine], metric), mine[0]["config"]["rounds"], metric, s.generation)
+            flat_all.append(flat)
+            methods[m] = {
+                "seeds": seeds,
+                "mean": mean,
+                "std": std,
+                "last_20pct_change": {"seed_mean": change, **conv},
+                "converged": flat,
+            }
         entry["methods"] = methods
         entry["complete"] = all(str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds)
         entry["converged"] = bool(flat_all) and all(f is True for f in flat_all)
@@ -577,6 +607,15 @@ def tuning_table(name: str, rec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trend(r: dict[str, Any], generation: bool) -> str:
+    """The seeds' mean curve's fitted change over the last 20% of rounds, and whether that is flat."""
+    change = r.get("last_20pct_change", {}).get("seed_mean")
+    if change is None:
+        return "-"
+    size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
+    return f"{size} ({'flat' if r.get('converged') else 'moving'})"
+
+
 def table(data: dict[str, Any]) -> str:
     """Markdown tables, one per setting, best headline first (and a tuned setting's tuning runs)."""
     out: list[str] = []
@@ -603,23 +642,23 @@ def table(data: dict[str, Any]) -> str:
                 "| method | balanced acc. | macro-F1 | accuracy | worst client bal. acc. | 10th pct. bal. acc. | global model bal. acc. "
                 "| majority label predicted |"
             )
-        out.append(head + " LoRA / head params per client | upload KB/client/round | wall time (s) |")
-        out.append("|---" * (len(cols) + 4) + "|")
+        out.append(head + " LoRA / head params per client | upload KB/client/round | wall time (s) | last 20% of rounds |")
+        out.append("|---" * (len(cols) + 5) + "|")
         order = sorted(e["methods"].items(), key=lambda kv: kv[1]["mean"].get(metric, 0.0) * (-1 if higher else 1))
         for m, r in order:
             mean, std = r["mean"], r["std"]
             cells = " | ".join(_pm(mean, std, c, 2 if c in ("perplexity", "bleu", "rouge_l") else 3) for c in cols)
             out.append(
                 f"| {m} | {cells} | {int(mean['params_lora']):,} / {int(mean['params_head']):,} "
-                f"| {mean['upload_bytes_per_client_per_round'] / 1000:.0f} | {mean['wall_time_s']:.0f} |"
+                f"| {mean['upload_bytes_per_client_per_round'] / 1000:.0f} | {mean['wall_time_s']:.0f} | {_trend(r, gen)} |"
             )
         if not gen:
             maj = [r["mean"].get("majority_accuracy") for r in e["methods"].values()]
             if maj and maj[0] is not None:
                 out.append(
-                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | |"
+                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | | |"
                     if e["config"]["task"]["dataset"] != "wordnet-topics"
-                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | |"
+                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | | |"
                 )
         out.append("")
         if e.get("pf2lora_vs"):

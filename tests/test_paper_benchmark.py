@@ -156,18 +156,29 @@ def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
 @pytest.mark.parametrize(
     ("curve", "flat"),
     [
-        ([(6, 0.70), (8, 0.702), (10, 0.706)], True),  # +0.4 points over the last 20% (rounds 8..10)
-        ([(6, 0.70), (8, 0.70), (10, 0.71)], False),  # +1 point: still rising
-        ([(6, 0.72), (8, 0.71), (10, 0.70)], False),  # falling counts too
+        ([(7, 0.700), (8, 0.702), (9, 0.700), (10, 0.702)], True),  # noise around a flat line: +0.08 points
+        ([(7, 0.700), (8, 0.705), (9, 0.710), (10, 0.715)], False),  # +1 point over the last 2 rounds
+        ([(7, 0.700), (8, 0.730), (9, 0.720), (10, 0.700)], True),  # noisy evaluations, no trend: -0.2 points
+        ([(7, 0.72), (8, 0.71), (9, 0.70), (10, 0.69)], False),  # falling counts too
+        ([(1, 0.5), (7, 0.700), (8, 0.702), (10, 0.701)], True),  # the early rounds play no part
     ],
 )
 def test_convergence_rule(curve, flat):
+    """A line through the last 40% of rounds' evaluations, its change over the last 20% (2 rounds of 10)."""
     points = [{"round": r, "balanced_accuracy": v} for r, v in curve]
     assert paper.converged(points, 10, "balanced_accuracy", False)[0] is flat
 
 
-def test_convergence_needs_a_point_before_the_last_fifth():
-    assert paper.converged([{"round": 10, "loss": 1.0}], 10, "loss", True) == (None, None)
+def test_convergence_needs_three_evaluations_in_the_window():
+    assert paper.converged([{"round": 9, "loss": 1.0}, {"round": 10, "loss": 1.0}], 10, "loss", True) == (None, None)
+    flat, change = paper.converged([{"round": r, "loss": 2.0 - 0.01 * r} for r in (7, 8, 9, 10)], 10, "loss", True)
+    assert flat is False and change == pytest.approx(-0.02 / 1.915)  # relative to the line's mean loss
+
+
+def test_mean_curve_keeps_the_rounds_every_seed_evaluated():
+    a = [{"round": 1, "x": 0.2}, {"round": 2, "x": 0.4}]
+    b = [{"round": 2, "x": 0.6}]
+    assert paper.mean_curve([a, b], "x") == [{"round": 2, "x": pytest.approx(0.5)}]
 
 
 def test_head_to_head_pairs_seeds_and_calls_ties_within_noise():

@@ -421,7 +421,7 @@ def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation:
     tuning run), and the difference of two of them measures that noise more than the trend.
     Generation: the change relative to the line's mean. None when fewer than 3 evaluations lie
     in the window (no line)."""
-    window = [p for p in curve if p.get(metric) is not None and p["round"] > rounds * (1 - 2 * FLAT_FRACTION)]
+    window = [p for p in curve if _scalar(p.get(metric)) and p["round"] > rounds * (1 - 2 * FLAT_FRACTION)]
     if len(window) < 3:
         return None, None
     xs, ys = [float(p["round"]) for p in window], [float(p[metric]) for p in window]
@@ -432,6 +432,8 @@ def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / spread
     change = slope * FLAT_FRACTION * rounds
     if generation:
+        if my == 0:
+            return None, None
         change /= abs(my)
     return abs(change) < FLAT_TOLERANCE[generation], change
 
@@ -441,7 +443,7 @@ def mean_curve(curves: list[list[dict[str, Any]]], metric: str) -> list[dict[str
     by_round: dict[int, list[float]] = {}
     for c in curves:
         for p in c:
-            if p.get(metric) is not None:
+            if _scalar(p.get(metric)):
                 by_round.setdefault(p["round"], []).append(float(p[metric]))
     return [{"round": r, metric: statistics.fmean(v)} for r, v in sorted(by_round.items()) if len(v) == len(curves)]
 
@@ -529,7 +531,7 @@ def head_to_head(methods: dict[str, Any], metric: str, higher: bool) -> dict[str
     initialisation and mini-batch stream): the mean and std of PF2LoRA's lead over the seeds both
     have, signed so that positive is better for PF2LoRA. ``verdict``: "wins" / "loses" when every
     seed's lead has the same sign and their mean exceeds their std; else "ties (within seed
-    noise)"; with one seed "ahead" / "behind", as there is no noise estimate."""
+    noise)"; with one seed "ahead" / "behind" / "level", as there is no noise estimate."""
     out: dict[str, Any] = {}
     ours = methods["pf2lora"]["seeds"]
     sign = 1.0 if higher else -1.0
@@ -546,7 +548,7 @@ def head_to_head(methods: dict[str, Any], metric: str, higher: bool) -> dict[str
             continue
         mean, std = _ms(leads)
         if len(leads) == 1:
-            verdict = "ahead" if mean > 0 else "behind"
+            verdict = "ahead" if mean > 0 else "behind" if mean < 0 else "level"
         elif all(x > 0 for x in leads) and mean > std:
             verdict = "wins"
         elif all(x < 0 for x in leads) and -mean > std:
@@ -654,11 +656,12 @@ def table(data: dict[str, Any]) -> str:
             )
         if not gen:
             maj = [r["mean"].get("majority_accuracy") for r in e["methods"].values()]
+            share = next((r["mean"]["majority_share"] for r in e["methods"].values() if "majority_share" in r["mean"]), None)
+            share_cell = "" if share is None else f"{share:.3f} (its share of the test set)"
             if maj and maj[0] is not None:
                 out.append(
-                    f"| *majority label (reference)* | 0.500 (binary) | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | | |"
-                    if e["config"]["task"]["dataset"] != "wordnet-topics"
-                    else f"| *majority label (reference)* | 1/classes | | {maj[0]:.3f} | | | | {maj[0]:.3f} (its share) | | | | |"
+                    f"| *majority label (reference)* | {'0.500 (binary)' if e['config']['task']['dataset'] != 'wordnet-topics' else '1/classes'} "
+                    f"| | {maj[0]:.3f} | | | | {share_cell} | | | | |"
                 )
         out.append("")
         if e.get("pf2lora_vs"):

@@ -77,16 +77,18 @@ def majority_accuracy(train_labels: torch.Tensor, test_labels: torch.Tensor, num
     return majority, accuracy(torch.full_like(test_labels, majority), test_labels)
 
 
-def majority_predicted(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
-    """Share of the examples predicted as the most frequent true label (the lowest on a tie).
+def majority_shares(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """The most frequent true label of the examples (the lowest on a tie): the share of the
+    examples that carry it (``majority_share``) and the share predicted as it (``majority_predicted``).
 
-    Under label skew, a model that has learned the client's label prior predicts its majority
-    label more often than the label occurs (compare ``majority_accuracy``, the label's share).
+    Under label skew, a model that has learned its client's label prior predicts the client's
+    majority label more often than the label occurs. Both figures come from the same examples,
+    so they compare directly.
     """
     if len(labels) == 0:
-        return float("nan")
+        return {"majority_share": float("nan"), "majority_predicted": float("nan")}
     majority = int(torch.bincount(labels, minlength=num_labels).argmax())
-    return float((pred == majority).float().mean())
+    return {"majority_share": float((labels == majority).float().mean()), "majority_predicted": float((pred == majority).float().mean())}
 
 
 def classification_metrics(pred: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:

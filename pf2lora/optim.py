@@ -23,6 +23,8 @@ at once."""
 
 
 def sgd(params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], lr: float) -> Tensors:
+    if not params:
+        return {}
     with torch.no_grad():  # new tensors, not part of any graph (the inputs may be)
         keys = list(params)
         steps = torch._foreach_mul([grads[k] for k in keys], lr)
@@ -48,8 +50,9 @@ def adamw(
     The parameters that share a step count are updated together with ``torch._foreach_*`` ops: one
     call per operation for all of them rather than one per tensor (on a GPU, one kernel launch
     instead of one per tensor; a small model's step is bound by launches), on a CPU in chunks of
-    ``CPU_CHUNK`` elements. The arithmetic is the same, operation for operation, so the numbers are
-    too.
+    ``CPU_CHUNK`` elements. The arithmetic is the same, operation for operation, so on a CPU the
+    numbers are too, to the last bit (tested); on a GPU the fused divide by a number may round its
+    reciprocal otherwise than the plain one (one unit in the last place, depending on the version).
     """
     b1, b2 = betas
     state = adamw_state(params, opt_state)
@@ -93,14 +96,12 @@ def _adamw_fused(
     """:func:`adamw`'s arithmetic for tensors at one step count, each operation one call for all."""
     b1, b2 = betas
     g = [grads[k] for k in keys]
+    # out of place wherever a Python number enters: an in-place fused op rounds the number to the
+    # tensors' dtype first (bfloat16 on a CPU), the per-tensor ops do not
     m = torch._foreach_lerp([state[f"m/{k}"] for k in keys], g, 1 - b1)
-    v = torch._foreach_mul([state[f"v/{k}"] for k in keys], b2)
-    torch._foreach_addcmul_(v, g, g, value=1 - b2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bc2)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(m, denom)
-    torch._foreach_mul_(update, lr / bc1)
+    v = torch._foreach_addcmul(torch._foreach_mul([state[f"v/{k}"] for k in keys], b2), g, g, value=1 - b2)
+    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), bc2), eps)
+    update = torch._foreach_mul(torch._foreach_div(m, denom), lr / bc1)
     decayed = torch._foreach_mul([params[k] for k in keys], 1 - lr * weight_decay)
     torch._foreach_sub_(decayed, update)
     for k, p_k, m_k, v_k in zip(keys, decayed, m, v, strict=True):

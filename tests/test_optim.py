@@ -57,6 +57,7 @@ def test_a_new_or_reshaped_parameter_starts_fresh(global_step):
 def test_sgd():
     out = sgd({"a": torch.ones(2)}, {"a": torch.tensor([1.0, -2.0])}, lr=0.5)
     assert torch.equal(out["a"], torch.tensor([0.5, 2.0]))
+    assert sgd({}, {}, lr=0.5) == {}
 
 
 def _adamw_per_tensor(params, grads, state, lr, betas, eps, weight_decay):
@@ -69,8 +70,8 @@ def _adamw_per_tensor(params, grads, state, lr, betas, eps, weight_decay):
         m = torch.lerp(state[f"m/{k}"], g, 1 - b1)
         v = state[f"v/{k}"].mul(b2).addcmul_(g, g, value=1 - b2)
         counts = t.reshape(-1).tolist()
-        bc1 = torch.tensor([1 - b1**n for n in counts]).reshape(-1, *[1] * (p.dim() - 1))
-        bc2 = torch.tensor([math.sqrt(1 - b2**n) for n in counts]).reshape(-1, *[1] * (p.dim() - 1))
+        bc1 = torch.tensor([1 - b1**n for n in counts], dtype=p.dtype).reshape(-1, *[1] * (p.dim() - 1))
+        bc2 = torch.tensor([math.sqrt(1 - b2**n) for n in counts], dtype=p.dtype).reshape(-1, *[1] * (p.dim() - 1))
         if len(set(counts)) == 1:  # one count: Python floats, as torch.optim.AdamW
             bc1, bc2 = 1 - b1 ** counts[0], math.sqrt(1 - b2 ** counts[0])
         new_p[k] = (p.mul(1 - lr * weight_decay) - (lr / bc1) * (m / ((v.sqrt() / bc2) + eps))).detach()
@@ -80,7 +81,8 @@ def _adamw_per_tensor(params, grads, state, lr, betas, eps, weight_decay):
 
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_adamw_equals_the_per_tensor_arithmetic_exactly(stacked, chunk, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_equals_the_per_tensor_arithmetic_exactly(stacked, chunk, dtype, monkeypatch):
     """The fused (``_foreach``) update is the same arithmetic: equal to the last bit, also for
     stacked clients at different step counts, for gradients that carry a graph, and cut into
     chunks (``CPU_CHUNK``)."""
@@ -89,15 +91,15 @@ def test_adamw_equals_the_per_tensor_arithmetic_exactly(stacked, chunk, monkeypa
     gen = torch.Generator().manual_seed(3)
     lead = (4,) if stacked else ()
     shapes = {"a": (*lead, 3, 5), "b": (*lead, 5, 2), "c": (*lead, 7)}
-    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    params = {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
     counts = torch.tensor([0, 2, 2, 5]) if stacked else torch.tensor(3)
     state = {"step": torch.tensor(3)}
     for k, s in shapes.items():
-        state[f"m/{k}"], state[f"v/{k}"] = torch.randn(s, generator=gen), torch.rand(s, generator=gen)
+        state[f"m/{k}"], state[f"v/{k}"] = torch.randn(s, generator=gen).to(dtype), torch.rand(s, generator=gen).to(dtype)
         state[f"t/{k}"] = counts.clone()
     state["t/c"] = torch.full_like(counts, 7)  # another count than the others: its own group
     w = torch.randn(5, generator=gen, requires_grad=True)
-    grads = {k: torch.randn(s, generator=gen) * w.sum() for k, s in shapes.items()}  # part of a graph
+    grads = {k: (torch.randn(s, generator=gen) * w.sum()).to(dtype) for k, s in shapes.items()}  # part of a graph
     with batching.stacked(4) if stacked else contextlib.nullcontext():
         for _ in range(3):
             got_p, got_s = adamw(params, grads, state, lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)

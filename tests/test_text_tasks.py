@@ -249,9 +249,11 @@ def test_classification_metrics_known_values():
     assert metrics.balanced_accuracy(pred, y, 3) == pytest.approx(2 / 3)
     assert metrics.macro_f1(pred, y, 3) == pytest.approx((2 / 3 + 0.8 + 0.5) / 3)
     assert metrics.majority_accuracy(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0, 0]), 2) == (1, 0.25)
-    # labels 2, 2, 2, 0 (majority 2); predicted 2 three times of four, whatever the truth
-    assert metrics.majority_predicted(torch.tensor([2, 2, 0, 2]), torch.tensor([2, 2, 2, 0]), 3) == 0.75
-    assert metrics.majority_predicted(torch.tensor([1, 1]), torch.tensor([0, 1]), 2) == 0.0  # a tie: label 0
+    # labels 2, 2, 2, 0 (majority 2, share 3/4); predicted 2 three times of four, whatever the truth
+    got = metrics.majority_shares(torch.tensor([2, 2, 0, 2]), torch.tensor([2, 2, 2, 0]), 3)
+    assert got == {"majority_share": 0.75, "majority_predicted": 0.75}
+    got = metrics.majority_shares(torch.tensor([1, 1]), torch.tensor([0, 1]), 2)  # a tie: label 0
+    assert got == {"majority_share": 0.5, "majority_predicted": 0.0}
 
 
 def test_generation_metrics():
@@ -315,11 +317,12 @@ def test_classification_head_loss_and_metrics(cls_task):
     full = t.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
     assert full.shape == t.logits(st.model_params(params), batch).shape
     m = t.evaluate(st.model_params(params), t.clients[1].test)
-    assert set(m) == {"accuracy", "macro_f1", "balanced_accuracy", "mcc", "loss", "majority_predicted"}
+    assert set(m) == {"accuracy", "macro_f1", "balanced_accuracy", "mcc", "loss", "majority_share", "majority_predicted"}
     pred = t.logits(st.model_params(params), t.clients[1].test).argmax(-1)
     test_labels = t.clients[1].test["labels"]
     top = int(torch.bincount(test_labels).argmax())
     assert m["majority_predicted"] == pytest.approx(float((pred == top).float().mean()))
+    assert m["majority_share"] == pytest.approx(float((test_labels == top).float().mean()))
     assert 0 <= m["accuracy"] <= 1 and -1 <= m["mcc"] <= 1
     bare = t.diagnostics(t.clients[1], {}, {})
     assert bare["majority_accuracy"] == t.clients[1].info["majority_accuracy"]

@@ -176,7 +176,7 @@ class TextClassificationTask(TextTask):
         pred = logits.argmax(dim=-1)
         out = metrics.classification_metrics(pred, labels, self.num_labels)
         out["loss"] = float(F.cross_entropy(logits, labels))
-        out["majority_predicted"] = metrics.majority_predicted(pred, labels, self.num_labels)
+        out.update(metrics.majority_shares(pred, labels, self.num_labels))
         return out
 
     def init_head(self, role: str, generator: torch.Generator) -> st.Tensors:

@@ -590,6 +590,12 @@ def _pm(m: dict, s: dict, key: str, digits: int = 3) -> str:
     return f"{m[key]:.{digits}f} ± {s.get(key, 0.0):.{digits}f}"
 
 
+def _at_lr(lr: str, best: str | None) -> str:
+    if lr == best:
+        return ""
+    return f" (at `{lr}`)" if best is None else f" (at `{lr}`, not the best lr)"
+
+
 def tuning_table(name: str, rec: dict[str, Any]) -> str:
     """The tuning runs of ``name``: each method's score per step size, and its choice (once made)."""
     lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
@@ -603,7 +609,10 @@ def tuning_table(name: str, rec: dict[str, Any]) -> str:
         if not scores:
             continue
         cells = [f"{scores[x]:.3f}" if x in scores else "-" for x in lrs]
-        extra = [f"`{k.split(',', 1)[1]}`: {v:.3f}" for k, v in scores.items() if "," in k]
+        best = max(lrs, key=lambda x: scores[x]) if all(x in scores for x in lrs) else None
+        extra = [  # a run at another lr than the best (the best before the grid grew) says which
+            f"`{k.split(',', 1)[1]}`: {v:.3f}" + _at_lr(k.split(",", 1)[0], best) for k, v in scores.items() if "," in k
+        ]
         choice = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r["chosen"].items()) if r["chosen"] else "(search not complete)"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {'; '.join(extra) or '-'} | {choice} |")
     return "\n".join(lines) + "\n"

@@ -326,3 +326,27 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
         )
         < 1e-4
     )
+
+
+@gpu
+@needs_cuda
+def test_fused_adamw_on_cuda_is_the_per_tensor_arithmetic():
+    """On CUDA the fused divide by a number may round its reciprocal otherwise than the plain one:
+    at most a unit in the last place, never more (the CPU's bit-identity is tests/test_optim.py's)."""
+    from pf2lora import optim
+
+    gen = torch.Generator().manual_seed(0)
+    params = {f"p{i}": torch.randn(8, 64, generator=gen).cuda() for i in range(6)}
+    state: dict[str, torch.Tensor] = {}
+    per_params, per_state = dict(params), optim.adamw_state(params, {})
+    for step in range(5):
+        grads = {k: torch.randn(8, 64, generator=gen).cuda() for k in params}
+        params, state = optim.adamw(params, grads, state, lr=1e-3)
+        new_params: dict[str, torch.Tensor] = {}
+        new_state: dict[str, torch.Tensor] = {"step": per_state["step"] + 1}
+        for k in per_params:
+            new_state[f"t/{k}"] = per_state[f"t/{k}"] + 1
+            optim._adamw_one(k, per_params[k], grads[k], per_state, new_params, new_state, 1e-3, (0.9, 0.999), 1e-8, 0.0)
+        per_params, per_state = new_params, new_state
+        for k in params:
+            torch.testing.assert_close(params[k], per_params[k], rtol=2e-7, atol=1e-9, msg=f"step {step}, {k}")

@@ -112,9 +112,12 @@ def test_a_worker_that_ends_as_a_message_arrives_is_replaced_and_asked_again(tmp
 
     def die() -> None:  # take the connection, then end without a word
         conn, _ = dying.accept()
-        conn.close()
+        # as a process's death does: the listener is gone by the time the client sees its
+        # connection end (closed the other way round, the client's second try could connect to
+        # the still-listening socket and be reset with it: a race the test lost under load)
         dying.close()
         path.unlink(missing_ok=True)
+        conn.close()
 
     thread = threading.Thread(target=die, daemon=True)
     thread.start()

@@ -40,6 +40,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,24 @@ def gpu_settings(quick: bool) -> list[Setting]:
     return out
 
 
+def interleaved(calls: dict[str, Callable[[], object]], n: int, reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed ``n`` calls at a time, interleaved (the
+    order reversed every other repetition, so load hits them alike); a GPU is synchronised around
+    each timing."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(max(3, reps) * 2 + 1):
+        for name in calls if rep % 2 == 0 else reversed(list(calls)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                calls[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def call_overhead(device: torch.device, reps: int) -> dict[str, Any]:
     """Forward + backward through ``functional_call`` and through :class:`ParameterSlots`,
     interleaved (the order reversed every other repetition); median seconds per call."""
@@ -263,19 +282,9 @@ def call_overhead(device: torch.device, reps: int) -> dict[str, Any]:
         "functional_call": lambda: functional_call(model, params, args=(), kwargs=inputs, strict=False).logits,
         "parameter_slots": lambda: slots.call(params, inputs).logits,
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    n = 20
-    for rep in range(max(3, reps) * 2 + 1):
-        for name in calls if rep % 2 == 0 else reversed(list(calls)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                torch.autograd.grad(calls[name]().square().sum(), list(params.values()))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - t0) / n)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved(
+        {name: lambda c=c: torch.autograd.grad(c().square().sum(), list(params.values())) for name, c in calls.items()}, 20, reps, device
+    )
     return {
         "shape": shape,
         "batch": list(inputs["input_ids"].shape),
@@ -307,19 +316,7 @@ def optimizer_overhead(device: torch.device, reps: int) -> dict[str, Any]:
             optim._adamw_one(name, params[name], grads[name], state, new_params, new_state, 1e-3, (0.9, 0.999), 1e-8, 0.0)
 
     steps = {"fused": lambda: optim.adamw(params, grads, state, 1e-3), "per_tensor": per_tensor}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    n = 50
-    for rep in range(max(3, reps) * 2 + 1):
-        for name in steps if rep % 2 == 0 else reversed(list(steps)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                steps[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - t0) / n)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved(steps, 50, reps, device)
     return {"tensors": len(params), "clients": k, "step_s": med, "per_tensor_over_fused": med["per_tensor"] / med["fused"]}
 
 

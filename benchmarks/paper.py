@@ -393,6 +393,10 @@ def summarize_clients(clients: dict[str, dict[str, Any]], metric: str, higher: b
     out[("p90_" if not higher else "p10_") + metric] = _percentile(per, 10 if higher else 90) if per else None
     if not generation:
         out["majority_accuracy"] = _mean(clients, "majority_accuracy")
+        for key in ("majority_share", "majority_predicted", "global_majority_predicted"):
+            value = _mean(clients, key)
+            if value is not None:  # runs from before the metric existed lack it
+                out[key] = value
     out["private_norm"] = _mean(clients, "private_norm")
     ranks = [r for c in clients.values() for r in (c.get("layer_ranks") or {}).values() if r is not None]
     out["mean_layer_rank"] = statistics.fmean(ranks) if ranks else None
@@ -487,6 +491,7 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 conv[str(r["seed"])] = converged(r["curve"], r["config"]["rounds"], metric, s.generation)[1]
                 seeds[str(r["seed"])] = {
                     **r["summary"],
+                    **summarize_clients(r["clients"], metric, higher, s.generation),  # the stored summary may predate a figure
                     "params_lora": r["params_per_client"]["lora"],
                     "params_head": r["params_per_client"]["head"],
                     "upload_bytes_per_client_per_round": r["upload_bytes_per_client_per_round"],

@@ -490,8 +490,8 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             for r in mine:
                 conv[str(r["seed"])] = converged(r["curve"], r["config"]["rounds"], metric, s.generation)[1]
                 seeds[str(r["seed"])] = {
-                    **r["summary"],
-                    **summarize_clients(r["clients"], metric, higher, s.generation),  # the stored summary may predate a figure
+                    # from the clients, not the stored summary: that may predate a figure
+                    **summarize_clients(r["clients"], metric, higher, s.generation),
                     "params_lora": r["params_per_client"]["lora"],
                     "params_head": r["params_per_client"]["head"],
                     "upload_bytes_per_client_per_round": r["upload_bytes_per_client_per_round"],

@@ -18,8 +18,9 @@ CPU_CHUNK = 1 << 15
 """Elements per fused update on a CPU. A fused operation runs over every tensor of the call before
 the next operation starts, so a call must fit the cache: 8 stacked clients' LoRA tensors of
 MiniLM-L6's shape, all at once, were 0.67x as fast as one tensor at a time; in chunks 1.0x, and
-small tensors 1.1x to 1.2x faster (thread CPU time, 2-core CPU, under load). A GPU takes them all
-at once."""
+small tensors 1.1x to 1.2x faster (thread CPU time, 2-core CPU, under load; timed once by hand,
+not by a benchmark script: ``accel.py``'s ``optimizer_overhead`` times the chunked update). A GPU
+takes them all at once."""
 
 
 def sgd(params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], lr: float) -> Tensors:

@@ -118,20 +118,40 @@ TIERS: dict[str, dict[str, Setting]] = {
     },
     "gpu": {
         "rt_s03": Setting(
-            "configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED
+            "configs/paper/rt_s03.toml",
+            (0, 1, 2),
+            RT_METHODS,
+            overrides=(*GPU, "rounds=100", "eval.every=10"),
+            tuning=CPU_TUNED,
+            about="Rotten Tomatoes, s = 0.3, MiniLM-L6, 100 rounds",
         ),
         "vader_domains": Setting(
-            "configs/paper/vader_domains.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED
+            "configs/paper/vader_domains.toml",
+            (0, 1, 2),
+            overrides=(*GPU, "rounds=100", "eval.every=10"),
+            tuning=CPU_TUNED,
+            about="VADER, 4 domains x 2 clients, MiniLM-L6, 100 rounds",
         ),
         "wordnet_topics": Setting(
-            "configs/paper/wordnet_topics.toml", (0, 1, 2), overrides=(*GPU, "rounds=300", "eval.every=30"), tuning=CPU_TUNED
+            "configs/paper/wordnet_topics.toml",
+            (0, 1, 2),
+            overrides=(*GPU, "rounds=300", "eval.every=30"),
+            tuning=CPU_TUNED,
+            about="WordNet noun topics, 25 classes, s = 0.3, MiniLM-L6, 300 rounds",
         ),
-        "rt_s05": Setting("configs/paper/rt_s05.toml", (0, 1, 2), overrides=(*GPU, "rounds=100", "eval.every=10"), tuning=CPU_TUNED),
+        "rt_s05": Setting(
+            "configs/paper/rt_s05.toml",
+            (0, 1, 2),
+            overrides=(*GPU, "rounds=100", "eval.every=10"),
+            tuning=CPU_TUNED,
+            about="Rotten Tomatoes, s = 0.5, MiniLM-L6, 100 rounds",
+        ),
         "rt_s03_private_head": Setting(
             "configs/paper/rt_s03.toml",
             (0, 1, 2),
             overrides=(*GPU, "rounds=100", "eval.every=10", "lora.head=private"),
             tuning=CPU_TUNED,
+            about="rt_s03 with the head private, MiniLM-L6, 100 rounds",
         ),
         "wordnet_nlg": Setting(
             "configs/paper/wordnet_nlg.toml",
@@ -139,6 +159,7 @@ TIERS: dict[str, dict[str, Setting]] = {
             NLG_METHODS,
             overrides=("device=auto", "parallel_clients=0", "rounds=30"),
             tuning="none",
+            about="WordNet definitions, SmolLM2-135M, 4 clients, 30 rounds",
         ),
     },
 }

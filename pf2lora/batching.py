@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-Tensors = dict[str, torch.Tensor]
+from pf2lora import state as st
+from pf2lora.state import Tensors
 
 _CLIENTS: ContextVar[int] = ContextVar("pf2lora_stacked_clients", default=0)
 _RANKS: ContextVar[Mapping[str, torch.Tensor] | None] = ContextVar("pf2lora_stacked_ranks", default=None)
@@ -78,13 +79,10 @@ def stack(states: Sequence[Mapping[str, torch.Tensor]]) -> Tensors:
 
 
 def unstack(state: Mapping[str, torch.Tensor], k: int) -> list[Tensors]:
-    """The inverse of :func:`stack`: ``k`` states, each with tensors of its own (cloned, so no
-    client's state is a view into the others' storage)."""
-    out: list[Tensors] = [{} for _ in range(k)]
-    for key, v in state.items():
-        for i, part in enumerate(v.unbind()):
-            out[i][key] = part.clone()
-    return out
+    """The inverse of :func:`stack`: ``k`` states, each with tensors of its own (copied, so no
+    client's state is a view into the stacked storage or the others'; one copy per client and
+    dtype, :func:`pf2lora.state.packed_clone`)."""
+    return [st.packed_clone({key: v[i] for key, v in state.items()}) for i in range(k)]
 
 
 class Lockstep(Protocol):

@@ -169,7 +169,8 @@ def export_peft(
     with atomic_dir(out_dir) as tmp:  # built aside, then moved into place in one rename
         config.save_pretrained(str(tmp))
         _stable_config(tmp / CONFIG_NAME)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # copies: safetensors refuses tensors that share a storage (the engine's packed states do)
+        save_file({k: v.detach().clone() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

@@ -161,17 +161,21 @@ def _bias_corrections(t: torch.Tensor, betas: tuple[float, float], like: torch.T
     return batching.per_client(table[:, 0], like), batching.per_client(table[:, 1], like)
 
 
-def adamw_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor]) -> Tensors:
+def adamw_state(params: Mapping[str, torch.Tensor], opt_state: Mapping[str, torch.Tensor], clients: int = 0) -> Tensors:
     """``opt_state`` completed for ``params``: every parameter with moments and a step count (zeros:
     fresh, for one that is new or changed shape) and a ``step``. Completing changes no update, and
-    makes the states of clients with different histories alike, so they can be stacked."""
+    makes the states of clients with different histories alike, so they can be stacked.
+    ``clients = K``: ``params`` stack K clients (:mod:`pf2lora.batching`), and the fresh counts are
+    one per client: ``adamw_state(stacked, {}, K)`` equals the stack of K fresh states, built with
+    one allocation per tensor rather than K."""
     out: Tensors = dict(opt_state)
-    out.setdefault("step", torch.tensor(0))
+    if "step" not in out:  # (not setdefault: that would build the default on every step)
+        out["step"] = torch.zeros(clients, dtype=torch.long) if clients else torch.tensor(0)
     for k, p in params.items():
         m = opt_state.get(f"m/{k}")
         if m is None or f"v/{k}" not in opt_state or m.shape != p.shape:  # fresh, or the rank changed (HETLoRA pruning)
             out[f"m/{k}"], out[f"v/{k}"] = torch.zeros_like(p), torch.zeros_like(p)
+            out[f"t/{k}"] = torch.zeros(clients, dtype=torch.long) if clients else torch.zeros((), dtype=torch.long)
+        elif f"t/{k}" not in out:
             out[f"t/{k}"] = torch.zeros((), dtype=torch.long)
-        else:
-            out.setdefault(f"t/{k}", torch.zeros((), dtype=torch.long))
     return out

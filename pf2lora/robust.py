@@ -105,6 +105,7 @@ def _validate(shared: object, spec: Spec, dtype: torch.dtype | None) -> str | No
         if extra:
             parts.append(f"unexpected {len(extra)} key(s): {_names(extra)}")
         return "wrong key set: " + "; ".join(parts)
+    checked: list[str] = []  # the keys whose values are left to check, in order
     for k in sorted(keys):
         v = shared[k]
         where = f"key {_name(k)}"
@@ -128,10 +129,26 @@ def _validate(shared: object, spec: Spec, dtype: torch.dtype | None) -> str | No
             return f"{where}: {len(shape)} dim(s) {list(shape)}, expected {len(expected)} {_shape_text(expected)}"
         for size, want in zip(shape, expected, strict=True):
             if (want is None and size < 1) or (want is not None and size != want):
-                return f"{where}: shape {list(shape)}, expected {_shape_text(expected)}"
-        bad = int((~torch.isfinite(v)).sum())
+                return _non_finite(shared, checked) or f"{where}: shape {list(shape)}, expected {_shape_text(expected)}"
+        checked.append(k)
+    return _non_finite(shared, checked)
+
+
+def _non_finite(shared: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` whose value is not finite everywhere, as a reason, or None. The common
+    case, all finite, is one reduction over all the tensors and one read to the host (per tensor,
+    on a GPU, hundreds of launches and synchronisations a round)."""
+    numbers = [shared[k] for k in keys if not st.is_bytes(k) and shared[k].numel()]
+    if not numbers:
+        return None
+    peaks = torch._foreach_norm([t.detach() for t in numbers], ord=math.inf)  # max |x|: inf or nan where any is
+    if bool(torch.isfinite(torch.stack([p.float() for p in peaks])).all()):
+        return None
+    for k in keys:  # something is not: name the first, as the per-key check would
+        v = shared[k]
+        bad = 0 if st.is_bytes(k) else int((~torch.isfinite(v)).sum())
         if bad:
-            return f"{where}: {bad} non-finite value(s) of {v.numel()}"
+            return f"key {_name(k)}: {bad} non-finite value(s) of {v.numel()}"
     return None
 
 
@@ -220,12 +237,20 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     total = float(sum(w))
     if total <= 0:
         raise ValueError("aggregation weights sum to zero")
+    # Floating tensors of one dtype and device are summed as one flat vector per state: the same
+    # arithmetic element by element, in a handful of operations rather than a few per tensor (on
+    # a GPU each is a kernel launch). The results are views into one new buffer.
+    groups: dict[tuple[torch.dtype, torch.device] | str, list[str]] = {}
+    for k, v in states[0].items():
+        groups.setdefault((v.dtype, v.device) if v.is_floating_point() else k, []).append(k)
     out: Tensors = {}
-    for k in states[0]:
+    for keys in groups.values():
+        flats = [torch.cat([s[k].detach().reshape(-1) for k in keys]) for s in states]
         # states is not empty (checked above), so the sum is a tensor, never the start value 0
-        acc = cast(torch.Tensor, sum((x / total) * _wide(s[k]) for s, x in zip(states, w, strict=True)))
-        out[k] = acc.to(states[0][k].dtype)
-    return out
+        acc = cast(torch.Tensor, sum((x / total) * _wide(f) for f, x in zip(flats, w, strict=True)))
+        parts = acc.to(states[0][keys[0]].dtype).split([states[0][k].numel() for k in keys])
+        out.update({k: part.view(states[0][k].shape) for k, part in zip(keys, parts, strict=True)})
+    return {k: out[k] for k in states[0]}
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

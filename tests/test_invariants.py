@@ -242,3 +242,29 @@ def test_only_the_exact_hypergradient_needs_double_backward():
         cfg, _ = small_task(f'pf2lora.estimator="{estimator}"')
         needs = {name for name, cls in registry().items() if cls.needs_double_backward(cfg)}
         assert needs == ({"pf2lora"} if estimator == "exact" else set())
+
+
+def test_packed_clone_is_a_deep_copy_with_disjoint_tensors():
+    """One buffer per dtype and device, but each tensor its own values: writing one changes no
+    other copy and not the source; shapes, dtypes, devices and key order are the source's."""
+    src = {
+        "shared:b": torch.randn(3, 2, requires_grad=True),
+        "shared:a": torch.randn(4),
+        "meta/n": torch.tensor(7),
+        "shared:h": torch.randn(2, 2, dtype=torch.float64),
+        "shared:t": torch.randn(5, 3).t(),  # not contiguous
+        "shared:z": torch.zeros(0, 4),
+    }
+    out = st.packed_clone(src)
+    assert list(out) == list(src)
+    for k, v in src.items():
+        assert torch.equal(out[k], v.detach()) and out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        assert not out[k].requires_grad
+    out["shared:a"].add_(1.0)
+    out["shared:b"].zero_()
+    assert torch.equal(out["shared:t"], src["shared:t"]) and not torch.equal(src["shared:b"].detach(), out["shared:b"])
+    assert torch.equal(out["shared:h"], src["shared:h"]) and int(out["meta/n"]) == 7
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in out.values() if t.numel())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))  # no overlap
+    src_ptrs = {t.data_ptr() for t in src.values() if t.numel()}
+    assert not any(t.data_ptr() in src_ptrs for t in out.values() if t.numel())

@@ -111,3 +111,14 @@ def test_adamw_equals_the_per_tensor_arithmetic_exactly(stacked, chunk, dtype, m
             for k in want_s:
                 assert torch.equal(got_s[k], want_s[k]), k
             params, state = got_p, got_s
+
+
+def test_a_stacked_fresh_state_is_the_stack_of_fresh_states():
+    """``adamw_state(stacked, {}, K)`` (one allocation per tensor) equals stacking K fresh states,
+    key order included: the lockstep engine builds a round's fresh optimizer state that way."""
+    params = [{"a": torch.randn(2, 3), "b": torch.randn(4)} for _ in range(3)]
+    one_by_one = batching.stack([optim.adamw_state(p, {}) for p in params])
+    together = optim.adamw_state(batching.stack(params), {}, clients=3)
+    assert list(together) == list(one_by_one)
+    for k in one_by_one:
+        assert torch.equal(together[k], one_by_one[k]) and together[k].dtype == one_by_one[k].dtype, k

@@ -224,3 +224,44 @@ def test_aggregators_do_not_mutate_or_alias():
         for k in out:
             out[k].add_(1.0)
     assert all(torch.equal(s[k], b[k]) for s, b in zip(states, before) for k in s)
+
+
+def test_non_finite_check_names_the_first_bad_key_in_order():
+    """The one-reduction check reports what the key-by-key check did: the first key (sorted) with
+    a problem, a non-finite value before a later key's wrong shape, and a shape before a later
+    key's non-finite value."""
+    u = upload()  # sorted: H, A, B
+    u[B] = torch.full((6, 4), float("nan"))
+    u[A] = u[A].clone()
+    u[A][0, 0] = float("inf")
+    reason = robust.validate_update(u, SPEC)
+    assert reason is not None and repr(A) in reason and "1 non-finite value(s) of 32" in reason
+    u = upload()
+    u[A] = u[A].clone()
+    u[A][1, 1] = float("nan")
+    u[B] = torch.zeros(5, 4)  # a wrong shape after the bad value
+    reason = robust.validate_update(u, SPEC)
+    assert reason is not None and repr(A) in reason and "non-finite" in reason
+    u = upload()
+    u[A] = torch.zeros(5, 8)  # a wrong shape before the bad value
+    u[B] = torch.full((6, 4), float("-inf"))
+    reason = robust.validate_update(u, SPEC)
+    assert reason is not None and repr(A) in reason and "shape" in reason
+    big = {k: v * 1e30 for k, v in upload().items()}  # finite, however large (no norm that overflows)
+    assert robust.validate_update(big, SPEC) is None
+
+
+def test_weighted_mean_is_the_key_by_key_arithmetic_exactly():
+    """Packing the keys into one vector per state changes no bit of the mean (float64 either way)
+    and keeps integer entries on their own path; the results alias no input."""
+    states = [{**upload(seed=s), "shared:count": torch.tensor([s, 2 * s])} for s in range(5)]
+    w = [1.0, 2.0, 3.0, 0.5, 7.0]
+    total = sum(w)
+    ours = robust.weighted_mean(states, w)
+    assert list(ours) == list(states[0])
+    for k in states[0]:
+        wide = [s[k].double() if s[k].is_floating_point() else s[k] for s in states]
+        by_key = sum((x / total) * t for t, x in zip(wide, w, strict=True)).to(states[0][k].dtype)
+        assert torch.equal(ours[k], by_key) and ours[k].dtype == states[0][k].dtype, k
+    inputs = {t.data_ptr() for s in states for t in s.values()}
+    assert not any(t.data_ptr() in inputs for t in ours.values())

@@ -99,7 +99,7 @@ class LocalEngine:
         ledger = run.open_round(round_)
         faults = {cid: injected_fault(cfg, cid, round_) for cid in ledger.sampled}
         # the client never holds the server's tensors
-        received = {cid: st.clone(method.broadcast(run.server, cid)) for cid, (kind, _) in faults.items() if kind != "dropout"}
+        received = {cid: st.packed_clone(method.broadcast(run.server, cid)) for cid, (kind, _) in faults.items() if kind != "dropout"}
         training = [cid for cid in received if faults[cid][0] != "crash"]
         jobs = [
             functools.partial(train_client, cfg, task, method, run.trainers[cid], run.local_steps, round_, received[cid], run.clients[cid])

@@ -66,7 +66,7 @@ class _Request:
         left out where the method pads ranks and the request has one rank per adapter)."""
         step = getattr(self.step, "__func__", self.step)
         owner = id(getattr(self.step, "__self__", None))
-        opt = adamw_state(self.trained, self.opt)
+        opt = adamw_state({k: v.to("meta") for k, v in self.trained.items()}, self.opt)  # shapes only: no allocation
         n = min(self.ctx.batch_size, self.ctx.client.num_train)
         free = self.method.pads_ranks and adapter_ranks(self.trained) is not None
         return (step, owner, self.ctx.local_steps, n, _shapes(self.trained, free), _shapes(self.fixed), _shapes(opt, free))
@@ -409,7 +409,8 @@ def stacked_train(group: Sequence[_Request], pools: PoolCache | None = None) -> 
     contexts = [r.ctx for r in group]
     ctx = StackedContext.of(contexts, (pools or PoolCache()).get(contexts))
     trained_states = [r.trained for r in group]
-    opt_states = [adamw_state(r.trained, r.opt) for r in group]
+    fresh = not any(r.opt for r in group)  # the usual case: optimizer state starts anew every round
+    opt_states = [] if fresh else [adamw_state(r.trained, r.opt) for r in group]
     ranks = _padded_group(group)
     padded: dict[str, torch.Tensor] = {}
     if ranks is not None:  # one width per adapter; each client's own rank to the layers and the step
@@ -424,7 +425,7 @@ def stacked_train(group: Sequence[_Request], pools: PoolCache | None = None) -> 
         }
     trained = batching.stack(trained_states)
     fixed = batching.stack([r.fixed for r in group]) if group[0].fixed else {}
-    opt = batching.stack(opt_states)
+    opt = adamw_state(trained, {}, clients=k) if fresh else batching.stack(opt_states)
     step = group[0].step
     losses: list[torch.Tensor] = []
     with batching.stacked(k, padded):

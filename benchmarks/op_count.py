@@ -1,0 +1,115 @@
+"""Tensor operations per local step and per round: what sets the pace of a small model on a GPU.
+
+    python benchmarks/op_count.py [--out benchmarks/results/op_count.json]
+
+On a GPU a small model's step is bound by kernel launches and the host's work around them, not by
+arithmetic (``accel_gpu.json``: a round of MiniLM-L6's shape took about as long per step whether
+the batch was 16 or 128). This counts what the host dispatches, on the CPU, with a
+``TorchDispatchMode``: every aten operation that is not a view or an allocation, in the engine's
+main thread (where the lockstep engine runs the steps and the round's bookkeeping), for HOMLoRA
+with 8 clients batched, one after another, and one centralized LoRA job of the same total batch.
+Two runs per variant, with 10 and 20 local steps, give the operations per local step (their
+difference) and the rest of a round (aggregation, copies, checks: the round's overhead). The
+counts are deterministic, so unlike a timing they can be compared across machines and commits;
+shapes do not change them, so a tiny model of MiniLM-L6's depth stands in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pf2lora import plan
+from pf2lora.engines.local import LocalEngine
+from pf2lora.tasks.tiny_text import TinyTextTask
+
+SHAPE = {"hidden_size": 24, "num_layers": 6, "num_heads": 2, "intermediate_size": 48}
+"""MiniLM-L6's depth (the count of operations per step depends on the layers, not their width)."""
+TASK = ["task.kind=tiny-text", "task.num_clients=8", "task.seq_len=16", "task.train_samples=256", "task.test_samples=32"]
+TASK += ["batch_size=16", "lora.rank=8", "lora.alpha=8.0", "num_threads=1", "rounds=2", "eval.every=0", "checkpoint=false"]
+VARIANTS = {
+    "batched": ("homlora", ["parallel_clients=8"], 1, 1),
+    "sequential": ("homlora", ["parallel_clients=1"], 8, 8),
+    "centralized": ("centralized", ["batch_size=128"], 8, 1),
+}
+"""name: (method, overrides, model steps a round per local step, model steps per 128 examples). A
+centralized round takes the federation's total steps (8 x local_steps), each of batch 128."""
+NOT_COUNTED = {
+    "view", "as_strided", "_unsafe_view", "_reshape_alias", "alias", "detach", "lift_fresh", "t", "transpose",
+    "expand", "permute", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "unbind",
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like",
+}  # fmt: skip
+"""Views and bare allocations: no kernel runs for them."""
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name not in NOT_COUNTED:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(method: str, overrides: list[str], local_steps: int) -> collections.Counter[str]:
+    cfg = plan.load(
+        str(ROOT / "configs" / "synthetic_rank.toml"), [*TASK, *overrides, f"local_steps={local_steps}", f'methods=["{method}"]']
+    )
+    torch.set_num_threads(1)
+    task = TinyTextTask(cfg, **SHAPE)
+    engine = LocalEngine(cfg, task, progress=False)
+    with _Count() as counter:
+        engine.run(method)
+    return counter.ops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "op_count.json"))
+    args = p.parse_args()
+    results: dict[str, Any] = {}
+    for name, (method, overrides, per_local, per_128) in VARIANTS.items():
+        short, long = count(method, overrides, 10), count(method, overrides, 20)
+        n_short, n_long = sum(short.values()), sum(long.values())
+        per_step = (n_long - n_short) / (2 * 10 * per_local)  # 2 rounds, 10 more local steps each
+        per_round = n_short / 2 - per_step * 10 * per_local  # the run's end (its evaluation) shared out over the 2 rounds
+        results[name] = {
+            "method": method,
+            "overrides": overrides,
+            "ops_per_model_step": per_step,
+            "ops_per_round_besides_steps": per_round,
+            "ops_per_128_examples": per_step * per_128 + per_round / (10 * per_local / per_128),
+            "most_common_in_10_step_run": dict(short.most_common(12)),
+        }
+        print(f"{name}: {per_step:.0f} ops a model step, {per_round:.0f} a round besides them")
+    fed = results["batched"]["ops_per_128_examples"]
+    out = {
+        "command": "python benchmarks/op_count.py",
+        "about": "aten operations (not views or allocations) the engine's main thread dispatches; per 128 examples "
+        "trained: one local step of all 8 clients (batched: one model step; sequential: 8), one centralized step "
+        "of batch 128, each with its share of the round's other operations (a round: 10 local steps)",
+        "shape": SHAPE,
+        "machine": {"torch": torch.__version__, "python": platform.python_version()},
+        "results": results,
+        "batched_over_centralized_ops": fed / results["centralized"]["ops_per_128_examples"],
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@
 #     bash benchmarks/gpu_paper.sh smoke [SECONDS]            # every rt_s03 method, 2 rounds on CUDA (~90 s)
 #     bash benchmarks/gpu_paper.sh run SECONDS [SETTING...]   # paper.py --tier gpu (default: rt_s03)
 #
-# `run` keeps JOBS (default 3) runs going on the one GPU (12 at once finished none in 3 minutes on
+# `run` keeps JOBS (default 3) runs going on the one GPU (METHODS="pf2lora homlora": only those) (12 at once finished none in 3 minutes on
 # 2026-12-04), in seed-major order with the CPU tier's step sizes, starts no new run once SECONDS
 # minus 60 have passed, then packs every finished run file and
 # the summary into $OUT/paper_gpu.tgz (unpack it into benchmarks/results/; paper.py skips what is
@@ -38,8 +38,10 @@ run)
     shift 2 || shift $#
     settings=("${@:-rt_s03}")
     hours=$(python3 -c "print(max(0.0, ($budget - 60) / 3600))")
-    timeout "$budget" $PY benchmarks/paper.py --tier gpu --settings "${settings[@]}" --jobs "${JOBS:-3}" --hours "$hours" \
-        --set "task.model=$MODEL" 2>&1 | tee "$OUT/paper_gpu.log"
+    methods=()
+    if [ -n "${METHODS:-}" ]; then read -r -a methods <<<"--methods $METHODS"; fi
+    timeout "$budget" $PY benchmarks/paper.py --tier gpu --settings "${settings[@]}" "${methods[@]}" --jobs "${JOBS:-3}" \
+        --hours "$hours" --set "task.model=$MODEL" 2>&1 | tee "$OUT/paper_gpu.log"
     rc=${PIPESTATUS[0]}
     tar czf "$OUT/paper_gpu.tgz" -C benchmarks/results paper_gpu paper_gpu.json 2>/dev/null
     exit "$rc"

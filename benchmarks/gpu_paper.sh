@@ -20,6 +20,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PF2LORA_C
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
 [ -d "$MODEL" ] || { echo "gpu_paper.sh: $MODEL is missing (run 'make gpu-assets' and carry .gpu_assets)" >&2; exit 2; }
+if [ ! -d /tmp/site ] && compgen -G ".gpu_wheels/*.whl" >/dev/null; then  # (gpu_check.sh installs them too)
+    $PY -m pip install --no-index --no-deps -q --no-compile --target /tmp/site .gpu_wheels/*.whl || exit 1
+fi
 if [ -d /tmp/site ]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
 mode=${1:-run}
 case $mode in

@@ -546,10 +546,44 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             entry["client_heterogeneity"] = {cid: c.get("heterogeneity", {}) for cid, c in seed0["clients"].items()}
         if "pf2lora" in methods:
             entry["pf2lora_vs"] = head_to_head(methods, metric, higher)
+            if not s.generation:
+                entry["pf2lora_clients"] = pf2lora_clients(methods["pf2lora"])
         data["settings"][name] = entry
         if not runs:
             entry["config"]["task"].pop("data_seed", None)  # the tuning runs' is the validation federation's
     return data
+
+
+CLIENT_EVIDENCE = (
+    "balanced_accuracy",
+    "global_balanced_accuracy",
+    "majority_share",
+    "majority_predicted",
+    "global_majority_predicted",
+    "private_norm",
+)
+
+
+def pf2lora_clients(pf2lora: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per client, the mean over PF2LoRA's seeds of what says what its private adapter learned: its
+    model's and the global model's (the common adapter alone) balanced accuracy, how often each
+    predicts the client's majority test label against that label's share, the private adapter's
+    norm and the mean effective rank of its layers' updates; next to the client's heterogeneity.
+    A private adapter that learns the client's label prior shows as a personal model predicting
+    the majority label more often than the global one, and more often than the label occurs."""
+    per: dict[str, dict[str, list[float]]] = {}
+    heterogeneity: dict[str, dict[str, Any]] = {}
+    for seed in pf2lora["seeds"].values():
+        for cid, c in seed["clients"].items():
+            row = per.setdefault(cid, {})
+            for k in CLIENT_EVIDENCE:
+                if _scalar(c.get(k)):
+                    row.setdefault(k, []).append(float(c[k]))
+            ranks = c.get("layer_ranks") or {}
+            if ranks:
+                row.setdefault("mean_layer_rank", []).append(sum(ranks.values()) / len(ranks))
+            heterogeneity[cid] = c.get("heterogeneity", {})
+    return {cid: {**{k: sum(v) / len(v) for k, v in row.items()}, "heterogeneity": heterogeneity[cid]} for cid, row in per.items()}
 
 
 def head_to_head(methods: dict[str, Any], metric: str, higher: bool) -> dict[str, Any]:
@@ -670,6 +704,7 @@ def table(data: dict[str, Any]) -> str:
             f"{'converged' if e['converged'] else 'NOT converged by the rule'}; "
             f"{'complete' if e['complete'] else 'incomplete'})\n"
         )
+        cols: tuple[str, ...]
         if gen:
             cols = ("loss", "perplexity", "bleu", "rouge_l", worst, "global_loss")
             head = "| method | loss | perplexity | BLEU | ROUGE-L | worst client loss | global model loss |"
@@ -712,6 +747,38 @@ def table(data: dict[str, Any]) -> str:
                     f"| {m} | {v['lead_mean']:+.{digits}f} ± {v['lead_std']:.{digits}f} | {', '.join(v['seeds'])} | {v['verdict']} |"
                 )
             out.append("")
+        if e.get("pf2lora_clients"):
+            out.append(client_table(name, e["pf2lora_clients"], len(e["methods"]["pf2lora"]["seeds"])))
+    return "\n".join(out)
+
+
+def client_table(name: str, clients: dict[str, dict[str, Any]], n_seeds: int) -> str:
+    """PF2LoRA per client (:func:`pf2lora_clients`), the most heterogeneous first."""
+
+    def skew(c: dict[str, Any]) -> tuple[str, float]:
+        h = c["heterogeneity"]
+        if "label_tv" in h:
+            return f"{h['label_tv']:.2f} / {h.get('majority_share', float('nan')):.2f}", -h["label_tv"]
+        return str(h.get("group", "-")), 0.0
+
+    def cell(c: dict[str, Any], k: str, digits: int = 3) -> str:
+        return f"{c[k]:.{digits}f}" if k in c else "-"
+
+    out = [
+        f"*{name}: PF2LoRA per client (mean of {n_seeds} seed(s)): what its private adapter learned. Heterogeneity: "
+        "the label distribution's total-variation distance from the pooled one / its largest label share (training "
+        "set), or the client's domain*\n",
+        "| client | heterogeneity | bal. acc. | global model bal. acc. | majority label's test share | majority predicted "
+        "| global model: majority predicted | private adapter norm | mean effective rank |",
+        "|---" * 9 + "|",
+    ]
+    for cid, c in sorted(clients.items(), key=lambda kv: (skew(kv[1])[1], kv[0])):
+        out.append(
+            f"| {cid} | {skew(c)[0]} | {cell(c, 'balanced_accuracy')} | {cell(c, 'global_balanced_accuracy')} "
+            f"| {cell(c, 'majority_share')} | {cell(c, 'majority_predicted')} | {cell(c, 'global_majority_predicted')} "
+            f"| {cell(c, 'private_norm', 2)} | {cell(c, 'mean_layer_rank', 2)} |"
+        )
+    out.append("")
     return "\n".join(out)
 
 

@@ -210,3 +210,28 @@ def test_head_to_head_pairs_seeds_and_calls_ties_within_noise():
         {"pf2lora": {"seeds": {"0": {"loss": 2.0}}}, "homlora": {"seeds": {"0": {"loss": 2.5}}}}, "loss", higher=False
     )
     assert loss["homlora"]["lead_mean"] == pytest.approx(0.5) and loss["homlora"]["verdict"] == "ahead"
+
+
+def test_pf2lora_client_evidence_is_the_seed_mean_most_heterogeneous_first():
+    def client(bal, maj_pred, norm, ranks, tv):
+        return {
+            "balanced_accuracy": bal,
+            "global_balanced_accuracy": 0.7,
+            "majority_share": 0.8,
+            "majority_predicted": maj_pred,
+            "global_majority_predicted": 0.6,
+            "private_norm": norm,
+            "layer_ranks": ranks,
+            "heterogeneity": {"label_tv": tv, "majority_share": 0.5 + tv},
+        }
+
+    seeds = {
+        "0": {"clients": {"c0": client(0.6, 0.9, 4.0, {"q": 2, "v": 4}, 0.1), "c1": client(0.8, 0.7, 2.0, {"q": 1, "v": 1}, 0.3)}},
+        "1": {"clients": {"c0": client(0.7, 0.8, 6.0, {"q": 4, "v": 4}, 0.1), "c1": client(0.9, 0.5, 2.0, {"q": 1, "v": 3}, 0.3)}},
+    }
+    ev = paper.pf2lora_clients({"seeds": seeds})
+    assert ev["c0"]["balanced_accuracy"] == pytest.approx(0.65) and ev["c0"]["private_norm"] == pytest.approx(5.0)
+    assert ev["c0"]["mean_layer_rank"] == pytest.approx(3.5) and ev["c1"]["majority_predicted"] == pytest.approx(0.6)
+    lines = [line for line in paper.client_table("s", ev, 2).splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in lines}) == 1, lines
+    assert lines[2].startswith("| c1 | 0.30 / 0.80 |") and lines[3].startswith("| c0 |")  # the more skewed first

@@ -70,7 +70,13 @@ def count(method: str, overrides: list[str], local_steps: int) -> collections.Co
         str(ROOT / "configs" / "synthetic_rank.toml"), [*TASK, *overrides, f"local_steps={local_steps}", f'methods=["{method}"]']
     )
     torch.set_num_threads(1)
-    task = TinyTextTask(cfg, **SHAPE)
+    task = TinyTextTask(
+        cfg,
+        hidden_size=SHAPE["hidden_size"],
+        num_layers=SHAPE["num_layers"],
+        num_heads=SHAPE["num_heads"],
+        intermediate_size=SHAPE["intermediate_size"],
+    )
     engine = LocalEngine(cfg, task, progress=False)
     with _Count() as counter:
         engine.run(method)

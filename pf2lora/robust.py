@@ -142,7 +142,10 @@ def _non_finite(shared: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str 
     if not numbers:
         return None
     peaks = torch._foreach_norm([t.detach() for t in numbers], ord=math.inf)  # max |x|: inf or nan where any is
-    if bool(torch.isfinite(torch.stack([p.float() for p in peaks])).all()):
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in peaks:
+        by_device.setdefault(p.device, []).append(p.float())
+    if all(bool(torch.isfinite(torch.stack(group)).all()) for group in by_device.values()):
         return None
     for k in keys:  # something is not: name the first, as the per-key check would
         v = shared[k]

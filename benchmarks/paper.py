@@ -103,6 +103,14 @@ CPU_TUNED = "reuse:cpu/rt_s03"
 """The GPU tier takes the CPU tier's choices (MiniLM-L3, 30 rounds): its own grid search would be
 ~50 runs of 100 rounds, hours of a GPU; a step size tuned on the smaller model and shorter run is
 the same handicap for every method."""
+
+
+def _gpu(config: str, rounds: int, about: str, *extra: str, methods: tuple[str, ...] = ALL_METHODS) -> Setting:
+    """An encoder setting of the GPU tier: MiniLM-L6, the paper's rounds, 3 seeds, the CPU tier's step sizes."""
+    overrides = (*GPU, f"rounds={rounds}", f"eval.every={rounds // 10}", *extra)
+    return Setting(f"configs/paper/{config}.toml", (0, 1, 2), methods, overrides, CPU_TUNED, f"{about}, MiniLM-L6, {rounds} rounds")
+
+
 TIERS: dict[str, dict[str, Setting]] = {
     "cpu": {
         "rt_s03": Setting("configs/paper/rt_s03.toml", (0, 1, 2), RT_METHODS, tuning="tune", about="Rotten Tomatoes, s = 0.3"),
@@ -117,42 +125,11 @@ TIERS: dict[str, dict[str, Setting]] = {
         ),
     },
     "gpu": {
-        "rt_s03": Setting(
-            "configs/paper/rt_s03.toml",
-            (0, 1, 2),
-            RT_METHODS,
-            overrides=(*GPU, "rounds=100", "eval.every=10"),
-            tuning=CPU_TUNED,
-            about="Rotten Tomatoes, s = 0.3, MiniLM-L6, 100 rounds",
-        ),
-        "vader_domains": Setting(
-            "configs/paper/vader_domains.toml",
-            (0, 1, 2),
-            overrides=(*GPU, "rounds=100", "eval.every=10"),
-            tuning=CPU_TUNED,
-            about="VADER, 4 domains x 2 clients, MiniLM-L6, 100 rounds",
-        ),
-        "wordnet_topics": Setting(
-            "configs/paper/wordnet_topics.toml",
-            (0, 1, 2),
-            overrides=(*GPU, "rounds=300", "eval.every=30"),
-            tuning=CPU_TUNED,
-            about="WordNet noun topics, 25 classes, s = 0.3, MiniLM-L6, 300 rounds",
-        ),
-        "rt_s05": Setting(
-            "configs/paper/rt_s05.toml",
-            (0, 1, 2),
-            overrides=(*GPU, "rounds=100", "eval.every=10"),
-            tuning=CPU_TUNED,
-            about="Rotten Tomatoes, s = 0.5, MiniLM-L6, 100 rounds",
-        ),
-        "rt_s03_private_head": Setting(
-            "configs/paper/rt_s03.toml",
-            (0, 1, 2),
-            overrides=(*GPU, "rounds=100", "eval.every=10", "lora.head=private"),
-            tuning=CPU_TUNED,
-            about="rt_s03 with the head private, MiniLM-L6, 100 rounds",
-        ),
+        "rt_s03": _gpu("rt_s03", 100, "Rotten Tomatoes, s = 0.3", methods=RT_METHODS),
+        "vader_domains": _gpu("vader_domains", 100, "VADER, 4 domains x 2 clients"),
+        "wordnet_topics": _gpu("wordnet_topics", 300, "WordNet noun topics, 25 classes, s = 0.3"),
+        "rt_s05": _gpu("rt_s05", 100, "Rotten Tomatoes, s = 0.5"),
+        "rt_s03_private_head": _gpu("rt_s03", 100, "rt_s03 with the head private", "lora.head=private"),
         "wordnet_nlg": Setting(
             "configs/paper/wordnet_nlg.toml",
             (0, 1, 2),

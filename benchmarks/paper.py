@@ -806,7 +806,7 @@ def figures(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_ylabel("mean effective rank of its update (common + private)")
             ax.set_title(name, fontsize=9)
             ax.grid(alpha=0.3)
-        fig.suptitle("PF2LoRA: effective rank per client (singular values > 0.1 x largest; max r + r~ = 10)", fontsize=9)
+        fig.suptitle("PF2LoRA: effective rank per client\n(singular values > 0.1 x largest; max r + r~ = 10)", fontsize=9)
         fig.tight_layout()
         path = out_dir / "pf2lora_ranks.png"
         fig.savefig(path, dpi=110)

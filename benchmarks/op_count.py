@@ -6,7 +6,8 @@ On a GPU a small model's step is bound by kernel launches and the host's work ar
 arithmetic (``accel_gpu.json``: a round of MiniLM-L6's shape took about as long per step whether
 the batch was 16 or 128). This counts what the host dispatches, on the CPU, with a
 ``TorchDispatchMode``: every aten operation that is not a view or an allocation, in the engine's
-main thread (where the lockstep engine runs the steps and the round's bookkeeping), for HOMLoRA
+main thread (where the lockstep engine runs the steps and the round's bookkeeping), with the
+copies and means packed as on a GPU (:func:`pf2lora.state.packs`), for HOMLoRA
 with 8 clients batched, one after another, and one centralized LoRA job of the same total batch.
 Two runs per variant, with 10 and 20 local steps, give the operations per local step (their
 difference) and the rest of a round (aggregation, copies, checks: the round's overhead). The
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pf2lora import plan
+from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
 from pf2lora.tasks.tiny_text import TinyTextTask
 
@@ -84,6 +86,7 @@ def count(method: str, overrides: list[str], local_steps: int) -> collections.Co
 
 
 def main() -> None:
+    st.PACK_ON_CPU = True  # count what a GPU run dispatches: its copies and means are packed (state.packs)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "op_count.json"))
     args = p.parse_args()

@@ -135,19 +135,23 @@ def _validate(shared: object, spec: Spec, dtype: torch.dtype | None) -> str | No
 
 
 def _non_finite(shared: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
-    """The first of ``keys`` whose value is not finite everywhere, as a reason, or None. The common
-    case, all finite, is one reduction over all the tensors and one read to the host (per tensor,
-    on a GPU, hundreds of launches and synchronisations a round)."""
+    """The first of ``keys`` whose value is not finite everywhere, as a reason, or None. On a GPU
+    the common case, all finite, is one reduction over all the tensors and one read to the host
+    (key by key it was hundreds of launches and synchronisations a round)."""
     numbers = [shared[k] for k in keys if not st.is_bytes(k) and shared[k].numel()]
-    if not numbers:
-        return None
+    if not any(st.packs(t.device) for t in numbers):  # on a CPU, key by key is as fast: no launches
+        return _first_non_finite(shared, keys)
     peaks = torch._foreach_norm([t.detach() for t in numbers], ord=math.inf)  # max |x|: inf or nan where any is
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in peaks:
         by_device.setdefault(p.device, []).append(p.float())
     if all(bool(torch.isfinite(torch.stack(group)).all()) for group in by_device.values()):
         return None
-    for k in keys:  # something is not: name the first, as the per-key check would
+    return _first_non_finite(shared, keys)  # something is not: name the first, as key by key would
+
+
+def _first_non_finite(shared: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+    for k in keys:
         v = shared[k]
         bad = 0 if st.is_bytes(k) else int((~torch.isfinite(v)).sum())
         if bad:
@@ -240,15 +244,15 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     total = float(sum(w))
     if total <= 0:
         raise ValueError("aggregation weights sum to zero")
-    # Floating tensors of one dtype and device are summed as one flat vector per state: the same
-    # arithmetic element by element, in a handful of operations rather than a few per tensor (on
-    # a GPU each is a kernel launch). The results are views into one new buffer.
+    # Where st.packs says so (a GPU), floating tensors of one dtype and device are summed as one flat
+    # vector per state: the same arithmetic element by element, in a handful of operations rather
+    # than a few per tensor (each a kernel launch). The results are views into one new buffer.
     groups: dict[tuple[torch.dtype, torch.device] | str, list[str]] = {}
     for k, v in states[0].items():
-        groups.setdefault((v.dtype, v.device) if v.is_floating_point() else k, []).append(k)
+        groups.setdefault((v.dtype, v.device) if v.is_floating_point() and st.packs(v.device) else k, []).append(k)
     out: Tensors = {}
     for keys in groups.values():
-        flats = [torch.cat([s[k].detach().reshape(-1) for k in keys]) for s in states]
+        flats = [torch.cat([s[k].detach().reshape(-1) for k in keys]) if len(keys) > 1 else s[keys[0]].detach().reshape(-1) for s in states]
         # states is not empty (checked above), so the sum is a tensor, never the start value 0
         acc = cast(torch.Tensor, sum((x / total) * _wide(f) for f, x in zip(flats, w, strict=True)))
         parts = acc.to(states[0][keys[0]].dtype).split([states[0][k].numel() for k in keys])

@@ -127,22 +127,35 @@ def clone(state: Mapping[str, torch.Tensor]) -> Tensors:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+PACK_ON_CPU = False
+"""Whether :func:`packs` says yes on a CPU too; ``benchmarks/op_count.py`` sets it to count, on a
+CPU, the operations a GPU run dispatches (and tests, to exercise the packed paths)."""
+
+
+def packs(device: torch.device) -> bool:
+    """Whether many small tensors on ``device`` are copied and reduced as one buffer rather than one
+    by one: off the CPU, where every per-tensor operation is a kernel launch (a small model's GPU
+    round is bound by launches). On a CPU a per-tensor copy is a plain memcpy, and packing costs
+    more than it saves (24 LoRA tensors of MiniLM-L6's shape: a packed copy 2.5x slower, a packed
+    mean of 8 clients 2x; timed by hand, interleaved, on the 2-core CPU under load)."""
+    return device.type != "cpu" or PACK_ON_CPU
+
+
 def packed_clone(state: Mapping[str, torch.Tensor]) -> Tensors:
-    """A detached deep copy like :func:`clone`, made with one copy per dtype and device instead of
-    one per tensor: the engine's per-round copies of a few hundred small tensors are each a kernel
-    launch on a GPU, where a small model's round is bound by launches. The copies are disjoint
-    views into one new buffer, so none aliases the source or another copy's values; they do share
-    a storage, which is why safetensors files are written from copies (:mod:`pf2lora.export`)."""
+    """A detached deep copy like :func:`clone`, made with one copy per dtype and device where
+    :func:`packs` says so (one per tensor elsewhere). The packed copies are disjoint views into one
+    new buffer, so none aliases the source or another copy's values; they do share a storage,
+    which is why safetensors files are written from copies (:mod:`pf2lora.export`)."""
     groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for k, v in state.items():
         groups.setdefault((v.dtype, v.device), []).append(k)
     out: Tensors = {}
     with torch.no_grad():
-        for keys in groups.values():
-            if len(keys) == 1:
-                out[keys[0]] = state[keys[0]].detach().clone()
+        for (_, device), keys in groups.items():
+            if len(keys) == 1 or not packs(device):
+                out.update({k: state[k].detach().clone() for k in keys})
                 continue
-            flat = torch.cat([state[k].detach().reshape(-1) for k in keys])
+            flat = torch.cat([state[k].reshape(-1) for k in keys])
             for k, part in zip(keys, flat.split([state[k].numel() for k in keys]), strict=True):
                 out[k] = part.view(state[k].shape)
     return {k: out[k] for k in state}

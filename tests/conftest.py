@@ -266,3 +266,10 @@ def save_tiny_gpt2(d: Path) -> Path:
         torch.manual_seed(0)
         GPT2LMHeadModel(cfg).save_pretrained(d)
     return d
+
+
+@pytest.fixture(params=[False, True], ids=["per-tensor", "packed"])
+def packing(request, monkeypatch) -> bool:
+    """Both paths of :func:`pf2lora.state.packs` on a CPU: per tensor (a CPU's) and packed (a GPU's)."""
+    monkeypatch.setattr(st, "PACK_ON_CPU", request.param)
+    return request.param

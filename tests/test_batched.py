@@ -15,6 +15,7 @@ import torch
 
 from conftest import ALL_METHODS, SYNTH_CFG, read_summary, run_cli, sets, small_cfg
 from pf2lora import batching, lora, plan
+from pf2lora import state as st
 from pf2lora.engines.local import LocalEngine
 from pf2lora.engines.lockstep import LockstepEngine, parallel_clients
 from pf2lora.methods import registry
@@ -82,6 +83,17 @@ def test_batched_equals_sequential_synthetic(method, rounds, rtol):
     if not issubclass(registry()[method], HeterogeneousRanks):  # clients of different ranks: separate groups
         assert engine.sequential_requests == 0
     _assert_close(_metrics(seq), _metrics(bat), rtol)
+
+
+@pytest.mark.parametrize("method", ["homlora", "pf2lora", "hetlora"])
+def test_packed_copies_change_no_number(method, monkeypatch):
+    """The GPU's packed copies, means and checks (:func:`pf2lora.state.packs`), here on the CPU,
+    give the per-tensor paths' numbers to the last bit, sequential and batched."""
+    runs = {}
+    for pack in (False, True):
+        monkeypatch.setattr(st, "PACK_ON_CPU", pack)
+        runs[pack] = [_metrics(_run(method, k, *SYNTH, "rounds=3")[0]) for k in (1, 4)]
+    assert runs[True] == runs[False]
 
 
 @pytest.mark.parametrize("method", ["hetlora", "flexlora"])

@@ -244,9 +244,9 @@ def test_only_the_exact_hypergradient_needs_double_backward():
         assert needs == ({"pf2lora"} if estimator == "exact" else set())
 
 
-def test_packed_clone_is_a_deep_copy_with_disjoint_tensors():
-    """One buffer per dtype and device, but each tensor its own values: writing one changes no
-    other copy and not the source; shapes, dtypes, devices and key order are the source's."""
+def test_packed_clone_is_a_deep_copy_with_disjoint_tensors(packing):
+    """Packed (one buffer per dtype and device) or not, each tensor has its own values: writing one
+    changes no other copy and not the source; shapes, dtypes, devices and key order are the source's."""
     src = {
         "shared:b": torch.randn(3, 2, requires_grad=True),
         "shared:a": torch.randn(4),
@@ -268,3 +268,5 @@ def test_packed_clone_is_a_deep_copy_with_disjoint_tensors():
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))  # no overlap
     src_ptrs = {t.data_ptr() for t in src.values() if t.numel()}
     assert not any(t.data_ptr() in src_ptrs for t in out.values() if t.numel())
+    storages = {t.untyped_storage().data_ptr() for k, t in out.items() if t.dtype == torch.float32 and t.numel()}
+    assert len(storages) == (1 if packing else 3)  # b, a, t (z is empty): one buffer when packed

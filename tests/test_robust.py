@@ -226,7 +226,7 @@ def test_aggregators_do_not_mutate_or_alias():
     assert all(torch.equal(s[k], b[k]) for s, b in zip(states, before) for k in s)
 
 
-def test_non_finite_check_names_the_first_bad_key_in_order():
+def test_non_finite_check_names_the_first_bad_key_in_order(packing):
     """The one-reduction check reports what the key-by-key check did: the first key (sorted) with
     a problem, a non-finite value before a later key's wrong shape, and a shape before a later
     key's non-finite value."""
@@ -251,7 +251,7 @@ def test_non_finite_check_names_the_first_bad_key_in_order():
     assert robust.validate_update(big, SPEC) is None
 
 
-def test_weighted_mean_is_the_key_by_key_arithmetic_exactly():
+def test_weighted_mean_is_the_key_by_key_arithmetic_exactly(packing):
     """Packing the keys into one vector per state changes no bit of the mean (float64 either way)
     and keeps integer entries on their own path; the results alias no input."""
     states = [{**upload(seed=s), "shared:count": torch.tensor([s, 2 * s])} for s in range(5)]

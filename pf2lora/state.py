@@ -146,6 +146,8 @@ def packed_clone(state: Mapping[str, torch.Tensor]) -> Tensors:
     :func:`packs` says so (one per tensor elsewhere). The packed copies are disjoint views into one
     new buffer, so none aliases the source or another copy's values; they do share a storage,
     which is why safetensors files are written from copies (:mod:`pf2lora.export`)."""
+    if not any(packs(v.device) for v in state.values()):
+        return clone(state)
     groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for k, v in state.items():
         groups.setdefault((v.dtype, v.device), []).append(k)

@@ -6,8 +6,8 @@
 #     bash benchmarks/gpu_paper.sh smoke [SECONDS]            # every rt_s03 method, 2 rounds on CUDA (~90 s)
 #     bash benchmarks/gpu_paper.sh run SECONDS [SETTING...]   # paper.py --tier gpu (default: rt_s03)
 #
-# `run` keeps JOBS (default 3) runs going on the one GPU (METHODS="pf2lora homlora": only those) (12 at once finished none in 3 minutes on
-# 2026-12-04), in seed-major order with the CPU tier's step sizes, starts no new run once SECONDS
+# `run` keeps JOBS (default 3) runs going on the one GPU (12 at once finished none in 3 minutes on
+# 2026-12-04), only METHODS where set (e.g. METHODS="pf2lora homlora"), in seed-major order with the CPU tier's step sizes, starts no new run once SECONDS
 # minus 60 have passed, then packs every finished run file and
 # the summary into $OUT/paper_gpu.tgz (unpack it into benchmarks/results/; paper.py skips what is
 # there, so the next session with a device goes on where this one stopped). The model is the

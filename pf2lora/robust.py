@@ -252,11 +252,11 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
         groups.setdefault((v.dtype, v.device) if v.is_floating_point() and st.packs(v.device) else k, []).append(k)
     out: Tensors = {}
     for keys in groups.values():
-        flats = [torch.cat([s[k].detach().reshape(-1) for k in keys]) if len(keys) > 1 else s[keys[0]].detach().reshape(-1) for s in states]
+        flats = [st.flatten([s[k].detach() for k in keys]) for s in states]
         # states is not empty (checked above), so the sum is a tensor, never the start value 0
         acc = cast(torch.Tensor, sum((x / total) * _wide(f) for f, x in zip(flats, w, strict=True)))
-        parts = acc.to(states[0][keys[0]].dtype).split([states[0][k].numel() for k in keys])
-        out.update({k: part.view(states[0][k].shape) for k, part in zip(keys, parts, strict=True)})
+        like = [states[0][k] for k in keys]
+        out.update(zip(keys, st.unflatten(acc.to(like[0].dtype), like), strict=True))
     return {k: out[k] for k in states[0]}
 
 

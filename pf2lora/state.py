@@ -13,7 +13,7 @@ the prefixes out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -141,6 +141,16 @@ def packs(device: torch.device) -> bool:
     return device.type != "cpu" or PACK_ON_CPU
 
 
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values one after another in one 1-D tensor (a view of a lone tensor where it can)."""
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of :func:`flatten`: views into ``flat`` shaped as ``like``."""
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
+
+
 def packed_clone(state: Mapping[str, torch.Tensor]) -> Tensors:
     """A detached deep copy like :func:`clone`, made with one copy per dtype and device where
     :func:`packs` says so (one per tensor elsewhere). The packed copies are disjoint views into one
@@ -157,9 +167,8 @@ def packed_clone(state: Mapping[str, torch.Tensor]) -> Tensors:
             if len(keys) == 1 or not packs(device):
                 out.update({k: state[k].detach().clone() for k in keys})
                 continue
-            flat = torch.cat([state[k].reshape(-1) for k in keys])
-            for k, part in zip(keys, flat.split([state[k].numel() for k in keys]), strict=True):
-                out[k] = part.view(state[k].shape)
+            like = [state[k] for k in keys]
+            out.update(zip(keys, unflatten(flatten(like), like), strict=True))
     return {k: out[k] for k in state}
 
 

@@ -82,7 +82,8 @@ def unstack(state: Mapping[str, torch.Tensor], k: int) -> list[Tensors]:
     """The inverse of :func:`stack`: ``k`` states, each with tensors of its own (copied, so no
     client's state is a view into the stacked storage or the others'; one copy per client and
     dtype, :func:`pf2lora.state.packed_clone`)."""
-    return [st.packed_clone({key: v[i] for key, v in state.items()}) for i in range(k)]
+    rows = {key: v.unbind(0) for key, v in state.items()}  # k views per key in one call, not k indexings
+    return [st.packed_clone({key: r[i] for key, r in rows.items()}) for i in range(k)]
 
 
 class Lockstep(Protocol):

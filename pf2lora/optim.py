@@ -64,7 +64,8 @@ def adamw(
         # Each parameter has its own step count, so one that appears later is bias-corrected as new.
         t_k = state[f"t/{k}"] + 1
         new_state[f"t/{k}"] = t_k
-        groups.setdefault(tuple(t_k.reshape(-1).tolist()), []).append(k)
+        listed = t_k.tolist()  # a number (one client) or one per stacked client
+        groups.setdefault(tuple(listed) if isinstance(listed, list) else (listed,), []).append(k)
     with torch.no_grad():  # new tensors, not part of any graph (the gradients may be)
         for counts, keys in groups.items():
             if len(set(counts)) > 1:  # stacked clients at different steps: per-client corrections

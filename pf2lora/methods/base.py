@@ -33,7 +33,7 @@ from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
 from pf2lora.optim import adamw
 from pf2lora.state import opt_state, params_of, with_opt_state  # noqa: F401  (re-exported: the methods' API)
-from pf2lora.tasks.base import Batch, ClientData, Task, batch_index, index_to, sample_batch
+from pf2lora.tasks.base import Batch, ClientData, Task, batch_indices, index_to, sample_batch
 
 ClientState = dict[str, torch.Tensor]
 """A client's persistent state: ``private:`` parameters, optimizer entries (:func:`opt_state`) and
@@ -68,6 +68,8 @@ class StackedContext(ClientContext):
     pooled: Batch | None = None
     """The clients' training sets one after another (:func:`pool`), when they have the same
     size: then a step's mini-batches are one gather, not one per client."""
+    offsets: torch.Tensor | None = field(default=None, repr=False)
+    """Where each client's rows start in ``pooled``, a ``(k, 1)`` column (made on the first draw)."""
 
     @classmethod
     def of(cls, contexts: Sequence[ClientContext], pooled: Batch | None = None) -> StackedContext:
@@ -77,8 +79,11 @@ class StackedContext(ClientContext):
     def batch(self) -> Batch:
         if self.pooled is None:
             return batching.stack([c.batch() for c in self.contexts])
-        n = self.client.num_train
-        index = torch.cat([batch_index(n, c.batch_size, c.generator) + i * n for i, c in enumerate(self.contexts)])
+        n, k = self.client.num_train, len(self.contexts)
+        if self.offsets is None:  # where each client's rows start in the pool, one row per client
+            self.offsets = torch.arange(0, k * n, n).unsqueeze(1)
+        # each client's own draw from its own stream (a group shares one batch size), as rows of the pool
+        index = (batch_indices(n, self.batch_size, [c.generator for c in self.contexts]) + self.offsets).view(-1)
         index = index_to(index, next(iter(self.pooled.values())).device)  # one transfer a step, not one per field
         return {k: v.index_select(0, index).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
 

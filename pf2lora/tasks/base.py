@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,6 +62,12 @@ def batch_index(n: int, batch_size: int, generator: torch.Generator) -> torch.Te
     """Which of ``n`` examples a mini-batch holds: drawn without replacement (all of them when
     ``n`` is smaller), on the CPU (``generator`` is a CPU generator), so the same on every device."""
     return torch.randperm(n, generator=generator)[: min(batch_size, n)]
+
+
+def batch_indices(n: int, batch_size: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """:func:`batch_index` for each generator (the same draws), as one ``(len(generators), b)``
+    tensor: for stacked clients, one stack and one slice rather than one slice per client."""
+    return torch.stack([torch.randperm(n, generator=g) for g in generators])[:, : min(batch_size, n)]
 
 
 def sample_batch(data: Batch, batch_size: int, generator: torch.Generator) -> Batch:

@@ -440,6 +440,22 @@ def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation:
     return abs(change) < FLAT_TOLERANCE[generation], change
 
 
+CLASSES = {"wordnet-topics": 25}
+"""Labels per classification dataset of the offline stand-ins (the rest are binary)."""
+
+
+def failed_to_train(run: dict[str, Any], generation: bool) -> float | None:
+    """The last round's mean training loss when it is above a uniform guess's, ``ln(classes)``: a
+    run whose step sizes blew its model up (PF2LoRA's private head at ``optim.lower_lr = 1``: a
+    training loss of 40 to 60), which the convergence rule would call flat. None otherwise (and
+    for generation, whose uniform guess is not a useful bar)."""
+    losses = [x for x in run.get("train_loss_per_round", []) if _scalar(x)]
+    if generation or not losses:
+        return None
+    last = float(losses[-1])
+    return last if not last <= math.log(CLASSES.get(run["config"]["task"]["dataset"], 2)) else None
+
+
 def mean_curve(curves: list[list[dict[str, Any]]], metric: str) -> list[dict[str, Any]]:
     """The seeds' mean curve: at each round every seed evaluated, the mean of their ``metric``."""
     by_round: dict[int, list[float]] = {}
@@ -485,8 +501,12 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 continue
             seeds = {}
             conv = {}
+            untrained: dict[str, float] = {}
             for r in mine:
                 conv[str(r["seed"])] = converged(r["curve"], r["config"]["rounds"], metric, s.generation)[1]
+                loss = failed_to_train(r, s.generation)
+                if loss is not None:
+                    untrained[str(r["seed"])] = loss
                 seeds[str(r["seed"])] = {
                     # from the clients, not the stored summary: that may predate a figure
                     **summarize_clients(r["clients"], metric, higher, s.generation),
@@ -506,8 +526,9 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 if vals:
                     mean[k], std[k] = _ms(vals)
             flat, change = converged(mean_curve([r["curve"] for r in mine], metric), mine[0]["config"]["rounds"], metric, s.generation)
-            flat_all.append(flat)
+            flat_all.append(flat if not untrained else False)
             methods[m] = {
+                "failed_to_train": untrained,
                 "seeds": seeds,
                 "mean": mean,
                 "std": std,
@@ -661,6 +682,10 @@ def _trend(r: dict[str, Any], generation: bool) -> str:
     if change is None:
         return "-"
     size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
+    failed = r.get("failed_to_train") or {}
+    if failed:  # flat, but at a blown-up model: say so rather than "flat"
+        losses = ", ".join(f"{loss:.1f}" for loss in failed.values())
+        return f"{size}; DID NOT TRAIN (seed {', '.join(failed)}: final training loss {losses}, above a uniform guess's)"
     return f"{size} ({'flat' if r.get('converged') else 'moving'})"
 
 
@@ -678,7 +703,8 @@ def table(data: dict[str, Any]) -> str:
         seeds = sorted({sd for m in e["methods"].values() for sd in m["seeds"]})
         out.append(
             f"**{name}** ({e['about']}; seeds {', '.join(seeds)}; "
-            f"{'converged' if e['converged'] else 'NOT converged by the rule'}; "
+            f"{'converged' if e['converged'] else 'NOT converged by the rule'}"
+            f"{'' if not any(r.get('failed_to_train') for r in e['methods'].values()) else ' (a run did not train)'}; "
             f"{'complete' if e['complete'] else 'incomplete'})\n"
         )
         cols: tuple[str, ...]

@@ -175,6 +175,22 @@ def test_convergence_needs_three_evaluations_in_the_window():
     assert flat is False and change == pytest.approx(-0.02 / 1.915)  # relative to the line's mean loss
 
 
+@pytest.mark.parametrize(
+    ("dataset", "losses", "failed"),
+    [
+        ("rotten-tomatoes", [0.68, 0.45, 0.31], None),  # trained
+        ("rotten-tomatoes", [41.5, 60.9, 61.7], 61.7),  # blown up (PF2LoRA's private head at lower_lr 1): flat, yet no model
+        ("rotten-tomatoes", [0.5, float("nan")], None),  # a non-finite loss is the engine's to reject, not this rule's
+        ("wordnet-topics", [3.1, 2.9], None),  # below ln 25 = 3.22: 25 classes
+        ("wordnet-topics", [3.1, 3.3], 3.3),
+    ],
+)
+def test_a_run_whose_training_loss_ends_above_a_uniform_guess_did_not_train(dataset, losses, failed):
+    run = {"train_loss_per_round": losses, "config": {"task": {"dataset": dataset}}}
+    assert paper.failed_to_train(run, False) == failed
+    assert paper.failed_to_train(run, True) is None  # generation: no such bar
+
+
 def test_mean_curve_keeps_the_rounds_every_seed_evaluated():
     a = [{"round": 1, "x": 0.2}, {"round": 2, "x": 0.4}]
     b = [{"round": 2, "x": 0.6}]

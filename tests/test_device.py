@@ -330,6 +330,31 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("kind", ["text-classification", "tiny-text"])
+@pytest.mark.parametrize("name", ["homlora", "pf2lora"])
+def test_local_steps_on_cuda_never_wait_for_the_gpu(kind, name, tiny_bert, cls_csv):
+    """A local step queues its kernels and returns: nothing in it reads a value back to the host,
+    which would make the host wait for the GPU on every step (CUDA's sync debug mode raises on a
+    synchronising call). Text classification's padded batches included (text_data.trims)."""
+    extra = ('device="cuda"', methods(name), "local_steps=3")
+    cfg = tt.cls_cfg(tiny_bert, cls_csv, *extra) if kind == "text-classification" else plan.load(None, [*TINY_TEXT, *extra])
+    task = plan.build_task(cfg)
+    method = registry()[name](cfg, task)
+    trained = {**initial_server(cfg, method), **st.params_of(initial_client(cfg, method, task.clients[0].client_id))}
+    ctx, opt = client_context(cfg, task, 0), {}
+    method.local_step(ctx, trained, {}, opt)  # the first step builds what is cached (CUDA context, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(cfg.local_steps):
+            trained, opt, _ = method.local_step(ctx, trained, {}, opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(torch.isfinite(v).all()) for v in trained.values())
+
+
+@gpu
+@needs_cuda
 def test_fused_adamw_on_cuda_is_the_per_tensor_arithmetic():
     """On CUDA the fused divide by a number may round its reciprocal otherwise than the plain one:
     at most a unit in the last place, never more (the CPU's bit-identity is tests/test_optim.py's)."""

@@ -358,6 +358,55 @@ def test_trimmed_logits_equal_padded_logits(cls_task):
     torch.testing.assert_close(trimmed, padded, atol=1e-5, rtol=1e-5)
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations that read a tensor's value back to the host (``.item()``, ``int()``,
+    ``bool()``): on a GPU each one waits for every kernel queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func.__name__.split(".")[0] in ("_local_scalar_dense", "is_nonzero")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_on_the_gpu_path_reads_nothing_back_and_computes_the_same(cls_task, monkeypatch):
+    """Off the CPU a batch is not trimmed and the mask is prepared (text_data.trims): the same logits
+    as the model's own 2-D mask at full width (bit for bit), close to the trimmed ones, and a
+    forward and backward without a single read to the host (the CPU path reads the width, and
+    transformers the mask)."""
+    from pf2lora.autodiff import grads, leaves
+    from pf2lora.tasks import text_data
+
+    t = cls_task
+    params = st.model_params(adapter(t))
+    batch = {k: v[:6] for k, v in t.clients[2].train.items()}
+    mask = batch["attention_mask"]
+    assert bool((mask == 0).any()) and int(mask.sum(1).max()) < mask.shape[1]  # padded rows, and columns a trim drops
+    trimmed = t.logits(params, batch)
+    xl = leaves(params)
+    with _HostReads() as cpu_path:
+        grads(t.loss(xl, batch), xl)
+    assert cpu_path.reads > 0
+    monkeypatch.setattr(text_data, "SYNC_FREE_ON_CPU", True)
+    assert t.model_inputs(batch)["attention_mask"].dim() == 4
+    full = t.logits(params, batch)
+    with torch.no_grad():  # an evaluation is trimmed everywhere (its results are read back anyway)
+        assert t.model_inputs(batch)["attention_mask"].shape == (6, int(mask.sum(1).max()))
+    from torch.func import functional_call
+
+    own_mask = functional_call(
+        t.model, params, args=(), kwargs={k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, strict=False
+    )
+    assert torch.equal(full, own_mask.logits)
+    torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=1e-5)
+    with _HostReads() as device_path:
+        g = grads(t.loss(xl, batch), xl)
+    assert device_path.reads == 0
+    assert all(torch.isfinite(v).all() for v in g.values())
+
+
 def test_write_figures(cls_task, gen_task, tmp_path):
     assert cls_task.write_figures(tmp_path) == ["label_distribution.png"]
     assert (tmp_path / "label_distribution.png").read_bytes()[:4] == b"\x89PNG"

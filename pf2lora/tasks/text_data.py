@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
 from pf2lora.tasks.base import Batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -173,6 +177,32 @@ def warn_truncated(count: int, total: int, limit: int, what: str = "texts") -> s
 def padded_width(mask: torch.Tensor) -> int:
     """Columns a right-padded batch needs: its longest example (at least 1)."""
     return max(1, int(mask.sum(dim=1).max())) if len(mask) else mask.shape[1]
+
+
+SYNC_FREE_ON_CPU = False
+"""Whether a CPU batch takes the path a GPU batch takes (:func:`trims`): tests set it to check, on
+a CPU, that a training step reads nothing back to the host."""
+
+
+def trims(device: torch.device) -> bool:
+    """Whether a training batch on ``device`` is cut to its longest example before the forward
+    pass: on a CPU, where the work is compute-bound and reading the width is free. Not on a GPU: the
+    width is a read back to the host, which would stall it on every step until the GPU caught up
+    (it computes the padding columns instead; a small model's step there is bound by launches).
+    An evaluation (no gradients) is trimmed everywhere: its results are read back anyway."""
+    return device.type == "cpu" and not SYNC_FREE_ON_CPU
+
+
+def prepared_mask(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D attention mask ``model`` builds from the 2-D padding ``mask``, built here without
+    reading ``mask`` back to the host (given a 2-D mask, transformers reads it to see whether it may
+    skip it: a device synchronisation per forward). The model takes a 4-D mask as it is, so the
+    computation is the same as with the 2-D one wherever any example is padded (tested)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    embeds = mask.new_empty((mask.shape[0], mask.shape[1], 0), dtype=model.dtype)  # what it reads: shape, dtype, device
+    out = create_bidirectional_mask(config=model.config, inputs_embeds=embeds, attention_mask=mask, allow_is_bidirectional_skip=False)
+    return out if isinstance(out, torch.Tensor) else mask
 
 
 def trim(batch: Batch) -> Batch:

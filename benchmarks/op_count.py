@@ -47,6 +47,15 @@ VARIANTS = {
 }
 """name: (method, overrides, model steps a round per local step, model steps per 128 examples). A
 centralized round takes the federation's total steps (8 x local_steps), each of batch 128."""
+PF2LORA_STEPS = (
+    ("homlora", "homlora", []),
+    ("pf2lora", "pf2lora", []),
+    ("pf2lora_hvp_every_4", "pf2lora", ["pf2lora.hvp_every=4"]),
+    ("pf2lora_hvp_every_8", "pf2lora", ["pf2lora.hvp_every=8"]),
+    ("pf2lora_first_order", "pf2lora", ['pf2lora.estimator="first-order"']),
+    ("pf2lora-fo", "pf2lora-fo", []),
+)
+"""(label, method, overrides) of the per-step comparison, 8 clients batched."""
 NOT_COUNTED = {
     "view", "as_strided", "_unsafe_view", "_reshape_alias", "alias", "detach", "lift_fresh", "t", "transpose",
     "expand", "permute", "unsqueeze", "squeeze", "select", "slice", "split", "split_with_sizes", "unbind",
@@ -105,6 +114,15 @@ def main() -> None:
             "most_common_in_10_step_run": dict(short.most_common(12)),
         }
         print(f"{name}: {per_step:.0f} ops a model step, {per_round:.0f} a round besides them")
+    # PF2LoRA's step against HOMLoRA's, batched: three dependent forward/backward passes (or two,
+    # where H_xy v is reused or dropped) plus its own arithmetic (the fused adapters, the lower SGD
+    # step, the finite difference)
+    steps: dict[str, Any] = {}
+    for label, method, extra in PF2LORA_STEPS:
+        short, long = count(method, ["parallel_clients=8", *extra], 10), count(method, ["parallel_clients=8", *extra], 20)
+        steps[label] = (sum(long.values()) - sum(short.values())) / 20
+        print(f"{label}: {steps[label]:.0f} ops a batched step")
+    pf2lora_steps = {k: {"ops_per_step": v, "over_homlora": v / steps["homlora"]} for k, v in steps.items()}
     fed = results["batched"]["ops_per_128_examples"]
     out = {
         "command": "python benchmarks/op_count.py",
@@ -115,6 +133,7 @@ def main() -> None:
         "machine": {"torch": torch.__version__, "python": platform.python_version()},
         "results": results,
         "batched_over_centralized_ops": fed / results["centralized"]["ops_per_128_examples"],
+        "pf2lora_step_ops": pf2lora_steps,
     }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

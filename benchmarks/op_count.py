@@ -94,6 +94,44 @@ def count(method: str, overrides: list[str], local_steps: int) -> collections.Co
     return counter.ops
 
 
+def synthetic_round_ops(parallel: int) -> int:
+    """Top-level operations (those not called from inside another) of round 2 of 3 of
+    ``configs/synthetic_rank.toml``'s HOMLoRA on the CPU path (nothing packed), in every thread
+    (the batched engine's clients upload from theirs): on this 32 x 32 model a round's time
+    follows this count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = plan.load(
+        str(ROOT / "configs" / "synthetic_rank.toml"),
+        ["rounds=3", "eval.every=0", "checkpoint=false", "device=cpu", f"parallel_clients={parallel}", 'methods=["homlora"]'],
+    )
+    torch.set_num_threads(1)
+    engine = LocalEngine(cfg, plan.build_task(cfg), progress=False)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    ends = 0
+
+    def on_round(_record: object) -> None:
+        nonlocal ends
+        ends += 1
+        if ends == 1:
+            prof.__enter__()
+        elif ends == 2:
+            prof.__exit__(None, None, None)
+
+    engine.run("homlora", on_round=on_round)
+
+    def is_op(name: str) -> bool:
+        return name.startswith(("aten::", "autograd::")) or "Backward" in name
+
+    def top(ev: Any) -> bool:
+        p = ev.cpu_parent
+        while p is not None and not is_op(p.name):
+            p = p.cpu_parent
+        return p is None
+
+    return sum(1 for ev in prof.events() if is_op(ev.name) and top(ev))
+
+
 def main() -> None:
     st.PACK_ON_CPU = True  # count what a GPU run dispatches: its copies and means are packed (state.packs)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -123,6 +161,9 @@ def main() -> None:
         steps[label] = (sum(long.values()) - sum(short.values())) / 20
         print(f"{label}: {steps[label]:.0f} ops a batched step")
     pf2lora_steps = {k: {"ops_per_step": v, "over_homlora": v / steps["homlora"]} for k, v in steps.items()}
+    st.PACK_ON_CPU = False  # the synthetic task on a CPU: what a CPU run dispatches
+    synthetic = {"sequential": synthetic_round_ops(1), "batched": synthetic_round_ops(8)}
+    print(f"synthetic, 8 clients, CPU path: {synthetic['sequential']} ops a sequential round, {synthetic['batched']} batched")
     fed = results["batched"]["ops_per_128_examples"]
     out = {
         "command": "python benchmarks/op_count.py",
@@ -134,6 +175,7 @@ def main() -> None:
         "results": results,
         "batched_over_centralized_ops": fed / results["centralized"]["ops_per_128_examples"],
         "pf2lora_step_ops": pf2lora_steps,
+        "synthetic_8_cpu_round_ops": {**synthetic, "sequential_over_batched": synthetic["sequential"] / synthetic["batched"]},
     }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

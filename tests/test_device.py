@@ -335,7 +335,7 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
 def test_local_steps_on_cuda_never_wait_for_the_gpu(kind, name, tiny_bert, cls_csv):
     """A local step queues its kernels and returns: nothing in it reads a value back to the host,
     which would make the host wait for the GPU on every step (CUDA's sync debug mode raises on a
-    synchronising call). Text classification's padded batches included (text_data.trims)."""
+    synchronising call). Text classification's padded batches included (text_data.model_mask)."""
     extra = ('device="cuda"', methods(name), "local_steps=3")
     cfg = tt.cls_cfg(tiny_bert, cls_csv, *extra) if kind == "text-classification" else plan.load(None, [*TINY_TEXT, *extra])
     task = plan.build_task(cfg)

@@ -372,39 +372,39 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_a_training_step_on_the_gpu_path_reads_nothing_back_and_computes_the_same(cls_task, monkeypatch):
-    """Off the CPU a batch is not trimmed and the mask is prepared (text_data.trims): the same logits
-    as the model's own 2-D mask at full width (bit for bit), close to the trimmed ones, and a
-    forward and backward without a single read to the host (the CPU path reads the width, and
-    transformers the mask)."""
+    """Off the CPU a batch is trimmed by the lengths kept on the CPU and the model gets the 4-D mask
+    transformers would build (text_data.model_mask): the same logits as the CPU path's, bit for
+    bit, and a forward and backward without a single read to the host (the lengths are read as a
+    list, which dispatches nothing, so what is counted are reads of the data; on the CPU path
+    transformers reads the mask)."""
     from pf2lora.autodiff import grads, leaves
     from pf2lora.tasks import text_data
 
     t = cls_task
     params = st.model_params(adapter(t))
-    batch = {k: v[:6] for k, v in t.clients[2].train.items()}
-    mask = batch["attention_mask"]
-    assert bool((mask == 0).any()) and int(mask.sum(1).max()) < mask.shape[1]  # padded rows, and columns a trim drops
-    trimmed = t.logits(params, batch)
+    batch = {k: v[:6].clone() for k, v in t.clients[2].train.items()}
+    mask, lengths = batch["attention_mask"], batch[text_data.LENGTHS]
+    n = int(lengths[0])
+    mask[0, n - 2 : n], batch["input_ids"][0, n - 2 : n], lengths[0] = 0, t.tok.pad_token_id, n - 2  # a shorter text in row 0
+    assert torch.equal(lengths, mask.sum(1)) and lengths.device.type == "cpu"
+    assert int(lengths.min()) < int(lengths.max()) < mask.shape[1]  # padded rows, and columns a trim drops
+    cpu_path = t.logits(params, batch)
     xl = leaves(params)
-    with _HostReads() as cpu_path:
+    with _HostReads() as reads_cpu:
         grads(t.loss(xl, batch), xl)
-    assert cpu_path.reads > 0
+    assert reads_cpu.reads > 0
     monkeypatch.setattr(text_data, "SYNC_FREE_ON_CPU", True)
-    assert t.model_inputs(batch)["attention_mask"].dim() == 4
-    full = t.logits(params, batch)
-    with torch.no_grad():  # an evaluation is trimmed everywhere (its results are read back anyway)
-        assert t.model_inputs(batch)["attention_mask"].shape == (6, int(mask.sum(1).max()))
-    from torch.func import functional_call
-
-    own_mask = functional_call(
-        t.model, params, args=(), kwargs={k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, strict=False
-    )
-    assert torch.equal(full, own_mask.logits)
-    torch.testing.assert_close(full, trimmed, atol=1e-5, rtol=1e-5)
-    with _HostReads() as device_path:
+    inputs = t.model_inputs(batch)
+    assert inputs["attention_mask"].dim() == 4 and inputs["input_ids"].shape == (6, int(lengths.max()))
+    assert torch.equal(t.logits(params, batch), cpu_path)
+    with _HostReads() as reads_device:
         g = grads(t.loss(xl, batch), xl)
-    assert device_path.reads == 0
+    assert reads_device.reads == 0
     assert all(torch.isfinite(v).all() for v in g.values())
+    full = {k: v[:3] for k, v in t.clients[2].train.items() if k != text_data.LENGTHS}
+    assert "attention_mask" in t.model_inputs(full)  # no lengths: the 2-D mask, as before
+    unpadded = {k: v[lengths == lengths.max()][:1] for k, v in batch.items()}
+    assert "attention_mask" not in t.model_inputs(unpadded)  # nothing padded: no mask, as transformers would do
 
 
 def test_write_figures(cls_task, gen_task, tmp_path):

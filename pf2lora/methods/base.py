@@ -33,7 +33,7 @@ from pf2lora.autodiff import grads, leaves
 from pf2lora.config import FlexLoRAConfig, HETLoRAConfig, RunConfig, resolved_rank_range
 from pf2lora.optim import adamw
 from pf2lora.state import opt_state, params_of, with_opt_state  # noqa: F401  (re-exported: the methods' API)
-from pf2lora.tasks.base import Batch, ClientData, Task, batch_indices, index_to, sample_batch
+from pf2lora.tasks.base import Batch, ClientData, Task, batch_indices, data_device, index_to, on_host, sample_batch
 
 ClientState = dict[str, torch.Tensor]
 """A client's persistent state: ``private:`` parameters, optimizer entries (:func:`opt_state`) and
@@ -79,13 +79,13 @@ class StackedContext(ClientContext):
     def batch(self) -> Batch:
         if self.pooled is None:
             return batching.stack([c.batch() for c in self.contexts])
-        n, k = self.client.num_train, len(self.contexts)
+        n, clients = self.client.num_train, len(self.contexts)
         if self.offsets is None:  # where each client's rows start in the pool, one row per client
-            self.offsets = torch.arange(0, k * n, n).unsqueeze(1)
+            self.offsets = torch.arange(0, clients * n, n).unsqueeze(1)
         # each client's own draw from its own stream (a group shares one batch size), as rows of the pool
         index = (batch_indices(n, self.batch_size, [c.generator for c in self.contexts]) + self.offsets).view(-1)
-        index = index_to(index, next(iter(self.pooled.values())).device)  # one transfer a step, not one per field
-        return {k: v.index_select(0, index).view(len(self.contexts), -1, *v.shape[1:]) for k, v in self.pooled.items()}
+        on_device = index_to(index, data_device(self.pooled))  # one transfer a step, not one per field
+        return {k: v.index_select(0, index if on_host(k) else on_device).view(clients, -1, *v.shape[1:]) for k, v in self.pooled.items()}
 
 
 def pool(contexts: Sequence[ClientContext]) -> Batch | None:

@@ -41,12 +41,26 @@ class ClientData:
         return len(next(iter(self.test.values())))
 
 
+HOST = "host/"
+"""Prefix of a data field that stays on the CPU whatever the task's device: what a step needs to
+know of its batch without reading the device back (``host/lengths``: each text's tokens, so the
+batch's width). It is gathered with the CPU index, the device fields with the device's."""
+
+
+def on_host(key: str) -> bool:
+    return key.startswith(HOST)
+
+
+def data_device(data: Batch) -> torch.device:
+    """Where ``data``'s examples live (its host fields aside)."""
+    return next((v.device for k, v in data.items() if not on_host(k)), torch.device("cpu"))
+
+
 def take(data: Batch, index: torch.Tensor) -> Batch:
     """The examples ``index`` of ``data``; a CPU ``index`` (drawn from a CPU generator) is moved to
-    the data's device first."""
-    if data:
-        index = index_to(index, next(iter(data.values())).device)
-    return {k: v.index_select(0, index) for k, v in data.items()}
+    the data's device first (host fields take it as it is)."""
+    on_device = index_to(index, data_device(data)) if data else index
+    return {k: v.index_select(0, index if on_host(k) else on_device) for k, v in data.items()}
 
 
 def index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -128,13 +142,14 @@ class Task(ABC):
     model's outputs, so :meth:`to` moves them too (e.g. a true update to compare with)."""
 
     def to(self, device: torch.device | str) -> Task:
-        """Move the frozen model, every client's data and :attr:`device_tensors` to ``device``,
-        once, where the task is built (:func:`pf2lora.plan.build_task`). Returns the task."""
+        """Move the frozen model, every client's data (its :data:`HOST` fields aside) and
+        :attr:`device_tensors` to ``device``, once, where the task is built
+        (:func:`pf2lora.plan.build_task`). Returns the task."""
         device = torch.device(device)
         self.model.to(device)
         for c in self.clients:
-            c.train = {k: v.to(device) for k, v in c.train.items()}
-            c.test = {k: v.to(device) for k, v in c.test.items()}
+            c.train = {k: v if on_host(k) else v.to(device) for k, v in c.train.items()}
+            c.test = {k: v if on_host(k) else v.to(device) for k, v in c.test.items()}
         for name in self.device_tensors:
             setattr(self, name, getattr(self, name).to(device))
         self.device = device

@@ -39,7 +39,7 @@ from pf2lora.data.dataset import TextDataset
 from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch
 from pf2lora.tasks.text_base import TextTask
-from pf2lora.tasks.text_data import padded_width
+from pf2lora.tasks.text_data import width, with_lengths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -121,13 +121,13 @@ class GenerationTask(TextTask):
             "prompt_mask": prompt_mask,
             "ref_index": torch.tensor(idx, dtype=torch.long),
         }
-        return batch, cut
+        return with_lengths(batch), cut
 
     # -- the Task interface ----------------------------------------------------------------------
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        width = padded_width(batch["attention_mask"])
-        return {"input_ids": batch["input_ids"][:, :width], "attention_mask": batch["attention_mask"][:, :width]}
+        w = width(batch)  # from the lengths kept on the CPU: no read from the device
+        return {"input_ids": batch["input_ids"][:, :w], "attention_mask": batch["attention_mask"][:, :w]}
 
     def _token_losses(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed target-token cross-entropy and the number of target tokens."""

@@ -11,9 +11,9 @@ Data: ``task.dataset`` (VADER's 4 domains, Rotten Tomatoes, WordNet noun topics,
 folder, or your own CSV/TSV/JSONL; see :mod:`pf2lora.data.catalogue`), dealt to clients by
 ``task.partition`` (see :mod:`pf2lora.tasks.text_data`; the loading and dealing the text tasks share
 is :class:`~pf2lora.tasks.text_base.TextTask`). Each client's examples are tokenised once, padded to
-``task.max_length`` (longer texts are cut; how many is counted and warned about once); on a CPU a
-batch is trimmed to its longest example before the forward pass, so padding costs nothing (on a GPU
-it is not: :func:`~pf2lora.tasks.text_data.trims`).
+``task.max_length`` (longer texts are cut; how many is counted and warned about once); a batch is
+trimmed to its longest example before the forward pass, so padding costs nothing (its width read
+from the examples' lengths, kept on the CPU: :data:`~pf2lora.tasks.text_data.LENGTHS`).
 
 Metrics per client test split: accuracy, macro-F1, balanced accuracy, MCC (CoLA's metric; always
 computed), mean cross-entropy loss; the diagnostic ``majority_accuracy`` is what always predicting
@@ -38,7 +38,7 @@ from pf2lora.errors import UserError
 from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch, ClientData, flatten_clients, per_client_cross_entropy
 from pf2lora.tasks.text_base import TextTask
-from pf2lora.tasks.text_data import prepared_mask, trim, trims
+from pf2lora.tasks.text_data import model_mask, trim, with_lengths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -136,7 +136,7 @@ class TextClassificationTask(TextTask):
         pairs = [ds.text_pair[i] for i in idx] if ds.text_pair is not None else None
         enc, cut = tokenize(self.tok, texts, pairs, self.max_length)
         enc["labels"] = self._label_tensor[torch.tensor(idx, dtype=torch.long)]
-        return enc, cut
+        return with_lengths(enc), cut
 
     def _client_info(self, parts: dict[str, Batch]) -> dict[str, Any]:
         majority, maj_acc = metrics.majority_accuracy(parts["train"]["labels"], parts["test"]["labels"], self.num_labels)
@@ -146,13 +146,12 @@ class TextClassificationTask(TextTask):
     # -- the Task interface ----------------------------------------------------------------------
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The model's inputs: on a CPU trimmed to the batch's longest example; elsewhere at full
-        width with the mask prepared, so that a step reads nothing back to the host (:func:`trims`)."""
-        if trims(batch["attention_mask"].device) or not torch.is_grad_enabled():
-            batch = trim(batch)
-            return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        inputs: dict[str, torch.Tensor] = {k: batch[k] for k in ("input_ids", "token_type_ids") if k in batch}
-        return {**inputs, "attention_mask": prepared_mask(self.model, batch["attention_mask"])}
+        """The model's inputs, trimmed to the batch's longest example, with the mask
+        :func:`~pf2lora.tasks.text_data.model_mask` gives (off the CPU: no read from the device)."""
+        b = trim(batch)
+        inputs: dict[str, torch.Tensor] = {k: b[k] for k in ("input_ids", "token_type_ids") if k in b}
+        mask = model_mask(self.model, b)
+        return inputs if mask is None else {**inputs, "attention_mask": mask}
 
     def logits(self, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         out = cast("SequenceClassifierOutput", self.forward(params, batch))

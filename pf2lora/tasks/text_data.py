@@ -32,7 +32,7 @@ from pf2lora.data import catalogue
 from pf2lora.data import partition as part
 from pf2lora.data.dataset import TextDataset
 from pf2lora.errors import UserError
-from pf2lora.tasks.base import Batch
+from pf2lora.tasks.base import HOST, Batch, take
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -179,18 +179,42 @@ def padded_width(mask: torch.Tensor) -> int:
     return max(1, int(mask.sum(dim=1).max())) if len(mask) else mask.shape[1]
 
 
+LENGTHS = HOST + "lengths"
+"""Each example's tokens (its mask's sum), kept on the CPU (:data:`~pf2lora.tasks.base.HOST`): a
+batch's width without reading the device back (read as a list: no tensor operation at all)."""
+
 SYNC_FREE_ON_CPU = False
-"""Whether a CPU batch takes the path a GPU batch takes (:func:`trims`): tests set it to check, on
-a CPU, that a training step reads nothing back to the host."""
+"""Whether a CPU batch gets the mask a GPU batch gets (:func:`model_mask`): tests set it to check,
+on a CPU, that a training step reads nothing back to the host."""
 
 
-def trims(device: torch.device) -> bool:
-    """Whether a training batch on ``device`` is cut to its longest example before the forward
-    pass: on a CPU, where the work is compute-bound and reading the width is free. Not on a GPU: the
-    width is a read back to the host, which would stall it on every step until the GPU caught up
-    (it computes the padding columns instead; a small model's step there is bound by launches).
-    An evaluation (no gradients) is trimmed everywhere: its results are read back anyway."""
-    return device.type == "cpu" and not SYNC_FREE_ON_CPU
+def with_lengths(enc: Batch) -> Batch:
+    """``enc`` with :data:`LENGTHS`, from its right-padded ``attention_mask``."""
+    return {**enc, LENGTHS: enc["attention_mask"].sum(dim=1)}
+
+
+def width(batch: Batch) -> int:
+    """Columns ``batch`` needs: its longest example (at least 1), read from :data:`LENGTHS` where
+    the batch has them (no read from the device), else from the mask."""
+    lengths = batch.get(LENGTHS)
+    if lengths is None:
+        return padded_width(batch["attention_mask"])
+    return max(1, *lengths.tolist()) if len(lengths) else batch["attention_mask"].shape[1]
+
+
+def model_mask(model: PreTrainedModel, batch: Batch) -> torch.Tensor | None:
+    """The attention mask to give ``model`` for a trimmed ``batch``. Off the CPU a step must not
+    read the device back, and given a 2-D mask transformers does (to see whether it may skip it:
+    a synchronisation per forward), so there, with :data:`LENGTHS` at hand, it gets none where no
+    example is padded (what transformers would do) and else the 4-D mask transformers would build
+    (:func:`prepared_mask`): the same computation either way. On a CPU that read is free: the 2-D
+    mask, as always."""
+    mask, lengths = batch["attention_mask"], batch.get(LENGTHS)
+    if lengths is None or (mask.device.type == "cpu" and not SYNC_FREE_ON_CPU):
+        return mask
+    if len(lengths) and min(lengths.tolist()) >= mask.shape[1]:
+        return None
+    return prepared_mask(model, mask)
 
 
 def prepared_mask(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
@@ -210,14 +234,15 @@ def trim(batch: Batch) -> Batch:
     mask = batch["attention_mask"]
     if mask.shape[0] == 0:
         return batch
-    width = padded_width(mask)
-    return {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+    w = width(batch)
+    return {k: (v[:, :w] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
 
 
 def length_sorted_chunks(data: Batch, size: int) -> Iterator[tuple[torch.Tensor, Batch]]:
     """``data`` in chunks of ``size`` examples of similar length (with their indices), so that each
     chunk, trimmed to its longest example, computes little padding."""
-    order = torch.argsort(data["attention_mask"].sum(dim=1), stable=True)
+    lengths = data[LENGTHS] if LENGTHS in data else data["attention_mask"].sum(dim=1).cpu()  # the order on the CPU, as the index it becomes
+    order = torch.argsort(lengths, stable=True)
     for i in range(0, len(order), size):
         idx = order[i : i + size]
-        yield idx, {k: v[idx] for k, v in data.items()}
+        yield idx, take(data, idx)

@@ -192,13 +192,23 @@ GPU_TASK = ["task.kind=tiny-text", "task.num_clients=8", "task.seq_len=64", "tas
 GPU_TASK += ["batch_size=16", "local_steps=10", "lora.rank=8", "lora.alpha=8.0", "lora.private_rank=2", "num_threads=0"]
 
 
+GPU_TEXT_MODEL = ROOT / ".gpu_assets" / "all-MiniLM-L6-v2-fp16"
+"""The real MiniLM-L6 that ``make gpu-assets`` prepares for the device machine (with Rotten Tomatoes
+in its cache): where it was carried, the GPU figures include real text."""
+
+
 def gpu_settings(quick: bool) -> list[Setting]:
     """The GPU figures the issue asks for: batched vs sequential (8 clients), PF2LoRA vs HOMLoRA
     per round, bf16 vs fp32, federated vs centralized throughput; at MiniLM-L6's and
-    roberta-base's shapes."""
+    roberta-base's shapes; and, where the real MiniLM-L6 was carried (:data:`GPU_TEXT_MODEL`),
+    real text (Rotten Tomatoes, padded texts) batched vs sequential."""
     r = 3 if quick else 5
     seq_bat = {"sequential": ["parallel_clients=1"], "batched": ["parallel_clients=8"]}
     out: list[Setting] = []
+    if GPU_TEXT_MODEL.is_dir():
+        model = GPU_TEXT_MODEL.relative_to(ROOT)  # (run from the repository root, as gpu_check.sh does)
+        text = [f"task.model={model}", "local_steps=5", "task.train_samples=100", "task.test_samples=40"]
+        out.append(Setting("l6_rt_text_8_homlora", TEXT, "homlora", text, {**seq_bat, "auto": ["parallel_clients=0"]}, r))
     for tag, shape in (("l6_shape", L6_SHAPE), ("base_shape", BASE_SHAPE)):
         out.append(Setting(f"{tag}_8_homlora", SYNTH, "homlora", GPU_TASK, seq_bat, r, shape=shape))
         # the amortized step (a stale H_xy v, refreshed every 4th or 8th step): the approximation that

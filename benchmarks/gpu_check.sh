@@ -7,12 +7,16 @@
 #
 # The machine's image has torch (CUDA), transformers, peft and pytest; it lacks tomli_w and tenseal (carried as
 # wheels) and flwr (only the Flower engines need it: their tests are not run here). The GPU
-# settings use random models of MiniLM-L6's and roberta-base's shapes, so no offline assets are needed.
+# settings use random models of MiniLM-L6's and roberta-base's shapes, so no offline assets are needed;
+# where .gpu_assets was carried (`make gpu-assets`), one more setting runs the real MiniLM-L6 on real text.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+if [ -d .gpu_assets/cache ]; then  # carried: accel.py adds a real-text setting (the real MiniLM-L6 on Rotten Tomatoes)
+    export PF2LORA_CACHE="$PWD/.gpu_assets/cache" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+fi
 if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
     $PY -m pip install --no-index --no-deps -q --no-compile --target /tmp/site .gpu_wheels/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/site"

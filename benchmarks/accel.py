@@ -36,11 +36,12 @@ PF2LoRA vs HOMLoRA per round, bf16 vs fp32, federated vs centralized throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine, write_json
 from pf2lora import plan
+from pf2lora.engines import lockstep
 from pf2lora.engines.local import LocalEngine
 from pf2lora.engines.lockstep import parallel_clients
 from pf2lora.tasks.tiny_text import TinyTextTask
@@ -75,6 +77,9 @@ class Setting:
     """A tiny-text model of this size (random weights: speed does not depend on them) in place of
     the config's task; for the GPU settings, which must not need the offline assets."""
     times: dict[str, list[float]] = field(default_factory=dict)
+    steps: dict[str, list[float]] = field(default_factory=dict)
+    """Per variant and run: seconds a round spent in the stacked steps (:func:`stacked_train`), the
+    rest of a batched round being the clients' threads and the round's bookkeeping."""
     finals: dict[str, dict[str, float]] = field(default_factory=dict)
     picked: dict[str, int] = field(default_factory=dict)
 
@@ -91,13 +96,43 @@ def run_once(s: Setting, variant: str, device: str) -> None:
         task.precision = cfg.precision
         task.to(plan.resolve_device(cfg.device))
     ends: list[float] = []
+    in_steps = [0.0]
+    per_round: list[float] = []
+
+    def on_round(_record: object) -> None:
+        ends.append(time.perf_counter())
+        per_round.append(in_steps[0])
+        in_steps[0] = 0.0
+
     engine = LocalEngine(cfg, task, progress=False)
-    result = engine.run(s.method, on_round=lambda _record: ends.append(time.perf_counter()))
+    with _timed_steps(in_steps):
+        result = engine.run(s.method, on_round=on_round)
     gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
     s.times.setdefault(variant, []).append(statistics.median(gaps))
+    if any(per_round):  # the lockstep engine ran: the same rounds as the gaps (the first left out)
+        s.steps.setdefault(variant, []).append(statistics.median(per_round[1:]))
     s.picked[variant] = parallel_clients(cfg, task, len(task.clients))
     metric = task.primary_metric
     s.finals[variant] = {cid: float(row[metric]) for cid, row in result.clients.items() if isinstance(row.get(metric), (int, float))}
+
+
+@contextlib.contextmanager
+def _timed_steps(total: list[float]) -> Iterator[None]:
+    """Adds to ``total[0]`` the seconds spent in the lockstep engine's stacked steps."""
+    real = lockstep.stacked_train
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - started
+
+    lockstep.stacked_train = timed
+    try:
+        yield
+    finally:
+        lockstep.stacked_train = real
 
 
 def measure(s: Setting, reps: int, device: str) -> dict[str, Any]:
@@ -120,6 +155,8 @@ def measure(s: Setting, reps: int, device: str) -> dict[str, Any]:
     }
     if s.examples_per_round:
         out["examples_per_s"] = {v: s.examples_per_round / med[v] for v in med}
+    if s.steps:  # a batched round: its stacked steps, and the rest (the clients' threads, the bookkeeping)
+        out["stacked_steps_s_per_round"] = {v: statistics.median(t) for v, t in s.steps.items()}
     return out
 
 

@@ -452,8 +452,8 @@ def failed_to_train(run: dict[str, Any], generation: bool) -> float | None:
     losses = [x for x in run.get("train_loss_per_round", []) if _scalar(x)]
     if generation or not losses:
         return None
-    last = float(losses[-1])
-    return last if not last <= math.log(CLASSES.get(run["config"]["task"]["dataset"], 2)) else None
+    last = float(losses[-1])  # finite (_scalar)
+    return last if last > math.log(CLASSES.get(run["config"]["task"]["dataset"], 2)) else None
 
 
 def mean_curve(curves: list[list[dict[str, Any]]], metric: str) -> list[dict[str, Any]]:

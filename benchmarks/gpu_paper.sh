@@ -46,7 +46,7 @@ run)
     timeout "$budget" $PY benchmarks/paper.py --tier gpu --settings "${settings[@]}" "${methods[@]}" --jobs "${JOBS:-3}" \
         --hours "$hours" --set "task.model=$MODEL" 2>&1 | tee "$OUT/paper_gpu.log"
     rc=${PIPESTATUS[0]}
-    tar czf "$OUT/paper_gpu.tgz" -C benchmarks/results paper_gpu paper_gpu.json 2>/dev/null
+    tar czf "$OUT/paper_gpu.tgz" --exclude="*.partial" -C benchmarks/results paper_gpu paper_gpu.json 2>/dev/null  # not the running jobs' checkpoints
     exit "$rc"
     ;;
 *)

@@ -25,7 +25,10 @@ takes the CPU tier's choices (``CPU_TUNED``).
 Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
 ``tuning/``), skipped when present, so the work spans sessions; after every finished run the
 summary ``benchmarks/results/paper_TIER.json`` is rebuilt from all files present. A run killed
-midway is simply run again.
+midway (a session's end) continues from its last round: each run checkpoints after every round
+into ``<its file>.partial/`` (not committed), and the next start of the same run resumes there,
+with the same numbers as an uninterrupted run (the engine's resume is exact) and the wall time
+of its segments added up.
 
     .venv/bin/python benchmarks/paper.py --tier cpu --jobs 2          # run what is missing
     .venv/bin/python benchmarks/paper.py --tier cpu --list            # what is done / to do
@@ -40,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -320,16 +324,23 @@ def run_job(setting: Setting, job: Job) -> dict[str, Any]:
     import torch
 
     from pf2lora import plan
-    from pf2lora.engines.local import LocalEngine
+    from pf2lora.engines.local import LocalEngine, RunState
     from pf2lora.methods import registry
 
     torch.set_num_threads(1)
     cfg = load_config(setting, [*job.overrides[len(setting.overrides) :], f"seed={job.seed}", f'methods=["{job.method}"]'])
     torch.manual_seed(cfg.seed)
     task = plan.build_task(cfg)
+    partial = partial_dir(job)
+    resume, resumed_after = resumable(partial, job, cfg)
+
+    def on_state(state: RunState) -> None:
+        meta = {"engine": "local", "job": _job_key(job), "config": dataclasses.asdict(cfg), "resumed_after": resumed_after}
+        save_partial(partial, {**meta, "current": dataclasses.asdict(state)})
+
     start = time.time()
-    result = LocalEngine(cfg, task, progress=False).run(job.method)
-    wall = time.time() - start
+    result = LocalEngine(cfg, task, progress=False).run(job.method, resume=resume, on_state=on_state)
+    wall = time.time() - start + (resume.elapsed_s if resume is not None else 0.0)  # the segments before, to their last round
     counts = [c.info["train_label_counts"] for c in task.clients if "train_label_counts" in c.info]
     total = [sum(col) for col in zip(*counts)] if counts else []
     pooled = [t / sum(total) for t in total] if total else None
@@ -354,13 +365,59 @@ def run_job(setting: Setting, job: Job) -> dict[str, Any]:
         "upload_bytes_per_client_per_round": statistics.fmean(r["upload_bytes_per_client"] for r in rounds),
         "download_bytes_per_client_per_round": statistics.fmean(r["download_bytes_per_client"] for r in rounds),
         "wall_time_s": wall,
+        **({"resumed_after_rounds": resumed_after} if resumed_after else {}),
         "train_loss_per_round": [r["train_loss"] for r in rounds],
         "curve": curve,
         "clients": clients,
         "machine": machine(torch_threads=1, torch=torch.__version__),
     }
     write_json(job.path, data)
+    shutil.rmtree(partial, ignore_errors=True)  # after the result: a kill in between leaves a stale folder, never a lost run
     return data
+
+
+def partial_dir(job: Job) -> Path:
+    """Where ``job`` checkpoints while it runs: ``<its file without .json>.partial/``."""
+    return job.path.with_name(job.path.stem + ".partial")
+
+
+def _job_key(job: Job) -> dict[str, Any]:
+    return {"setting": job.setting, "method": job.method, "seed": job.seed, "overrides": list(job.overrides)}
+
+
+def save_partial(partial: Path, payload: dict[str, Any]) -> None:
+    """A running job's checkpoint after a round (atomic: a kill leaves the last good one)."""
+    from pf2lora import checkpoint
+
+    partial.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(partial, payload)
+
+
+def resumable(partial: Path, job: Job, cfg: Any) -> tuple[Any, list[int]]:
+    """(the state to resume ``job`` from, the rounds after which it was resumed, this time's
+    included), or (None, []) to start afresh: when there is no checkpoint, or one of another job
+    or config (a changed tuning choice or code that moved a default), which is then discarded
+    with a line on stderr. A checkpoint that cannot be read is discarded the same way."""
+    from pf2lora import checkpoint
+    from pf2lora.engines.local import RunState
+    from pf2lora.errors import UserError
+
+    if not (partial / checkpoint.FILENAME).is_file():
+        return None, []
+    try:
+        saved = checkpoint.load(partial)
+    except UserError as e:
+        saved, why = None, str(e)
+    else:
+        current = saved.get("current")
+        if saved.get("job") != _job_key(job) or saved.get("config") != dataclasses.asdict(cfg) or not current:
+            saved, why = None, "it is of another job or config"
+    if saved is None:
+        print(f"paper.py: {partial}: not resuming ({why}); starting the run afresh", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
+        return None, []
+    state = RunState(**saved["current"])
+    return state, [*saved.get("resumed_after", []), state.round]
 
 
 def _scalar(v: Any) -> bool:
@@ -886,7 +943,9 @@ def main() -> int:
     jobs, waiting = ready(args.tier, out, settings, args.methods)
     if args.list:
         for j in jobs:
-            print(f"ready: {j.path.relative_to(out)}")
+            partial = partial_dir(j)
+            note = " (resumes from its checkpoint)" if partial.is_dir() else ""
+            print(f"ready: {j.path.relative_to(out)}{note}")
         print(f"{len(jobs)} ready, {waiting} waiting for tuning")
         return 0
     return drive(args.tier, out, summary, settings, args.methods, args.jobs, args.hours)

@@ -3,6 +3,7 @@ the summary's shape, the convergence rule (the real tiers are too slow for a tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -90,6 +91,42 @@ def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     (out / "a" / "homlora" / "seed1.json").unlink()
     jobs, _ = paper.ready("t", out, ["a", "b"], None)
     assert [(j.setting, j.method, j.seed) for j in jobs] == [("a", "homlora", 1)]
+
+
+class _Killed(Exception):
+    """A session's end, in the middle of a run."""
+
+
+def test_a_killed_run_resumes_from_its_last_round_with_the_same_numbers(tier, tmp_path, monkeypatch, capsys):
+    setting = paper.TIERS["t"]["a"]
+    job = paper.Job("a", "pf2lora-fo", 0, ("optim.lr=0.03",), tier / "a" / "pf2lora-fo" / "seed0.json")
+    save = paper.save_partial
+
+    def killed_after_round_2(partial, payload):
+        save(partial, payload)
+        if payload["current"]["round"] == 2:
+            raise _Killed
+
+    monkeypatch.setattr(paper, "save_partial", killed_after_round_2)
+    with pytest.raises(_Killed):
+        paper.run_job(setting, job)
+    assert not job.path.exists() and (paper.partial_dir(job) / "checkpoint.pt").is_file()
+    monkeypatch.setattr(paper, "save_partial", save)
+    resumed = paper.run_job(setting, job)
+    assert resumed["resumed_after_rounds"] == [2] and not paper.partial_dir(job).exists()
+    whole = paper.run_job(setting, dataclasses.replace(job, path=tmp_path / "whole" / "seed0.json"))
+    assert "resumed_after_rounds" not in whole
+    for key in ("clients", "curve", "train_loss_per_round", "summary"):  # the private adapters survived too
+        assert resumed[key] == whole[key], key
+
+    # a checkpoint of another job at that path (here: another step size) is not resumed
+    monkeypatch.setattr(paper, "save_partial", killed_after_round_2)
+    with pytest.raises(_Killed):
+        paper.run_job(setting, job)
+    monkeypatch.setattr(paper, "save_partial", save)
+    other = paper.run_job(setting, dataclasses.replace(job, overrides=("optim.lr=0.001",)))
+    assert "not resuming (it is of another job or config)" in capsys.readouterr().err
+    assert "resumed_after_rounds" not in other and not paper.partial_dir(job).exists()
 
 
 def test_summary_shape_table_and_figures(tier, tmp_path):

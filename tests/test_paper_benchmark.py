@@ -170,6 +170,32 @@ def test_a_tier_can_take_another_tiers_choice(tier, monkeypatch):
     assert waiting == 0 and not job.tuning and f"optim.lr={choice['optim.lr']!r}" in job.overrides
 
 
+def test_pf2lora_leads_in_the_headline_and_in_the_papers_accuracy(tmp_path, monkeypatch):
+    """The lead table pairs seeds in balanced accuracy and again in plain accuracy (what the paper
+    reports), so its claim can be read in its own metric."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    monkeypatch.setattr(paper, "LR_GRID", (3e-2,))
+    monkeypatch.setattr(paper, "EXTRA_GRID", {"pf2lora": ("optim.lower_lr", (0.05,))})
+    tiers = {"t": {"a": paper.Setting(str(config), (0, 1), ("homlora", "pf2lora"), tuning="tune", about="tiny")}}
+    monkeypatch.setattr(paper, "TIERS", tiers)
+    out = tmp_path / "results"
+    while jobs := paper.ready("t", out, ["a"], None)[0]:
+        for job in jobs:
+            paper.run_job(tiers["t"]["a"], job)
+    a = paper.collect("t", out)["settings"]["a"]
+    seeds = a["methods"]["pf2lora"]["seeds"], a["methods"]["homlora"]["seeds"]
+    leads = [seeds[0][sd]["accuracy"] - seeds[1][sd]["accuracy"] for sd in ("0", "1")]
+    acc = a["pf2lora_vs_in_accuracy"]["homlora"]
+    assert acc["metric"] == "accuracy" and acc["lead_mean"] == pytest.approx(sum(leads) / 2)
+    assert a["pf2lora_vs"]["homlora"]["metric"] == "balanced_accuracy"
+    text = paper.table({"tier": "t", "settings": {"a": a}})
+    lead_table = text.split("PF2LoRA's lead over each method", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert lead_table[0] == "| against | lead | seeds | verdict | lead in accuracy | verdict in accuracy |"
+    assert lead_table[2].startswith("| homlora |") and f"{acc['lead_mean']:+.3f} ± {acc['lead_std']:.3f}" in lead_table[2]
+    assert len({line.count("|") for line in lead_table}) == 1
+
+
 def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
     """Before any benchmark run, the tuned setting is in the summary with its tuning record, and
     the table shows each method's score per step size (the choice once its search is complete)."""

@@ -33,6 +33,7 @@ of its segments added up.
     .venv/bin/python benchmarks/paper.py --tier cpu --jobs 2          # run what is missing
     .venv/bin/python benchmarks/paper.py --tier cpu --list            # what is done / to do
     .venv/bin/python benchmarks/paper.py --tier cpu --table           # the README tables
+    .venv/bin/python benchmarks/paper.py --tier cpu --readme          # ... put in place in README.md
     .venv/bin/python benchmarks/paper.py --tier cpu --figures         # curves and ranks (PNG)
     .venv/bin/python benchmarks/paper.py --tier cpu --rerun rt_s03 homlora 0   # one cell again
 """
@@ -818,6 +819,56 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _blocks(lines: list[str]) -> dict[tuple[str, ...], tuple[int, int]]:
+    """The captioned tables of a markdown text: key -> (caption line, end of the table).
+
+    A caption is a line in bold (a setting's table: keyed by the caption up to its first ";",
+    which names the setting and the tier's model, not the seeds or the state) or in italics (a
+    setting's lead or client table: keyed by the bold caption above it and its own words up to
+    "(", as both tiers have them), followed by blank lines and the table's rows."""
+    out: dict[tuple[str, ...], tuple[int, int]] = {}
+    main: tuple[str, ...] = ()
+    i = 0
+    while i < len(lines):
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        if not (lines[i].startswith("*") and j < len(lines) and lines[j].startswith("|")):
+            i += 1
+            continue
+        end = j
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        if lines[i].startswith("**"):
+            main = key = (lines[i].split(";", 1)[0],)
+        else:
+            key = (*main, lines[i].split("(", 1)[0])
+        out[key] = (i, end)
+        i = end
+    return out
+
+
+def refresh_readme(readme: str, tables: str) -> tuple[str, list[str], list[str]]:
+    """``readme`` with each of ``tables``' captioned tables put in place of the one with the same
+    caption (the prose around them is left as it is), and the captions (first 60 characters)
+    replaced and those with no place in ``readme`` (new ones, to be placed by hand)."""
+    lines, new = readme.split("\n"), tables.split("\n")
+    have = _blocks(lines)
+    done: list[str] = []
+    missing: list[str] = []
+    edits: list[tuple[int, int, list[str]]] = []
+    for key, (i, end) in _blocks(new).items():
+        if key not in have:
+            missing.append(new[i][:60])
+            continue
+        a, b = have[key]
+        edits.append((a, b, new[i:end]))
+        done.append(new[i][:60])
+    for a, b, block in sorted(edits, reverse=True):  # from the bottom up, so the indices above hold
+        lines[a:b] = block
+    return "\n".join(lines), done, missing
+
+
 def client_table(name: str, clients: dict[str, dict[str, Any]], n_seeds: int) -> str:
     """PF2LoRA per client (:func:`pf2lora_clients`), the most heterogeneous first."""
 
@@ -918,6 +969,11 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="rebuild the summary JSON from the run files, print its markdown tables, exit")
     parser.add_argument("--figures", action="store_true", help="write the PNG figures from the summary JSON and exit")
     parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="as --table, then put each table into README.md in place of the one with its caption, and exit",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -931,9 +987,21 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     if args.set:
         TIERS[args.tier] = {n: dataclasses.replace(s, overrides=(*s.overrides, *args.set)) for n, s in TIERS[args.tier].items()}
-    if args.table:  # the summary rebuilt from the run files first: it holds every finished run
+    if args.table or args.readme:  # the summary rebuilt from the run files first: it holds every finished run
         write_json(summary, collect(args.tier, out))
-        print(table(json.loads(summary.read_text())))
+        tables = table(json.loads(summary.read_text()))
+        if args.table:
+            print(tables)
+            return 0
+        from pf2lora.io import atomic_write
+
+        readme = ROOT / "README.md"
+        text, done, missing = refresh_readme(readme.read_text(), tables)
+        atomic_write(readme, text)
+        for caption in done:
+            print(f"updated: {caption}")
+        for caption in missing:
+            print(f"not in README.md (place it by hand): {caption}")
         return 0
     if args.figures:
         for p in figures(json.loads(summary.read_text()), out / "figures"):

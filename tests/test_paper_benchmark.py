@@ -314,3 +314,28 @@ def test_pf2lora_client_evidence_is_the_seed_mean_most_heterogeneous_first():
     lines = [line for line in paper.client_table("s", ev, 2).splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in lines}) == 1, lines
     assert lines[2].startswith("| c1 | 0.30 / 0.80 |") and lines[3].startswith("| c0 |")  # the more skewed first
+
+
+def test_readme_refresh_replaces_tables_by_caption_and_keeps_the_prose():
+    readme = "\n".join([
+        "# Results", "",
+        "**rt_s03** (RT, MiniLM-L6, 100 rounds; seeds 0; incomplete)", "", "| m | x |", "|---|---|", "| a | 1 |", "",
+        "*rt_s03: PF2LoRA's lead (positive: better)*", "", "| against | lead |", "|---|---|", "| a | +1 |", "",
+        "Prose about the GPU tier.", "",
+        "**rt_s03** (RT; seeds 0; incomplete)", "", "| m | x |", "|---|---|", "| a | 2 |", "",
+        "*rt_s03: PF2LoRA's lead (positive: better)*", "", "| against | lead |", "|---|---|", "| a | +2 |", "",
+        "Prose about the CPU tier, kept.", "",
+    ])  # fmt: skip
+    tables = "\n".join([
+        "**rt_s03** (RT; seeds 0, 1; complete)", "", "| m | x | y |", "|---|---|---|", "| a | 3 | 4 |", "| b | 5 | 6 |", "",
+        "*rt_s03: PF2LoRA's lead (positive: better; and in accuracy)*", "", "| against | lead | acc |", "|---|---|---|", "| a | +3 | +4 |", "",
+        "**vader** (VADER; seeds 0; incomplete)", "", "| m |", "|---|", "| a |", "",
+    ])  # fmt: skip
+    text, done, missing = paper.refresh_readme(readme, tables)
+    assert len(done) == 2 and missing == ["**vader** (VADER; seeds 0; incomplete)"]
+    assert "| a | 1 |" in text and "| a | +1 |" in text  # the other tier's tables (another caption) stay
+    assert "| a | 2 |" not in text and "| a | +2 |" not in text
+    cpu = text.split("Prose about the GPU tier.", 1)[1]
+    assert cpu.index("**rt_s03** (RT; seeds 0, 1; complete)") < cpu.index("| b | 5 | 6 |") < cpu.index("| a | +3 | +4 |")
+    assert cpu.rstrip().endswith("Prose about the CPU tier, kept.")
+    assert paper.refresh_readme(text, tables)[0] == text  # idempotent

@@ -377,6 +377,34 @@ def run_job(setting: Setting, job: Job) -> dict[str, Any]:
     return data
 
 
+def remaining_time(out: Path, jobs: list[Job]) -> tuple[float, int]:
+    """(the seconds ``jobs`` will take, estimated from the finished runs' wall times; how many have
+    no estimate). A job takes the mean of its setting and method's finished runs, else of its
+    method's in the tier (tuning runs included: the same size of run); a setting with no finished
+    run is another model or size, so its jobs have none. An estimate only: wall times were taken
+    with other jobs on the machine."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    for path in out.glob("**/*.json"):
+        if "figures" in path.parts:
+            continue
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if _scalar(run.get("wall_time_s")) and "setting" in run:
+            walls.setdefault((run["setting"], run["method"]), []).append(run["wall_time_s"])
+    settings = {sk for sk, _ in walls}
+    total, unknown = 0.0, 0
+    for j in jobs:
+        same = walls.get((j.setting, j.method))
+        method = [w for (_, m), ws in walls.items() if m == j.method for w in ws]
+        if j.setting not in settings or not (same or method):
+            unknown += 1
+            continue
+        total += statistics.fmean(same or method)
+    return total, unknown
+
+
 def partial_dir(job: Job) -> Path:
     """Where ``job`` checkpoints while it runs: ``<its file without .json>.partial/``."""
     return job.path.with_name(job.path.stem + ".partial")
@@ -1021,6 +1049,12 @@ def main() -> int:
             note = " (resumes from its checkpoint)" if partial.is_dir() else ""
             print(f"ready: {j.path.relative_to(out)}{note}")
         print(f"{len(jobs)} ready, {waiting} waiting for tuning")
+        known, unknown = remaining_time(out, jobs)
+        if jobs:
+            print(
+                f"about {known / 3600:.1f} h of runs as long as the finished ones ({known / 3600 / args.jobs:.1f} h with {args.jobs} jobs)"
+                + (f", and {unknown} run(s) of settings with none finished yet" if unknown else "")
+            )
         return 0
     return drive(args.tier, out, summary, settings, args.methods, args.jobs, args.hours)
 

@@ -91,6 +91,11 @@ def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     (out / "a" / "homlora" / "seed1.json").unlink()
     jobs, _ = paper.ready("t", out, ["a", "b"], None)
     assert [(j.setting, j.method, j.seed) for j in jobs] == [("a", "homlora", 1)]
+    # what is left, estimated from the same setting and method's finished runs (seed 0 and the tuning's)
+    done = [out / "a" / "homlora" / "seed0.json", *paper.tuning_dir(out, "a", "homlora").glob("*.json")]
+    walls = [json.loads(p.read_text())["wall_time_s"] for p in done]
+    assert len(walls) == 3 and paper.remaining_time(out, jobs) == (pytest.approx(sum(walls) / 3), 0)
+    assert paper.remaining_time(out, [dataclasses.replace(jobs[0], setting="new")]) == (0.0, 1)  # another model: no estimate
 
 
 class _Killed(Exception):

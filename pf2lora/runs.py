@@ -30,7 +30,7 @@ from pf2lora.errors import UserError
 from pf2lora.export import import_peft, unwrap
 from pf2lora.io import atomic_save, atomic_write
 from pf2lora.methods import registry
-from pf2lora.tasks.base import Task
+from pf2lora.tasks.base import Task, on_host
 
 STATES = "states"
 WHERE = "__where__"
@@ -281,7 +281,7 @@ def _classify(task: Any, cfg: RunConfig, params, rows, batch, batch_size: int) -
         batch, _ = tokenize(task.tok, texts, pairs, task.max_length)
     probs = []
     for sl in _chunks(len(rows), batch_size):
-        chunk = {k: v[sl].to(task.device) for k, v in batch.items() if k != "labels"}
+        chunk = {k: v[sl] if on_host(k) else v[sl].to(task.device) for k, v in batch.items() if k != "labels"}
         probs.append(torch.softmax(task.logits(params, chunk).float(), dim=-1).cpu())
     p = torch.cat(probs)
     out = []

@@ -330,14 +330,20 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("kind", ["text-classification", "tiny-text"])
+@pytest.mark.parametrize("kind", ["text-classification", "generation", "tiny-text"])
 @pytest.mark.parametrize("name", ["homlora", "pf2lora"])
-def test_local_steps_on_cuda_never_wait_for_the_gpu(kind, name, tiny_bert, cls_csv):
+def test_local_steps_on_cuda_never_wait_for_the_gpu(kind, name, tiny_bert, cls_csv, tiny_llama, gen_jsonl):
     """A local step queues its kernels and returns: nothing in it reads a value back to the host,
     which would make the host wait for the GPU on every step (CUDA's sync debug mode raises on a
-    synchronising call). Text classification's padded batches included (text_data.model_mask)."""
+    synchronising call). Padded text batches included (text_data.model_mask: an encoder's mask,
+    and a causal LM's)."""
     extra = ('device="cuda"', methods(name), "local_steps=3")
-    cfg = tt.cls_cfg(tiny_bert, cls_csv, *extra) if kind == "text-classification" else plan.load(None, [*TINY_TEXT, *extra])
+    if kind == "text-classification":
+        cfg = tt.cls_cfg(tiny_bert, cls_csv, *extra)
+    elif kind == "generation":
+        cfg = tt.gen_cfg(tiny_llama, gen_jsonl, *extra)
+    else:
+        cfg = plan.load(None, [*TINY_TEXT, *extra])
     task = plan.build_task(cfg)
     method = registry()[name](cfg, task)
     trained = {**initial_server(cfg, method), **st.params_of(initial_client(cfg, method, task.clients[0].client_id))}

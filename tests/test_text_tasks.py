@@ -407,6 +407,78 @@ def test_a_training_step_on_the_gpu_path_reads_nothing_back_and_computes_the_sam
     assert "attention_mask" not in t.model_inputs(unpadded)  # nothing padded: no mask, as transformers would do
 
 
+def _decoders():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    llama = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    )
+    gpt2 = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return {
+            "llama-classifier": LlamaForSequenceClassification(llama.__class__(**llama.to_dict(), num_labels=2)).eval(),
+            "llama-lm": LlamaForCausalLM(llama).eval(),
+            "gpt2-lm": GPT2LMHeadModel(gpt2).eval(),
+        }
+
+
+@pytest.mark.parametrize("name", ["llama-classifier", "llama-lm", "gpt2-lm"])
+def test_a_decoder_on_the_gpu_path_gets_the_causal_mask(name, monkeypatch):
+    """Off the CPU a decoder (a causal LM, or a classifier on one) gets the prepared 4-D mask of a
+    causal model: the same outputs as with the 2-D padding mask. Two layers, so that a token that
+    saw a later one would change what the next layer gives every position (with the encoder's
+    bidirectional mask they differ: checked, so the test can fail)."""
+    from pf2lora.tasks import text_data
+
+    model = _decoders()[name]
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14], [3, 4, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, text_data.LENGTHS: mask.sum(1)}
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        assert text_data.model_mask(model, batch) is mask  # the CPU path: the 2-D mask, as always
+        monkeypatch.setattr(text_data, "SYNC_FREE_ON_CPU", True)
+        prepared = text_data.model_mask(model, batch)
+        assert prepared is not None and prepared.dim() == 4 and text_data.is_causal(model)
+        assert torch.equal(model(input_ids=ids, attention_mask=prepared).logits, reference)
+        monkeypatch.setattr(text_data, "is_causal", lambda m: False)  # the encoder's mask
+        wrong = model(input_ids=ids, attention_mask=text_data.prepared_mask(model, mask)).logits
+    assert not torch.allclose(wrong, reference, atol=1e-6)
+
+
+def test_a_generation_step_on_the_gpu_path_reads_nothing_back_and_computes_the_same(gen_task, monkeypatch):
+    from pf2lora.autodiff import grads, leaves
+    from pf2lora.tasks import text_data
+
+    t = gen_task
+    params = st.model_params(adapter(t, head=False))
+    batch = {k: v[:4].clone() for k, v in t.clients[0].train.items()}
+    lengths = batch[text_data.LENGTHS]
+    n = int(lengths[0])  # a shorter text in row 0: its last two tokens become padding
+    batch["attention_mask"][0, n - 2 : n], batch["input_ids"][0, n - 2 : n], batch["labels"][0, n - 2 : n] = 0, t.pad, -100
+    lengths[0] = n - 2
+    assert int(lengths.min()) < int(lengths.max())  # padded rows
+    xl = leaves(params)
+    with _HostReads() as reads_cpu:
+        cpu_loss = t.loss(xl, batch)
+        grads(cpu_loss, xl)
+    assert reads_cpu.reads > 0  # transformers reads the 2-D mask
+    monkeypatch.setattr(text_data, "SYNC_FREE_ON_CPU", True)
+    assert t.model_inputs(batch)["attention_mask"].dim() == 4
+    with _HostReads() as reads_device:
+        loss = t.loss(xl, batch)
+        g = grads(loss, xl)
+    assert reads_device.reads == 0 and torch.equal(loss, cpu_loss)
+    assert all(torch.isfinite(v).all() for v in g.values())
+
+
 def test_write_figures(cls_task, gen_task, tmp_path):
     assert cls_task.write_figures(tmp_path) == ["label_distribution.png"]
     assert (tmp_path / "label_distribution.png").read_bytes()[:4] == b"\x89PNG"

@@ -58,16 +58,20 @@ def data_device(data: Batch) -> torch.device:
 
 def take(data: Batch, index: torch.Tensor) -> Batch:
     """The examples ``index`` of ``data``; a CPU ``index`` (drawn from a CPU generator) is moved to
-    the data's device first (host fields take it as it is)."""
+    the data's device first (host fields take it as it is; an index already on a device is brought
+    back for them, at the cost of a read)."""
     on_device = index_to(index, data_device(data)) if data else index
-    return {k: v.index_select(0, index if on_host(k) else on_device) for k, v in data.items()}
+    on_cpu = index if index.device.type == "cpu" else index.cpu()
+    return {k: v.index_select(0, on_cpu if on_host(k) else on_device) for k, v in data.items()}
 
 
 def index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU ``index`` on ``device``, without waiting for the device: a plain copy to a GPU
     synchronises its stream (the host would wait, every local step, for the kernels it queued), so
     a GPU gets it from pinned memory, asynchronously, in stream order before the gather that reads it."""
-    if device.type == "cuda":
+    if index.device == device:
+        return index
+    if device.type == "cuda" and index.device.type == "cpu":
         return index.pin_memory().to(device, non_blocking=True)
     return index.to(device)
 

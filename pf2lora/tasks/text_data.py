@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -207,8 +208,8 @@ def model_mask(model: PreTrainedModel, batch: Batch) -> torch.Tensor | None:
     read the device back, and given a 2-D mask transformers does (to see whether it may skip it:
     a synchronisation per forward), so there, with :data:`LENGTHS` at hand, it gets none where no
     example is padded (what transformers would do) and else the 4-D mask transformers would build
-    (:func:`prepared_mask`): the same computation either way. On a CPU that read is free: the 2-D
-    mask, as always."""
+    (:func:`prepared_mask`: causal for a decoder, bidirectional for an encoder): the same
+    computation either way. On a CPU that read is free: the 2-D mask, as always."""
     mask, lengths = batch["attention_mask"], batch.get(LENGTHS)
     if lengths is None or (mask.device.type == "cpu" and not SYNC_FREE_ON_CPU):
         return mask
@@ -221,12 +222,31 @@ def prepared_mask(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
     """The 4-D attention mask ``model`` builds from the 2-D padding ``mask``, built here without
     reading ``mask`` back to the host (given a 2-D mask, transformers reads it to see whether it may
     skip it: a device synchronisation per forward). The model takes a 4-D mask as it is, so the
-    computation is the same as with the 2-D one wherever any example is padded (tested)."""
-    from transformers.masking_utils import create_bidirectional_mask
+    computation is the same as with the 2-D one wherever any example is padded (tested): for a
+    decoder (Llama, GPT-2, a classifier on one too) the causal mask with the padding, for an
+    encoder the bidirectional one; a decoder given the encoder's would attend to later tokens."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
     embeds = mask.new_empty((mask.shape[0], mask.shape[1], 0), dtype=model.dtype)  # what it reads: shape, dtype, device
-    out = create_bidirectional_mask(config=model.config, inputs_embeds=embeds, attention_mask=mask, allow_is_bidirectional_skip=False)
+    if is_causal(model):
+        out = create_causal_mask(
+            config=model.config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None, allow_is_causal_skip=False
+        )
+    else:
+        out = create_bidirectional_mask(config=model.config, inputs_embeds=embeds, attention_mask=mask, allow_is_bidirectional_skip=False)
     return out if isinstance(out, torch.Tensor) else mask
+
+
+_CAUSAL: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def is_causal(model: torch.nn.Module) -> bool:
+    """Whether ``model`` attends causally: transformers' attention modules say so (``is_causal``:
+    Llama's, GPT-2's; BERT's is False, MPNet's has none). Found once per model."""
+    found = _CAUSAL.get(model)
+    if found is None:
+        found = _CAUSAL[model] = any(getattr(m, "is_causal", False) is True for m in model.modules())
+    return found
 
 
 def trim(batch: Batch) -> Batch:

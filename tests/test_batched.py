@@ -313,3 +313,32 @@ def test_an_interrupt_in_the_engine_ends_the_worker_threads(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         engine.run("homlora")
     assert not [t for t in threading.enumerate() if t.name.startswith("pf2lora-client")]
+
+
+def test_stacked_draws_are_each_clients_own_and_host_fields_stay_on_the_cpu():
+    """``StackedContext.batch``: client i's rows are what its own context draws from its own
+    generator (pooled or not); a host field (``host/...``) is gathered on the CPU with the CPU
+    index, a device field with the index moved to its device ("meta" stands for a device that is
+    not the CPU: it has shapes, no values)."""
+    from pf2lora.methods.base import ClientContext, StackedContext, pool
+    from pf2lora.tasks.base import ClientData
+
+    def contexts(device: str) -> list[ClientContext]:
+        out = []
+        for i in range(3):
+            x = torch.arange(10 * i, 10 * i + 10, dtype=torch.float32)[:, None] * torch.ones(1, 2)
+            train = {"x": x.to(device), "host/n": torch.arange(10) + 100 * i}
+            out.append(ClientContext(ClientData(f"c{i}", train, {}), None, torch.Generator().manual_seed(i), 0, 1, 4))  # type: ignore[arg-type]
+        return out
+
+    own = [c.batch() for c in contexts("cpu")]  # each client alone, first draw
+    for pooled in (False, True):
+        cs = contexts("cpu")
+        got = StackedContext.of(cs, pool(cs) if pooled else None).batch()
+        assert got["x"].shape == (3, 4, 2) and got["host/n"].shape == (3, 4)
+        for i in range(3):
+            assert torch.equal(got["x"][i], own[i]["x"]) and torch.equal(got["host/n"][i], own[i]["host/n"])
+    cs = contexts("meta")
+    got = StackedContext.of(cs, pool(cs)).batch()
+    assert got["x"].device.type == "meta" and got["host/n"].device.type == "cpu"
+    assert torch.equal(got["host/n"], torch.stack([b["host/n"] for b in own]))  # the same draws, on the CPU

@@ -407,10 +407,11 @@ def test_a_training_step_on_the_gpu_path_reads_nothing_back_and_computes_the_sam
     assert "attention_mask" not in t.model_inputs(unpadded)  # nothing padded: no mask, as transformers would do
 
 
-def _decoders():
+def _decoder(name: str):
+    """A 2-layer random decoder: a Llama classifier, a Llama LM or a GPT-2 LM."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    llama = LlamaConfig(
+    llama = dict(
         vocab_size=40,
         hidden_size=16,
         intermediate_size=32,
@@ -419,14 +420,14 @@ def _decoders():
         num_key_value_heads=1,
         pad_token_id=0,
     )
-    gpt2 = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return {
-            "llama-classifier": LlamaForSequenceClassification(llama.__class__(**llama.to_dict(), num_labels=2)).eval(),
-            "llama-lm": LlamaForCausalLM(llama).eval(),
-            "gpt2-lm": GPT2LMHeadModel(gpt2).eval(),
-        }
+        if name == "llama-classifier":
+            return LlamaForSequenceClassification(LlamaConfig(**llama, num_labels=2)).eval()
+        if name == "llama-lm":
+            return LlamaForCausalLM(LlamaConfig(**llama)).eval()
+        gpt2 = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        return GPT2LMHeadModel(gpt2).eval()
 
 
 @pytest.mark.parametrize("name", ["llama-classifier", "llama-lm", "gpt2-lm"])
@@ -437,7 +438,7 @@ def test_a_decoder_on_the_gpu_path_gets_the_causal_mask(name, monkeypatch):
     bidirectional mask they differ: checked, so the test can fail)."""
     from pf2lora.tasks import text_data
 
-    model = _decoders()[name]
+    model = _decoder(name)
     ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14], [3, 4, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     batch = {"input_ids": ids, "attention_mask": mask, text_data.LENGTHS: mask.sum(1)}

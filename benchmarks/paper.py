@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1060,29 +1061,47 @@ def main() -> int:
 
 
 def drive(tier: str, out: Path, summary: Path, settings: list[str], methods: list[str] | None, n_jobs: int, hours: float) -> int:
-    """Keep ``n_jobs`` runs going, starting what became ready (a tuning's choice) as runs finish."""
+    """Keep ``n_jobs`` runs going, starting what became ready (a tuning's choice) as runs finish.
+
+    A run that fails (an error in its process) is reported in one line and not started again by
+    this call, and the others go on: an unattended night is not ended by one bad run. Exit 1 when
+    any failed (a next call tries them again), or when a process died (killed, out of memory), which
+    ends this call: its pool is unusable."""
     deadline = time.time() + hours * 3600 if hours else math.inf
     running: dict[Future, Job] = {}
+    failed: set[Path] = set()
     done = 0
+    broken = False
     with ProcessPoolExecutor(max_workers=n_jobs, max_tasks_per_child=1) as pool:
-        while True:
+        while not broken:
             if time.time() < deadline:
                 jobs, _ = ready(tier, out, settings, methods)
-                busy = {j.path for j in running.values()}
-                for j in [j for j in jobs if j.path not in busy][: n_jobs - len(running)]:
+                skip = {j.path for j in running.values()} | failed
+                for j in [j for j in jobs if j.path not in skip][: n_jobs - len(running)]:
                     running[pool.submit(_run_in_child, TIERS[tier][j.setting], j)] = j
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 job = running.pop(f)
-                _, value, wall = f.result()
+                try:
+                    _, value, wall = f.result()
+                except BrokenProcessPool as e:
+                    print(f"FAILED {job.path.relative_to(out)}: its process died ({e}); stopping", file=sys.stderr, flush=True)
+                    failed.add(job.path)
+                    broken = True
+                    continue
+                except Exception as e:  # noqa: BLE001 - one run's error, reported; the rest go on
+                    print(f"FAILED {job.path.relative_to(out)}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    failed.add(job.path)
+                    continue
                 done += 1
                 print(f"[{done}] {job.path.relative_to(out)}: {value:.4f} ({wall:.0f} s)", flush=True)
             write_json(summary, collect(tier, out))
     _, waiting = ready(tier, out, settings, methods)
-    print(f"{done} runs finished; {len(ready(tier, out, settings, methods)[0])} ready and {waiting} waiting remain")
-    return 0
+    left = len(ready(tier, out, settings, methods)[0])
+    print(f"{done} runs finished, {len(failed)} failed; {left} ready and {waiting} waiting remain")
+    return 1 if failed else 0
 
 
 def rerun(tier: str, out: Path, name: str, method: str, seed: str) -> int:

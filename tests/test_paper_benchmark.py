@@ -344,3 +344,20 @@ def test_readme_refresh_replaces_tables_by_caption_and_keeps_the_prose():
     assert cpu.index("**rt_s03** (RT; seeds 0, 1; complete)") < cpu.index("| b | 5 | 6 |") < cpu.index("| a | +3 | +4 |")
     assert cpu.rstrip().endswith("Prose about the CPU tier, kept.")
     assert paper.refresh_readme(text, tables)[0] == text  # idempotent
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    """The driver (one process per run, as unattended nights run it): a run whose config is bad
+    fails in its process, is reported in one line and not retried by this call; the next run
+    still runs, the summary is written, and the exit status says that one failed."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.replace("rounds = 3", "rounds = 1"))
+    setting = paper.Setting(str(config), (0,), ("no-such-method", "homlora"), tuning="none", about="tiny")
+    monkeypatch.setattr(paper, "TIERS", {"t": {"a": setting}})
+    out, summary = tmp_path / "results", tmp_path / "summary.json"
+    assert paper.drive("t", out, summary, ["a"], None, 1, 0.0) == 1
+    captured = capsys.readouterr()
+    assert "FAILED a/no-such-method/seed0.json:" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert (out / "a" / "homlora" / "seed0.json").exists() and not (out / "a" / "no-such-method").exists()
+    assert "1 runs finished, 1 failed; 1 ready" in captured.out
+    assert json.loads(summary.read_text())["settings"]["a"]["methods"].keys() == {"homlora"}

@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import paper
+import test_text_tasks as tt
+
+tiny_llama, gen_jsonl = tt.tiny_llama, tt.gen_jsonl  # the text tasks' fixtures
 
 TINY = """
 name = "tiny"
@@ -361,3 +364,50 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, c
     assert (out / "a" / "homlora" / "seed0.json").exists() and not (out / "a" / "no-such-method").exists()
     assert "1 runs finished, 1 failed; 1 ready" in captured.out
     assert json.loads(summary.read_text())["settings"]["a"]["methods"].keys() == {"homlora"}
+
+
+def test_a_generation_setting_makes_its_summary_table_and_figures(tiny_llama, gen_jsonl, tmp_path, monkeypatch):
+    """The NLG setting (last in the benchmark's order): lower loss is better, no accuracy columns."""
+    config = tmp_path / "tiny_nlg.toml"  # "nlg" in the name: a generation setting
+    config.write_text(
+        f"""name = "tiny_nlg"
+methods = ["homlora", "pf2lora"]
+rounds = 2
+local_steps = 1
+batch_size = 4
+num_threads = 1
+[task]
+kind = "generation"
+model = "{tiny_llama}"
+dataset = "jsonl"
+data_path = "{gen_jsonl}"
+text_column = "src"
+target_column = "tgt"
+group_column = "who"
+num_clients = 2
+max_length = 16
+eval_generate = 2
+max_new_tokens = 3
+[lora]
+rank = 2
+alpha = 2.0
+private_rank = 1
+private_alpha = 1.0
+[eval]
+every = 1
+"""
+    )
+    setting = paper.Setting(str(config), (0,), ("homlora", "pf2lora"), tuning="none", about="tiny NLG")
+    monkeypatch.setattr(paper, "TIERS", {"t": {"nlg": setting}})
+    out = tmp_path / "results"
+    for job in paper.ready("t", out, ["nlg"], None)[0]:
+        paper.run_job(setting, job)
+    data = paper.collect("t", out)
+    e = data["settings"]["nlg"]
+    assert e["complete"] and e["tuning"] is not None and "pf2lora_vs_in_accuracy" not in e
+    lead = e["pf2lora_vs"]["homlora"]
+    runs = {m: e["methods"][m]["seeds"]["0"] for m in ("homlora", "pf2lora")}
+    assert lead["metric"] == "loss" and lead["lead_mean"] == pytest.approx(runs["homlora"]["loss"] - runs["pf2lora"]["loss"])
+    text = paper.table(data)
+    assert "| method | loss | perplexity | BLEU | ROUGE-L |" in text and "lead in accuracy" not in text
+    assert [p.name for p in paper.figures(data, tmp_path / "fig")] == ["curves_nlg.png", "pf2lora_ranks.png"]

@@ -25,10 +25,12 @@ takes the CPU tier's choices (``CPU_TUNED``).
 Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
 ``tuning/``), skipped when present, so the work spans sessions; after every finished run the
 summary ``benchmarks/results/paper_TIER.json`` is rebuilt from all files present. A run killed
-midway (a session's end) continues from its last round: each run checkpoints after every round
-into ``<its file>.partial/`` (not committed), and the next start of the same run resumes there,
-with the same numbers as an uninterrupted run (the engine's resume is exact) and the wall time
-of its segments added up.
+midway (a session's end) continues from its last checkpoint: each run checkpoints after a round
+(every round on a CPU; on a GPU at most every ``CHECKPOINT_EVERY_S``) into ``<its file>.partial/``
+(not committed), and the next start of the same run resumes there, with the same numbers as an
+uninterrupted run (the engine's resume is exact) and the wall time of its segments added up. A
+checkpoint outlives code changes that keep the numbers (the project's rule while this runs); one
+of another job or config, or whose state no longer fits the code, is dropped and the run restarts.
 
     .venv/bin/python benchmarks/paper.py --tier cpu --jobs 2          # run what is missing
     .venv/bin/python benchmarks/paper.py --tier cpu --list            # what is done / to do
@@ -280,6 +282,9 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
             for seed in s.seeds:
                 path = out / name / m / f"seed{seed}.json"
                 if path.exists():
+                    stale = path.with_name(path.stem + ".partial")  # a kill between the result and its cleanup
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
                     continue
                 sizes = step_sizes(tier, out, name, m)
                 if sizes is None:
@@ -335,14 +340,20 @@ def run_job(setting: Setting, job: Job) -> dict[str, Any]:
     task = plan.build_task(cfg)
     partial = partial_dir(job)
     resume, resumed_after = resumable(partial, job, cfg)
+    before = resume.elapsed_s if resume is not None else 0.0  # read now: the engine advances the state it resumes
+    saved_at = time.monotonic()
 
     def on_state(state: RunState) -> None:
+        nonlocal saved_at
+        if time.monotonic() - saved_at < CHECKPOINT_EVERY_S:
+            return
         meta = {"engine": "local", "job": _job_key(job), "config": dataclasses.asdict(cfg), "resumed_after": resumed_after}
         save_partial(partial, {**meta, "current": dataclasses.asdict(state)})
+        saved_at = time.monotonic()
 
     start = time.time()
     result = LocalEngine(cfg, task, progress=False).run(job.method, resume=resume, on_state=on_state)
-    wall = time.time() - start + (resume.elapsed_s if resume is not None else 0.0)  # the segments before, to their last round
+    wall = before + time.time() - start  # the segments before this one, to their last checkpointed round
     counts = [c.info["train_label_counts"] for c in task.clients if "train_label_counts" in c.info]
     total = [sum(col) for col in zip(*counts)] if counts else []
     pooled = [t / sum(total) for t in total] if total else None
@@ -406,6 +417,12 @@ def remaining_time(out: Path, jobs: list[Job]) -> tuple[float, int]:
     return total, unknown
 
 
+CHECKPOINT_EVERY_S = 30.0
+"""A running job checkpoints after a round when this long has passed since its last checkpoint: on
+a CPU (rounds of 20 to 100 s) after every round; on a GPU (rounds of a second or two, a
+checkpoint of some 18 MB) not often enough to slow it."""
+
+
 def partial_dir(job: Job) -> Path:
     """Where ``job`` checkpoints while it runs: ``<its file without .json>.partial/``."""
     return job.path.with_name(job.path.stem + ".partial")
@@ -442,11 +459,15 @@ def resumable(partial: Path, job: Job, cfg: Any) -> tuple[Any, list[int]]:
         current = saved.get("current")
         if saved.get("job") != _job_key(job) or saved.get("config") != dataclasses.asdict(cfg) or not current:
             saved, why = None, "it is of another job or config"
+    if saved is not None:
+        try:
+            state = RunState(**saved["current"])
+        except TypeError as e:  # written by code whose RunState had other fields
+            saved, why = None, f"its state does not fit this code's: {e}"
     if saved is None:
         print(f"paper.py: {partial}: not resuming ({why}); starting the run afresh", file=sys.stderr)
         shutil.rmtree(partial, ignore_errors=True)
         return None, []
-    state = RunState(**saved["current"])
     return state, [*saved.get("resumed_after", []), state.round]
 
 
@@ -849,13 +870,15 @@ def table(data: dict[str, Any]) -> str:
 
 
 def _blocks(lines: list[str]) -> dict[tuple[str, ...], tuple[int, int]]:
-    """The captioned tables of a markdown text: key -> (caption line, end of the table).
+    """The captioned tables of a markdown text: key -> (caption line, end of the table), for the
+    captions that occur once.
 
     A caption is a line in bold (a setting's table: keyed by the caption up to its first ";",
     which names the setting and the tier's model, not the seeds or the state) or in italics (a
     setting's lead or client table: keyed by the bold caption above it and its own words up to
     "(", as both tiers have them), followed by blank lines and the table's rows."""
     out: dict[tuple[str, ...], tuple[int, int]] = {}
+    twice: set[tuple[str, ...]] = set()
     main: tuple[str, ...] = ()
     i = 0
     while i < len(lines):
@@ -872,15 +895,18 @@ def _blocks(lines: list[str]) -> dict[tuple[str, ...], tuple[int, int]]:
             main = key = (lines[i].split(";", 1)[0],)
         else:
             key = (*main, lines[i].split("(", 1)[0])
+        if key in out:
+            twice.add(key)
         out[key] = (i, end)
         i = end
-    return out
+    return {k: v for k, v in out.items() if k not in twice}  # a caption seen twice names no one table
 
 
 def refresh_readme(readme: str, tables: str) -> tuple[str, list[str], list[str]]:
     """``readme`` with each of ``tables``' captioned tables put in place of the one with the same
     caption (the prose around them is left as it is), and the captions (first 60 characters)
-    replaced and those with no place in ``readme`` (new ones, to be placed by hand)."""
+    replaced and those with no place in ``readme`` (new ones, to be placed by hand; or a caption
+    that occurs twice there, which is not guessed at)."""
     lines, new = readme.split("\n"), tables.split("\n")
     have = _blocks(lines)
     done: list[str] = []
@@ -1087,7 +1113,11 @@ def drive(tier: str, out: Path, summary: Path, settings: list[str], methods: lis
                 try:
                     _, value, wall = f.result()
                 except BrokenProcessPool as e:
-                    print(f"FAILED {job.path.relative_to(out)}: its process died ({e}); stopping", file=sys.stderr, flush=True)
+                    print(
+                        f"FAILED {job.path.relative_to(out)}: its process or another run's died ({e}); stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     failed.add(job.path)
                     broken = True
                     continue

@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import paper
 import test_text_tasks as tt
+from pf2lora.engines import rounds
 
 tiny_llama, gen_jsonl = tt.tiny_llama, tt.gen_jsonl  # the text tasks' fixtures
 
@@ -101,6 +104,21 @@ def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     assert paper.remaining_time(out, [dataclasses.replace(jobs[0], setting="new")]) == (0.0, 1)  # another model: no estimate
 
 
+class _SlowClock:
+    """``time`` as the engine sees it, with a ``perf_counter`` that advances 100 s a reading: a
+    wall time taken from the engine's resumed state after the run would show it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 100.0
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 class _Killed(Exception):
     """A session's end, in the middle of a run."""
 
@@ -108,6 +126,7 @@ class _Killed(Exception):
 def test_a_killed_run_resumes_from_its_last_round_with_the_same_numbers(tier, tmp_path, monkeypatch, capsys):
     setting = paper.TIERS["t"]["a"]
     job = paper.Job("a", "pf2lora-fo", 0, ("optim.lr=0.03",), tier / "a" / "pf2lora-fo" / "seed0.json")
+    monkeypatch.setattr(paper, "CHECKPOINT_EVERY_S", 0.0)  # after every round
     save = paper.save_partial
 
     def killed_after_round_2(partial, payload):
@@ -120,8 +139,15 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_numbers(tier, tm
         paper.run_job(setting, job)
     assert not job.path.exists() and (paper.partial_dir(job) / "checkpoint.pt").is_file()
     monkeypatch.setattr(paper, "save_partial", save)
+    before = torch.load(paper.partial_dir(job) / "checkpoint.pt", weights_only=True)["current"]["elapsed_s"]
+    monkeypatch.setattr(rounds, "time", _SlowClock())  # the engine's own clock now runs 100 s a reading
+    start = time.time()
     resumed = paper.run_job(setting, job)
+    took = time.time() - start
+    monkeypatch.setattr(rounds, "time", time)
     assert resumed["resumed_after_rounds"] == [2] and not paper.partial_dir(job).exists()
+    # the wall time is the segments' sum: the first one's to its checkpoint, plus this one's
+    assert before <= resumed["wall_time_s"] <= before + took
     whole = paper.run_job(setting, dataclasses.replace(job, path=tmp_path / "whole" / "seed0.json"))
     assert "resumed_after_rounds" not in whole
     for key in ("clients", "curve", "train_loss_per_round", "summary"):  # the private adapters survived too
@@ -411,3 +437,40 @@ every = 1
     text = paper.table(data)
     assert "| method | loss | perplexity | BLEU | ROUGE-L |" in text and "lead in accuracy" not in text
     assert [p.name for p in paper.figures(data, tmp_path / "fig")] == ["curves_nlg.png", "pf2lora_ranks.png"]
+
+
+def test_checkpoints_wait_their_interval_and_a_bad_or_stale_one_is_dropped(tier, monkeypatch, capsys):
+    setting = paper.TIERS["t"]["a"]
+    job = paper.Job("a", "homlora", 0, ("optim.lr=0.03",), tier / "a" / "homlora" / "seed0.json")
+    calls = []
+    save = paper.save_partial
+    monkeypatch.setattr(paper, "save_partial", lambda partial, payload: calls.append(payload["current"]["round"]))
+    paper.run_job(setting, job)
+    assert calls == []  # rounds of milliseconds: none within the interval (30 s), so no cost on a GPU either
+    monkeypatch.setattr(paper, "save_partial", save)
+
+    # a checkpoint whose state does not fit this code's RunState: dropped with a line, run afresh
+    monkeypatch.setattr(paper, "CHECKPOINT_EVERY_S", 0.0)
+    job.path.unlink()
+    partial = paper.partial_dir(job)
+    payload = {"engine": "local", "job": paper._job_key(job), "current": {"method": "homlora", "round": 1, "no_such_field": 0}}
+    paper.save_partial(partial, payload)
+    cfg = paper.load_config(setting, [*job.overrides, "seed=0", 'methods=["homlora"]'])
+    payload["config"] = dataclasses.asdict(cfg)
+    paper.save_partial(partial, payload)
+    assert paper.resumable(partial, job, cfg) == (None, [])
+    assert "its state does not fit this code's" in capsys.readouterr().err and not partial.exists()
+
+    # a finished run's checkpoint (a kill between its result and the cleanup) is removed, not resumed
+    paper.run_job(setting, job)
+    partial.mkdir()
+    (partial / "checkpoint.pt").write_bytes(b"stale")
+    paper.ready("t", tier, ["a"], None)
+    assert not partial.exists()
+
+
+def test_readme_refresh_leaves_a_caption_that_occurs_twice_alone():
+    table = ["", "| m |", "|---|", "| a |", ""]
+    readme = "\n".join(["**rt_s03** (RT; seeds 0)", *table, "**rt_s03** (RT; seeds 0)", *table])
+    text, done, missing = paper.refresh_readme(readme, "\n".join(["**rt_s03** (RT; seeds 0, 1)", "", "| m |", "|---|", "| b |", ""]))
+    assert text == readme and done == [] and missing == ["**rt_s03** (RT; seeds 0, 1)"]

@@ -282,9 +282,7 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
             for seed in s.seeds:
                 path = out / name / m / f"seed{seed}.json"
                 if path.exists():
-                    stale = path.with_name(path.stem + ".partial")  # a kill between the result and its cleanup
-                    if stale.is_dir():
-                        shutil.rmtree(stale, ignore_errors=True)
+                    shutil.rmtree(partial_of(path), ignore_errors=True)  # a kill between the result and its cleanup
                     continue
                 sizes = step_sizes(tier, out, name, m)
                 if sizes is None:
@@ -424,8 +422,13 @@ checkpoint of some 18 MB) not often enough to slow it."""
 
 
 def partial_dir(job: Job) -> Path:
-    """Where ``job`` checkpoints while it runs: ``<its file without .json>.partial/``."""
-    return job.path.with_name(job.path.stem + ".partial")
+    """Where ``job`` checkpoints while it runs."""
+    return partial_of(job.path)
+
+
+def partial_of(result: Path) -> Path:
+    """The checkpoint folder of the run whose result is ``result``: ``<it without .json>.partial/``."""
+    return result.with_name(result.stem + ".partial")
 
 
 def _job_key(job: Job) -> dict[str, Any]:
@@ -1128,9 +1131,8 @@ def drive(tier: str, out: Path, summary: Path, settings: list[str], methods: lis
                 done += 1
                 print(f"[{done}] {job.path.relative_to(out)}: {value:.4f} ({wall:.0f} s)", flush=True)
             write_json(summary, collect(tier, out))
-    _, waiting = ready(tier, out, settings, methods)
-    left = len(ready(tier, out, settings, methods)[0])
-    print(f"{done} runs finished, {len(failed)} failed; {left} ready and {waiting} waiting remain")
+    left, waiting = ready(tier, out, settings, methods)
+    print(f"{done} runs finished, {len(failed)} failed; {len(left)} ready and {waiting} waiting remain")
     return 1 if failed else 0
 
 

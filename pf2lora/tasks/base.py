@@ -61,7 +61,7 @@ def take(data: Batch, index: torch.Tensor) -> Batch:
     the data's device first (host fields take it as it is; an index already on a device is brought
     back for them, at the cost of a read)."""
     on_device = index_to(index, data_device(data)) if data else index
-    on_cpu = index if index.device.type == "cpu" else index.cpu()
+    on_cpu = index if index.device.type == "cpu" or not any(map(on_host, data)) else index.cpu()
     return {k: v.index_select(0, on_cpu if on_host(k) else on_device) for k, v in data.items()}
 
 

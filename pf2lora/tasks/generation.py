@@ -39,7 +39,7 @@ from pf2lora.data.dataset import TextDataset
 from pf2lora.tasks import register_task
 from pf2lora.tasks.base import Batch
 from pf2lora.tasks.text_base import TextTask
-from pf2lora.tasks.text_data import LENGTHS, model_mask, width, with_lengths
+from pf2lora.tasks.text_data import model_mask, trim, with_lengths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -129,10 +129,9 @@ class GenerationTask(TextTask):
         """The batch trimmed to its longest example (its width from the lengths kept on the CPU)
         with the mask :func:`~pf2lora.tasks.text_data.model_mask` gives: off the CPU, no read
         from the device."""
-        w = width(batch)
-        trimmed = {"input_ids": batch["input_ids"][:, :w], "attention_mask": batch["attention_mask"][:, :w]}
-        mask = model_mask(self.model, {**trimmed, LENGTHS: batch[LENGTHS]} if LENGTHS in batch else trimmed)
-        return {"input_ids": trimmed["input_ids"]} if mask is None else {"input_ids": trimmed["input_ids"], "attention_mask": mask}
+        b = trim(batch)
+        mask = model_mask(self.model, b)
+        return {"input_ids": b["input_ids"]} if mask is None else {"input_ids": b["input_ids"], "attention_mask": mask}
 
     def _token_losses(self, params: Mapping[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed target-token cross-entropy and the number of target tokens."""

@@ -176,11 +176,19 @@ def tuning_dir(out: Path, setting: str, method: str) -> Path:
 
 def lr_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
     """Stage 1: every AdamW lr of the grid, the extra step size at the config's value."""
+    return [tuning_job(tier, out, setting, method, lr) for lr in LR_GRID]
+
+
+def tuning_job(tier: str, out: Path, setting: str, method: str, lr: float, extra: float | None = None) -> Job:
+    """One cell of ``method``'s tuning on the validation federation: AdamW ``lr`` and, where given,
+    the method's extra step size ``extra`` (else the config's value)."""
     s = TIERS[tier][setting]
-    d = tuning_dir(out, setting, method)
-    return [
-        Job(setting, method, 0, (*s.overrides, *VALIDATION, f"optim.lr={lr!r}"), d / f"lr={_fmt(lr)}.json", tuning=True) for lr in LR_GRID
-    ]
+    overrides = (*s.overrides, *VALIDATION, f"optim.lr={lr!r}")
+    name = f"lr={_fmt(lr)}"
+    if extra is not None:
+        key = EXTRA_GRID[method][0]
+        overrides, name = (*overrides, f"{key}={extra!r}"), f"{name},{key}={_fmt(extra)}"
+    return Job(setting, method, 0, overrides, tuning_dir(out, setting, method) / f"{name}.json", tuning=True)
 
 
 def score(path: Path) -> float:
@@ -210,22 +218,9 @@ def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, f
 
 def extra_stage(tier: str, out: Path, setting: str, method: str, lr: float) -> list[Job]:
     """Stage 2: the method's extra step size over its grid at the chosen lr (the centre is stage 1's run)."""
-    s = TIERS[tier][setting]
     key, values = EXTRA_GRID[method]
-    centre = config_value(s, key)
-    d = tuning_dir(out, setting, method)
-    return [
-        Job(
-            setting,
-            method,
-            0,
-            (*s.overrides, *VALIDATION, f"optim.lr={lr!r}", f"{key}={x!r}"),
-            d / f"lr={_fmt(lr)},{key}={_fmt(x)}.json",
-            tuning=True,
-        )
-        for x in values
-        if x != centre
-    ]
+    centre = config_value(TIERS[tier][setting], key)
+    return [tuning_job(tier, out, setting, method, lr, x) for x in values if x != centre]
 
 
 def config_value(s: Setting, key: str) -> float:
@@ -1039,6 +1034,13 @@ def main() -> int:
         help="an override added to every run of the tier after its own (e.g. task.model=DIR on a machine with the model elsewhere)",
     )
     parser.add_argument("--rerun", nargs=3, metavar=("SETTING", "METHOD", "SEED"), help="run one cell again, compare, keep nothing")
+    parser.add_argument(
+        "--tune-point",
+        nargs="+",
+        metavar="ARG",
+        help="SETTING METHOD LR [EXTRA]: one more tuning run at these step sizes, off the search's path "
+        "(kept, shown in the tuning table; it takes no part in the choice)",
+    )
     args = parser.parse_args()
     out = RESULTS / f"paper_{args.tier}"
     summary = RESULTS / f"paper_{args.tier}.json"
@@ -1072,6 +1074,8 @@ def main() -> int:
         return 2
     if args.rerun:
         return rerun(args.tier, out, *args.rerun)
+    if args.tune_point:
+        return tune_point(args.tier, out, args.tune_point)
     jobs, waiting = ready(args.tier, out, settings, args.methods)
     if args.list:
         for j in jobs:
@@ -1151,6 +1155,47 @@ def rerun(tier: str, out: Path, name: str, method: str, seed: str) -> int:
         new = run_job(s, job)
     metric, _ = HEADLINE[s.generation]
     print(f"{name} {method} seed {seed}: stored {old['summary'][metric]:.6f}, now {new['summary'][metric]:.6f}")
+    return 0
+
+
+def tune_point(tier: str, out: Path, args: list[str]) -> int:
+    """Run one tuning cell off the coordinate search's path (say, one method's chosen step sizes
+    for another), for evidence: :func:`chosen` reads only the search's own cells."""
+    usage = "paper.py: --tune-point takes SETTING METHOD LR [EXTRA]"
+    if len(args) not in (3, 4):
+        print(usage, file=sys.stderr)
+        return 2
+    name, method, *sizes = args
+    s = TIERS[tier].get(name)
+    if s is None or s.tuning != "tune":
+        tuned = ", ".join(n for n, x in TIERS[tier].items() if x.tuning == "tune")
+        print(f"paper.py: --tune-point: {name!r} is not a tuned setting of tier {tier} (tuned: {tuned})", file=sys.stderr)
+        return 2
+    if method not in s.methods:
+        print(f"paper.py: --tune-point: {method!r} is not a method of {name} ({', '.join(s.methods)})", file=sys.stderr)
+        return 2
+    if len(sizes) == 2 and method not in EXTRA_GRID:
+        print(f"paper.py: --tune-point: {method} has no extra step size (only {', '.join(EXTRA_GRID)} do)", file=sys.stderr)
+        return 2
+    try:
+        lr, *extra = (float(x) for x in sizes)
+    except ValueError:
+        print(f"{usage}; LR and EXTRA are numbers, got {' '.join(sizes)!r}", file=sys.stderr)
+        return 2
+    if lr not in LR_GRID or (extra and extra[0] not in EXTRA_GRID[method][1]):
+        grids = f"LR in {', '.join(map(_fmt, LR_GRID))}" + (
+            f", EXTRA ({EXTRA_GRID[method][0]}) in {', '.join(map(_fmt, EXTRA_GRID[method][1]))}" if method in EXTRA_GRID else ""
+        )
+        print(f"paper.py: --tune-point: {' '.join(sizes)} is off the grid that every method shares ({grids})", file=sys.stderr)
+        return 2
+    centre = config_value(s, EXTRA_GRID[method][0]) if extra else None
+    job = tuning_job(tier, out, name, method, lr, extra[0] if extra and extra[0] != centre else None)
+    shown = job.path.relative_to(ROOT) if job.path.is_relative_to(ROOT) else job.path
+    if job.path.exists():
+        print(f"paper.py: {shown} exists (score {score(job.path):.4f}); nothing to run")
+        return 0
+    data = run_job(s, job)
+    print(f"{shown}: {data['summary'][HEADLINE[s.generation][0]]:.4f} ({data['wall_time_s']:.0f} s)")
     return 0
 
 

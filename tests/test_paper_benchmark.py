@@ -104,6 +104,54 @@ def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     assert paper.remaining_time(out, [dataclasses.replace(jobs[0], setting="new")]) == (0.0, 1)  # another model: no estimate
 
 
+def test_a_tuning_point_off_the_search_is_kept_shown_and_not_chosen_from(tier, capsys):
+    out = tier
+    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.5"]) == 0
+    path = paper.tuning_dir(out, "a", "pf2lora-fo") / "lr=0.001,optim.lower_lr=0.5.json"
+    run = json.loads(path.read_text())
+    assert run["tuning_run"] and run["config"]["task"]["data_seed"] == 4321  # the validation federation
+    assert (run["config"]["optim"]["lr"], run["config"]["optim"]["lower_lr"]) == (0.001, 0.5)
+    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.05"]) == 0  # the config's value: stage 1's cell
+    assert (paper.tuning_dir(out, "a", "pf2lora-fo") / "lr=0.001.json").is_file()
+    assert paper.chosen("t", out, "a", "pf2lora-fo") is None  # the search's own cells decide, and they are not all there
+    capsys.readouterr()
+    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.5"]) == 0  # present: nothing runs
+    assert "exists" in capsys.readouterr().out
+    # the rest of the search, then the choice and the table: the point is shown, at its lr
+    for job in paper.lr_stage("t", out, "a", "pf2lora-fo"):
+        if not job.path.exists():
+            paper.run_job(paper.TIERS["t"]["a"], job)
+    best = max(paper.LR_GRID, key=lambda lr: paper.score(paper.tuning_dir(out, "a", "pf2lora-fo") / f"lr={paper._fmt(lr)}.json"))
+    for job in paper.extra_stage("t", out, "a", "pf2lora-fo", best):
+        if not job.path.exists():
+            paper.run_job(paper.TIERS["t"]["a"], job)
+    choice, scores = paper.chosen("t", out, "a", "pf2lora-fo")
+    assert choice["optim.lr"] == best
+    table = paper.tuning_table("a", paper.tuning_record("t", out, "a", paper.TIERS["t"]["a"]))
+    assert "lr=0.001,optim.lower_lr=0.5" not in scores or best == 1e-3  # the choice reads its own cells only
+    cell = f"`optim.lower_lr=0.5`: {paper.score(path):.3f}"
+    assert cell + (" (at `lr=0.001`, not the best lr)" if best != 1e-3 else "") in table
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["a", "pf2lora-fo"], "takes SETTING METHOD LR [EXTRA]"),
+        (["b", "homlora", "0.001"], "'b' is not a tuned setting"),
+        (["a", "fdlora", "0.001"], "'fdlora' is not a method of a"),
+        (["a", "homlora", "0.001", "0.5"], "homlora has no extra step size"),
+        (["a", "homlora", "fast"], "LR and EXTRA are numbers, got 'fast'"),
+        (["a", "homlora", "0.002"], "0.002 is off the grid that every method shares"),
+        (["a", "pf2lora-fo", "0.001", "0.2"], "off the grid"),
+    ],
+)
+def test_a_tuning_point_refuses_bad_input_in_one_line(tier, capsys, args, says):
+    assert paper.tune_point("t", tier, args) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert not tier.exists()  # nothing ran, nothing written
+
+
 class _SlowClock:
     """``time`` as the engine sees it, with a ``perf_counter`` that advances 100 s a reading: a
     wall time taken from the engine's resumed state after the run would show it."""

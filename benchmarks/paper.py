@@ -784,6 +784,29 @@ def tuning_table(name: str, rec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str, centre: str) -> str:
+    """``a`` against ``b`` in every tuning cell both ran (the same step sizes, federation and
+    seed): for PF2LoRA and its first-order ablation, what the bilevel term adds at equal step
+    sizes, apart from where each method's search ended. ``centre``: the extra step size of a
+    cell that names none (the config's). Empty when they share no cell."""
+    sa, sb = (rec["methods"].get(m, {}).get("scores", {}) for m in (a, b))
+    cells = [c for c in sa if c in sb]
+    if not cells:
+        return ""
+    cells.sort(key=lambda c: [float(kv.split("=", 1)[1]) for kv in c.split(",")])
+    lines = [
+        f"*{name}: {a} against {b} at the same step sizes (each tuning cell both ran, `{centre}` where a cell names no other: "
+        f"{rec['score']}; positive: {a} better)*\n",
+        f"| cell | {a} | {b} | difference |",
+        "|---|---|---|---|",
+        *(f"| `{c}` | {sa[c]:.3f} | {sb[c]:.3f} | {sa[c] - sb[c]:+.3f} |" for c in cells),
+    ]
+    ahead = sum(sa[c] > sb[c] for c in cells)
+    ma, mb = statistics.fmean(sa[c] for c in cells), statistics.fmean(sb[c] for c in cells)
+    lines.append(f"| mean of the {len(cells)} cells ({a} ahead in {ahead}) | {ma:.3f} | {mb:.3f} | {ma - mb:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _trend(r: dict[str, Any], generation: bool) -> str:
     """The seeds' mean curve's fitted change over the last 20% of rounds, and whether that is flat."""
     change = r.get("last_20pct_change", {}).get("seed_mean")
@@ -803,6 +826,10 @@ def table(data: dict[str, Any]) -> str:
     for name, e in data["settings"].items():
         if isinstance(e.get("tuning"), dict):
             out.append(tuning_table(name, e["tuning"]))
+            if "pf2lora" in EXTRA_GRID:
+                key = EXTRA_GRID["pf2lora"][0]
+                centre = f"{key}={_fmt(config_value(TIERS[data['tier']][name], key))}"
+                out.append(same_cells_table(name, e["tuning"], "pf2lora", "pf2lora-fo", centre))
         if not e["methods"]:
             continue
         gen = TIERS[data["tier"]][name].generation

@@ -13,9 +13,10 @@ machine of one session (15 minutes of an H200, ``benchmarks/gpu_paper.sh``), 12 
 processes on the one GPU and none finished within 3 minutes (README, "GPU figures").
 
 Fair tuning, the same for every method: AdamW ``optim.lr`` over ``LR_GRID`` for every method,
-with a method's one extra step size at the config's value; then that step size over its grid
-(as many values) at the chosen lr (a coordinate search: PF2LoRA's and PF2LoRA-FO's lower-level
-SGD lr, Per-FedAvg's inner lr). Every tuning run is scored by the clients' mean personalised
+and for a method with one extra step size (PF2LoRA's and PF2LoRA-FO's lower-level SGD lr,
+Per-FedAvg's inner lr) every pair of ``LR_GRID`` and that step size's grid (as many values): the
+full grid, as a coordinate search (the lr first, then the extra step size at the chosen lr; used
+until 2026-12-05) missed PF2LoRA's best cell. Every tuning run is scored by the clients' mean personalised
 balanced accuracy on a validation federation (another ``task.data_seed``); the best run's values
 are used on the benchmark federation with 3 seeds. Tuned on ``rt_s03``; the other encoder
 settings reuse its choice; the generation setting keeps its config's values for every method
@@ -205,22 +206,24 @@ def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, f
     best_lr = max(LR_GRID, key=lambda lr: scores[f"lr={_fmt(lr)}"])
     choice = {"optim.lr": best_lr}
     if method in EXTRA_GRID:
-        stage2 = extra_stage(tier, out, setting, method, best_lr)
-        if not all(j.path.exists() for j in stage2):
+        rest = grid_stage(tier, out, setting, method)
+        if not all(j.path.exists() for j in rest):
             return None
-        scores.update({j.path.stem: score(j.path) for j in stage2})
-        key, values = EXTRA_GRID[method]
+        scores.update({j.path.stem: score(j.path) for j in rest})
+        key, _ = EXTRA_GRID[method]
         centre = config_value(TIERS[tier][setting], key)
-        tag = {x: (f"lr={_fmt(best_lr)}" if x == centre else f"lr={_fmt(best_lr)},{key}={_fmt(x)}") for x in values}
-        choice[key] = max(values, key=lambda x: scores[tag[x]])
+        best = max([*stage1, *rest], key=lambda j: scores[j.path.stem])  # the first of equals, in grid order
+        sizes = dict(o.split("=", 1) for o in best.overrides)
+        choice = {"optim.lr": float(sizes["optim.lr"]), key: float(sizes[key]) if key in sizes else centre}
     return choice, scores
 
 
-def extra_stage(tier: str, out: Path, setting: str, method: str, lr: float) -> list[Job]:
-    """Stage 2: the method's extra step size over its grid at the chosen lr (the centre is stage 1's run)."""
+def grid_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
+    """The rest of the full grid: every lr with the method's extra step size at each value but the
+    config's (stage 1's runs)."""
     key, values = EXTRA_GRID[method]
     centre = config_value(TIERS[tier][setting], key)
-    return [tuning_job(tier, out, setting, method, lr, x) for x in values if x != centre]
+    return [tuning_job(tier, out, setting, method, lr, x) for lr in LR_GRID for x in values if x != centre]
 
 
 def config_value(s: Setting, key: str) -> float:
@@ -250,6 +253,11 @@ def step_sizes(tier: str, out: Path, name: str, method: str) -> tuple[str, ...] 
     return tuple(f"{k}={v!r}" for k, v in got[0].items())
 
 
+def ran_with(run: dict[str, Any], sizes: tuple[str, ...]) -> bool:
+    """Whether a stored run used the step sizes ``sizes`` (overrides ``key=value``)."""
+    return set(sizes) <= set(run["overrides"])
+
+
 def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) -> tuple[list[Job], int]:
     """(the runs that can start now, how many more wait for tuning), tuning first, then by seed."""
     jobs: list[Job] = []
@@ -261,14 +269,8 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
         for m in TIERS[tier][name].methods:
             if methods and m not in methods:
                 continue
-            stage1 = lr_stage(tier, out, name, m)
-            jobs += [j for j in stage1 if not j.path.exists()]
-            if m in EXTRA_GRID:
-                if all(j.path.exists() for j in stage1):
-                    best = max(LR_GRID, key=lambda lr: score(tuning_dir(out, name, m) / f"lr={_fmt(lr)}.json"))
-                    jobs += [j for j in extra_stage(tier, out, name, m, best) if not j.path.exists()]
-                else:
-                    waiting += len(EXTRA_GRID[m][1]) - 1
+            cells = [*lr_stage(tier, out, name, m), *(grid_stage(tier, out, name, m) if m in EXTRA_GRID else [])]
+            jobs += [j for j in cells if not j.path.exists()]
     for name in settings:
         s = TIERS[tier][name]
         for m in s.methods:
@@ -276,10 +278,11 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
                 continue
             for seed in s.seeds:
                 path = out / name / m / f"seed{seed}.json"
-                if path.exists():
+                sizes = step_sizes(tier, out, name, m)
+                # a stored run counts unless the tuning now chooses other step sizes (then a run replaces it)
+                if path.exists() and (sizes is None or ran_with(json.loads(path.read_text()), sizes)):
                     shutil.rmtree(partial_of(path), ignore_errors=True)  # a kill between the result and its cleanup
                     continue
-                sizes = step_sizes(tier, out, name, m)
                 if sizes is None:
                     waiting += 1
                     continue
@@ -601,8 +604,14 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
         entry["tuning"] = tuning_record(tier, out, name, s)
         methods: dict[str, Any] = {}
         flat_all: list[bool | None] = []
+        superseded: dict[str, list[int]] = {}
         for m in s.methods:
             mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+            sizes = step_sizes(tier, out, name, m)
+            if sizes is not None:  # a run with step sizes the tuning no longer chooses is left out, to run again
+                if old := [r["seed"] for r in mine if not ran_with(r, sizes)]:
+                    superseded[m] = old
+                mine = [r for r in mine if ran_with(r, sizes)]
             if not mine:
                 continue
             seeds = {}
@@ -640,8 +649,11 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 "std": std,
                 "last_20pct_change": {"seed_mean": change, **conv},
                 "converged": flat,
+                **({"tuning_pending": True} if sizes is None else {}),
             }
         entry["methods"] = methods
+        if superseded:
+            entry["superseded_runs"] = superseded
         entry["complete"] = all(str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds)
         entry["converged"] = bool(flat_all) and all(f is True for f in flat_all)
         if "pf2lora" in methods:
@@ -737,13 +749,16 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
     rec: dict[str, Any] = {
         "validation_federation": list(VALIDATION) + ["seed=0"],
         "score": "clients' mean personalised balanced accuracy on the validation federation",
-        "search": "optim.lr over the grid (extra step size at the config's value), then the extra step size at the chosen lr",
+        "search": "every cell of the grid: optim.lr, and for a method with an extra step size every pair of the two; the best cell",
         "methods": {},
     }
     for m in s.methods:
         got = chosen(tier, out, name, m)
         done = {p.stem: score(p) for p in sorted(tuning_dir(out, name, m).glob("*.json"))}
         rec["methods"][m] = {"chosen": got[0] if got else None, "scores": done}
+        if m in EXTRA_GRID:
+            key, values = EXTRA_GRID[m]
+            rec["methods"][m]["extra_step_size"] = {"key": key, "values": list(values), "config_value": config_value(s, key)}
     return rec
 
 
@@ -756,31 +771,45 @@ def _pm(m: dict, s: dict, key: str, digits: int = 3) -> str:
     return f"{m[key]:.{digits}f} ± {s.get(key, 0.0):.{digits}f}"
 
 
-def _at_lr(lr: str, best: str | None) -> str:
-    if lr == best:
-        return ""
-    return f" (at `{lr}`)" if best is None else f" (at `{lr}`, not the best lr)"
-
-
 def tuning_table(name: str, rec: dict[str, Any]) -> str:
-    """The tuning runs of ``name``: each method's score per step size, and its choice (once made)."""
+    """The tuning runs of ``name``: each method's score per lr (at its extra step size's config
+    value), its best cell and its choice; then, for each method with an extra step size, its grid."""
     lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
     lines = [
         f"**{name}: tuning** ({rec['score']}; {', '.join(rec['validation_federation'])}; {rec['search']})\n",
-        "| method | " + " | ".join(f"`optim.{x}`" for x in lrs) + " | extra step size at the chosen lr | chosen |",
+        "| method | " + " | ".join(f"`optim.{x}`" for x in lrs) + " | the rest of its grid | chosen |",
         "|---" * (len(lrs) + 3) + "|",
     ]
+    grids = []
     for m, r in rec["methods"].items():
         scores = r["scores"]
         if not scores:
             continue
         cells = [f"{scores[x]:.3f}" if x in scores else "-" for x in lrs]
-        best = max(lrs, key=lambda x: scores[x]) if all(x in scores for x in lrs) else None
-        extra = [  # a run at another lr than the best (the best before the grid grew) says which
-            f"`{k.split(',', 1)[1]}`: {v:.3f}" + _at_lr(k.split(",", 1)[0], best) for k, v in scores.items() if "," in k
-        ]
-        choice = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r["chosen"].items()) if r["chosen"] else "(search not complete)"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'; '.join(extra) or '-'} | {choice} |")
+        rest = "-"
+        if "extra_step_size" in r:
+            ex = r["extra_step_size"]
+            n = len(lrs) * (len(ex["values"]) - 1)
+            done = [k for k in scores if "," in k]
+            rest = f"{len(done)} of {n} cells at other `{ex['key']}` values (below)"
+            grids.append(grid_table(name, m, scores, ex))
+        choice = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r["chosen"].items()) if r["chosen"] else "(tuning not complete)"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {rest} | {choice} |")
+    return "\n".join(lines) + "\n" + "".join("\n" + g for g in grids)
+
+
+def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, Any]) -> str:
+    """One method's tuning over both its step sizes: a row per value of its extra step size."""
+    lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
+    key = ex["key"]
+    lines = [
+        f"*{name}: {method}'s tuning grid (rows: `{key}`, `{_fmt(ex['config_value'])}` the config's value; columns: `optim.lr`)*\n",
+        f"| `{key}` | " + " | ".join(f"`{_fmt(lr)}`" for lr in LR_GRID) + " |",
+        "|---" * (len(lrs) + 1) + "|",
+    ]
+    for x in ex["values"]:
+        tags = [lr if x == ex["config_value"] else f"{lr},{key}={_fmt(x)}" for lr in lrs]
+        lines.append(f"| {_fmt(x)} | " + " | ".join(f"{scores[g]:.3f}" if g in scores else "-" for g in tags) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -820,6 +849,13 @@ def _trend(r: dict[str, Any], generation: bool) -> str:
     return f"{size} ({'flat' if r.get('converged') else 'moving'})"
 
 
+def _superseded(e: dict[str, Any]) -> str:
+    old = e.get("superseded_runs", {})
+    if not old:
+        return ""
+    return "; left out, to run again at the tuning's new choice: " + ", ".join(f"{m} seed {', '.join(map(str, s))}" for m, s in old.items())
+
+
 def table(data: dict[str, Any]) -> str:
     """Markdown tables, one per setting, best headline first (and a tuned setting's tuning runs)."""
     out: list[str] = []
@@ -840,7 +876,8 @@ def table(data: dict[str, Any]) -> str:
             f"**{name}** ({e['about']}; seeds {', '.join(seeds)}; "
             f"{'converged' if e['converged'] else 'NOT converged by the rule'}"
             f"{'' if not any(r.get('failed_to_train') for r in e['methods'].values()) else ' (a run did not train)'}; "
-            f"{'complete' if e['complete'] else 'incomplete'})\n"
+            f"{'complete' if e['complete'] else 'incomplete'}"
+            f"{_superseded(e)})\n"
         )
         cols: tuple[str, ...]
         if gen:
@@ -859,7 +896,8 @@ def table(data: dict[str, Any]) -> str:
             mean, std = r["mean"], r["std"]
             cells = " | ".join(_pm(mean, std, c, 2 if c in ("perplexity", "bleu", "rouge_l") else 3) for c in cols)
             out.append(
-                f"| {m} | {cells} | {int(mean['params_lora']):,} / {int(mean['params_head']):,} "
+                f"| {m}{' (step sizes of the earlier search; its tuning is not complete)' if r.get('tuning_pending') else ''} "
+                f"| {cells} | {int(mean['params_lora']):,} / {int(mean['params_head']):,} "
                 f"| {mean['upload_bytes_per_client_per_round'] / 1000:.0f} | {mean['wall_time_s']:.0f} | {_trend(r, gen)} |"
             )
         if not gen:
@@ -1061,13 +1099,6 @@ def main() -> int:
         help="an override added to every run of the tier after its own (e.g. task.model=DIR on a machine with the model elsewhere)",
     )
     parser.add_argument("--rerun", nargs=3, metavar=("SETTING", "METHOD", "SEED"), help="run one cell again, compare, keep nothing")
-    parser.add_argument(
-        "--tune-point",
-        nargs="+",
-        metavar="ARG",
-        help="SETTING METHOD LR [EXTRA]: one more tuning run at these step sizes, off the search's path "
-        "(kept, shown in the tuning table; it takes no part in the choice)",
-    )
     args = parser.parse_args()
     out = RESULTS / f"paper_{args.tier}"
     summary = RESULTS / f"paper_{args.tier}.json"
@@ -1101,8 +1132,6 @@ def main() -> int:
         return 2
     if args.rerun:
         return rerun(args.tier, out, *args.rerun)
-    if args.tune_point:
-        return tune_point(args.tier, out, args.tune_point)
     jobs, waiting = ready(args.tier, out, settings, args.methods)
     if args.list:
         for j in jobs:
@@ -1182,47 +1211,6 @@ def rerun(tier: str, out: Path, name: str, method: str, seed: str) -> int:
         new = run_job(s, job)
     metric, _ = HEADLINE[s.generation]
     print(f"{name} {method} seed {seed}: stored {old['summary'][metric]:.6f}, now {new['summary'][metric]:.6f}")
-    return 0
-
-
-def tune_point(tier: str, out: Path, args: list[str]) -> int:
-    """Run one tuning cell off the coordinate search's path (say, one method's chosen step sizes
-    for another), for evidence: :func:`chosen` reads only the search's own cells."""
-    usage = "paper.py: --tune-point takes SETTING METHOD LR [EXTRA]"
-    if len(args) not in (3, 4):
-        print(usage, file=sys.stderr)
-        return 2
-    name, method, *sizes = args
-    s = TIERS[tier].get(name)
-    if s is None or s.tuning != "tune":
-        tuned = ", ".join(n for n, x in TIERS[tier].items() if x.tuning == "tune")
-        print(f"paper.py: --tune-point: {name!r} is not a tuned setting of tier {tier} (tuned: {tuned})", file=sys.stderr)
-        return 2
-    if method not in s.methods:
-        print(f"paper.py: --tune-point: {method!r} is not a method of {name} ({', '.join(s.methods)})", file=sys.stderr)
-        return 2
-    if len(sizes) == 2 and method not in EXTRA_GRID:
-        print(f"paper.py: --tune-point: {method} has no extra step size (only {', '.join(EXTRA_GRID)} do)", file=sys.stderr)
-        return 2
-    try:
-        lr, *extra = (float(x) for x in sizes)
-    except ValueError:
-        print(f"{usage}; LR and EXTRA are numbers, got {' '.join(sizes)!r}", file=sys.stderr)
-        return 2
-    if lr not in LR_GRID or (extra and extra[0] not in EXTRA_GRID[method][1]):
-        grids = f"LR in {', '.join(map(_fmt, LR_GRID))}" + (
-            f", EXTRA ({EXTRA_GRID[method][0]}) in {', '.join(map(_fmt, EXTRA_GRID[method][1]))}" if method in EXTRA_GRID else ""
-        )
-        print(f"paper.py: --tune-point: {' '.join(sizes)} is off the grid that every method shares ({grids})", file=sys.stderr)
-        return 2
-    centre = config_value(s, EXTRA_GRID[method][0]) if extra else None
-    job = tuning_job(tier, out, name, method, lr, extra[0] if extra and extra[0] != centre else None)
-    shown = job.path.relative_to(ROOT) if job.path.is_relative_to(ROOT) else job.path
-    if job.path.exists():
-        print(f"paper.py: {shown} exists (score {score(job.path):.4f}); nothing to run")
-        return 0
-    data = run_job(s, job)
-    print(f"{shown}: {data['summary'][HEADLINE[s.generation][0]]:.4f} ({data['wall_time_s']:.0f} s)")
     return 0
 
 

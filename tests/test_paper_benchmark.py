@@ -73,17 +73,21 @@ def run_all(out: Path) -> list[paper.Job]:
 def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     out = tier
     jobs, waiting = paper.ready("t", out, ["a", "b"], None)
-    assert [j.tuning for j in jobs] == [True] * 4  # 2 methods x 2 lr; nothing else can start yet
-    assert waiting == 1 + 4 + 1  # pf2lora-fo's extra step size, a's 4 runs, b's 1 run
+    # every cell of the grid at once: homlora's 2 lr, pf2lora-fo's 2 lr x 2 lower-level lr; nothing else can start yet
+    assert [j.tuning for j in jobs] == [True] * 6
+    assert waiting == 4 + 1  # a's 4 runs, b's 1 run
     assert all("task.data_seed=4321" in j.overrides for j in jobs)  # the validation federation
     ran = run_all(out)
-    assert len(ran) == 4 + 1 + 5
+    assert len(ran) == 6 + 5
     extra = [j for j in ran if j.tuning and "optim.lower_lr=0.5" in j.overrides]
-    assert len(extra) == 1  # the centre (0.05) was stage 1's run
+    assert len(extra) == 2  # at each lr; the centre (0.05) is the lr stage's run
     for method in ("homlora", "pf2lora-fo"):
         choice, scores = paper.chosen("t", out, "a", method)
-        best = max(scores, key=scores.get)
-        assert f"lr={paper._fmt(choice['optim.lr'])}" in best
+        assert len(scores) == (2 if method == "homlora" else 4)
+        tag = f"lr={paper._fmt(choice['optim.lr'])}"
+        if method == "pf2lora-fo" and choice["optim.lower_lr"] != 0.05:
+            tag += f",optim.lower_lr={paper._fmt(choice['optim.lower_lr'])}"
+        assert scores[tag] == max(scores.values())  # the best cell of the whole grid
         for name, seeds in (("a", (0, 1)), ("b", (0,))):
             if method not in paper.TIERS["t"][name].methods:
                 continue
@@ -102,54 +106,6 @@ def test_tuning_first_then_the_choice_everywhere_and_nothing_twice(tier):
     walls = [json.loads(p.read_text())["wall_time_s"] for p in done]
     assert len(walls) == 3 and paper.remaining_time(out, jobs) == (pytest.approx(sum(walls) / 3), 0)
     assert paper.remaining_time(out, [dataclasses.replace(jobs[0], setting="new")]) == (0.0, 1)  # another model: no estimate
-
-
-def test_a_tuning_point_off_the_search_is_kept_shown_and_not_chosen_from(tier, capsys):
-    out = tier
-    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.5"]) == 0
-    path = paper.tuning_dir(out, "a", "pf2lora-fo") / "lr=0.001,optim.lower_lr=0.5.json"
-    run = json.loads(path.read_text())
-    assert run["tuning_run"] and run["config"]["task"]["data_seed"] == 4321  # the validation federation
-    assert (run["config"]["optim"]["lr"], run["config"]["optim"]["lower_lr"]) == (0.001, 0.5)
-    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.05"]) == 0  # the config's value: stage 1's cell
-    assert (paper.tuning_dir(out, "a", "pf2lora-fo") / "lr=0.001.json").is_file()
-    assert paper.chosen("t", out, "a", "pf2lora-fo") is None  # the search's own cells decide, and they are not all there
-    capsys.readouterr()
-    assert paper.tune_point("t", out, ["a", "pf2lora-fo", "0.001", "0.5"]) == 0  # present: nothing runs
-    assert "exists" in capsys.readouterr().out
-    # the rest of the search, then the choice and the table: the point is shown, at its lr
-    for job in paper.lr_stage("t", out, "a", "pf2lora-fo"):
-        if not job.path.exists():
-            paper.run_job(paper.TIERS["t"]["a"], job)
-    best = max(paper.LR_GRID, key=lambda lr: paper.score(paper.tuning_dir(out, "a", "pf2lora-fo") / f"lr={paper._fmt(lr)}.json"))
-    for job in paper.extra_stage("t", out, "a", "pf2lora-fo", best):
-        if not job.path.exists():
-            paper.run_job(paper.TIERS["t"]["a"], job)
-    choice, scores = paper.chosen("t", out, "a", "pf2lora-fo")
-    assert choice["optim.lr"] == best
-    table = paper.tuning_table("a", paper.tuning_record("t", out, "a", paper.TIERS["t"]["a"]))
-    assert "lr=0.001,optim.lower_lr=0.5" not in scores or best == 1e-3  # the choice reads its own cells only
-    cell = f"`optim.lower_lr=0.5`: {paper.score(path):.3f}"
-    assert cell + (" (at `lr=0.001`, not the best lr)" if best != 1e-3 else "") in table
-
-
-@pytest.mark.parametrize(
-    "args, says",
-    [
-        (["a", "pf2lora-fo"], "takes SETTING METHOD LR [EXTRA]"),
-        (["b", "homlora", "0.001"], "'b' is not a tuned setting"),
-        (["a", "fdlora", "0.001"], "'fdlora' is not a method of a"),
-        (["a", "homlora", "0.001", "0.5"], "homlora has no extra step size"),
-        (["a", "homlora", "fast"], "LR and EXTRA are numbers, got 'fast'"),
-        (["a", "homlora", "0.002"], "0.002 is off the grid that every method shares"),
-        (["a", "pf2lora-fo", "0.001", "0.2"], "off the grid"),
-    ],
-)
-def test_a_tuning_point_refuses_bad_input_in_one_line(tier, capsys, args, says):
-    assert paper.tune_point("t", tier, args) == 2
-    err = capsys.readouterr().err
-    assert says in err and err.count("\n") == 1
-    assert not tier.exists()  # nothing ran, nothing written
 
 
 class _SlowClock:
@@ -280,22 +236,68 @@ def test_pf2lora_leads_in_the_headline_and_in_the_papers_accuracy(tmp_path, monk
 
 def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
     """Before any benchmark run, the tuned setting is in the summary with its tuning record, and
-    the table shows each method's score per step size (the choice once its search is complete)."""
+    the tables show each method's score per step size, its grid, and its choice once the grid is done."""
     out = tier
-    for job in paper.ready("t", out, ["a", "b"], None)[0]:  # stage 1: every lr of the grid
-        paper.run_job(paper.TIERS["t"][job.setting], job)
+    cells = paper.ready("t", out, ["a", "b"], None)[0]
+    for job in cells:  # every lr at the config's lower-level lr; pf2lora-fo's other column waits
+        if "optim.lower_lr=0.5" not in job.overrides:
+            paper.run_job(paper.TIERS["t"][job.setting], job)
     data = paper.collect("t", out)
     assert list(data["settings"]) == ["a"]
     a = data["settings"]["a"]
     assert a["methods"] == {} and not a["complete"]
     assert a["tuning"]["methods"]["homlora"]["chosen"] is not None  # no extra step size: chosen
-    assert a["tuning"]["methods"]["pf2lora-fo"]["chosen"] is None  # its lower lr is still to search
+    assert a["tuning"]["methods"]["pf2lora-fo"]["chosen"] is None  # half its grid is still to run
     text = paper.table(data)
-    assert "**a: tuning**" in text and "(search not complete)" in text
+    assert "**a: tuning**" in text and "(tuning not complete)" in text and "0 of 2 cells at other `optim.lower_lr` values" in text
     homlora_row = next(line for line in text.splitlines() if line.startswith("| homlora |"))
     scores = a["tuning"]["methods"]["homlora"]["scores"]
     assert all(f"{v:.3f}" in homlora_row for v in scores.values())
+    assert "*a: pf2lora-fo's tuning grid" in text
+    assert next(line for line in text.splitlines() if line.startswith("| 0.5 |")) == "| 0.5 | - | - |"
     assert paper.figures(data, tmp_path / "fig") == []
+    for job in cells:
+        if not job.path.exists():
+            paper.run_job(paper.TIERS["t"][job.setting], job)
+    data = paper.collect("t", out)
+    rec = data["settings"]["a"]["tuning"]["methods"]["pf2lora-fo"]
+    text = paper.table(data)
+    grid = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith(("| 0.05 |", "| 0.5 |"))}
+    for lr in ("0.001", "0.03"):
+        for x in ("0.05", "0.5"):
+            tag = f"lr={lr}" + ("" if x == "0.05" else f",optim.lower_lr={x}")
+            assert f"{rec['scores'][tag]:.3f}" in grid[x]
+    chosen = rec["chosen"]
+    tag = f"lr={paper._fmt(chosen['optim.lr'])}" + ("" if chosen["optim.lower_lr"] == 0.05 else ",optim.lower_lr=0.5")
+    assert rec["scores"][tag] == max(rec["scores"].values())  # the best cell of the whole grid (the first of equals)
+
+
+def test_a_run_at_step_sizes_no_longer_chosen_is_left_out_and_run_again(tier):
+    """Once the tuning chooses other step sizes (say, a wider search), a stored benchmark run at the
+    old ones no longer counts: the summary leaves it out and says so, and the driver runs it again;
+    while a method's tuning is not complete its runs stay, marked."""
+    out = tier
+    run_all(out)
+    choice, _ = paper.chosen("t", out, "a", "pf2lora-fo")
+    stored = out / "a" / "pf2lora-fo" / "seed1.json"
+    run = json.loads(stored.read_text())
+    other = 0.5 if choice["optim.lower_lr"] == 0.05 else 0.05
+    run["overrides"] = [o for o in run["overrides"] if not o.startswith("optim.lower_lr=")] + [f"optim.lower_lr={other!r}"]
+    stored.write_text(json.dumps(run))
+    jobs, waiting = paper.ready("t", out, ["a", "b"], None)
+    assert [(j.setting, j.method, j.seed) for j in jobs] == [("a", "pf2lora-fo", 1)] and waiting == 0
+    assert f"optim.lower_lr={choice['optim.lower_lr']!r}" in jobs[0].overrides
+    data = paper.collect("t", out)
+    a = data["settings"]["a"]
+    assert a["superseded_runs"] == {"pf2lora-fo": [1]} and list(a["methods"]["pf2lora-fo"]["seeds"]) == ["0"]
+    assert "left out, to run again at the tuning's new choice: pf2lora-fo seed 1" in paper.table(data)
+    # a grid cell gone (a grid that grew): the method's tuning is pending, its runs stay and say so
+    next(paper.tuning_dir(out, "a", "pf2lora-fo").glob("*lower_lr*.json")).unlink()
+    jobs, waiting = paper.ready("t", out, ["a", "b"], None)
+    assert [j.tuning for j in jobs] == [True] and waiting == 0  # the stored runs wait, they are not run again yet
+    a = paper.collect("t", out)["settings"]["a"]
+    assert a["methods"]["pf2lora-fo"]["tuning_pending"] and "superseded_runs" not in a
+    assert "| pf2lora-fo (step sizes of the earlier search; its tuning is not complete) |" in paper.table(paper.collect("t", out))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ s-similarity, r = 8, r~ = 2, 10 local steps a round, AdamW upper / SGD lower lev
 and models we can install (``configs/paper/*.toml``), trained until the curves flatten.
 
 Two tiers. ``--tier cpu``: the 3-layer paraphrase-MiniLM-L3-v2 encoder, 30 rounds (300 steps per
-client), 163 runs of 9 to 50 minutes each on one core of a 2-core machine (about a day with 2
+client), 190 runs of 7 to 50 minutes each on one core of a 2-core machine (more than a day with 2
 jobs). ``--tier gpu``: all-MiniLM-L6-v2 with the paper's
 rounds (100 for the binary settings, 300 for the 25-class one), every setting with 3 seeds, for a
 GPU (all sampled clients batched, ``parallel_clients = 0``) that is yours for hours: on the device

@@ -212,7 +212,8 @@ def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, f
         scores.update({j.path.stem: score(j.path) for j in rest})
         key, _ = EXTRA_GRID[method]
         centre = config_value(TIERS[tier][setting], key)
-        best = max([*stage1, *rest], key=lambda j: scores[j.path.stem])  # the first of equals, in grid order
+        # the first of equals: the lr stage's cells (the config's extra value) first, then lr by lr
+        best = max([*stage1, *rest], key=lambda j: scores[j.path.stem])
         sizes = dict(o.split("=", 1) for o in best.overrides)
         choice = {"optim.lr": float(sizes["optim.lr"]), key: float(sizes[key]) if key in sizes else centre}
     return choice, scores
@@ -280,7 +281,9 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
                 path = out / name / m / f"seed{seed}.json"
                 sizes = step_sizes(tier, out, name, m)
                 # a stored run counts unless the tuning now chooses other step sizes (then a run replaces it)
-                if path.exists() and (sizes is None or ran_with(json.loads(path.read_text()), sizes)):
+                if path.exists() and sizes is None:
+                    continue  # its method's tuning is not done: it stays, and so does a checkpoint of its rerun
+                if path.exists() and ran_with(json.loads(path.read_text()), sizes):
                     shutil.rmtree(partial_of(path), ignore_errors=True)  # a kill between the result and its cleanup
                     continue
                 if sizes is None:
@@ -654,7 +657,9 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
         entry["methods"] = methods
         if superseded:
             entry["superseded_runs"] = superseded
-        entry["complete"] = all(str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds)
+        entry["complete"] = not any(r.get("tuning_pending") for r in methods.values()) and all(
+            str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds
+        )
         entry["converged"] = bool(flat_all) and all(f is True for f in flat_all)
         if "pf2lora" in methods:
             seed0 = next(iter(methods["pf2lora"]["seeds"].values()))
@@ -822,7 +827,8 @@ def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str, centre: str
     cells = [c for c in sa if c in sb]
     if not cells:
         return ""
-    cells.sort(key=lambda c: [float(kv.split("=", 1)[1]) for kv in c.split(",")])
+    value = float(centre.split("=", 1)[1])  # a cell that names no extra step size is at the config's
+    cells.sort(key=lambda c: [float(kv.split("=", 1)[1]) for kv in c.split(",")] + ([value] if "," not in c else []))
     lines = [
         f"*{name}: {a} against {b} at the same step sizes (each tuning cell both ran, `{centre}` where a cell names no other: "
         f"{rec['score']}; positive: {a} better)*\n",
@@ -1136,9 +1142,18 @@ def main() -> int:
     if args.list:
         for j in jobs:
             partial = partial_dir(j)
-            note = " (resumes from its checkpoint)" if partial.is_dir() else ""
+            note = " (has a checkpoint: resumed if it is of this run's step sizes)" if partial.is_dir() else ""
             print(f"ready: {j.path.relative_to(out)}{note}")
         print(f"{len(jobs)} ready, {waiting} waiting for tuning")
+        pending = [
+            p
+            for n in settings
+            for m in TIERS[args.tier][n].methods
+            if (not args.methods or m in args.methods) and step_sizes(args.tier, out, n, m) is None
+            for p in (out / n / m).glob("seed*.json")
+        ]
+        if pending:
+            print(f"{len(pending)} stored run(s) of methods whose tuning is not done: run again if their choice changes")
         known, unknown = remaining_time(out, jobs)
         if jobs:
             print(

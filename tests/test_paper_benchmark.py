@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -290,14 +291,49 @@ def test_a_run_at_step_sizes_no_longer_chosen_is_left_out_and_run_again(tier):
     data = paper.collect("t", out)
     a = data["settings"]["a"]
     assert a["superseded_runs"] == {"pf2lora-fo": [1]} and list(a["methods"]["pf2lora-fo"]["seeds"]) == ["0"]
-    assert "left out, to run again at the tuning's new choice: pf2lora-fo seed 1" in paper.table(data)
-    # a grid cell gone (a grid that grew): the method's tuning is pending, its runs stay and say so
-    next(paper.tuning_dir(out, "a", "pf2lora-fo").glob("*lower_lr*.json")).unlink()
+    assert not a["complete"] and "left out, to run again at the tuning's new choice: pf2lora-fo seed 1" in paper.table(data)
+    # a grid cell gone (a grid that grew): the method's tuning is pending, its runs stay and say so,
+    # and so does a checkpoint of the rerun
+    cell = next(paper.tuning_dir(out, "a", "pf2lora-fo").glob("*lower_lr*.json"))
+    kept = cell.read_bytes()
+    cell.unlink()
+    paper.partial_of(stored).mkdir()
     jobs, waiting = paper.ready("t", out, ["a", "b"], None)
     assert [j.tuning for j in jobs] == [True] and waiting == 0  # the stored runs wait, they are not run again yet
+    assert paper.partial_of(stored).is_dir()
     a = paper.collect("t", out)["settings"]["a"]
-    assert a["methods"]["pf2lora-fo"]["tuning_pending"] and "superseded_runs" not in a
+    assert a["methods"]["pf2lora-fo"]["tuning_pending"] and "superseded_runs" not in a and not a["complete"]
     assert "| pf2lora-fo (step sizes of the earlier search; its tuning is not complete) |" in paper.table(paper.collect("t", out))
+    # the grid complete again: the rerun, and then nothing is left
+    cell.write_bytes(kept)
+    shutil.rmtree(paper.partial_of(stored))
+    (job,), _ = paper.ready("t", out, ["a", "b"], None)
+    paper.run_job(paper.TIERS["t"]["a"], job)
+    assert paper.ready("t", out, ["a", "b"], None) == ([], 0)
+    a = paper.collect("t", out)["settings"]["a"]
+    assert "superseded_runs" not in a and a["complete"] and list(a["methods"]["pf2lora-fo"]["seeds"]) == ["0", "1"]
+
+
+def test_the_choice_is_the_best_cell_of_the_whole_grid_the_first_of_equals(tier, monkeypatch):
+    """A best cell a coordinate search would not visit (neither the best lr at the config's extra
+    value, nor the config's extra value) is chosen; of equal cells the first in grid order."""
+    out = tier
+    monkeypatch.setattr(paper, "LR_GRID", (1e-3, 3e-2, 1e-1))
+    monkeypatch.setattr(paper, "EXTRA_GRID", {"pf2lora-fo": ("optim.lower_lr", (0.05, 0.5, 5.0))})
+    made = {}
+    for job in [*paper.lr_stage("t", out, "a", "pf2lora-fo"), *paper.grid_stage("t", out, "a", "pf2lora-fo")]:
+        job.path.parent.mkdir(parents=True, exist_ok=True)
+        job.path.write_text("{}")
+        made[job.path.stem] = 0.5
+    assert len(made) == 9
+    made["lr=0.001"] = 0.7  # the coordinate search's lr; at it, the best extra value stays the config's
+    made["lr=0.1,optim.lower_lr=5"] = 0.8  # off that path
+    monkeypatch.setattr(paper, "score", lambda path: made[path.stem])
+    assert paper.chosen("t", out, "a", "pf2lora-fo")[0] == {"optim.lr": 0.1, "optim.lower_lr": 5.0}
+    made["lr=0.03,optim.lower_lr=0.5"] = 0.8  # a tie: the earlier cell in grid order wins
+    assert paper.chosen("t", out, "a", "pf2lora-fo")[0] == {"optim.lr": 0.03, "optim.lower_lr": 0.5}
+    made["lr=0.1"] = 0.8  # the lr stage's cells come first
+    assert paper.chosen("t", out, "a", "pf2lora-fo")[0] == {"optim.lr": 0.1, "optim.lower_lr": 0.05}
 
 
 @pytest.mark.parametrize(
@@ -511,11 +547,15 @@ def test_checkpoints_wait_their_interval_and_a_bad_or_stale_one_is_dropped(tier,
     assert paper.resumable(partial, job, cfg) == (None, [])
     assert "its state does not fit this code's" in capsys.readouterr().err and not partial.exists()
 
-    # a finished run's checkpoint (a kill between its result and the cleanup) is removed, not resumed
+    # a finished run's checkpoint (a kill between its result and the cleanup) is removed, not resumed,
+    # once the run is known to be at the chosen step sizes
     paper.run_job(setting, job)
     partial.mkdir()
     (partial / "checkpoint.pt").write_bytes(b"stale")
-    paper.ready("t", tier, ["a"], None)
+    paper.ready("t", tier, ["a"], ["homlora"])
+    assert partial.exists()  # homlora's tuning is not done: the run may be run again, its checkpoint stays
+    monkeypatch.setattr(paper, "step_sizes", lambda *_: ("optim.lr=0.03",))
+    paper.ready("t", tier, ["a"], ["homlora"])
     assert not partial.exists()
 
 

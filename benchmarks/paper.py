@@ -277,9 +277,9 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
         for m in s.methods:
             if methods and m not in methods:
                 continue
+            sizes = step_sizes(tier, out, name, m)
             for seed in s.seeds:
                 path = out / name / m / f"seed{seed}.json"
-                sizes = step_sizes(tier, out, name, m)
                 # a stored run counts unless the tuning now chooses other step sizes (then a run replaces it)
                 if path.exists() and sizes is None:
                     continue  # its method's tuning is not done: it stays, and so does a checkpoint of its rerun

@@ -198,24 +198,18 @@ def score(path: Path) -> float:
 
 
 def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, float], dict[str, float]] | None:
-    """(the chosen step sizes, every tuning run's score) once ``method``'s search is complete, else None."""
-    stage1 = lr_stage(tier, out, setting, method)
-    if not all(j.path.exists() for j in stage1):
+    """(the chosen step sizes: the grid's best cell, every tuning run's score) once ``method``'s
+    grid is complete, else None."""
+    cells = [*lr_stage(tier, out, setting, method), *(grid_stage(tier, out, setting, method) if method in EXTRA_GRID else [])]
+    if not all(j.path.exists() for j in cells):
         return None
-    scores = {j.path.stem: score(j.path) for j in stage1}
-    best_lr = max(LR_GRID, key=lambda lr: scores[f"lr={_fmt(lr)}"])
-    choice = {"optim.lr": best_lr}
+    scores = {j.path.stem: score(j.path) for j in cells}
+    # the first of equals: the lr stage's cells (the config's extra value) first, then lr by lr
+    sizes = dict(o.split("=", 1) for o in max(cells, key=lambda j: scores[j.path.stem]).overrides)
+    choice = {"optim.lr": float(sizes["optim.lr"])}
     if method in EXTRA_GRID:
-        rest = grid_stage(tier, out, setting, method)
-        if not all(j.path.exists() for j in rest):
-            return None
-        scores.update({j.path.stem: score(j.path) for j in rest})
-        key, _ = EXTRA_GRID[method]
-        centre = config_value(TIERS[tier][setting], key)
-        # the first of equals: the lr stage's cells (the config's extra value) first, then lr by lr
-        best = max([*stage1, *rest], key=lambda j: scores[j.path.stem])
-        sizes = dict(o.split("=", 1) for o in best.overrides)
-        choice = {"optim.lr": float(sizes["optim.lr"]), key: float(sizes[key]) if key in sizes else centre}
+        key = EXTRA_GRID[method][0]
+        choice[key] = float(sizes[key]) if key in sizes else config_value(TIERS[tier][setting], key)
     return choice, scores
 
 
@@ -271,7 +265,7 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
             if methods and m not in methods:
                 continue
             cells = [*lr_stage(tier, out, name, m), *(grid_stage(tier, out, name, m) if m in EXTRA_GRID else [])]
-            jobs += [j for j in cells if not j.path.exists()]
+            jobs += [j for j in cells if not j.path.exists()]  # the same cells chosen() reads
     for name in settings:
         s = TIERS[tier][name]
         for m in s.methods:
@@ -818,16 +812,17 @@ def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, A
     return "\n".join(lines) + "\n"
 
 
-def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str, centre: str) -> str:
+def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str) -> str:
     """``a`` against ``b`` in every tuning cell both ran (the same step sizes, federation and
     seed): for PF2LoRA and its first-order ablation, what the bilevel term adds at equal step
-    sizes, apart from where each method's search ended. ``centre``: the extra step size of a
-    cell that names none (the config's). Empty when they share no cell."""
+    sizes, apart from where each method's search ended. Empty when they share no cell or ``a`` has no
+    extra step size."""
     sa, sb = (rec["methods"].get(m, {}).get("scores", {}) for m in (a, b))
     cells = [c for c in sa if c in sb]
-    if not cells:
+    if not cells or "extra_step_size" not in rec["methods"][a]:
         return ""
-    value = float(centre.split("=", 1)[1])  # a cell that names no extra step size is at the config's
+    ex = rec["methods"][a]["extra_step_size"]  # a cell that names no extra step size is at the config's
+    value, centre = ex["config_value"], f"{ex['key']}={_fmt(ex['config_value'])}"
     cells.sort(key=lambda c: [float(kv.split("=", 1)[1]) for kv in c.split(",")] + ([value] if "," not in c else []))
     lines = [
         f"*{name}: {a} against {b} at the same step sizes (each tuning cell both ran, `{centre}` where a cell names no other: "
@@ -868,10 +863,7 @@ def table(data: dict[str, Any]) -> str:
     for name, e in data["settings"].items():
         if isinstance(e.get("tuning"), dict):
             out.append(tuning_table(name, e["tuning"]))
-            if "pf2lora" in EXTRA_GRID:
-                key = EXTRA_GRID["pf2lora"][0]
-                centre = f"{key}={_fmt(config_value(TIERS[data['tier']][name], key))}"
-                out.append(same_cells_table(name, e["tuning"], "pf2lora", "pf2lora-fo", centre))
+            out.append(same_cells_table(name, e["tuning"], "pf2lora", "pf2lora-fo"))
         if not e["methods"]:
             continue
         gen = TIERS[data["tier"]][name].generation

@@ -570,11 +570,14 @@ def test_pf2lora_against_its_first_order_ablation_cell_by_cell():
     rec = {
         "score": "s",
         "methods": {
-            "pf2lora": {"scores": {"lr=0.01": 0.6, "lr=0.001": 0.7, "lr=0.003,optim.lower_lr=0.3": 0.5, "lr=0.003": 0.65}},
+            "pf2lora": {
+                "scores": {"lr=0.01": 0.6, "lr=0.001": 0.7, "lr=0.003,optim.lower_lr=0.3": 0.5, "lr=0.003": 0.65},
+                "extra_step_size": {"key": "optim.lower_lr", "values": [0.3, 1.0, 3.0], "config_value": 1.0},
+            },
             "pf2lora-fo": {"scores": {"lr=0.01": 0.7, "lr=0.001": 0.6, "lr=0.003,optim.lower_lr=3": 0.9, "lr=0.003": 0.65}},
         },
     }
-    text = paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo", "optim.lower_lr=1")
+    text = paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo")
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows == [  # the cells both ran, by step size; a cell only one method ran is left out
         "| `lr=0.001` | 0.700 | 0.600 | +0.100 |",
@@ -584,6 +587,6 @@ def test_pf2lora_against_its_first_order_ablation_cell_by_cell():
     assert "`optim.lower_lr=1` where a cell names no other" in text
     assert text.splitlines()[-1] == "| mean of the 3 cells (pf2lora ahead in 1) | 0.650 | 0.650 | +0.000 |"
     rec["methods"]["pf2lora-fo"]["scores"] = {"lr=0.1": 0.5}
-    assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo", "c") == ""
+    assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo") == ""
     del rec["methods"]["pf2lora-fo"]
-    assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo", "c") == ""
+    assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo") == ""

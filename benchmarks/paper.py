@@ -814,8 +814,9 @@ def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, A
 
 def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str) -> str:
     """``a`` against ``b`` in every tuning cell both ran (the same step sizes, federation and
-    seed): for PF2LoRA and its first-order ablation, what the bilevel term adds at equal step
-    sizes, apart from where each method's search ended. Empty when they share no cell or ``a`` has no
+    seed): for PF2LoRA and its no-bilevel ablation, what the bilevel step adds at equal step
+    sizes (its hypergradient term and its unrolled two-batch step together), apart from where
+    each method's search ended. Empty when they share no cell or ``a`` has no
     extra step size."""
     sa, sb = (rec["methods"].get(m, {}).get("scores", {}) for m in (a, b))
     cells = [c for c in sa if c in sb]

@@ -1,0 +1,124 @@
+"""What in PF2LoRA's bilevel step makes the difference to its no-bilevel ablation?
+
+``pf2lora-fo`` (the ablation in ``paper.py``'s matrix) differs from ``pf2lora`` in two ways at once:
+PF2LoRA takes an unrolled step (the private adapter's SGD step on one mini-batch, then the common
+adapter's gradient at that stepped private adapter on a second mini-batch) and adds the
+hypergradient term ``-eta H_xy v``; PF2LoRA-FO takes one joint step on one mini-batch. PF2LoRA's
+own ``pf2lora.estimator = "first-order"`` keeps the unrolled two-batch step and drops only the
+term (the spec's "first-order" estimator), so three runs at the same step sizes split the gap:
+
+    term   = pf2lora - pf2lora[estimator=first-order]
+    unroll = pf2lora[estimator=first-order] - pf2lora-fo
+
+The first-order runs use ``paper.py``'s tuning cells (the validation federation of ``rt_s03``,
+seed 0, 30 rounds); the two other columns are ``paper.py``'s stored tuning runs of those cells.
+Resumable like ``paper.py`` (one JSON per cell, skipped when present; a cut-off run resumes from
+its checkpoint). One seed and 8 clients of 200 test examples: differences of about 0.01 are noise.
+
+    .venv/bin/python benchmarks/pf2lora_ablation.py            # run the missing cells (one process)
+    .venv/bin/python benchmarks/pf2lora_ablation.py --table    # the table, from the files
+    .venv/bin/python benchmarks/pf2lora_ablation.py --readme   # ... and in place in README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from pathlib import Path
+
+import paper
+from common import RESULTS, ROOT
+
+TIER, SETTING = "cpu", "rt_s03"
+ABLATION = Path("paper_cpu_ablation") / SETTING / "pf2lora-first-order-estimator"
+"""Under the results folder beside ``paper_cpu/``, not in it: ``paper.py`` reads every run file
+under its own folder."""
+ESTIMATOR = "pf2lora.estimator=first-order"
+CELLS = ((3e-3, 0.1), (3e-3, 1.0), (1e-2, 0.1), (1e-2, 1.0))
+"""(AdamW lr, lower-level lr): the 2 x 2 block of the grid around both methods' best cells so far,
+with the two largest gaps between them (2026-12-05)."""
+
+
+def jobs(results: Path = RESULTS) -> list[paper.Job]:
+    """One first-order-estimator run per cell, named and configured as that cell's tuning run."""
+    centre = paper.config_value(paper.TIERS[TIER][SETTING], "optim.lower_lr")
+    found = []
+    for lr, lower in CELLS:
+        cell = paper.tuning_job(TIER, results / f"paper_{TIER}", SETTING, "pf2lora", lr, None if lower == centre else lower)
+        found.append(dataclasses.replace(cell, overrides=(*cell.overrides, ESTIMATOR), path=results / ABLATION / cell.path.name))
+    return found
+
+
+def table(results: Path = RESULTS) -> str:
+    """Markdown: per cell the three runs' scores and the two differences; missing runs are ``-``."""
+    tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
+
+    def get(path: Path) -> float | None:
+        return paper.score(path) if path.exists() else None
+
+    rows, terms, unrolls = [], [], []
+    for job in jobs(results):
+        name = job.path.name
+        full, fo_est, joint = get(tuning / "pf2lora" / name), get(job.path), get(tuning / "pf2lora-fo" / name)
+        term = full - fo_est if full is not None and fo_est is not None else None
+        unroll = fo_est - joint if fo_est is not None and joint is not None else None
+        terms += [term] if term is not None else []
+        unrolls += [unroll] if unroll is not None else []
+        cells = [f"{v:.3f}" if v is not None else "-" for v in (full, fo_est, joint)]
+        cells += [f"{v:+.3f}" if v is not None else "-" for v in (term, unroll)]
+        rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
+    mean = [f"{statistics.fmean(v):+.3f}" if v else "-" for v in (terms, unrolls)]
+    return (
+        "\n".join(
+            [
+                f"**{SETTING}: what PF2LoRA's bilevel step adds, split in two (clients' mean personalised balanced accuracy on the "
+                "validation federation, seed 0; the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the "
+                "unrolled two-batch step: that minus pf2lora-fo; `optim.lower_lr=1` where a cell names no other)**\n",
+                "| cell | pf2lora | pf2lora, first-order estimator | pf2lora-fo | the hypergradient term | the unrolled two-batch step |",
+                "|---|---|---|---|---|---|",
+                *rows,
+                f"| mean over the cells with both runs | | | | {mean[0]} | {mean[1]} |",
+            ]
+        )
+        + "\n"
+    )
+
+
+def run(results: Path = RESULTS) -> None:
+    """Run the cells whose file is missing, one after another, on one thread each."""
+    setting = paper.TIERS[TIER][SETTING]
+    for job in jobs(results):
+        if job.path.exists():
+            continue
+        data = paper.run_job(setting, job)
+        print(f"{job.path.relative_to(results)}: {data['summary']['balanced_accuracy']:.4f} ({data['wall_time_s']:.0f} s)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--table", action="store_true", help="print the table from the run files and exit")
+    parser.add_argument("--readme", action="store_true", help="put the table in place in README.md (by its caption) and exit")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.table or args.readme:
+        text = table()
+        if args.table:
+            print(text)
+            return 0
+        from pf2lora.io import atomic_write
+
+        readme = ROOT / "README.md"
+        new, done, missing = paper.refresh_readme(readme.read_text(), text)
+        atomic_write(readme, new)
+        for caption in [*done, *(f"not in README.md (place it by hand): {c}" for c in missing)]:
+            print(caption)
+        return 0
+    run()
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

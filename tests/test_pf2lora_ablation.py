@@ -1,0 +1,88 @@
+"""benchmarks/pf2lora_ablation.py: its runs are the tuning cells with only the estimator changed,
+and its table subtracts the right runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import paper
+import pf2lora_ablation as ablation
+
+TINY = """
+name = "tiny"
+methods = ["pf2lora"]
+rounds = 2
+local_steps = 2
+batch_size = 16
+num_threads = 1
+[task]
+kind = "tiny-text"
+num_clients = 2
+train_samples = 48
+test_samples = 32
+seq_len = 12
+[lora]
+rank = 4
+[optim]
+lr = 1e-2
+lower_lr = 1.0
+[eval]
+every = 1
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    monkeypatch.setattr(paper, "TIERS", {"cpu": {"rt_s03": paper.Setting(str(config), (0,), ("pf2lora",), tuning="tune")}})
+    monkeypatch.setattr(ablation, "CELLS", ((3e-3, 0.1), (1e-2, 1.0)))
+    return tmp_path / "results"
+
+
+def _stored(path: Path, value: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": {"balanced_accuracy": value}}))
+
+
+def test_each_run_is_its_tuning_cell_with_the_first_order_estimator(tiny):
+    jobs = ablation.jobs(tiny)
+    for job, (lr, lower) in zip(jobs, ablation.CELLS, strict=True):
+        cell = paper.tuning_job("cpu", tiny / "paper_cpu", "rt_s03", "pf2lora", lr, None if lower == 1.0 else lower)
+        assert job.overrides == (*cell.overrides, "pf2lora.estimator=first-order")
+        assert job.path.name == cell.path.name and job.path.parent != cell.path.parent  # beside paper_cpu/, not in it
+        assert "paper_cpu" not in job.path.relative_to(tiny).parts
+        cfg = paper.load_config(paper.TIERS["cpu"]["rt_s03"], job.overrides)
+        assert (cfg.pf2lora.estimator, cfg.optim.lr, cfg.optim.lower_lr, cfg.task.data_seed) == ("first-order", lr, lower, 4321)
+
+
+def test_table_splits_the_gap_into_the_term_and_the_unrolled_step(tiny):
+    tuning = tiny / "paper_cpu" / "tuning" / "rt_s03"
+    first, second = (j.path.name for j in ablation.jobs(tiny))
+    _stored(tuning / "pf2lora" / first, 0.70)
+    _stored(tuning / "pf2lora-fo" / first, 0.60)
+    _stored(tiny / ablation.ABLATION / first, 0.65)
+    _stored(tuning / "pf2lora" / second, 0.50)  # no first-order run yet: no differences for this cell
+    rows = ablation.table(tiny).splitlines()
+    assert rows[4] == f"| `{Path(first).stem}` | 0.700 | 0.650 | 0.600 | +0.050 | +0.050 |"
+    assert rows[5] == f"| `{Path(second).stem}` | 0.500 | - | - | - | - |"
+    assert rows[6].endswith("| +0.050 | +0.050 |")
+
+
+def test_missing_cells_run_once_and_stored_ones_are_skipped(tiny, capsys):
+    ablation.run(tiny)
+    files = sorted((tiny / ablation.ABLATION).glob("*.json"))
+    assert [p.name for p in files] == sorted(j.path.name for j in ablation.jobs(tiny))
+    run = json.loads(files[0].read_text())
+    assert run["config"]["pf2lora"]["estimator"] == "first-order" and run["method"] == "pf2lora"
+    assert not list((tiny / ablation.ABLATION).glob("*.partial"))
+    stamp = [p.stat().st_mtime_ns for p in files]
+    capsys.readouterr()
+    ablation.run(tiny)
+    assert [p.stat().st_mtime_ns for p in files] == stamp and capsys.readouterr().out == ""

@@ -197,6 +197,13 @@ def score(path: Path) -> float:
     return run["summary"]["balanced_accuracy"]
 
 
+def private_norm(path: Path) -> float | None:
+    """The clients' mean norm of what a run's personal models add to the common adapter's update
+    (a private adapter, Per-FedAvg's adaptation steps; 0 for a method with no personal part, None
+    where the task does not report it)."""
+    return json.loads(path.read_text())["summary"].get("private_norm")
+
+
 def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, float], dict[str, float]] | None:
     """(the chosen step sizes: the grid's best cell, every tuning run's score) once ``method``'s
     grid is complete, else None."""
@@ -753,8 +760,11 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
     }
     for m in s.methods:
         got = chosen(tier, out, name, m)
-        done = {p.stem: score(p) for p in sorted(tuning_dir(out, name, m).glob("*.json"))}
-        rec["methods"][m] = {"chosen": got[0] if got else None, "scores": done}
+        files = sorted(tuning_dir(out, name, m).glob("*.json"))
+        rec["methods"][m] = {"chosen": got[0] if got else None, "scores": {p.stem: score(p) for p in files}}
+        norms = {p.stem: v for p in files if (v := private_norm(p)) is not None}
+        if any(norms.values()):  # how large the personal part grew at each cell: what the extra step size does
+            rec["methods"][m]["private_norms"] = norms
         if m in EXTRA_GRID:
             key, values = EXTRA_GRID[m]
             rec["methods"][m]["extra_step_size"] = {"key": key, "values": list(values), "config_value": config_value(s, key)}
@@ -791,24 +801,32 @@ def tuning_table(name: str, rec: dict[str, Any]) -> str:
             n = len(lrs) * (len(ex["values"]) - 1)
             done = [k for k in scores if "," in k]
             rest = f"{len(done)} of {n} cells at other `{ex['key']}` values (below)"
-            grids.append(grid_table(name, m, scores, ex))
+            grids.append(grid_table(name, m, scores, ex, r.get("private_norms", {})))
         choice = ", ".join(f"`{k}={_fmt(v)}`" for k, v in r["chosen"].items()) if r["chosen"] else "(tuning not complete)"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {rest} | {choice} |")
     return "\n".join(lines) + "\n" + "".join("\n" + g for g in grids)
 
 
-def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, Any]) -> str:
-    """One method's tuning over both its step sizes: a row per value of its extra step size."""
+def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, Any], norms: dict[str, float] | None = None) -> str:
+    """One method's tuning over both its step sizes: a row per value of its extra step size, each
+    cell with how large its run's personal part grew (:func:`private_norm`) where it is known."""
     lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
-    key = ex["key"]
+    key, norms = ex["key"], norms or {}
+    note = "; in parentheses the clients' mean norm of what a personal model adds to the common adapter" if norms else ""
+
+    def cell(tag: str) -> str:
+        if tag not in scores:
+            return "-"
+        return f"{scores[tag]:.3f}" + (f" ({norms[tag]:.2f})" if tag in norms else "")
+
     lines = [
-        f"*{name}: {method}'s tuning grid (rows: `{key}`, `{_fmt(ex['config_value'])}` the config's value; columns: `optim.lr`)*\n",
+        f"*{name}: {method}'s tuning grid (rows: `{key}`, `{_fmt(ex['config_value'])}` the config's value; columns: `optim.lr`{note})*\n",
         f"| `{key}` | " + " | ".join(f"`{_fmt(lr)}`" for lr in LR_GRID) + " |",
         "|---" * (len(lrs) + 1) + "|",
     ]
     for x in ex["values"]:
         tags = [lr if x == ex["config_value"] else f"{lr},{key}={_fmt(x)}" for lr in lrs]
-        lines.append(f"| {_fmt(x)} | " + " | ".join(f"{scores[g]:.3f}" if g in scores else "-" for g in tags) + " |")
+        lines.append(f"| {_fmt(x)} | " + " | ".join(cell(g) for g in tags) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -273,6 +273,27 @@ def test_tuning_runs_alone_make_a_summary_and_a_tuning_table(tier, tmp_path):
     assert rec["scores"][tag] == max(rec["scores"].values())  # the best cell of the whole grid (the first of equals)
 
 
+def test_the_tuning_grid_shows_how_large_each_cells_personal_part_grew(tier):
+    """Beside each cell's score, the norm of what its personal models add to the common adapter
+    (the text tasks report it; tiny-text does not, so the run files are written here)."""
+    out = tier
+    for job in paper.ready("t", out, ["a", "b"], None)[0]:
+        norm = 0.0 if job.method == "homlora" else float(len(job.path.stem))  # homlora: nothing personal
+        job.path.parent.mkdir(parents=True, exist_ok=True)
+        job.path.write_text(json.dumps({"summary": {"balanced_accuracy": 0.5, "private_norm": norm}}))
+    rec = paper.tuning_record("t", out, "a", paper.TIERS["t"]["a"])
+    fo = rec["methods"]["pf2lora-fo"]
+    assert fo["private_norms"] == {stem: float(len(stem)) for stem in fo["scores"]} and len(fo["scores"]) == 4
+    assert "private_norms" not in rec["methods"]["homlora"]
+    text = paper.tuning_table("a", rec)
+    assert "; in parentheses the clients' mean norm of what a personal model adds to the common adapter" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 0.05 |", "| 0.5 |"))]
+    assert rows == [
+        "| 0.05 | 0.500 (8.00) | 0.500 (7.00) |",  # lr=0.001, lr=0.03: the config's lower-level lr
+        "| 0.5 | 0.500 (27.00) | 0.500 (26.00) |",
+    ]
+
+
 def test_a_run_at_step_sizes_no_longer_chosen_is_left_out_and_run_again(tier):
     """Once the tuning chooses other step sizes (say, a wider search), a stored benchmark run at the
     old ones no longer counts: the summary leaves it out and says so, and the driver runs it again;

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -51,30 +52,47 @@ def jobs(results: Path = RESULTS) -> list[paper.Job]:
     return found
 
 
+LAST = 3
+"""Evaluations averaged for the second score: a single seed's curve swings by up to 0.05 from one
+evaluation to the next (every 3 rounds), so its last evaluation alone depends on where a swing ends."""
+
+
+def scores(path: Path) -> tuple[float, float] | None:
+    """(the run's score as ``paper.py`` tunes by: its last evaluation; the mean of its last
+    ``LAST`` evaluations), or None when the run is still to come."""
+    if not path.exists():
+        return None
+    curve = json.loads(path.read_text())["curve"]
+    return paper.score(path), statistics.fmean(c["balanced_accuracy"] for c in curve[-LAST:])
+
+
 def table(results: Path = RESULTS) -> str:
-    """Markdown: per cell the three runs' scores and the two differences; missing runs are ``-``."""
+    """Markdown: per cell the three runs' scores and the two differences, each as the last
+    evaluation (the mean of the last ``LAST``); missing runs are ``-``."""
     tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
 
-    def get(path: Path) -> float | None:
-        return paper.score(path) if path.exists() else None
+    def fmt(v: tuple[float, float] | None, sign: str = "") -> str:
+        return f"{v[0]:{sign}.3f} ({v[1]:{sign}.3f})" if v is not None else "-"
+
+    def minus(a: tuple[float, float] | None, b: tuple[float, float] | None) -> tuple[float, float] | None:
+        return (a[0] - b[0], a[1] - b[1]) if a is not None and b is not None else None
 
     rows, terms, unrolls = [], [], []
     for job in jobs(results):
         name = job.path.name
-        full, fo_est, joint = get(tuning / "pf2lora" / name), get(job.path), get(tuning / "pf2lora-fo" / name)
-        term = full - fo_est if full is not None and fo_est is not None else None
-        unroll = fo_est - joint if fo_est is not None and joint is not None else None
+        full, fo_est, joint = scores(tuning / "pf2lora" / name), scores(job.path), scores(tuning / "pf2lora-fo" / name)
+        term, unroll = minus(full, fo_est), minus(fo_est, joint)
         terms += [term] if term is not None else []
         unrolls += [unroll] if unroll is not None else []
-        cells = [f"{v:.3f}" if v is not None else "-" for v in (full, fo_est, joint)]
-        cells += [f"{v:+.3f}" if v is not None else "-" for v in (term, unroll)]
+        cells = [fmt(v) for v in (full, fo_est, joint)] + [fmt(v, "+") for v in (term, unroll)]
         rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
-    mean = [f"{statistics.fmean(v):+.3f}" if v else "-" for v in (terms, unrolls)]
+    mean = [fmt((statistics.fmean(d[0] for d in v), statistics.fmean(d[1] for d in v)), "+") if v else "-" for v in (terms, unrolls)]
     return (
         "\n".join(
             [
                 f"**{SETTING}: what PF2LoRA's bilevel step adds, split in two (clients' mean personalised balanced accuracy on the "
-                "validation federation, seed 0; the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the "
+                f"validation federation, seed 0, at the last evaluation and, in parentheses, the mean of the last {LAST} "
+                "(rounds 24 to 30); the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the "
                 "unrolled two-batch step: that minus pf2lora-fo; `optim.lower_lr=1` where a cell names no other)**\n",
                 "| cell | pf2lora | pf2lora, first-order estimator | pf2lora-fo | the hypergradient term | the unrolled two-batch step |",
                 "|---|---|---|---|---|---|",

@@ -46,9 +46,11 @@ def tiny(tmp_path, monkeypatch):
     return tmp_path / "results"
 
 
-def _stored(path: Path, value: float) -> None:
+def _stored(path: Path, value: float, earlier: tuple[float, float] = (0.0, 0.0)) -> None:
+    """A run file whose last evaluation is ``value``, after ``earlier`` ones (and one before them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"summary": {"balanced_accuracy": value}}))
+    curve = [{"round": r, "balanced_accuracy": v} for r, v in enumerate((0.9, *earlier, value))]
+    path.write_text(json.dumps({"summary": {"balanced_accuracy": value}, "curve": curve}))
 
 
 def test_each_run_is_its_tuning_cell_with_the_first_order_estimator(tiny):
@@ -65,14 +67,14 @@ def test_each_run_is_its_tuning_cell_with_the_first_order_estimator(tiny):
 def test_table_splits_the_gap_into_the_term_and_the_unrolled_step(tiny):
     tuning = tiny / "paper_cpu" / "tuning" / "rt_s03"
     first, second = (j.path.name for j in ablation.jobs(tiny))
-    _stored(tuning / "pf2lora" / first, 0.70)
-    _stored(tuning / "pf2lora-fo" / first, 0.60)
-    _stored(tiny / ablation.ABLATION / first, 0.65)
+    _stored(tuning / "pf2lora" / first, 0.70, (0.5, 0.6))  # mean of the last 3: 0.6
+    _stored(tuning / "pf2lora-fo" / first, 0.60, (0.6, 0.6))  # 0.6
+    _stored(tiny / ablation.ABLATION / first, 0.65, (0.5, 0.5))  # 0.55
     _stored(tuning / "pf2lora" / second, 0.50)  # no first-order run yet: no differences for this cell
     rows = ablation.table(tiny).splitlines()
-    assert rows[4] == f"| `{Path(first).stem}` | 0.700 | 0.650 | 0.600 | +0.050 | +0.050 |"
-    assert rows[5] == f"| `{Path(second).stem}` | 0.500 | - | - | - | - |"
-    assert rows[6].endswith("| +0.050 | +0.050 |")
+    assert rows[4] == f"| `{Path(first).stem}` | 0.700 (0.600) | 0.650 (0.550) | 0.600 (0.600) | +0.050 (+0.050) | +0.050 (-0.050) |"
+    assert rows[5] == f"| `{Path(second).stem}` | 0.500 (0.167) | - | - | - | - |"
+    assert rows[6].endswith("| +0.050 (+0.050) | +0.050 (-0.050) |")
 
 
 def test_missing_cells_run_once_and_stored_ones_are_skipped(tiny, capsys):

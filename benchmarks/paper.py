@@ -197,6 +197,18 @@ def score(path: Path) -> float:
     return run["summary"]["balanced_accuracy"]
 
 
+LAST_EVALUATIONS = 3
+"""For a check of the tuning's sensitivity: a run's mean of its last 3 evaluations. A seed's curve
+swings by up to 0.05 from one evaluation to the next (every 3 rounds on the CPU tier), so its last
+evaluation alone, the tuning's score, depends on where a swing ends."""
+
+
+def score_last(path: Path, n: int = LAST_EVALUATIONS) -> float:
+    """A run's mean personalised balanced accuracy over its last ``n`` evaluations."""
+    curve = json.loads(path.read_text())["curve"]
+    return statistics.fmean(c["balanced_accuracy"] for c in curve[-n:])
+
+
 def private_norm(path: Path) -> float | None:
     """The clients' mean norm of what a run's personal models add to the common adapter's update
     (a private adapter, Per-FedAvg's adaptation steps; 0 for a method with no personal part, None
@@ -761,7 +773,11 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
     for m in s.methods:
         got = chosen(tier, out, name, m)
         files = sorted(tuning_dir(out, name, m).glob("*.json"))
-        rec["methods"][m] = {"chosen": got[0] if got else None, "scores": {p.stem: score(p) for p in files}}
+        rec["methods"][m] = {
+            "chosen": got[0] if got else None,
+            "scores": {p.stem: score(p) for p in files},
+            f"scores_last_{LAST_EVALUATIONS}": {p.stem: score_last(p) for p in files},
+        }
         norms = {p.stem: v for p in files if (v := private_norm(p)) is not None}
         if any(norms.values()):  # how large the personal part grew at each cell: what the extra step size does
             rec["methods"][m]["private_norms"] = norms
@@ -830,6 +846,35 @@ def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, A
     return "\n".join(lines) + "\n"
 
 
+def sensitivity_table(name: str, rec: dict[str, Any]) -> str:
+    """Each tuned method's choice (the best last evaluation) against the cell with the best mean of
+    the last ``LAST_EVALUATIONS`` evaluations: how much the choice owes to where a curve's swing
+    ended. Empty until a method's grid is complete; records without the second score are skipped."""
+    key = f"scores_last_{LAST_EVALUATIONS}"
+    rows = []
+    for m, r in rec["methods"].items():
+        last, scores = r.get(key), r["scores"]
+        if not r["chosen"] or not last:
+            continue
+        pick = f"lr={_fmt(r['chosen']['optim.lr'])}"  # the chosen cell's name, as tuning_job() writes it
+        ex = r.get("extra_step_size")
+        if ex and r["chosen"][ex["key"]] != ex["config_value"]:
+            pick += f",{ex['key']}={_fmt(r['chosen'][ex['key']])}"
+        alt = max(last, key=lambda c: last[c])
+        same = "the same" if alt == pick else f"`{alt}`: {scores[alt]:.3f} / {last[alt]:.3f}"
+        rows.append(f"| {m} | `{pick}`: {scores[pick]:.3f} / {last[pick]:.3f} | {same} |")
+    if not rows:
+        return ""
+    lines = [
+        f"*{name}: the tuning's choice against the best mean of each run's last {LAST_EVALUATIONS} evaluations (cell: its last "
+        f"evaluation / the mean of its last {LAST_EVALUATIONS}; a run's curve swings by up to 0.05 between evaluations)*\n",
+        f"| method | chosen: best last evaluation | best mean of the last {LAST_EVALUATIONS} |",
+        "|---|---|---|",
+        *rows,
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str) -> str:
     """``a`` against ``b`` in every tuning cell both ran (the same step sizes, federation and
     seed): for PF2LoRA and its no-bilevel ablation, what the bilevel step adds at equal step
@@ -882,6 +927,7 @@ def table(data: dict[str, Any]) -> str:
     for name, e in data["settings"].items():
         if isinstance(e.get("tuning"), dict):
             out.append(tuning_table(name, e["tuning"]))
+            out.append(sensitivity_table(name, e["tuning"]))
             out.append(same_cells_table(name, e["tuning"], "pf2lora", "pf2lora-fo"))
         if not e["methods"]:
             continue
@@ -946,7 +992,22 @@ def table(data: dict[str, Any]) -> str:
             out.append("")
         if e.get("pf2lora_clients"):
             out.append(client_table(name, e["pf2lora_clients"], len(e["methods"]["pf2lora"]["seeds"])))
+        if "pf2lora" not in e["methods"] and "pf2lora" in e.get("superseded_runs", {}):
+            out.append(awaiting_rerun(name, metric))
     return "\n".join(out)
+
+
+def awaiting_rerun(name: str, metric: str) -> str:
+    """PF2LoRA's lead and per-client tables while its only runs of ``name`` are left out (at step
+    sizes the tuning no longer chooses): one row that says so, under the same captions, so that
+    ``--readme`` replaces the tables of the left-out runs instead of leaving them in place."""
+    why = "none yet: its runs of this setting were at the step sizes of the earlier search and run again at its tuning's choice"
+    return (
+        f"*{name}: PF2LoRA's lead over each method in {metric.replace('_', ' ')}, paired by seed ({why})*\n\n"
+        f"| against | lead | seeds | verdict |\n|---|---|---|---|\n| - | - | - | - |\n\n"
+        f"*{name}: PF2LoRA per client ({why})*\n\n"
+        f"| client | bal. acc. | private adapter norm | mean effective rank |\n|---|---|---|---|\n| - | - | - | - |\n"
+    )
 
 
 def _blocks(lines: list[str]) -> dict[tuple[str, ...], tuple[int, int]]:

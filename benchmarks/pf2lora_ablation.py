@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -52,18 +51,14 @@ def jobs(results: Path = RESULTS) -> list[paper.Job]:
     return found
 
 
-LAST = 3
-"""Evaluations averaged for the second score: a single seed's curve swings by up to 0.05 from one
-evaluation to the next (every 3 rounds), so its last evaluation alone depends on where a swing ends."""
+LAST = paper.LAST_EVALUATIONS
 
 
 def scores(path: Path) -> tuple[float, float] | None:
     """(the run's score as ``paper.py`` tunes by: its last evaluation; the mean of its last
-    ``LAST`` evaluations), or None when the run is still to come."""
-    if not path.exists():
-        return None
-    curve = json.loads(path.read_text())["curve"]
-    return paper.score(path), statistics.fmean(c["balanced_accuracy"] for c in curve[-LAST:])
+    ``LAST`` evaluations, less at the mercy of where a swing of its curve ends), or None when the
+    run is still to come."""
+    return (paper.score(path), paper.score_last(path)) if path.exists() else None
 
 
 def table(results: Path = RESULTS) -> str:

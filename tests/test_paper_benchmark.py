@@ -280,7 +280,8 @@ def test_the_tuning_grid_shows_how_large_each_cells_personal_part_grew(tier):
     for job in paper.ready("t", out, ["a", "b"], None)[0]:
         norm = 0.0 if job.method == "homlora" else float(len(job.path.stem))  # homlora: nothing personal
         job.path.parent.mkdir(parents=True, exist_ok=True)
-        job.path.write_text(json.dumps({"summary": {"balanced_accuracy": 0.5, "private_norm": norm}}))
+        curve = [{"round": 1, "balanced_accuracy": 0.5}]
+        job.path.write_text(json.dumps({"summary": {"balanced_accuracy": 0.5, "private_norm": norm}, "curve": curve}))
     rec = paper.tuning_record("t", out, "a", paper.TIERS["t"]["a"])
     fo = rec["methods"]["pf2lora-fo"]
     assert fo["private_norms"] == {stem: float(len(stem)) for stem in fo["scores"]} and len(fo["scores"]) == 4
@@ -292,6 +293,47 @@ def test_the_tuning_grid_shows_how_large_each_cells_personal_part_grew(tier):
         "| 0.05 | 0.500 (8.00) | 0.500 (7.00) |",  # lr=0.001, lr=0.03: the config's lower-level lr
         "| 0.5 | 0.500 (27.00) | 0.500 (26.00) |",
     ]
+
+
+def test_sensitivity_table_names_the_cell_the_mean_of_the_last_evaluations_would_choose():
+    ex = {"key": "optim.lower_lr", "values": [0.1, 1.0], "config_value": 1.0}
+    rec = {
+        "methods": {
+            "a": {
+                "chosen": {"optim.lr": 0.01},
+                "scores": {"lr=0.01": 0.7, "lr=0.1": 0.6},
+                "scores_last_3": {"lr=0.01": 0.5, "lr=0.1": 0.6},
+            },
+            "b": {
+                "chosen": {"optim.lr": 0.1, "optim.lower_lr": 0.1},
+                "scores": {"lr=0.1,optim.lower_lr=0.1": 0.8, "lr=0.1": 0.7},
+                "scores_last_3": {"lr=0.1,optim.lower_lr=0.1": 0.75, "lr=0.1": 0.7},
+                "extra_step_size": ex,
+            },
+            "c": {"chosen": None, "scores": {"lr=0.1": 0.9}, "scores_last_3": {"lr=0.1": 0.9}},  # its grid is not complete
+            "d": {"chosen": {"optim.lr": 0.1}, "scores": {"lr=0.1": 0.9}},  # a record from before the second score
+        }
+    }
+    rows = [line for line in paper.sensitivity_table("x", rec).splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "| a | `lr=0.01`: 0.700 / 0.500 | `lr=0.1`: 0.600 / 0.600 |",
+        "| b | `lr=0.1,optim.lower_lr=0.1`: 0.800 / 0.750 | the same |",
+    ]
+    assert paper.sensitivity_table("x", {"methods": {"c": rec["methods"]["c"]}}) == ""
+
+
+def test_pf2lora_tables_of_left_out_runs_are_replaced_not_left_standing():
+    """When PF2LoRA's only runs of a setting are left out, ``--readme`` puts a one-row table under
+    each of its two captions, so the README no longer shows the left-out runs' leads."""
+    bold = "**s** (about; seeds 0; incomplete)\n\n| method | x |\n|---|---|\n| homlora | 0.7 |\n"
+    stale = (
+        "*s: PF2LoRA's lead over each method in balanced accuracy, paired by seed (positive: PF2LoRA better)*\n\n"
+        "| against | lead |\n|---|---|\n| homlora | -0.071 |\n\nprose\n\n"
+        "*s: PF2LoRA per client (mean of 1 seed(s)): what its private adapter learned*\n\n| client | x |\n|---|---|\n| c0 | 0.6 |\n"
+    )
+    new, done, missing = paper.refresh_readme(bold + "\n" + stale, bold + "\n" + paper.awaiting_rerun("s", "balanced_accuracy"))
+    assert len(done) == 3 and not missing
+    assert "-0.071" not in new and "| c0 |" not in new and "prose" in new and new.count("none yet: its runs of this setting") == 2
 
 
 def test_a_run_at_step_sizes_no_longer_chosen_is_left_out_and_run_again(tier):

@@ -13,35 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import paper
 import pf2lora_ablation as ablation
-
-TINY = """
-name = "tiny"
-methods = ["pf2lora"]
-rounds = 2
-local_steps = 2
-batch_size = 16
-num_threads = 1
-[task]
-kind = "tiny-text"
-num_clients = 2
-train_samples = 48
-test_samples = 32
-seq_len = 12
-[lora]
-rank = 4
-[optim]
-lr = 1e-2
-lower_lr = 1.0
-[eval]
-every = 1
-"""
+import test_paper_benchmark
 
 
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY)
-    monkeypatch.setattr(paper, "TIERS", {"cpu": {"rt_s03": paper.Setting(str(config), (0,), ("pf2lora",), tuning="tune")}})
+    config.write_text(test_paper_benchmark.TINY)  # paper.py's tiny tier, smaller still, with the lower-level lr at a grid value
+    overrides = ("rounds=2", "task.num_clients=2", "optim.lower_lr=1.0")
+    monkeypatch.setattr(paper, "TIERS", {"cpu": {"rt_s03": paper.Setting(str(config), (0,), ("pf2lora",), overrides, tuning="tune")}})
     monkeypatch.setattr(ablation, "CELLS", ((3e-3, 0.1), (1e-2, 1.0)))
     return tmp_path / "results"
 

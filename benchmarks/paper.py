@@ -193,8 +193,7 @@ def tuning_job(tier: str, out: Path, setting: str, method: str, lr: float, extra
 
 
 def score(path: Path) -> float:
-    run = json.loads(path.read_text())
-    return run["summary"]["balanced_accuracy"]
+    return json.loads(path.read_text())["summary"]["balanced_accuracy"]
 
 
 LAST_EVALUATIONS = 3
@@ -203,17 +202,9 @@ swings by up to 0.05 from one evaluation to the next (every 3 rounds on the CPU 
 evaluation alone, the tuning's score, depends on where a swing ends."""
 
 
-def score_last(path: Path, n: int = LAST_EVALUATIONS) -> float:
+def mean_of_last(run: dict[str, Any], n: int = LAST_EVALUATIONS) -> float:
     """A run's mean personalised balanced accuracy over its last ``n`` evaluations."""
-    curve = json.loads(path.read_text())["curve"]
-    return statistics.fmean(c["balanced_accuracy"] for c in curve[-n:])
-
-
-def private_norm(path: Path) -> float | None:
-    """The clients' mean norm of what a run's personal models add to the common adapter's update
-    (a private adapter, Per-FedAvg's adaptation steps; 0 for a method with no personal part, None
-    where the task does not report it)."""
-    return json.loads(path.read_text())["summary"].get("private_norm")
+    return statistics.fmean(c["balanced_accuracy"] for c in run["curve"][-n:])
 
 
 def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -772,14 +763,16 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
     }
     for m in s.methods:
         got = chosen(tier, out, name, m)
-        files = sorted(tuning_dir(out, name, m).glob("*.json"))
+        runs = {p.stem: json.loads(p.read_text()) for p in sorted(tuning_dir(out, name, m).glob("*.json"))}
         rec["methods"][m] = {
             "chosen": got[0] if got else None,
-            "scores": {p.stem: score(p) for p in files},
-            f"scores_last_{LAST_EVALUATIONS}": {p.stem: score_last(p) for p in files},
+            "scores": {c: r["summary"]["balanced_accuracy"] for c, r in runs.items()},
+            f"scores_last_{LAST_EVALUATIONS}": {c: mean_of_last(r) for c, r in runs.items()},
         }
-        norms = {p.stem: v for p in files if (v := private_norm(p)) is not None}
-        if any(norms.values()):  # how large the personal part grew at each cell: what the extra step size does
+        # how large the personal part grew at each cell (the clients' mean norm of what a personal
+        # model adds to the common adapter; 0 without a personal part): what the extra step size does
+        norms = {c: v for c, r in runs.items() if (v := r["summary"].get("private_norm")) is not None}
+        if any(norms.values()):
             rec["methods"][m]["private_norms"] = norms
         if m in EXTRA_GRID:
             key, values = EXTRA_GRID[m]
@@ -825,7 +818,8 @@ def tuning_table(name: str, rec: dict[str, Any]) -> str:
 
 def grid_table(name: str, method: str, scores: dict[str, float], ex: dict[str, Any], norms: dict[str, float] | None = None) -> str:
     """One method's tuning over both its step sizes: a row per value of its extra step size, each
-    cell with how large its run's personal part grew (:func:`private_norm`) where it is known."""
+    cell with how large its run's personal part grew (the tuning record's ``private_norms``) where
+    it is known."""
     lrs = [f"lr={_fmt(lr)}" for lr in LR_GRID]
     key, norms = ex["key"], norms or {}
     note = "; in parentheses the clients' mean norm of what a personal model adds to the common adapter" if norms else ""

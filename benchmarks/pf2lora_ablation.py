@@ -5,13 +5,16 @@ PF2LoRA takes an unrolled step (the private adapter's SGD step on one mini-batch
 adapter's gradient at that stepped private adapter on a second mini-batch) and adds the
 hypergradient term ``-eta H_xy v``; PF2LoRA-FO takes one joint step on one mini-batch. PF2LoRA's
 own ``pf2lora.estimator = "first-order"`` keeps the unrolled two-batch step and drops only the
-term (the spec's "first-order" estimator), so three runs at the same step sizes split the gap:
+term (the spec's "first-order" estimator), and ``pf2lora.one_batch = true`` takes that step on
+one mini-batch, so four runs at the same step sizes split the gap in three:
 
-    term   = pf2lora - pf2lora[estimator=first-order]
-    unroll = pf2lora[estimator=first-order] - pf2lora-fo
+    term         = pf2lora - pf2lora[first-order]
+    second batch = pf2lora[first-order] - pf2lora[first-order, one batch]
+    gradient at the stepped adapter = pf2lora[first-order, one batch] - pf2lora-fo
 
-The first-order runs use ``paper.py``'s tuning cells (the validation federation of ``rt_s03``,
-seed 0, 30 rounds); the two other columns are ``paper.py``'s stored tuning runs of those cells.
+(the last two together: the unrolled two-batch step). The variants' runs use ``paper.py``'s
+tuning cells (the validation federation of ``rt_s03``, seed 0, 30 rounds); the two other columns
+are ``paper.py``'s stored tuning runs of those cells.
 Resumable like ``paper.py`` (one JSON per cell, skipped when present; a cut-off run resumes from
 its checkpoint). One seed and 8 clients of 200 test examples: differences of about 0.01 are noise.
 
@@ -33,22 +36,28 @@ import paper
 from common import RESULTS, ROOT
 
 TIER, SETTING = "cpu", "rt_s03"
-ABLATION = Path("paper_cpu_ablation") / SETTING / "pf2lora-first-order-estimator"
-"""Under the results folder beside ``paper_cpu/``, not in it: ``paper.py`` reads every run file
-under its own folder."""
-ESTIMATOR = "pf2lora.estimator=first-order"
+ABLATION = Path("paper_cpu_ablation") / SETTING
+"""Under the results folder beside ``paper_cpu/``, not in it (``paper.py`` reads every run file
+under its own folder); a folder per variant."""
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "pf2lora-first-order-estimator": ("pf2lora.estimator=first-order",),
+    "pf2lora-first-order-estimator-one-batch": ("pf2lora.estimator=first-order", "pf2lora.one_batch=true"),
+}
+"""PF2LoRA's runs besides its tuning runs: a folder name and the overrides that make the variant."""
 CELLS = ((3e-3, 0.1), (3e-3, 1.0), (1e-2, 0.1), (1e-2, 1.0))
 """(AdamW lr, lower-level lr): the 2 x 2 block of the grid around both methods' best cells so far,
 with the two largest gaps between them (2026-12-05)."""
 
 
 def jobs(results: Path = RESULTS) -> list[paper.Job]:
-    """One first-order-estimator run per cell, named and configured as that cell's tuning run."""
+    """One run per variant and cell (variant by variant), named and configured as that cell's
+    tuning run plus the variant's overrides."""
     centre = paper.config_value(paper.TIERS[TIER][SETTING], "optim.lower_lr")
     found = []
-    for lr, lower in CELLS:
-        cell = paper.tuning_job(TIER, results / f"paper_{TIER}", SETTING, "pf2lora", lr, None if lower == centre else lower)
-        found.append(dataclasses.replace(cell, overrides=(*cell.overrides, ESTIMATOR), path=results / ABLATION / cell.path.name))
+    for variant, extra in VARIANTS.items():
+        for lr, lower in CELLS:
+            cell = paper.tuning_job(TIER, results / f"paper_{TIER}", SETTING, "pf2lora", lr, None if lower == centre else lower)
+            found.append(dataclasses.replace(cell, overrides=(*cell.overrides, *extra), path=results / ABLATION / variant / cell.path.name))
     return found
 
 
@@ -66,7 +75,7 @@ def scores(path: Path) -> tuple[float, float] | None:
 
 
 def table(results: Path = RESULTS) -> str:
-    """Markdown: per cell the three runs' scores and the two differences, each as the last
+    """Markdown: per cell the four runs' scores and the differences, each as the last
     evaluation (the mean of the last ``LAST``); missing runs are ``-``."""
     tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
 
@@ -76,27 +85,32 @@ def table(results: Path = RESULTS) -> str:
     def minus(a: tuple[float, float] | None, b: tuple[float, float] | None) -> tuple[float, float] | None:
         return (a[0] - b[0], a[1] - b[1]) if a is not None and b is not None else None
 
-    rows, terms, unrolls = [], [], []
-    for job in jobs(results):
+    rows: list[str] = []
+    diffs: list[list[tuple[float, float]]] = [[], [], [], []]
+    two, one = VARIANTS
+    for job in jobs(results)[: len(CELLS)]:
         name = job.path.name
-        full, fo_est, joint = scores(tuning / "pf2lora" / name), scores(job.path), scores(tuning / "pf2lora-fo" / name)
-        term, unroll = minus(full, fo_est), minus(fo_est, joint)
-        terms += [term] if term is not None else []
-        unrolls += [unroll] if unroll is not None else []
-        cells = [fmt(v) for v in (full, fo_est, joint)] + [fmt(v, "+") for v in (term, unroll)]
+        full, joint = scores(tuning / "pf2lora" / name), scores(tuning / "pf2lora-fo" / name)
+        fo_two, fo_one = scores(results / ABLATION / two / name), scores(results / ABLATION / one / name)
+        parts = (minus(full, fo_two), minus(fo_two, fo_one), minus(fo_one, joint), minus(fo_two, joint))
+        for d, v in zip(diffs, parts, strict=True):
+            d += [v] if v is not None else []
+        cells = [fmt(v) for v in (full, fo_two, fo_one, joint)] + [fmt(v, "+") for v in parts]
         rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
-    mean = [fmt((statistics.fmean(d[0] for d in v), statistics.fmean(d[1] for d in v)), "+") if v else "-" for v in (terms, unrolls)]
+    means = [fmt((statistics.fmean(v[0] for v in d), statistics.fmean(v[1] for v in d)), "+") if d else "-" for d in diffs]
     return (
         "\n".join(
             [
-                f"**{SETTING}: what PF2LoRA's bilevel step adds, split in two (clients' mean personalised balanced accuracy on the "
+                f"**{SETTING}: what PF2LoRA's bilevel step adds, split in three (clients' mean personalised balanced accuracy on the "
                 f"validation federation, seed 0, at the last evaluation and, in parentheses, the mean of the last {LAST} "
-                "(rounds 24 to 30); the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the "
-                "unrolled two-batch step: that minus pf2lora-fo; `optim.lower_lr=1` where a cell names no other)**\n",
-                "| cell | pf2lora | pf2lora, first-order estimator | pf2lora-fo | the hypergradient term | the unrolled two-batch step |",
-                "|---|---|---|---|---|---|",
+                "(rounds 24 to 30); the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the second batch: "
+                "that minus the same on one mini-batch (`pf2lora.one_batch=true`); the gradient at the stepped adapter: that "
+                "minus pf2lora-fo; the last two together: the unrolled two-batch step; `optim.lower_lr=1` where a cell names no other)**\n",
+                "| cell | pf2lora | pf2lora, first-order estimator | the same, one batch | pf2lora-fo | the hypergradient term "
+                "| the second batch | the gradient at the stepped adapter | the unrolled two-batch step |",
+                "|---|---|---|---|---|---|---|---|---|",
                 *rows,
-                f"| mean over the cells with both runs | | | | {mean[0]} | {mean[1]} |",
+                f"| mean over the cells with both runs | | | | | {' | '.join(means)} |",
             ]
         )
         + "\n"

@@ -139,6 +139,11 @@ class PF2LoRAConfig:
         "(an approximation: a stale H_xy v; 2 passes on a reuse step); 1 = every step (exact to the estimator)",
         min=1,
     )
+    one_batch: bool = _f(
+        False,
+        "the lower step and the upper gradient on one mini-batch instead of two independent ones: an ablation of the "
+        "unrolled step's second batch (the paper draws two; the hypergradient's estimate is unbiased only then)",
+    )
 
 
 @dataclass

@@ -148,7 +148,14 @@ def test_padded_ranks_scale_each_client_by_its_own_rank():
 
 
 @pytest.mark.parametrize(
-    "estimator", ["pf2lora.estimator=exact", "pf2lora.fd_one_sided=false", "pf2lora.hvp_every=2", "pf2lora.estimator=first-order"]
+    "estimator",
+    [
+        "pf2lora.estimator=exact",
+        "pf2lora.fd_one_sided=false",
+        "pf2lora.hvp_every=2",
+        "pf2lora.estimator=first-order",
+        "pf2lora.one_batch=true",
+    ],
 )
 def test_pf2lora_batches_with_every_estimator(estimator):
     seq, _ = _run("pf2lora", 1, *SYNTH, "rounds=2", estimator)

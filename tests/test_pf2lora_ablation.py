@@ -33,37 +33,47 @@ def _stored(path: Path, value: float, earlier: tuple[float, float] = (0.0, 0.0))
     path.write_text(json.dumps({"summary": {"balanced_accuracy": value}, "curve": curve}))
 
 
-def test_each_run_is_its_tuning_cell_with_the_first_order_estimator(tiny):
+def test_each_run_is_its_tuning_cell_with_only_the_variants_overrides_added(tiny):
     jobs = ablation.jobs(tiny)
-    for job, (lr, lower) in zip(jobs, ablation.CELLS, strict=True):
+    assert len(jobs) == len(ablation.VARIANTS) * len(ablation.CELLS)
+    variants = [(v, extra, cell) for v, extra in ablation.VARIANTS.items() for cell in ablation.CELLS]
+    for job, (variant, extra, (lr, lower)) in zip(jobs, variants, strict=True):
         cell = paper.tuning_job("cpu", tiny / "paper_cpu", "rt_s03", "pf2lora", lr, None if lower == 1.0 else lower)
-        assert job.overrides == (*cell.overrides, "pf2lora.estimator=first-order")
-        assert job.path.name == cell.path.name and job.path.parent != cell.path.parent  # beside paper_cpu/, not in it
+        assert job.overrides == (*cell.overrides, *extra)
+        assert job.path == tiny / ablation.ABLATION / variant / cell.path.name  # beside paper_cpu/, not in it
         assert "paper_cpu" not in job.path.relative_to(tiny).parts
         cfg = paper.load_config(paper.TIERS["cpu"]["rt_s03"], job.overrides)
         assert (cfg.pf2lora.estimator, cfg.optim.lr, cfg.optim.lower_lr, cfg.task.data_seed) == ("first-order", lr, lower, 4321)
+        assert cfg.pf2lora.one_batch == variant.endswith("one-batch")
 
 
-def test_table_splits_the_gap_into_the_term_and_the_unrolled_step(tiny):
+def test_table_splits_the_gap_into_the_term_the_second_batch_and_the_gradient_at_the_stepped_adapter(tiny):
     tuning = tiny / "paper_cpu" / "tuning" / "rt_s03"
-    first, second = (j.path.name for j in ablation.jobs(tiny))
+    two, one = (tiny / ablation.ABLATION / v for v in ablation.VARIANTS)
+    first, second = (j.path.name for j in ablation.jobs(tiny)[:2])
     _stored(tuning / "pf2lora" / first, 0.70, (0.5, 0.6))  # mean of the last 3: 0.6
+    _stored(two / first, 0.65, (0.5, 0.5))  # 0.55
+    _stored(one / first, 0.62, (0.5, 0.5))  # 0.54
     _stored(tuning / "pf2lora-fo" / first, 0.60, (0.6, 0.6))  # 0.6
-    _stored(tiny / ablation.ABLATION / first, 0.65, (0.5, 0.5))  # 0.55
-    _stored(tuning / "pf2lora" / second, 0.50)  # no first-order run yet: no differences for this cell
+    _stored(tuning / "pf2lora" / second, 0.50)  # no variant run yet: no differences for this cell
     rows = ablation.table(tiny).splitlines()
-    assert rows[4] == f"| `{Path(first).stem}` | 0.700 (0.600) | 0.650 (0.550) | 0.600 (0.600) | +0.050 (+0.050) | +0.050 (-0.050) |"
-    assert rows[5] == f"| `{Path(second).stem}` | 0.500 (0.167) | - | - | - | - |"
-    assert rows[6].endswith("| +0.050 (+0.050) | +0.050 (-0.050) |")
+    assert rows[4] == (
+        f"| `{Path(first).stem}` | 0.700 (0.600) | 0.650 (0.550) | 0.620 (0.540) | 0.600 (0.600) "
+        "| +0.050 (+0.050) | +0.030 (+0.010) | +0.020 (-0.060) | +0.050 (-0.050) |"
+    )
+    assert rows[5] == f"| `{Path(second).stem}` | 0.500 (0.167) | - | - | - | - | - | - | - |"
+    assert rows[6].endswith("| +0.050 (+0.050) | +0.030 (+0.010) | +0.020 (-0.060) | +0.050 (-0.050) |")
 
 
 def test_missing_cells_run_once_and_stored_ones_are_skipped(tiny, capsys):
     ablation.run(tiny)
-    files = sorted((tiny / ablation.ABLATION).glob("*.json"))
-    assert [p.name for p in files] == sorted(j.path.name for j in ablation.jobs(tiny))
-    run = json.loads(files[0].read_text())
-    assert run["config"]["pf2lora"]["estimator"] == "first-order" and run["method"] == "pf2lora"
-    assert not list((tiny / ablation.ABLATION).glob("*.partial"))
+    files = sorted((tiny / ablation.ABLATION).glob("*/*.json"))
+    assert files == sorted(j.path for j in ablation.jobs(tiny))
+    for path in files:
+        run = json.loads(path.read_text())
+        assert run["config"]["pf2lora"]["estimator"] == "first-order" and run["method"] == "pf2lora"
+        assert run["config"]["pf2lora"]["one_batch"] == path.parent.name.endswith("one-batch")
+    assert not list((tiny / ablation.ABLATION).glob("*/*.partial"))
     stamp = [p.stat().st_mtime_ns for p in files]
     capsys.readouterr()
     ablation.run(tiny)

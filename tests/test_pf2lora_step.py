@@ -132,3 +132,34 @@ def test_fused_adapters_are_the_same_model(kind, head):
     g_fused = torch.autograd.grad(fused, [{**x, **y}[k] for k in keys])
     for k, a, b in zip(keys, g_plain, g_fused, strict=True):
         assert float((a - b).norm()) <= 1e-10 * float(a.norm()) + 1e-14, k
+
+
+class _Draws:
+    """A client context that hands out the given batches in turn and counts the draws."""
+
+    def __init__(self, batches):
+        self.batches, self.draws = list(batches), 0
+
+    def batch(self):
+        self.draws += 1
+        return self.batches.pop(0)
+
+
+@pytest.mark.parametrize("estimator", ["finite-difference", "first-order"])
+def test_one_batch_draws_once_and_is_the_two_batch_step_on_that_batch_twice(estimator):
+    """``pf2lora.one_batch``: one draw a step, and the step the default takes when both its draws
+    are that batch; by default two draws, and different batches give a different step."""
+    cfg, task, method, server, state = _start(f"pf2lora.estimator={estimator!r}", "pf2lora.one_batch=true")
+    _, _, default, _, _ = _start(f"pf2lora.estimator={estimator!r}")
+    source = client_context(cfg, task, 0)
+    xi, zeta = source.batch(), source.batch()
+    params = {**server, **st.params_of(state)}
+    one = _Draws([xi])
+    got, _, _ = method.local_step(one, params, {}, {})
+    twice = _Draws([xi, xi])
+    want, _, _ = default.local_step(twice, params, {}, {})
+    assert (one.draws, twice.draws) == (1, 2)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    other, _, _ = default.local_step(_Draws([xi, zeta]), params, {}, {})
+    assert any(not torch.equal(other[k], want[k]) for k in st.select(want, st.SHARED))

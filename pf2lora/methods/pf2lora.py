@@ -92,7 +92,8 @@ class PF2LoRA(Method):
         x, y = st.select(trained, st.SHARED), st.select(trained, st.PRIVATE)
         adam = without_hvp(opt)
         cached = cached_hvp(opt, x, p.hvp_every)
-        xi, zeta = ctx.batch(), ctx.batch()
+        xi = ctx.batch()
+        zeta = xi if p.one_batch else ctx.batch()
         step = bilevel_step(
             lambda x_, y_, batch: self.loss(batch, *self.fused(x_, y_), fixed),
             x,

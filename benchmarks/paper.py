@@ -1037,6 +1037,20 @@ def _blocks(lines: list[str]) -> dict[tuple[str, ...], tuple[int, int]]:
     return {k: v for k, v in out.items() if k not in twice}  # a caption seen twice names no one table
 
 
+def write_readme(tables: str) -> None:
+    """Put ``tables`` in place in the project's README.md (:func:`refresh_readme`, written
+    atomically) and say which captions were replaced and which have no place there."""
+    from pf2lora.io import atomic_write
+
+    readme = ROOT / "README.md"
+    text, done, missing = refresh_readme(readme.read_text(), tables)
+    atomic_write(readme, text)
+    for caption in done:
+        print(f"updated: {caption}")
+    for caption in missing:
+        print(f"not in README.md (place it by hand): {caption}")
+
+
 def refresh_readme(readme: str, tables: str) -> tuple[str, list[str], list[str]]:
     """``readme`` with each of ``tables``' captioned tables put in place of the one with the same
     caption (the prose around them is left as it is), and the captions (first 60 characters)
@@ -1183,15 +1197,7 @@ def main() -> int:
         if args.table:
             print(tables)
             return 0
-        from pf2lora.io import atomic_write
-
-        readme = ROOT / "README.md"
-        text, done, missing = refresh_readme(readme.read_text(), tables)
-        atomic_write(readme, text)
-        for caption in done:
-            print(f"updated: {caption}")
-        for caption in missing:
-            print(f"not in README.md (place it by hand): {caption}")
+        write_readme(tables)
         return 0
     if args.figures:
         for p in figures(json.loads(summary.read_text()), out / "figures"):

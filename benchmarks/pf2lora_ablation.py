@@ -138,13 +138,7 @@ def main() -> int:
         if args.table:
             print(text)
             return 0
-        from pf2lora.io import atomic_write
-
-        readme = ROOT / "README.md"
-        new, done, missing = paper.refresh_readme(readme.read_text(), text)
-        atomic_write(readme, new)
-        for caption in [*done, *(f"not in README.md (place it by hand): {c}" for c in missing)]:
-            print(caption)
+        paper.write_readme(text)
         return 0
     run()
     print(table())

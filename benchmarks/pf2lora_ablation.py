@@ -19,8 +19,8 @@ Resumable like ``paper.py`` (one JSON per cell, skipped when present; a cut-off 
 its checkpoint). One seed and 8 clients of 200 test examples: differences of about 0.01 are noise.
 
     .venv/bin/python benchmarks/pf2lora_ablation.py            # run the missing cells (one process)
-    .venv/bin/python benchmarks/pf2lora_ablation.py --table    # the table, from the files
-    .venv/bin/python benchmarks/pf2lora_ablation.py --readme   # ... and in place in README.md
+    .venv/bin/python benchmarks/pf2lora_ablation.py --table    # the tables, from the files
+    .venv/bin/python benchmarks/pf2lora_ablation.py --readme   # ... and in place in README.md (each by its caption)
 """
 
 from __future__ import annotations
@@ -117,6 +117,37 @@ def table(results: Path = RESULTS) -> str:
     )
 
 
+def evidence_table(results: Path = RESULTS) -> str:
+    """Markdown: per cell and run, what the common adapter learned alone (the global model's
+    balanced accuracy) and how large the private adapter grew (the clients' mean norm of what a
+    personal model adds): where a step leaves the shared model weaker and the private part larger,
+    the private adapter took over what the federation could have learned (``-``: to come)."""
+    tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
+    two, one = VARIANTS
+    rows: list[str] = []
+    for job in jobs(results)[: len(CELLS)]:
+        name = job.path.name
+        paths = (tuning / "pf2lora" / name, results / ABLATION / two / name, results / ABLATION / one / name, tuning / "pf2lora-fo" / name)
+        cells = []
+        for path in paths:
+            s = json.loads(path.read_text())["summary"] if path.exists() else None
+            cells.append(f"{s['global_balanced_accuracy']:.3f} / {s['private_norm']:.2f}" if s else "-")
+        rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(
+            [
+                f"*{SETTING}: the same runs' global model (the common adapter alone: its clients' mean balanced accuracy at the "
+                "last evaluation) / the private adapter's size (the clients' mean norm of what a personal model adds to the "
+                "common adapter)*\n",
+                "| cell | pf2lora | pf2lora, first-order estimator | the same, one batch | pf2lora-fo |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
+
+
 def run(results: Path = RESULTS) -> None:
     """Run the cells whose file is missing, one after another, on one thread each."""
     setting = paper.TIERS[TIER][SETTING]
@@ -134,14 +165,14 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.table or args.readme:
-        text = table()
+        text = table() + "\n" + evidence_table()
         if args.table:
             print(text)
             return 0
         paper.write_readme(text)
         return 0
     run()
-    print(table())
+    print(table() + "\n" + evidence_table())
     return 0
 
 

@@ -65,6 +65,23 @@ def test_table_splits_the_gap_into_the_term_the_second_batch_and_the_gradient_at
     assert rows[6].endswith("| +0.050 (+0.050) | +0.030 (+0.010) | +0.020 (-0.060) | +0.050 (-0.050) |")
 
 
+def test_evidence_table_shows_each_runs_global_model_and_private_size(tiny):
+    tuning = tiny / "paper_cpu" / "tuning" / "rt_s03"
+    two = tiny / ablation.ABLATION / next(iter(ablation.VARIANTS))
+    first, second = (j.path.name for j in ablation.jobs(tiny)[:2])
+    summaries = {tuning / "pf2lora" / first: (0.71, 8.96), two / first: (0.652, 17.6), tuning / "pf2lora-fo" / second: (0.7, 0.321)}
+    for path, (global_model, norm) in summaries.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"balanced_accuracy": 0.5, "global_balanced_accuracy": global_model, "private_norm": norm}
+        path.write_text(json.dumps({"summary": summary, "curve": [{"round": 1, "balanced_accuracy": 0.5}]}))
+    rows = ablation.evidence_table(tiny).splitlines()
+    assert rows[4] == f"| `{Path(first).stem}` | 0.710 / 8.96 | 0.652 / 17.60 | - | - |"
+    assert rows[5] == f"| `{Path(second).stem}` | - | - | - | 0.700 / 0.32 |"
+    # its caption differs from the first table's, so --readme puts each in its own place
+    both = ablation.table(tiny) + "\n" + ablation.evidence_table(tiny)
+    assert len(paper.refresh_readme(f"intro\n\n{both}\nprose", both)[1]) == 2
+
+
 def test_missing_cells_run_once_and_stored_ones_are_skipped(tiny, capsys):
     ablation.run(tiny)
     files = sorted((tiny / ablation.ABLATION).glob("*/*.json"))

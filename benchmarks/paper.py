@@ -47,9 +47,11 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -517,7 +519,28 @@ def summarize_clients(clients: dict[str, dict[str, Any]], metric: str, higher: b
     return out
 
 
+PARENT_POLL_S = 5.0
+
+
+def exit_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> threading.Thread:
+    """End this process once ``parent`` is no longer its parent. A driver stopped by a signal to it
+    alone (``kill PID``, not Ctrl-C, which reaches every process of the group) leaves its runs
+    going as orphans, which would write their checkpoints beside the next driver's run of the same
+    job; this way a run stops within ``poll_s`` and the next driver resumes it from its checkpoint
+    (written atomically, so an exit mid-write loses nothing)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _run_in_child(setting: Setting, job: Job) -> tuple[Job, float, float]:
+    exit_with_parent(os.getppid())
     data = run_job(setting, job)
     metric, _ = HEADLINE[setting.generation]
     return job, data["summary"][metric], data["wall_time_s"]

@@ -653,3 +653,33 @@ def test_pf2lora_against_its_first_order_ablation_cell_by_cell():
     assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo") == ""
     del rec["methods"]["pf2lora-fo"]
     assert paper.same_cells_table("x", rec, "pf2lora", "pf2lora-fo") == ""
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter (``Z``: exited, not yet reaped), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_run_ends_when_its_driver_is_killed_alone(tmp_path):
+    """The driver killed by a signal to it alone: its run does not go on as an orphan."""
+    import subprocess
+
+    child = (
+        f"import os, sys, time; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import paper; "
+        "paper.exit_with_parent(os.getppid(), poll_s=0.05); print('ready', flush=True); time.sleep(60)"
+    )
+    driver = (
+        "import os, subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True); "
+        "p.stdout.readline(); print(p.pid, flush=True); os._exit(0)"  # gone without a word to its child
+    )
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60, check=True).stdout
+    pid = int(out.split()[0])
+    deadline = time.time() + 20
+    while _state(pid) not in (None, "Z") and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(pid) in (None, "Z")

@@ -74,10 +74,17 @@ def scores(path: Path) -> tuple[float, float] | None:
     return run["summary"]["balanced_accuracy"], paper.mean_of_last(run)
 
 
+def cell_runs(results: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    """A cell's four run files: pf2lora and pf2lora-fo (``paper.py``'s tuning runs) and the two
+    variants between them, in the tables' column order."""
+    tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
+    two, one = VARIANTS
+    return tuning / "pf2lora" / name, results / ABLATION / two / name, results / ABLATION / one / name, tuning / "pf2lora-fo" / name
+
+
 def table(results: Path = RESULTS) -> str:
     """Markdown: per cell the four runs' scores and the differences, each as the last
     evaluation (the mean of the last ``LAST``); missing runs are ``-``."""
-    tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
 
     def fmt(v: tuple[float, float] | None, sign: str = "") -> str:
         return f"{v[0]:{sign}.3f} ({v[1]:{sign}.3f})" if v is not None else "-"
@@ -87,16 +94,13 @@ def table(results: Path = RESULTS) -> str:
 
     rows: list[str] = []
     diffs: list[list[tuple[float, float]]] = [[], [], [], []]
-    two, one = VARIANTS
     for job in jobs(results)[: len(CELLS)]:
-        name = job.path.name
-        full, joint = scores(tuning / "pf2lora" / name), scores(tuning / "pf2lora-fo" / name)
-        fo_two, fo_one = scores(results / ABLATION / two / name), scores(results / ABLATION / one / name)
+        full, fo_two, fo_one, joint = (scores(p) for p in cell_runs(results, job.path.name))
         parts = (minus(full, fo_two), minus(fo_two, fo_one), minus(fo_one, joint), minus(fo_two, joint))
         for d, v in zip(diffs, parts, strict=True):
             d += [v] if v is not None else []
         cells = [fmt(v) for v in (full, fo_two, fo_one, joint)] + [fmt(v, "+") for v in parts]
-        rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
+        rows.append(f"| `{job.path.stem}` | " + " | ".join(cells) + " |")
     means = [fmt((statistics.fmean(v[0] for v in d), statistics.fmean(v[1] for v in d)), "+") if d else "-" for d in diffs]
     return (
         "\n".join(
@@ -122,17 +126,13 @@ def evidence_table(results: Path = RESULTS) -> str:
     balanced accuracy) and how large the private adapter grew (the clients' mean norm of what a
     personal model adds): where a step leaves the shared model weaker and the private part larger,
     the private adapter took over what the federation could have learned (``-``: to come)."""
-    tuning = paper.tuning_dir(results / f"paper_{TIER}", SETTING, "pf2lora").parent
-    two, one = VARIANTS
     rows: list[str] = []
     for job in jobs(results)[: len(CELLS)]:
-        name = job.path.name
-        paths = (tuning / "pf2lora" / name, results / ABLATION / two / name, results / ABLATION / one / name, tuning / "pf2lora-fo" / name)
         cells = []
-        for path in paths:
+        for path in cell_runs(results, job.path.name):
             s = json.loads(path.read_text())["summary"] if path.exists() else None
             cells.append(f"{s['global_balanced_accuracy']:.3f} / {s['private_norm']:.2f}" if s else "-")
-        rows.append(f"| `{Path(name).stem}` | " + " | ".join(cells) + " |")
+        rows.append(f"| `{job.path.stem}` | " + " | ".join(cells) + " |")
     return (
         "\n".join(
             [
@@ -146,6 +146,10 @@ def evidence_table(results: Path = RESULTS) -> str:
         )
         + "\n"
     )
+
+
+def tables(results: Path = RESULTS) -> str:
+    return table(results) + "\n" + evidence_table(results)
 
 
 def run(results: Path = RESULTS) -> None:
@@ -165,14 +169,14 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.table or args.readme:
-        text = table() + "\n" + evidence_table()
+        text = tables()
         if args.table:
             print(text)
             return 0
         paper.write_readme(text)
         return 0
     run()
-    print(table() + "\n" + evidence_table())
+    print(tables())
     return 0
 
 

@@ -664,7 +664,7 @@ def _state(pid: int) -> str | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
-def test_a_run_ends_when_its_driver_is_killed_alone(tmp_path):
+def test_a_run_ends_when_its_driver_is_killed_alone():
     """The driver killed by a signal to it alone: its run does not go on as an orphan."""
     import subprocess
 

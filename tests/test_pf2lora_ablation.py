@@ -78,7 +78,7 @@ def test_evidence_table_shows_each_runs_global_model_and_private_size(tiny):
     assert rows[4] == f"| `{Path(first).stem}` | 0.710 / 8.96 | 0.652 / 17.60 | - | - |"
     assert rows[5] == f"| `{Path(second).stem}` | - | - | - | 0.700 / 0.32 |"
     # its caption differs from the first table's, so --readme puts each in its own place
-    both = ablation.table(tiny) + "\n" + ablation.evidence_table(tiny)
+    both = ablation.tables(tiny)
     assert len(paper.refresh_readme(f"intro\n\n{both}\nprose", both)[1]) == 2
 
 

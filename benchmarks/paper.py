@@ -1169,11 +1169,13 @@ def figures(data: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.scatter([x], [y], color="C0")
                 label = cid + (f" ({het[cid]['group']})" if "group" in het[cid] else "")
                 ax.annotate(label, (x, y), fontsize=6)
+            lora = e["config"]["lora"]
+            ax.set_ylim(0, lora["rank"] + lora["private_rank"] + 0.5)  # the whole range: a difference of one layer's rank looks its size
             ax.set_xlabel("client's largest label share (training)")
             ax.set_ylabel("mean effective rank of its update (common + private)")
             ax.set_title(name, fontsize=9)
             ax.grid(alpha=0.3)
-        fig.suptitle("PF2LoRA: effective rank per client\n(singular values > 0.1 x largest; max r + r~ = 10)", fontsize=9)
+        fig.suptitle("PF2LoRA: effective rank per client\n(singular values > 0.1 x largest; the axis runs to r + r~)", fontsize=9)
         fig.tight_layout()
         path = out_dir / "pf2lora_ranks.png"
         fig.savefig(path, dpi=110)

@@ -522,7 +522,7 @@ def summarize_clients(clients: dict[str, dict[str, Any]], metric: str, higher: b
 PARENT_POLL_S = 5.0
 
 
-def exit_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> threading.Thread:
+def exit_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> None:
     """End this process once ``parent`` is no longer its parent. A driver stopped by a signal to it
     alone (``kill PID``, not Ctrl-C, which reaches every process of the group) leaves its runs
     going as orphans, which would write their checkpoints beside the next driver's run of the same
@@ -534,9 +534,7 @@ def exit_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> threading.Th
             time.sleep(poll_s)
         os._exit(1)
 
-    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_in_child(setting: Setting, job: Job) -> tuple[Job, float, float]:

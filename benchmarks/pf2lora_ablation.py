@@ -74,6 +74,10 @@ def scores(path: Path) -> tuple[float, float] | None:
     return run["summary"]["balanced_accuracy"], paper.mean_of_last(run)
 
 
+RUNS = "pf2lora | pf2lora, first-order estimator | the same, one batch | pf2lora-fo"
+"""The tables' run columns, in :func:`cell_runs`' order."""
+
+
 def cell_runs(results: Path, name: str) -> tuple[Path, Path, Path, Path]:
     """A cell's four run files: pf2lora and pf2lora-fo (``paper.py``'s tuning runs) and the two
     variants between them, in the tables' column order."""
@@ -110,8 +114,8 @@ def table(results: Path = RESULTS) -> str:
                 "(rounds 24 to 30); the term: pf2lora minus pf2lora with `pf2lora.estimator=first-order`; the second batch: "
                 "that minus the same on one mini-batch (`pf2lora.one_batch=true`); the gradient at the stepped adapter: that "
                 "minus pf2lora-fo; the last two together: the unrolled two-batch step; `optim.lower_lr=1` where a cell names no other)**\n",
-                "| cell | pf2lora | pf2lora, first-order estimator | the same, one batch | pf2lora-fo | the hypergradient term "
-                "| the second batch | the gradient at the stepped adapter | the unrolled two-batch step |",
+                f"| cell | {RUNS} | the hypergradient term | the second batch | the gradient at the stepped adapter "
+                "| the unrolled two-batch step |",
                 "|---|---|---|---|---|---|---|---|---|",
                 *rows,
                 f"| mean over the cells with both runs | | | | | {' | '.join(means)} |",
@@ -139,7 +143,7 @@ def evidence_table(results: Path = RESULTS) -> str:
                 f"*{SETTING}: the same runs' global model (the common adapter alone: its clients' mean balanced accuracy at the "
                 "last evaluation) / the private adapter's size (the clients' mean norm of what a personal model adds to the "
                 "common adapter)*\n",
-                "| cell | pf2lora | pf2lora, first-order estimator | the same, one batch | pf2lora-fo |",
+                f"| cell | {RUNS} |",
                 "|---|---|---|---|---|",
                 *rows,
             ]

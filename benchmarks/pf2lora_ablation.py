@@ -153,6 +153,7 @@ def evidence_table(results: Path = RESULTS) -> str:
 
 
 def tables(results: Path = RESULTS) -> str:
+    """Both tables, as ``--table`` prints them and ``--readme`` places them (each by its caption)."""
     return table(results) + "\n" + evidence_table(results)
 
 

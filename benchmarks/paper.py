@@ -1009,6 +1009,51 @@ def table(data: dict[str, Any]) -> str:
             out.append(client_table(name, e["pf2lora_clients"], len(e["methods"]["pf2lora"]["seeds"])))
         if "pf2lora" not in e["methods"] and "pf2lora" in e.get("superseded_runs", {}):
             out.append(awaiting_rerun(name, metric))
+    out.append(verdict_table(data))
+    return "\n".join(out)
+
+
+VERDICT_ORDER = ("homlora", "hetlora", "perfedavg", "local", "fedsa-lora", "pfedlora", "fdlora", "pf2lora-fo", "she-lora", "fed-hello")
+"""The paper's three baselines first, as it names them, then the others."""
+
+
+def verdict_table(data: dict[str, Any]) -> str:
+    """PF2LoRA against each method in every setting at once (the settings' lead tables, one cell
+    each): the answer to "does it beat its peers", with each lead's seeds and the rule's word."""
+    names = [n for n, e in data["settings"].items() if e.get("pf2lora_vs")]
+    if not names:
+        return ""
+
+    def cell(v: dict[str, Any] | None, digits: int) -> str:
+        if v is None:
+            return "-"
+        n = len(v["seeds"])
+        spread = f" ± {v['lead_std']:.{digits}f}" if n > 1 else ""
+        return f"{v['lead_mean']:+.{digits}f}{spread} {v['verdict'].split(' (')[0]} ({n} seed{'s' if n > 1 else ''})"
+
+    def rows(key: str) -> list[str]:
+        present = [n for n in names if data["settings"][n].get(key)]
+        others = {m for n in present for m in data["settings"][n][key]}
+        order = [m for m in VERDICT_ORDER if m in others] + sorted(others - set(VERDICT_ORDER))
+        lines = ["| against | " + " | ".join(f"`{n}`" for n in present) + " |", "|---" * (len(present) + 1) + "|"]
+        for m in order:
+            cells = []
+            for n in present:
+                gen = TIERS[data["tier"]][n].generation if n in TIERS[data["tier"]] else False
+                cells.append(cell(data["settings"][n][key].get(m), 4 if gen and key == "pf2lora_vs" else 3))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        return lines
+
+    out = [
+        "**PF2LoRA against each method, every setting** (its lead in each setting's headline metric, paired by seed: "
+        "mean ± std over the seeds both ran, positive: PF2LoRA better; wins / loses: every seed the same sign and "
+        "the mean beyond the std, else ties; ahead / behind: one seed, no noise estimate)\n",
+        *rows("pf2lora_vs"),
+        "",
+    ]
+    if any(data["settings"][n].get("pf2lora_vs_in_accuracy") for n in names):
+        out += ["*PF2LoRA against each method in plain accuracy, the metric the paper reports (the same pairing and rule)*\n"]
+        out += [*rows("pf2lora_vs_in_accuracy"), ""]
     return "\n".join(out)
 
 

@@ -474,6 +474,40 @@ def test_head_to_head_pairs_seeds_and_calls_ties_within_noise():
     assert loss["homlora"]["lead_mean"] == pytest.approx(0.5) and loss["homlora"]["verdict"] == "ahead"
 
 
+def test_verdict_table_puts_every_setting_s_lead_side_by_side():
+    """One row per method, the paper's baselines first; a setting that never ran a method shows
+    "-"; one seed gets no spread and says so; the plain-accuracy table only where it was computed."""
+
+    def lead(mean: float, std: float, seeds: list[str], verdict: str) -> dict:
+        return {"lead_mean": mean, "lead_std": std, "seeds": seeds, "verdict": verdict}
+
+    data = {
+        "tier": "cpu",
+        "settings": {
+            "rt_s03": {
+                "pf2lora_vs": {
+                    "local": lead(-0.007, 0.022, ["0", "1"], "ties (within seed noise)"),
+                    "homlora": lead(-0.108, 0.016, ["0", "1", "2"], "loses"),
+                    "she-lora": lead(-0.078, 0.007, ["0", "1"], "loses"),
+                },
+                "pf2lora_vs_in_accuracy": {"homlora": lead(0.071, 0.008, ["0", "1", "2"], "wins")},
+            },
+            "wordnet_nlg": {"pf2lora_vs": {"homlora": lead(0.0123, 0.0, ["0"], "ahead")}},
+            "rt_s05": {"methods": {}},  # no PF2LoRA run yet: no column
+        },
+    }
+    got = paper.verdict_table(data).split("\n")
+    assert got[2] == "| against | `rt_s03` | `wordnet_nlg` |"
+    rows = [line for line in got if line.startswith("| ") and not line.startswith("| against")]
+    assert [r.split(" |")[0] for r in rows[:3]] == ["| homlora", "| local", "| she-lora"]
+    assert rows[0] == "| homlora | -0.108 ± 0.016 loses (3 seeds) | +0.0123 ahead (1 seed) |"
+    assert rows[1] == "| local | -0.007 ± 0.022 ties (2 seeds) | - |"
+    accuracy = got.index(next(line for line in got if line.startswith("*PF2LoRA against each method in plain accuracy")))
+    assert got[accuracy + 2] == "| against | `rt_s03` |"
+    assert got[accuracy + 4] == "| homlora | +0.071 ± 0.008 wins (3 seeds) |"
+    assert paper.verdict_table({"tier": "cpu", "settings": {"rt_s05": {"methods": {}}}}) == ""
+
+
 def test_pf2lora_client_evidence_is_the_seed_mean_most_heterogeneous_first():
     def client(bal, maj_pred, norm, ranks, tv):
         return {

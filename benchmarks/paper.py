@@ -1037,10 +1037,7 @@ def verdict_table(data: dict[str, Any]) -> str:
         order = [m for m in VERDICT_ORDER if m in others] + sorted(others - set(VERDICT_ORDER))
         lines = ["| against | " + " | ".join(f"`{n}`" for n in present) + " |", "|---" * (len(present) + 1) + "|"]
         for m in order:
-            cells = []
-            for n in present:
-                gen = TIERS[data["tier"]][n].generation if n in TIERS[data["tier"]] else False
-                cells.append(cell(data["settings"][n][key].get(m), 4 if gen and key == "pf2lora_vs" else 3))
+            cells = [cell(data["settings"][n][key].get(m), 4 if TIERS[data["tier"]][n].generation else 3) for n in present]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return lines
 

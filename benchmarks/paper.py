@@ -577,6 +577,22 @@ def converged(curve: list[dict[str, Any]], rounds: int, metric: str, generation:
     return abs(change) < FLAT_TOLERANCE[generation], change
 
 
+def last_step(curve: list[dict[str, Any]], metric: str, generation: bool) -> dict[str, Any] | None:
+    """The change between the curve's last two evaluations (relative for generation): shown where
+    :func:`converged` has too few evaluations to fit its line, as information, not as a verdict
+    (the NLG setting evaluates every 5 of its 15 rounds: two evaluations in the window)."""
+    points = [p for p in curve if _scalar(p.get(metric))]
+    if len(points) < 2:
+        return None
+    (a, b) = points[-2:]
+    change = float(b[metric]) - float(a[metric])
+    if generation:
+        if float(a[metric]) == 0:
+            return None
+        change /= abs(float(a[metric]))
+    return {"from_round": a["round"], "to_round": b["round"], "change": change}
+
+
 CLASSES = {"wordnet-topics": 25}
 """Labels per classification dataset of the offline stand-ins (the rest are binary)."""
 
@@ -668,7 +684,8 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 vals = [v[k] for v in seeds.values() if _scalar(v.get(k))]
                 if vals:
                     mean[k], std[k] = _ms(vals)
-            flat, change = converged(mean_curve([r["curve"] for r in mine], metric), mine[0]["config"]["rounds"], metric, s.generation)
+            seed_mean = mean_curve([r["curve"] for r in mine], metric)
+            flat, change = converged(seed_mean, mine[0]["config"]["rounds"], metric, s.generation)
             flat_all.append(flat if not untrained else False)
             methods[m] = {
                 "failed_to_train": untrained,
@@ -677,6 +694,7 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
                 "std": std,
                 "last_20pct_change": {"seed_mean": change, **conv},
                 "converged": flat,
+                **({"last_two_evaluations": last_step(seed_mean, metric, s.generation)} if flat is None else {}),
                 **({"tuning_pending": True} if sizes is None else {}),
             }
         entry["methods"] = methods
@@ -686,6 +704,7 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
             str(sd) in methods.get(m, {}).get("seeds", {}) for m in s.methods for sd in s.seeds
         )
         entry["converged"] = bool(flat_all) and all(f is True for f in flat_all)
+        entry["convergence_judged"] = any(f is not None for f in flat_all)
         if "pf2lora" in methods:
             seed0 = next(iter(methods["pf2lora"]["seeds"].values()))
             entry["pf2lora_ranks"] = {cid: c.get("layer_ranks", {}) for cid, c in seed0["clients"].items()}
@@ -920,13 +939,25 @@ def _trend(r: dict[str, Any], generation: bool) -> str:
     """The seeds' mean curve's fitted change over the last 20% of rounds, and whether that is flat."""
     change = r.get("last_20pct_change", {}).get("seed_mean")
     if change is None:
-        return "-"
+        last = r.get("last_two_evaluations")
+        if not last:
+            return "-"
+        step = f"{100 * last['change']:+.1f}%" if generation else f"{100 * last['change']:+.1f} pts"
+        return f"not judged (under 3 evaluations in the last 40%); rounds {last['from_round']} to {last['to_round']}: {step}"
     size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
     failed = r.get("failed_to_train") or {}
     if failed:  # flat, but at a blown-up model: say so rather than "flat"
         losses = ", ".join(f"{loss:.1f}" for loss in failed.values())
         return f"{size}; DID NOT TRAIN (seed {', '.join(failed)}: final training loss {losses}, above a uniform guess's)"
     return f"{size} ({'flat' if r.get('converged') else 'moving'})"
+
+
+def _convergence(e: dict[str, Any]) -> str:
+    if e["converged"]:
+        return "converged"
+    if not e.get("convergence_judged", True):
+        return "convergence not judged: too few evaluations for the rule"
+    return "NOT converged by the rule"
 
 
 def _superseded(e: dict[str, Any]) -> str:
@@ -952,7 +983,7 @@ def table(data: dict[str, Any]) -> str:
         seeds = sorted({sd for m in e["methods"].values() for sd in m["seeds"]})
         out.append(
             f"**{name}** ({e['about']}; seeds {', '.join(seeds)}; "
-            f"{'converged' if e['converged'] else 'NOT converged by the rule'}"
+            f"{_convergence(e)}"
             f"{'' if not any(r.get('failed_to_train') for r in e['methods'].values()) else ' (a run did not train)'}; "
             f"{'complete' if e['complete'] else 'incomplete'}"
             f"{_superseded(e)})\n"

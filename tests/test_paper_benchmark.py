@@ -421,6 +421,20 @@ def test_convergence_needs_three_evaluations_in_the_window():
     assert flat is False and change == pytest.approx(-0.02 / 1.915)  # relative to the line's mean loss
 
 
+def test_too_few_evaluations_are_shown_not_judged():
+    """The NLG setting evaluates at rounds 5, 10, 15: no line to fit, so its last step is shown
+    as information and the setting is called not judged rather than not converged."""
+    curve = [{"round": r, "loss": v} for r, v in ((5, 3.34), (10, 3.20), (15, 3.12))]
+    assert paper.converged(curve, 15, "loss", True) == (None, None)
+    last = paper.last_step(curve, "loss", True)
+    assert last == {"from_round": 10, "to_round": 15, "change": pytest.approx(-0.08 / 3.20)}
+    method = {"last_20pct_change": {"seed_mean": None}, "converged": None, "last_two_evaluations": last}
+    assert paper._trend(method, True) == "not judged (under 3 evaluations in the last 40%); rounds 10 to 15: -2.5%"
+    assert paper._convergence({"converged": False, "convergence_judged": False}).startswith("convergence not judged")
+    assert paper._convergence({"converged": False, "convergence_judged": True}) == "NOT converged by the rule"
+    assert paper.last_step(curve[:1], "loss", True) is None
+
+
 @pytest.mark.parametrize(
     ("dataset", "losses", "failed"),
     [

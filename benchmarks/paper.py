@@ -19,9 +19,11 @@ full grid, as a coordinate search (the lr first, then the extra step size at the
 until 2026-12-05) missed PF2LoRA's best cell. Every tuning run is scored by the clients' mean personalised
 balanced accuracy on a validation federation (another ``task.data_seed``); the best run's values
 are used on the benchmark federation with 3 seeds. Tuned on ``rt_s03``; the other encoder
-settings reuse its choice; the generation setting keeps its config's values for every method
-(another model, whose scale of step sizes the encoder's grid does not transfer to). The GPU tier
-takes the CPU tier's choices (``CPU_TUNED``).
+settings reuse its choice. The generation setting (another model, whose scale of step sizes the
+encoder's grid does not transfer to) keeps its config's AdamW lr for every method and searches
+each extra step size at 0.1x, 0.3x and 1x its config value (``EXTRA_FACTORS``; 3-round runs on
+its validation federation, scored by the test loss): PF2LoRA's diverged at the config's value.
+The GPU tier takes the CPU tier's choices (``CPU_TUNED``).
 
 Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
 ``tuning/``), skipped when present, so the work spans sessions; after every finished run the
@@ -94,9 +96,12 @@ class Setting:
     methods: tuple[str, ...] = ALL_METHODS
     overrides: tuple[str, ...] = ()
     tuning: str = "reuse:rt_s03"
-    """``tune`` (this setting's grid search), ``reuse:SETTING``, ``reuse:TIER/SETTING`` (another
-    tier's choice) or ``none`` (the config's values)."""
+    """``tune`` (this setting's grid search), ``extra`` (the config's AdamW lr for every method, a
+    search of the one extra step size, :func:`extra_stage`), ``reuse:SETTING``,
+    ``reuse:TIER/SETTING`` (another tier's choice) or ``none`` (the config's values)."""
     about: str = ""
+    tuning_rounds: int = 0
+    """``extra`` only: the rounds of a tuning run (0: the config's)."""
 
     @property
     def generation(self) -> bool:
@@ -132,7 +137,12 @@ TIERS: dict[str, dict[str, Setting]] = {
             "configs/paper/rt_s03.toml", (0,), overrides=("lora.head=private",), about="rt_s03 with the head private"
         ),
         "wordnet_nlg": Setting(
-            "configs/paper/wordnet_nlg.toml", (0,), NLG_METHODS, tuning="none", about="WordNet definitions, SmolLM2-135M, 4 clients"
+            "configs/paper/wordnet_nlg.toml",
+            (0,),
+            NLG_METHODS,
+            tuning="extra",
+            tuning_rounds=3,
+            about="WordNet definitions, SmolLM2-135M, 4 clients",
         ),
     },
     "gpu": {
@@ -146,7 +156,7 @@ TIERS: dict[str, dict[str, Setting]] = {
             (0, 1, 2),
             NLG_METHODS,
             overrides=("device=auto", "parallel_clients=0", "rounds=30"),
-            tuning="none",
+            tuning="reuse:cpu/wordnet_nlg",
             about="WordNet definitions, SmolLM2-135M, 4 clients, 30 rounds",
         ),
     },
@@ -198,6 +208,45 @@ def score(path: Path) -> float:
     return json.loads(path.read_text())["summary"]["balanced_accuracy"]
 
 
+EXTRA_FACTORS = (0.1, 0.3, 1.0)
+"""An ``extra`` search: the method's extra step size at these multiples of the config's value.
+Why below it only: the generation config's values were set by hand from gradient sizes, and
+PF2LoRA's diverged at it (its private adapters' norm grew past 100 and its training loss rose
+from 4.4 to 8.1 over 15 rounds, wordnet_nlg seed 0, 2026-12-05); the same three multiples for
+every method with an extra step size (Per-FedAvg's inner lr too)."""
+
+
+def extra_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
+    """An ``extra`` search's cells for ``method`` (none without an extra step size): the config's
+    AdamW lr, the extra step size at each of ``EXTRA_FACTORS`` of its config value, on the
+    validation federation for the setting's ``tuning_rounds``."""
+    if method not in EXTRA_GRID:
+        return []
+    s = TIERS[tier][setting]
+    key = EXTRA_GRID[method][0]
+    centre = config_value(s, key)
+    rounds = (f"rounds={s.tuning_rounds}", f"eval.every={s.tuning_rounds}") if s.tuning_rounds else ()
+    values = [float(f"{f * centre:.6g}") for f in EXTRA_FACTORS]  # 0.005, not 0.005000000000000001
+    return [
+        Job(
+            setting,
+            method,
+            0,
+            (*s.overrides, *VALIDATION, *rounds, f"{key}={x!r}"),
+            tuning_dir(out, setting, method) / f"{key}={_fmt(x)}.json",
+            tuning=True,
+        )
+        for x in values
+    ]
+
+
+def tuning_cells(tier: str, out: Path, setting: str, method: str) -> list[Job]:
+    """Every tuning run ``method``'s choice in ``setting`` reads."""
+    if TIERS[tier][setting].tuning == "extra":
+        return extra_stage(tier, out, setting, method)
+    return [*lr_stage(tier, out, setting, method), *(grid_stage(tier, out, setting, method) if method in EXTRA_GRID else [])]
+
+
 LAST_EVALUATIONS = 3
 """For a check of the tuning's sensitivity: a run's mean of its last 3 evaluations. A seed's curve
 swings by up to 0.05 from one evaluation to the next (every 3 rounds on the CPU tier), so its last
@@ -212,9 +261,12 @@ def mean_of_last(run: dict[str, Any], n: int = LAST_EVALUATIONS) -> float:
 def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, float], dict[str, float]] | None:
     """(the chosen step sizes: the grid's best cell, every tuning run's score) once ``method``'s
     grid is complete, else None."""
-    cells = [*lr_stage(tier, out, setting, method), *(grid_stage(tier, out, setting, method) if method in EXTRA_GRID else [])]
+    cells = tuning_cells(tier, out, setting, method)
     if not all(j.path.exists() for j in cells):
         return None
+    s = TIERS[tier][setting]
+    if s.tuning == "extra":
+        return chosen_extra(s, cells, method)
     scores = {j.path.stem: score(j.path) for j in cells}
     # the first of equals: the lr stage's cells (the config's extra value) first, then lr by lr
     sizes = dict(o.split("=", 1) for o in max(cells, key=lambda j: scores[j.path.stem]).overrides)
@@ -223,6 +275,20 @@ def chosen(tier: str, out: Path, setting: str, method: str) -> tuple[dict[str, f
         key = EXTRA_GRID[method][0]
         choice[key] = float(sizes[key]) if key in sizes else config_value(TIERS[tier][setting], key)
     return choice, scores
+
+
+def chosen_extra(s: Setting, cells: list[Job], method: str) -> tuple[dict[str, float], dict[str, float]]:
+    """An ``extra`` search's choice: the cell with the best headline (the first of equals, the
+    smallest step size). The config's value is chosen as no override, so that a run made with
+    the config as it is counts."""
+    if not cells:
+        return {}, {}
+    metric, higher = HEADLINE[s.generation]
+    scores = {j.path.stem: json.loads(j.path.read_text())["summary"][metric] for j in cells}
+    best = (max if higher else min)(cells, key=lambda j: scores[j.path.stem])
+    key = EXTRA_GRID[method][0]
+    value = float(dict(o.split("=", 1) for o in best.overrides)[key])
+    return ({} if value == config_value(s, key) else {key: value}), scores
 
 
 def grid_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
@@ -250,7 +316,7 @@ def step_sizes(tier: str, out: Path, name: str, method: str) -> tuple[str, ...] 
     s = TIERS[tier][name]
     if s.tuning == "none":
         return ()
-    source = name if s.tuning == "tune" else s.tuning.split(":", 1)[1]
+    source = name if s.tuning in ("tune", "extra") else s.tuning.split(":", 1)[1]
     if "/" in source:  # another tier's choice, read from that tier's results
         tier, source = source.split("/", 1)
         out = out.parent / f"paper_{tier}"  # the tiers' results are siblings (RESULTS/paper_TIER)
@@ -269,15 +335,14 @@ def ready(tier: str, out: Path, settings: list[str], methods: list[str] | None) 
     """(the runs that can start now, how many more wait for tuning), tuning first, then by seed."""
     jobs: list[Job] = []
     waiting = 0
-    tuned = {n for n in settings if TIERS[tier][n].tuning == "tune"}
+    tuned = {n for n in settings if TIERS[tier][n].tuning in ("tune", "extra")}
     tuned |= {TIERS[tier][n].tuning.split(":", 1)[1] for n in settings if TIERS[tier][n].tuning.startswith("reuse:")}
     tuned = {n for n in tuned if "/" not in n}  # another tier's tuning is that tier's work
     for name in sorted(tuned):
         for m in TIERS[tier][name].methods:
             if methods and m not in methods:
                 continue
-            cells = [*lr_stage(tier, out, name, m), *(grid_stage(tier, out, name, m) if m in EXTRA_GRID else [])]
-            jobs += [j for j in cells if not j.path.exists()]  # the same cells chosen() reads
+            jobs += [j for j in tuning_cells(tier, out, name, m) if not j.path.exists()]  # the same cells chosen() reads
     for name in settings:
         s = TIERS[tier][name]
         for m in s.methods:
@@ -600,12 +665,16 @@ CLASSES = {"wordnet-topics": 25}
 def failed_to_train(run: dict[str, Any], generation: bool) -> float | None:
     """The last round's mean training loss when it is above a uniform guess's, ``ln(classes)``: a
     run whose step sizes blew its model up (PF2LoRA's private head at ``optim.lower_lr = 1``: a
-    training loss of 40 to 60), which the convergence rule would call flat. None otherwise (and
-    for generation, whose uniform guess is not a useful bar)."""
-    losses = [x for x in run.get("train_loss_per_round", []) if _scalar(x)]
-    if generation or not losses:
+    training loss of 40 to 60), which the convergence rule would call flat. For generation, whose
+    uniform guess (ln of the vocabulary) is no useful bar: when it is above the first round's
+    (PF2LoRA at the NLG config's ``optim.lower_lr = 0.5``: 4.4 in round 1, 8.1 in round 15).
+    None otherwise."""
+    losses = [float(x) for x in run.get("train_loss_per_round", []) if _scalar(x)]  # finite
+    if not losses:
         return None
-    last = float(losses[-1])  # finite (_scalar)
+    last = losses[-1]
+    if generation:
+        return last if last > losses[0] else None
     return last if last > math.log(CLASSES.get(run["config"]["task"]["dataset"], 2)) else None
 
 
@@ -637,7 +706,7 @@ def collect(tier: str, out: Path) -> dict[str, Any]:
     }
     for name, s in TIERS[tier].items():
         runs = [json.loads(p.read_text()) for p in sorted((out / name).glob("*/seed*.json"))]
-        tuned = sorted((out / "tuning" / name).glob("*/*.json")) if s.tuning == "tune" else []
+        tuned = sorted((out / "tuning" / name).glob("*/*.json")) if s.tuning in ("tune", "extra") else []
         if not runs and not tuned:
             continue
         metric, higher = HEADLINE[s.generation]
@@ -795,6 +864,8 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
         return "none: the config's step sizes for every method (see its header)"
     if s.tuning.startswith("reuse:"):
         return f"reused from {s.tuning.split(':', 1)[1]}"
+    if s.tuning == "extra":
+        return extra_record(tier, out, name, s)
     rec: dict[str, Any] = {
         "validation_federation": list(VALIDATION) + ["seed=0"],
         "score": "clients' mean personalised balanced accuracy on the validation federation",
@@ -818,6 +889,56 @@ def tuning_record(tier: str, out: Path, name: str, s: Setting) -> Any:
             key, values = EXTRA_GRID[m]
             rec["methods"][m]["extra_step_size"] = {"key": key, "values": list(values), "config_value": config_value(s, key)}
     return rec
+
+
+def extra_record(tier: str, out: Path, name: str, s: Setting) -> dict[str, Any]:
+    """An ``extra`` search's record: per method with an extra step size, every cell's score and
+    private norm, the choice."""
+    metric, higher = HEADLINE[s.generation]
+    rounds = s.tuning_rounds or load_config(s, ()).rounds
+    rec: dict[str, Any] = {
+        "mode": "extra",
+        "validation_federation": list(VALIDATION) + ["seed=0"],
+        "score": f"clients' mean personalised {metric} on the validation federation after {rounds} rounds ({'higher' if higher else 'lower'} is better)",
+        "search": (
+            "the config's AdamW lr for every method; a method's extra step size at "
+            f"{', '.join(f'{f:g}x' for f in EXTRA_FACTORS)} its config value; the best cell"
+        ),
+        "methods": {},
+    }
+    for m in s.methods:
+        if m not in EXTRA_GRID:
+            continue
+        got = chosen(tier, out, name, m)
+        runs = {p.stem: json.loads(p.read_text()) for p in sorted(tuning_dir(out, name, m).glob("*.json"))}
+        key = EXTRA_GRID[m][0]
+        rec["methods"][m] = {
+            "extra_step_size": {"key": key, "config_value": config_value(s, key)},
+            "chosen": None if got is None else {key: got[0].get(key, config_value(s, key))},
+            "scores": {c: r["summary"][metric] for c, r in runs.items()},
+            "private_norms": {c: r["summary"].get("private_norm") for c, r in runs.items()},
+            "train_loss_last_round": {c: r["train_loss_per_round"][-1] for c, r in runs.items() if r.get("train_loss_per_round")},
+        }
+    return rec
+
+
+def extra_tuning_table(name: str, rec: dict[str, Any]) -> str:
+    """An ``extra`` search: a row per method and cell."""
+    lines = [
+        f"**{name}: tuning** ({rec['score']}; {', '.join(rec['validation_federation'])}; {rec['search']})\n",
+        "| method | step size | score | private norm | last round's training loss | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, r in rec["methods"].items():
+        pick = None if r["chosen"] is None else f"{r['extra_step_size']['key']}={_fmt(next(iter(r['chosen'].values())))}"
+        for cell, sc in r["scores"].items():
+            norm = r["private_norms"].get(cell)
+            loss = r["train_loss_last_round"].get(cell)
+            lines.append(
+                f"| {m} | `{cell}` | {sc:.3f} | {'-' if norm is None else f'{norm:.1f}'} | "
+                f"{'-' if loss is None else f'{loss:.3f}'} | {'yes' if cell == pick else ''} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 # -- tables and figures ------------------------------------------------------------------------
@@ -936,20 +1057,24 @@ def same_cells_table(name: str, rec: dict[str, Any], a: str, b: str) -> str:
 
 
 def _trend(r: dict[str, Any], generation: bool) -> str:
-    """The seeds' mean curve's fitted change over the last 20% of rounds, and whether that is flat."""
+    """The seeds' mean curve's fitted change over the last 20% of rounds, and whether that is flat
+    (or why it is not judged); a run that did not train says so rather than "flat"."""
     change = r.get("last_20pct_change", {}).get("seed_mean")
-    if change is None:
-        last = r.get("last_two_evaluations")
-        if not last:
-            return "-"
+    last = r.get("last_two_evaluations")
+    if change is not None:
+        size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
+        trend = f"{size} ({'flat' if r.get('converged') else 'moving'})"
+    elif last:
         step = f"{100 * last['change']:+.1f}%" if generation else f"{100 * last['change']:+.1f} pts"
-        return f"not judged (under 3 evaluations in the last 40%); rounds {last['from_round']} to {last['to_round']}: {step}"
-    size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
+        trend = f"not judged (under 3 evaluations in the last 40%); rounds {last['from_round']} to {last['to_round']}: {step}"
+    else:
+        return "-"
     failed = r.get("failed_to_train") or {}
-    if failed:  # flat, but at a blown-up model: say so rather than "flat"
+    if failed:
         losses = ", ".join(f"{loss:.1f}" for loss in failed.values())
-        return f"{size}; DID NOT TRAIN (seed {', '.join(failed)}: final training loss {losses}, above a uniform guess's)"
-    return f"{size} ({'flat' if r.get('converged') else 'moving'})"
+        bar = "its first round's" if generation else "a uniform guess's"
+        return f"{trend.split(' (')[0]}; DID NOT TRAIN (seed {', '.join(failed)}: final training loss {losses}, above {bar})"
+    return trend
 
 
 def _convergence(e: dict[str, Any]) -> str:
@@ -971,7 +1096,9 @@ def table(data: dict[str, Any]) -> str:
     """Markdown tables, one per setting, best headline first (and a tuned setting's tuning runs)."""
     out: list[str] = []
     for name, e in data["settings"].items():
-        if isinstance(e.get("tuning"), dict):
+        if isinstance(e.get("tuning"), dict) and e["tuning"].get("mode") == "extra":
+            out.append(extra_tuning_table(name, e["tuning"]))
+        elif isinstance(e.get("tuning"), dict):
             out.append(tuning_table(name, e["tuning"]))
             out.append(sensitivity_table(name, e["tuning"]))
             out.append(same_cells_table(name, e["tuning"], "pf2lora", "pf2lora-fo"))

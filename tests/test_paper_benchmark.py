@@ -448,7 +448,23 @@ def test_too_few_evaluations_are_shown_not_judged():
 def test_a_run_whose_training_loss_ends_above_a_uniform_guess_did_not_train(dataset, losses, failed):
     run = {"train_loss_per_round": losses, "config": {"task": {"dataset": dataset}}}
     assert paper.failed_to_train(run, False) == failed
-    assert paper.failed_to_train(run, True) is None  # generation: no such bar
+
+
+@pytest.mark.parametrize(
+    ("losses", "failed"),
+    [
+        ([4.72, 3.75, 3.16], None),  # HOMLoRA on the NLG setting
+        ([4.41, 6.52, 8.04, 8.15], 8.15),  # PF2LoRA there at optim.lower_lr = 0.5: its private adapters blew up
+        ([4.4, float("nan")], None),
+    ],
+)
+def test_a_generation_run_whose_training_loss_ends_above_its_first_rounds_did_not_train(losses, failed):
+    run = {"train_loss_per_round": losses, "config": {"task": {"dataset": "wordnet-definitions"}}}
+    assert paper.failed_to_train(run, True) == failed
+    if failed:
+        method = {"last_20pct_change": {"seed_mean": None}, "last_two_evaluations": {"from_round": 10, "to_round": 15, "change": 0.01}}
+        method["failed_to_train"] = {"0": failed}
+        assert paper._trend(method, True) == "not judged; DID NOT TRAIN (seed 0: final training loss 8.2, above its first round's)"
 
 
 def test_mean_curve_keeps_the_rounds_every_seed_evaluated():
@@ -589,8 +605,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, c
     assert json.loads(summary.read_text())["settings"]["a"]["methods"].keys() == {"homlora"}
 
 
-def test_a_generation_setting_makes_its_summary_table_and_figures(tiny_llama, gen_jsonl, tmp_path, monkeypatch):
-    """The NLG setting (last in the benchmark's order): lower loss is better, no accuracy columns."""
+def _tiny_nlg(tmp_path: Path, tiny_llama, gen_jsonl) -> Path:
     config = tmp_path / "tiny_nlg.toml"  # "nlg" in the name: a generation setting
     config.write_text(
         f"""name = "tiny_nlg"
@@ -616,10 +631,18 @@ rank = 2
 alpha = 2.0
 private_rank = 1
 private_alpha = 1.0
+[optim]
+lower_lr = 0.3
 [eval]
 every = 1
 """
     )
+    return config
+
+
+def test_a_generation_setting_makes_its_summary_table_and_figures(tiny_llama, gen_jsonl, tmp_path, monkeypatch):
+    """The NLG setting (last in the benchmark's order): lower loss is better, no accuracy columns."""
+    config = _tiny_nlg(tmp_path, tiny_llama, gen_jsonl)
     setting = paper.Setting(str(config), (0,), ("homlora", "pf2lora"), tuning="none", about="tiny NLG")
     monkeypatch.setattr(paper, "TIERS", {"t": {"nlg": setting}})
     out = tmp_path / "results"
@@ -634,6 +657,39 @@ every = 1
     text = paper.table(data)
     assert "| method | loss | perplexity | BLEU | ROUGE-L |" in text and "lead in accuracy" not in text
     assert [p.name for p in paper.figures(data, tmp_path / "fig")] == ["curves_nlg.png", "pf2lora_ranks.png"]
+
+
+def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_llama, gen_jsonl, tmp_path, monkeypatch):
+    """The NLG setting's tuning: the config's AdamW lr for all, each extra step size at 0.1x, 0.3x
+    and 1x its config value on the validation federation for ``tuning_rounds``; a method without
+    one runs at once and is never superseded; the lowest validation loss is chosen."""
+    config = _tiny_nlg(tmp_path, tiny_llama, gen_jsonl)
+    monkeypatch.setattr(paper, "EXTRA_GRID", {"pf2lora": ("optim.lower_lr", (9.0,))})  # an extra search ignores the grid's values
+    setting = paper.Setting(str(config), (0,), ("homlora", "pf2lora"), tuning="extra", tuning_rounds=1, about="tiny NLG")
+    monkeypatch.setattr(paper, "TIERS", {"t": {"nlg": setting}})
+    out = tmp_path / "results"
+    jobs, waiting = paper.ready("t", out, ["nlg"], None)
+    assert [(j.method, j.tuning) for j in jobs] == [("pf2lora", True)] * 3 + [("homlora", False)] and waiting == 1
+    assert [j.path.stem for j in jobs[:3]] == ["optim.lower_lr=0.03", "optim.lower_lr=0.09", "optim.lower_lr=0.3"]
+    assert all({"task.data_seed=4321", "rounds=1", "eval.every=1"} <= set(j.overrides) for j in jobs[:3])
+    for job in jobs:
+        paper.run_job(setting, job)
+    choice, scores = paper.chosen("t", out, "nlg", "pf2lora")
+    best = min(scores, key=scores.__getitem__)
+    assert choice == ({} if best == "optim.lower_lr=0.3" else {"optim.lower_lr": float(best.split("=")[1])})
+    assert paper.chosen("t", out, "nlg", "homlora") == ({}, {})
+    jobs, waiting = paper.ready("t", out, ["nlg"], None)
+    assert [(j.method, j.seed) for j in jobs] == [("pf2lora", 0)] and waiting == 0
+    paper.run_job(setting, jobs[0])
+    run = json.loads((out / "nlg" / "pf2lora" / "seed0.json").read_text())
+    assert run["config"]["optim"]["lower_lr"] == float(best.split("=")[1]) and run["config"]["task"]["data_seed"] != 4321
+    assert paper.ready("t", out, ["nlg"], None) == ([], 0)
+    data = paper.collect("t", out)
+    rec = data["settings"]["nlg"]["tuning"]
+    assert rec["mode"] == "extra" and list(rec["methods"]) == ["pf2lora"] and rec["methods"]["pf2lora"]["scores"] == scores
+    text = paper.table(data)
+    assert f"| pf2lora | `{best}` | {scores[best]:.3f} |" in text and text.count("| yes |") == 1
+    assert "lower is better" in text
 
 
 def test_checkpoints_wait_their_interval_and_a_bad_or_stale_one_is_dropped(tier, monkeypatch, capsys):

@@ -366,7 +366,7 @@ def test_a_run_at_step_sizes_no_longer_chosen_is_left_out_and_run_again(tier):
     assert paper.partial_of(stored).is_dir()
     a = paper.collect("t", out)["settings"]["a"]
     assert a["methods"]["pf2lora-fo"]["tuning_pending"] and "superseded_runs" not in a and not a["complete"]
-    assert "| pf2lora-fo (step sizes of the earlier search; its tuning is not complete) |" in paper.table(paper.collect("t", out))
+    assert "| pf2lora-fo (run before its tuning was complete; in no comparison) |" in paper.table(paper.collect("t", out))
     # the grid complete again: the rerun, and then nothing is left
     cell.write_bytes(kept)
     shutil.rmtree(paper.partial_of(stored))
@@ -668,8 +668,10 @@ def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_
     setting = paper.Setting(str(config), (0,), ("homlora", "pf2lora"), tuning="extra", tuning_rounds=1, about="tiny NLG")
     monkeypatch.setattr(paper, "TIERS", {"t": {"nlg": setting}})
     out = tmp_path / "results"
+    paper.run_job(setting, paper.Job("nlg", "pf2lora", 0, (), out / "nlg" / "pf2lora" / "seed0.json"))  # at the config's values
+    assert "pf2lora_vs" not in paper.collect("t", out)["settings"]["nlg"]  # no verdict from a run made before its tuning
     jobs, waiting = paper.ready("t", out, ["nlg"], None)
-    assert [(j.method, j.tuning) for j in jobs] == [("pf2lora", True)] * 3 + [("homlora", False)] and waiting == 1
+    assert [(j.method, j.tuning) for j in jobs] == [("pf2lora", True)] * 3 + [("homlora", False)] and waiting == 0
     assert [j.path.stem for j in jobs[:3]] == ["optim.lower_lr=0.03", "optim.lower_lr=0.09", "optim.lower_lr=0.3"]
     assert all({"task.data_seed=4321", "rounds=1", "eval.every=1"} <= set(j.overrides) for j in jobs[:3])
     for job in jobs:
@@ -679,8 +681,9 @@ def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_
     assert choice == ({} if best == "optim.lower_lr=0.3" else {"optim.lower_lr": float(best.split("=")[1])})
     assert paper.chosen("t", out, "nlg", "homlora") == ({}, {})
     jobs, waiting = paper.ready("t", out, ["nlg"], None)
-    assert [(j.method, j.seed) for j in jobs] == [("pf2lora", 0)] and waiting == 0
-    paper.run_job(setting, jobs[0])
+    if best != "optim.lower_lr=0.3":  # another step size than the stored run's: it runs again
+        assert [(j.method, j.seed) for j in jobs] == [("pf2lora", 0)] and waiting == 0
+        paper.run_job(setting, jobs[0])
     run = json.loads((out / "nlg" / "pf2lora" / "seed0.json").read_text())
     assert run["config"]["optim"]["lower_lr"] == float(best.split("=")[1]) and run["config"]["task"]["data_seed"] != 4321
     assert paper.ready("t", out, ["nlg"], None) == ([], 0)
@@ -689,7 +692,7 @@ def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_
     assert rec["mode"] == "extra" and list(rec["methods"]) == ["pf2lora"] and rec["methods"]["pf2lora"]["scores"] == scores
     text = paper.table(data)
     assert f"| pf2lora | `{best}` | {scores[best]:.3f} |" in text and text.count("| yes |") == 1
-    assert "lower is better" in text
+    assert "lower is better" in text and "pf2lora_vs" in data["settings"]["nlg"]
 
 
 def test_checkpoints_wait_their_interval_and_a_bad_or_stale_one_is_dropped(tier, monkeypatch, capsys):

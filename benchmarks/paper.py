@@ -937,7 +937,7 @@ def extra_tuning_table(name: str, rec: dict[str, Any]) -> str:
             norm = r["private_norms"].get(cell)
             loss = r["train_loss_last_round"].get(cell)
             lines.append(
-                f"| {m} | `{cell}` | {sc:.3f} | {'-' if norm is None else f'{norm:.1f}'} | "
+                f"| {m} | `{cell}` | {sc:.3f} | {'-' if norm is None else f'{norm:.3g}'} | "
                 f"{'-' if loss is None else f'{loss:.3f}'} | {'yes' if cell == pick else ''} |"
             )
     return "\n".join(lines) + "\n"

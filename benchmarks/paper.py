@@ -214,6 +214,11 @@ Why below it only: the generation config's values were set by hand from gradient
 PF2LoRA's diverged at it (its private adapters' norm grew past 100 and its training loss rose
 from 4.4 to 8.1 over 15 rounds, wordnet_nlg seed 0, 2026-12-05); the same three multiples for
 every method with an extra step size (Per-FedAvg's inner lr too)."""
+EXTRA_EDGE = (0.03, 3.0)
+"""Where the best of the three lies on the grid's edge, one more value beyond it (once), for
+every method alike: the rule the encoder grid followed when six methods' best lr lay on its top
+edge. On the NLG setting PF2LoRA's best lay at the bottom (0.05) and Per-FedAvg's at the top
+(0.05), 2026-12-05."""
 
 
 def extra_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
@@ -226,18 +231,23 @@ def extra_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
     key = EXTRA_GRID[method][0]
     centre = config_value(s, key)
     rounds = (f"rounds={s.tuning_rounds}", f"eval.every={s.tuning_rounds}") if s.tuning_rounds else ()
-    values = [float(f"{f * centre:.6g}") for f in EXTRA_FACTORS]  # 0.005, not 0.005000000000000001
-    return [
-        Job(
-            setting,
-            method,
-            0,
-            (*s.overrides, *VALIDATION, *rounds, f"{key}={x!r}"),
-            tuning_dir(out, setting, method) / f"{key}={_fmt(x)}.json",
-            tuning=True,
-        )
-        for x in values
-    ]
+
+    def cell(factor: float) -> Job:
+        x = float(f"{factor * centre:.6g}")  # 0.005, not 0.005000000000000001
+        overrides = (*s.overrides, *VALIDATION, *rounds, f"{key}={x!r}")
+        return Job(setting, method, 0, overrides, tuning_dir(out, setting, method) / f"{key}={_fmt(x)}.json", tuning=True)
+
+    cells = [cell(f) for f in EXTRA_FACTORS]
+    if not all(j.path.exists() for j in cells):
+        return cells
+    metric, higher = HEADLINE[s.generation]
+    scores = [json.loads(j.path.read_text())["summary"][metric] for j in cells]
+    best = scores.index((max if higher else min)(scores))  # the first of equals
+    if best == 0:
+        cells.insert(0, cell(EXTRA_EDGE[0]))
+    elif best == len(cells) - 1:
+        cells.append(cell(EXTRA_EDGE[1]))
+    return cells
 
 
 def tuning_cells(tier: str, out: Path, setting: str, method: str) -> list[Job]:
@@ -904,7 +914,8 @@ def extra_record(tier: str, out: Path, name: str, s: Setting) -> dict[str, Any]:
         "score": f"clients' mean personalised {metric} on the validation federation after {rounds} rounds ({'higher' if higher else 'lower'} is better)",
         "search": (
             "the config's AdamW lr for every method; a method's extra step size at "
-            f"{', '.join(f'{f:g}x' for f in EXTRA_FACTORS)} its config value; the best cell"
+            f"{', '.join(f'{f:g}x' for f in EXTRA_FACTORS)} its config value, and once one more value "
+            f"beyond the edge where the best of those lies ({' or '.join(f'{f:g}x' for f in EXTRA_EDGE)}); the best cell"
         ),
         "methods": {},
     }

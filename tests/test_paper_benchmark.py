@@ -676,6 +676,12 @@ def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_
     assert all({"task.data_seed=4321", "rounds=1", "eval.every=1"} <= set(j.overrides) for j in jobs[:3])
     for job in jobs:
         paper.run_job(setting, job)
+    base = [json.loads(j.path.read_text())["summary"]["loss"] for j in jobs[:3]]
+    edge = {0: "optim.lower_lr=0.009", 2: "optim.lower_lr=0.9"}.get(base.index(min(base)))
+    if edge:  # the best of the three on the grid's edge: one more value beyond it, first
+        jobs, _ = paper.ready("t", out, ["nlg"], None)
+        assert [j.path.stem for j in jobs] == [edge]
+        paper.run_job(setting, jobs[0])
     choice, scores = paper.chosen("t", out, "nlg", "pf2lora")
     best = min(scores, key=scores.__getitem__)
     assert choice == ({} if best == "optim.lower_lr=0.3" else {"optim.lower_lr": float(best.split("=")[1])})
@@ -693,6 +699,31 @@ def test_an_extra_search_tunes_only_the_extra_step_size_by_the_lowest_loss(tiny_
     text = paper.table(data)
     assert f"| pf2lora | `{best}` | {scores[best]:.3f} |" in text and text.count("| yes |") == 1
     assert "lower is better" in text and "pf2lora_vs" in data["settings"]["nlg"]
+
+
+@pytest.mark.parametrize(
+    ("losses", "extra"),
+    [
+        ((3.68, 5.05, 8.19), "optim.lower_lr=0.015"),  # PF2LoRA on the NLG setting: best at the bottom edge
+        ((3.69, 3.69, 3.67), "optim.lower_lr=1.5"),  # best at the top edge (Per-FedAvg there)
+        ((3.70, 3.60, 3.65), None),  # inside: the three are the search
+        ((3.60, 3.60, 3.65), "optim.lower_lr=0.015"),  # a tie: the first of equals, on the edge
+    ],
+)
+def test_an_extra_search_goes_once_beyond_the_edge_its_best_lies_on(tmp_path, monkeypatch, losses, extra):
+    config = tmp_path / "x_nlg.toml"
+    config.write_text('name = "x_nlg"\nmethods = ["pf2lora"]\n[task]\nkind = "tiny-text"\n[optim]\nlower_lr = 0.5\n')
+    setting = paper.Setting(str(config), (0,), ("pf2lora",), tuning="extra", tuning_rounds=3)
+    monkeypatch.setattr(paper, "TIERS", {"t": {"x": setting}})
+    out = tmp_path / "results"
+    cells = paper.extra_stage("t", out, "x", "pf2lora")
+    assert [j.path.stem for j in cells] == ["optim.lower_lr=0.05", "optim.lower_lr=0.15", "optim.lower_lr=0.5"]
+    for job, loss in zip(cells, losses, strict=True):
+        job.path.parent.mkdir(parents=True, exist_ok=True)
+        job.path.write_text(json.dumps({"summary": {"loss": loss}}))
+    after = [j.path.stem for j in paper.extra_stage("t", out, "x", "pf2lora")]
+    assert after == sorted({*(j.path.stem for j in cells), *([extra] if extra else [])}, key=lambda n: float(n.split("=")[1]))
+    assert (paper.chosen("t", out, "x", "pf2lora") is None) == bool(extra)  # no choice before the extra cell
 
 
 def test_checkpoints_wait_their_interval_and_a_bad_or_stale_one_is_dropped(tier, monkeypatch, capsys):

@@ -21,8 +21,9 @@ balanced accuracy on a validation federation (another ``task.data_seed``); the b
 are used on the benchmark federation with 3 seeds. Tuned on ``rt_s03``; the other encoder
 settings reuse its choice. The generation setting (another model, whose scale of step sizes the
 encoder's grid does not transfer to) keeps its config's AdamW lr for every method and searches
-each extra step size at 0.1x, 0.3x and 1x its config value (``EXTRA_FACTORS``; 3-round runs on
-its validation federation, scored by the test loss): PF2LoRA's diverged at the config's value.
+each extra step size at 0.1x, 0.3x and 1x its config value (``EXTRA_FACTORS``, and once beyond
+the edge the best lies on, ``EXTRA_EDGE``; 3-round runs on its validation federation, scored by
+the test loss): PF2LoRA's diverged at the config's value.
 The GPU tier takes the CPU tier's choices (``CPU_TUNED``).
 
 Resumable: one JSON file per run under ``benchmarks/results/paper_TIER/`` (tuning runs under
@@ -223,7 +224,8 @@ edge. On the NLG setting PF2LoRA's best lay at the bottom (0.05) and Per-FedAvg'
 
 def extra_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
     """An ``extra`` search's cells for ``method`` (none without an extra step size): the config's
-    AdamW lr, the extra step size at each of ``EXTRA_FACTORS`` of its config value, on the
+    AdamW lr, the extra step size at each of ``EXTRA_FACTORS`` of its config value (then, where
+    the best lies on an edge, ``EXTRA_EDGE``'s value beyond it), in ascending order, on the
     validation federation for the setting's ``tuning_rounds``."""
     if method not in EXTRA_GRID:
         return []

@@ -205,8 +205,8 @@ def tuning_job(tier: str, out: Path, setting: str, method: str, lr: float, extra
     return Job(setting, method, 0, overrides, tuning_dir(out, setting, method) / f"{name}.json", tuning=True)
 
 
-def score(path: Path) -> float:
-    return json.loads(path.read_text())["summary"]["balanced_accuracy"]
+def score(path: Path, metric: str = "balanced_accuracy") -> float:
+    return json.loads(path.read_text())["summary"][metric]
 
 
 EXTRA_FACTORS = (0.1, 0.3, 1.0)
@@ -243,7 +243,7 @@ def extra_stage(tier: str, out: Path, setting: str, method: str) -> list[Job]:
     if not all(j.path.exists() for j in cells):
         return cells
     metric, higher = HEADLINE[s.generation]
-    scores = [json.loads(j.path.read_text())["summary"][metric] for j in cells]
+    scores = [score(j.path, metric) for j in cells]
     best = scores.index((max if higher else min)(scores))  # the first of equals
     if best == 0:
         cells.insert(0, cell(EXTRA_EDGE[0]))
@@ -296,7 +296,7 @@ def chosen_extra(s: Setting, cells: list[Job], method: str) -> tuple[dict[str, f
     if not cells:
         return {}, {}
     metric, higher = HEADLINE[s.generation]
-    scores = {j.path.stem: json.loads(j.path.read_text())["summary"][metric] for j in cells}
+    scores = {j.path.stem: score(j.path, metric) for j in cells}
     best = (max if higher else min)(cells, key=lambda j: scores[j.path.stem])
     key = EXTRA_GRID[method][0]
     value = float(dict(o.split("=", 1) for o in best.overrides)[key])
@@ -1076,12 +1076,16 @@ def _trend(r: dict[str, Any], generation: bool) -> str:
     (or why it is not judged); a run that did not train says so rather than "flat"."""
     change = r.get("last_20pct_change", {}).get("seed_mean")
     last = r.get("last_two_evaluations")
+
+    def size(x: float) -> str:
+        return f"{100 * x:+.1f}%" if generation else f"{100 * x:+.1f} pts"
+
     if change is not None:
-        size = f"{100 * change:+.1f}%" if generation else f"{100 * change:+.1f} pts"
-        trend = f"{size} ({'flat' if r.get('converged') else 'moving'})"
+        trend = f"{size(change)} ({'flat' if r.get('converged') else 'moving'})"
     elif last:
-        step = f"{100 * last['change']:+.1f}%" if generation else f"{100 * last['change']:+.1f} pts"
-        trend = f"not judged (under 3 evaluations in the last 40%); rounds {last['from_round']} to {last['to_round']}: {step}"
+        trend = (
+            f"not judged (under 3 evaluations in the last 40%); rounds {last['from_round']} to {last['to_round']}: {size(last['change'])}"
+        )
     else:
         return "-"
     failed = r.get("failed_to_train") or {}
